@@ -1,0 +1,89 @@
+"""The admin listener: /healthz, /readyz and /metrics on a tiny h11 server."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import h11
+import trio
+
+from upgradeproxy.config import Address
+from upgradeproxy.streams import (
+    STREAM_ERRORS,
+    HttpStream,
+    PeerClosed,
+    aclose_quietly,
+    bind_socket,
+)
+
+log = logging.getLogger("upgradeproxy.admin")
+
+Page = tuple[int, bytes, bytes]  # status, content type, body
+METRICS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+
+
+def admin_page(path: bytes, ready: Callable[[], bool], metrics: Callable[[], str]) -> Page:
+    """What the admin endpoint answers for `path`."""
+    path = path.split(b"?", 1)[0]
+    if path == b"/healthz":
+        return 200, b"text/plain", b"ok\n"
+    if path == b"/readyz":
+        if not ready():
+            return 503, b"text/plain", b"draining\n"
+        return 200, b"text/plain", b"ready\n"
+    if path == b"/metrics":
+        return 200, METRICS_TYPE, metrics().encode()
+    return 404, b"text/plain", b"not found\n"
+
+
+async def _serve_admin_client(
+    stream: trio.abc.Stream, ready: Callable[[], bool], metrics: Callable[[], str]
+) -> None:
+    http = HttpStream(h11.Connection(h11.SERVER), stream)
+    try:
+        while True:
+            with trio.fail_after(30):
+                event = await http.next_event()
+            if not isinstance(event, h11.Request):
+                return
+            request_target, method = event.target, event.method
+            while not isinstance(event, h11.EndOfMessage):
+                with trio.fail_after(30):
+                    event = await http.next_event()
+                if isinstance(event, h11.ConnectionClosed):
+                    return
+            status, ctype, body = admin_page(request_target, ready, metrics)
+            if method == b"HEAD":
+                body = b""
+            headers = [(b"Content-Type", ctype), (b"Content-Length", str(len(body)).encode())]
+            await http.send(h11.Response(status_code=status, headers=headers))
+            if body:
+                await http.send(h11.Data(data=body))
+            await http.send(h11.EndOfMessage())
+            if http.conn.our_state is not h11.DONE or http.conn.their_state is not h11.DONE:
+                return
+            http.conn.start_next_cycle()
+    except (h11.ProtocolError, PeerClosed, trio.TooSlowError, *STREAM_ERRORS):
+        return
+    finally:
+        await aclose_quietly(stream)
+
+
+async def serve_admin(
+    address: Address,
+    ready: Callable[[], bool],
+    metrics: Callable[[], str],
+    *,
+    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the admin endpoints until cancelled; reports the bound address."""
+    sock = await bind_socket(address, reuse_port=False)
+    sock.listen(128)
+    listener = trio.SocketListener(sock)
+    task_status.started(sock.getsockname()[:2])
+
+    async def handler(stream: trio.SocketStream) -> None:
+        await _serve_admin_client(stream, ready, metrics)
+
+    await trio.serve_listeners(handler, [listener])

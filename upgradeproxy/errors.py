@@ -1,0 +1,93 @@
+"""Errors that end an exchange with a short HTTP response.
+
+Each carries the status the client gets, a `kind` (the `upstream_errors_total{kind}` label
+when the upstream is to blame) and whether the client connection must close afterwards.
+"""
+
+from __future__ import annotations
+
+
+class ProxyError(Exception):
+    """Base: the exchange fails with `status`; `close` ends the client connection."""
+
+    status: int = 500
+    kind: str = "internal"
+    close: bool = False
+    upstream_side: bool = False
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(detail or self.__class__.__name__)
+        self.detail = detail
+
+
+class BadRequest(ProxyError):
+    status = 400
+    kind = "bad_request"
+    close = True
+
+    def __init__(self, detail: str = "", status: int = 400) -> None:
+        super().__init__(detail)
+        # h11 hints 431 for an oversized head and 501 for unknown transfer codings.
+        self.status = status
+
+
+class RequestTimeout(ProxyError):
+    status = 408
+    kind = "request_timeout"
+    close = True
+
+
+class NoRoute(ProxyError):
+    status = 404
+    kind = "no_route"
+
+
+class MethodNotAllowed(ProxyError):
+    status = 405
+    kind = "method_not_allowed"
+    close = True
+
+
+class UpstreamUnavailable(ProxyError):
+    """Refused, reset or closed before a response head arrived."""
+
+    status = 502
+    kind = "connect"
+    upstream_side = True
+
+    def __init__(self, detail: str = "", kind: str = "connect") -> None:
+        super().__init__(detail)
+        self.kind = kind
+
+
+class BadSwitch(ProxyError):
+    """A 101 that does not answer what was offered."""
+
+    status = 502
+    kind = "bad_switch"
+    close = True
+    upstream_side = True
+
+
+class UpstreamTimeout(ProxyError):
+    status = 504
+    kind = "timeout"
+    upstream_side = True
+
+    def __init__(self, detail: str = "", kind: str = "timeout") -> None:
+        super().__init__(detail)
+        self.kind = kind
+
+
+REASONS: dict[int, bytes] = {
+    400: b"Bad Request",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    408: b"Request Timeout",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    501: b"Not Implemented",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+}

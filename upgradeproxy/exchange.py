@@ -1,0 +1,584 @@
+"""One client connection: read a request, route it, forward it, relay or switch.
+
+Invariants:
+- The client side is parsed only by h11 (plus the checks in `headers`); nothing the client
+  sends after a request head reaches an upstream unless that upstream answered a valid 101.
+- A `ProxyError` becomes a short response while one can still be written; anything else
+  closes the connection. No exception reaches the client.
+- An upstream connection returns to the pool only after a complete, non-upgrade exchange.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+from dataclasses import dataclass, field
+
+import h11
+import trio
+
+from upgradeproxy import headers as hdr
+from upgradeproxy.balancer import Balancer
+from upgradeproxy.config import Config, Route, Upstream
+from upgradeproxy.errors import (
+    REASONS,
+    BadRequest,
+    BadSwitch,
+    MethodNotAllowed,
+    NoRoute,
+    ProxyError,
+    RequestTimeout,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from upgradeproxy.forwarding import Hop, is_trusted, upstream_request_headers, via_value
+from upgradeproxy.routing import Router, normalize_host, split_target
+from upgradeproxy.streams import STREAM_ERRORS, HttpStream, PeerClosed, aclose_quietly
+from upgradeproxy.telemetry import ExchangeRecord, Telemetry
+from upgradeproxy.tunnel import TunnelStats, run_tunnel
+from upgradeproxy.upstream import (
+    ConnectFailed,
+    Pool,
+    UpstreamConn,
+    client_tls_context,
+    connect,
+    new_upstream_conn,
+)
+
+log = logging.getLogger("upgradeproxy")
+
+_VIA = via_value(b"1.1")
+_CLOSE_ON_ERROR = (h11.LocalProtocolError, *STREAM_ERRORS)
+
+
+class ClientGone(Exception):
+    """The client closed or reset; nothing more can be said to it."""
+
+
+class _Stale(Exception):
+    """A reused keep-alive connection died before answering: safe to retry on a fresh one."""
+
+
+@dataclass(slots=True)
+class Runtime:
+    """Everything derived once from a loaded config; swapped whole on reload."""
+
+    config: Config
+    router: Router
+    balancers: dict[str, Balancer]
+    tls_contexts: dict[str, ssl.SSLContext | None]
+
+    @classmethod
+    def build(cls, config: Config) -> Runtime:
+        return cls(
+            config=config,
+            router=Router(config.routes),
+            balancers={n: Balancer(u.servers, u.balance) for n, u in config.upstreams.items()},
+            tls_contexts={
+                n: client_tls_context(u.tls) if u.tls else None
+                for n, u in config.upstreams.items()
+            },
+        )
+
+
+@dataclass(slots=True)
+class Shared:
+    """Process-wide state that outlives a reload."""
+
+    telemetry: Telemetry = field(default_factory=Telemetry)
+    pool: Pool = field(default_factory=Pool)
+    draining: bool = False
+    idle_waits: set[trio.CancelScope] = field(default_factory=set)
+
+
+@dataclass(slots=True, eq=False)
+class Client:
+    """One client connection's context."""
+
+    http: HttpStream
+    peer_ip: str
+    proto: bytes
+    rt: Runtime
+    shared: Shared
+    first: bool = True
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One request in flight: where it goes and what the answer must prove."""
+
+    request: h11.Request
+    route: Route
+    upstream: Upstream
+    target: bytes
+    headers: list[tuple[bytes, bytes]]
+    offer: list[bytes]
+    ws_key: bytes | None
+    has_body: bool
+    rec: ExchangeRecord
+
+    @property
+    def route_label(self) -> str:
+        return self.rec.route
+
+
+async def serve_client(
+    stream: trio.abc.Stream, peer_ip: str, tls: bool, rt: Runtime, shared: Shared,
+    leftover: bytes = b"",
+) -> None:
+    """Serve requests on one client connection until it closes, errs or drains."""
+    conn = h11.Connection(
+        h11.SERVER, max_incomplete_event_size=rt.config.limits.max_request_header_bytes
+    )
+    if leftover:
+        conn.receive_data(leftover)
+    client = Client(HttpStream(conn, stream), peer_ip, b"https" if tls else b"http", rt, shared)
+    try:
+        while await _one_exchange(client) and not shared.draining:
+            conn.start_next_cycle()
+            client.first = False
+    finally:
+        await aclose_quietly(stream)
+
+
+async def _one_exchange(client: Client) -> bool:
+    """Handle one request; True if the connection may carry another."""
+    rec = ExchangeRecord(client=client.peer_ip)
+    try:
+        request = await _read_request(client)
+        if request is None:
+            return False
+        rec.started = time.monotonic()
+        return await _handle(client, request, rec)
+    except ProxyError as err:
+        rec.status = err.status
+        rec.error = err.detail
+        log.info("%s %s: %s", client.peer_ip, err.status, err.detail)
+        if err.upstream_side and err.kind not in ("connect", "connect_timeout"):
+            client.shared.telemetry.upstream_error(rec.upstream, err.kind)
+        method = rec.method.encode() if rec.method else None
+        sent = await _send_error(client, err, method)
+        return sent and not err.close and _client_reusable(client)
+    except (ClientGone, PeerClosed):
+        rec.error = rec.error or "client closed the connection"
+        return False
+    finally:
+        if rec.method and rec.kind == "http":
+            rec.duration = time.monotonic() - rec.started
+            client.shared.telemetry.exchange_done(rec)
+
+
+def _client_reusable(client: Client) -> bool:
+    conn = client.http.conn
+    return conn.our_state is h11.DONE and conn.their_state is h11.DONE
+
+
+# --- reading the request -------------------------------------------------------------
+
+
+async def _read_request(client: Client) -> h11.Request | None:
+    """The next request head, or None when the client closed or idled out between requests."""
+    conn = client.http.conn
+    timeouts = client.rt.config.timeouts
+    started = client.first or bool(conn.trailing_data[0])
+    deadline = trio.current_time() + (timeouts.request_header if started else timeouts.idle)
+    _check_raw_head(conn)
+    while True:
+        try:
+            event = conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise BadRequest(str(exc), exc.error_status_hint) from None
+        if isinstance(event, h11.Request):
+            return event
+        if event is not h11.NEED_DATA:
+            return None  # ConnectionClosed
+        data = await _receive_until(client, deadline, started)
+        if data is None:
+            return None
+        if not started and data:
+            started = True
+            deadline = trio.current_time() + timeouts.request_header
+        conn.receive_data(data)
+        if data:
+            _check_raw_head(conn)
+
+
+async def _receive_until(client: Client, deadline: float, started: bool) -> bytes | None:
+    """One read before `deadline`; None if an idle keep-alive wait ran out (close quietly)."""
+    with trio.CancelScope(deadline=deadline) as scope:
+        if not started:
+            client.shared.idle_waits.add(scope)
+        try:
+            return await client.http.stream.receive_some(65536)
+        except STREAM_ERRORS as exc:
+            raise ClientGone(str(exc)) from None
+        finally:
+            client.shared.idle_waits.discard(scope)
+    if started:
+        raise RequestTimeout("request head not received in time")
+    return None
+
+
+def _check_raw_head(conn: h11.Connection) -> None:
+    """Reject what h11 would silently accept, before it parses the head (obs-fold)."""
+    if conn.their_state is not h11.IDLE:
+        return
+    buf = conn.trailing_data[0]
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        end = buf.find(b"\n\n")
+    if end >= 0 and (problem := hdr.raw_head_problem(buf[:end])):
+        raise BadRequest(problem)
+
+
+# --- deciding where it goes ----------------------------------------------------------
+
+
+def _prepare(client: Client, request: h11.Request, rec: ExchangeRecord) -> Exchange:
+    """Validate, route and rewrite a request head; raises the ProxyError that answers it."""
+    raw = list(request.headers.raw_items())
+    rec.method = request.method.decode("latin-1")
+    if request.method == b"CONNECT":
+        raise MethodNotAllowed("CONNECT is not supported")
+    if problem := hdr.framing_problem(raw):
+        raise BadRequest(problem)
+    try:
+        authority, path, target = split_target(request.method, request.target, raw)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+    host = normalize_host(authority)
+    rec.host = (authority or b"").decode("latin-1")
+    rec.path = path
+    route = client.rt.router.match(host, path)
+    if route is None:
+        raise NoRoute(f"no route for {rec.host}{path}")
+    rec.route = f"{route.host or '*'}{route.path_prefix}"
+    rec.upstream = route.upstream
+    try:
+        offer, ws_key = hdr.upgrade_offer(
+            request.method, request.http_version, raw, [a.encode() for a in route.upgrade]
+        )
+    except ValueError as exc:
+        raise BadRequest(f"malformed WebSocket handshake: {exc}") from None
+    framing, has_body = _framing(raw)
+    hop = Hop(
+        client_ip=client.peer_ip,
+        proto=client.proto,
+        host=authority,
+        trusted=is_trusted(client.peer_ip, client.rt.config.trusted_proxies),
+        http_version=request.http_version,
+    )
+    headers = upstream_request_headers(raw, hop, offer, framing)
+    if authority is not None and not hdr.get_all(raw, b"host"):
+        headers.insert(0, (b"Host", authority))
+    upstream = client.rt.config.upstreams[route.upstream]
+    return Exchange(request, route, upstream, target, headers, offer, ws_key, has_body, rec)
+
+
+def _framing(raw: list[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, bytes]], bool]:
+    """The framing header to send upstream (h11 validated the client's) and whether a body follows."""
+    if hdr.get_all(raw, b"transfer-encoding"):
+        return [(b"Transfer-Encoding", b"chunked")], True
+    lengths = hdr.get_all(raw, b"content-length")
+    if lengths:
+        value = lengths[0].split(b",")[0].strip()
+        return [(b"Content-Length", value)], int(value) > 0
+    return [], False
+
+
+# --- forwarding ----------------------------------------------------------------------
+
+
+async def _handle(client: Client, request: h11.Request, rec: ExchangeRecord) -> bool:
+    """Forward one request and relay (or switch on) its answer."""
+    ex = _prepare(client, request, rec)
+    balancer = client.rt.balancers[ex.route.upstream]
+    for attempt in range(2):
+        conn = await _open_upstream(client, ex, balancer)
+        rec.server = str(conn.server.address)
+        balancer.acquire(conn.server)
+        try:
+            return await _exchange_on(client, ex, conn)
+        except _Stale:
+            if attempt:
+                raise UpstreamUnavailable("upstream closed the connection", kind="reset") from None
+            continue
+        finally:
+            balancer.release(conn.server)
+            if not _pooled(client, ex, conn):
+                await aclose_quietly(conn.stream)
+    raise AssertionError("unreachable")
+
+
+def _pooled(client: Client, ex: Exchange, conn: UpstreamConn) -> bool:
+    """Return `conn` to the pool if it may carry another request."""
+    h = conn.http.conn
+    if ex.offer or h.our_state is not h11.DONE or h.their_state is not h11.DONE:
+        return False
+    client.shared.pool.put(conn, ex.upstream.tls)
+    return True
+
+
+async def _open_upstream(client: Client, ex: Exchange, balancer: Balancer) -> UpstreamConn:
+    """A pooled or new connection, trying each server in the balancer's order."""
+    shared, rt = client.shared, client.rt
+    now = trio.current_time()
+    last: ConnectFailed | None = None
+    timed_out = True
+    for server in balancer.order(now):
+        pooled = shared.pool.take(server, ex.upstream.tls)
+        if pooled is not None:
+            return pooled
+        try:
+            stream = await connect(
+                server, rt.config.timeouts.connect, ex.upstream.tls,
+                rt.tls_contexts[ex.upstream.name],
+            )
+        except ConnectFailed as exc:
+            last = exc
+            timed_out = timed_out and exc.timed_out
+            balancer.mark_failed(server, trio.current_time())
+            kind = "connect_timeout" if exc.timed_out else "connect"
+            shared.telemetry.upstream_error(ex.upstream.name, kind)
+            log.warning("upstream %s: %s", ex.upstream.name, exc)
+            continue
+        return new_upstream_conn(server, stream)
+    detail = f"no server of upstream {ex.upstream.name!r} answered ({last})"
+    if timed_out:
+        raise UpstreamTimeout(detail, kind="connect_timeout")
+    raise UpstreamUnavailable(detail, kind="connect")
+
+
+async def _exchange_on(client: Client, ex: Exchange, conn: UpstreamConn) -> bool:
+    """Send the request on `conn` and relay the answer; True if the client may continue."""
+    request = h11.Request(method=ex.request.method, target=ex.target, headers=ex.headers)
+    try:
+        await conn.http.send(request)
+    except STREAM_ERRORS as exc:
+        if conn.reused:
+            raise _Stale() from exc
+        raise UpstreamUnavailable(f"upstream reset: {exc}", kind="reset") from exc
+    if not ex.has_body:
+        client.http.conn.next_event()  # EndOfMessage: h11 knows there is no body.
+        await conn.http.send(h11.EndOfMessage())
+        return await _relay_response(client, ex, conn)
+    return await _with_body(client, ex, conn)
+
+
+async def _with_body(client: Client, ex: Exchange, conn: UpstreamConn) -> bool:
+    """Stream the request body while relaying the response: an upstream may answer early."""
+    pump = _BodyPump(client, conn, ex.rec)
+    failure: BaseException | None = None
+    keep = False
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pump.run, nursery.cancel_scope, name="request body")
+        try:
+            keep = await _relay_response(client, ex, conn)
+        except _Stale:
+            # Body bytes may already be gone: never replay a request that had one.
+            failure = UpstreamUnavailable("upstream closed the connection", kind="reset")
+        except (ProxyError, ClientGone, PeerClosed) as exc:
+            failure = exc
+        nursery.cancel_scope.cancel()
+    if pump.error is not None:
+        raise pump.error
+    if failure is not None:
+        raise failure
+    return keep and pump.done
+
+
+@dataclass(slots=True)
+class _BodyPump:
+    """Copies request body events from client to upstream, stopping at the first bad chunk."""
+
+    client: Client
+    conn: UpstreamConn
+    rec: ExchangeRecord
+    done: bool = False
+    error: Exception | None = None
+
+    async def run(self, scope: trio.CancelScope) -> None:
+        read_timeout = self.client.rt.config.timeouts.idle
+        try:
+            while not self.done:
+                with trio.fail_after(read_timeout):
+                    event = await self.client.http.next_event()
+                await self._forward(event)
+        except h11.RemoteProtocolError as exc:
+            self.error = BadRequest(f"bad request body: {exc}", exc.error_status_hint)
+        except trio.TooSlowError:
+            self.error = RequestTimeout("request body stalled")
+        except PeerClosed as exc:
+            self.error = ClientGone(str(exc))
+        else:
+            return
+        scope.cancel()
+
+    async def _forward(self, event: h11.Event | type[h11.PAUSED]) -> None:
+        if isinstance(event, h11.Data):
+            self.rec.bytes_in += len(event.data)
+            out: h11.Event = h11.Data(data=event.data)
+        elif isinstance(event, h11.EndOfMessage):
+            out = h11.EndOfMessage()
+            self.done = True
+        else:
+            raise PeerClosed("client closed in the middle of the request body")
+        try:
+            await self.conn.http.send(out)
+        except (*STREAM_ERRORS, h11.LocalProtocolError):
+            # The upstream stopped reading; the response side reports what happened.
+            self.done = False
+            await trio.sleep_forever()
+
+
+async def _upstream_event(
+    conn: UpstreamConn, timeout: float, started: bool
+) -> h11.Event | type[h11.PAUSED]:
+    """The next upstream event within `timeout`, with failures mapped to ProxyErrors."""
+    with trio.move_on_after(timeout) as scope:
+        try:
+            return await conn.http.next_event()
+        except (h11.RemoteProtocolError, PeerClosed) as exc:
+            if conn.reused and not started and not conn.http.conn.trailing_data[0]:
+                raise _Stale() from exc
+            kind = "protocol" if isinstance(exc, h11.RemoteProtocolError) else "reset"
+            raise UpstreamUnavailable(f"upstream failed: {exc}", kind=kind) from exc
+    assert scope.cancelled_caught
+    raise UpstreamTimeout(f"upstream did not respond within {timeout:g}s")
+
+
+async def _to_client(client: Client, event: h11.Event) -> None:
+    try:
+        await client.http.send(event)
+    except STREAM_ERRORS as exc:
+        raise ClientGone(str(exc)) from None
+
+
+async def _relay_response(client: Client, ex: Exchange, conn: UpstreamConn) -> bool:
+    """Relay the upstream's answer; True if the client connection may continue."""
+    timeout = client.rt.config.timeouts.upstream_response
+    started = False
+    while True:
+        event = await _upstream_event(conn, timeout, started)
+        if isinstance(event, h11.InformationalResponse):
+            if event.status_code == 101:
+                await _switch(client, ex, conn, event)
+                return False
+            if client.http.conn.their_http_version == b"1.1":
+                headers = hdr.response_headers(list(event.headers.raw_items()), _VIA)
+                await _to_client(client, h11.InformationalResponse(
+                    status_code=event.status_code, headers=headers, reason=event.reason))
+        elif isinstance(event, h11.Response):
+            started = True
+            ex.rec.status = event.status_code
+            if ex.offer:
+                _count_upgrade(client, ex, "declined")
+            headers = hdr.response_headers(list(event.headers.raw_items()), _VIA)
+            if client.shared.draining:
+                headers.append((b"Connection", b"close"))
+            await _to_client(client, h11.Response(
+                status_code=event.status_code, headers=headers, reason=event.reason))
+        elif isinstance(event, h11.Data):
+            ex.rec.bytes_out += len(event.data)
+            await _to_client(client, h11.Data(data=event.data))
+        elif isinstance(event, h11.EndOfMessage):
+            await _to_client(client, h11.EndOfMessage())
+            return _client_reusable(client)
+        else:
+            raise UpstreamUnavailable("upstream closed mid-response", kind="reset")
+
+
+def _count_upgrade(client: Client, ex: Exchange, result: str) -> None:
+    protocol = hdr.protocol_name(ex.offer[0]).decode("latin-1")
+    client.shared.telemetry.upgrade(ex.route_label, protocol, result)
+
+
+async def _switch(
+    client: Client, ex: Exchange, conn: UpstreamConn, event: h11.InformationalResponse
+) -> None:
+    """Check a 101, relay it, hand both sockets to the tunnel with the bytes h11 held back."""
+    raw = list(event.headers.raw_items())
+    problem = hdr.switch_problem(ex.offer, raw, ex.ws_key)
+    if problem is None and client.http.conn.their_state is not h11.MIGHT_SWITCH_PROTOCOL:
+        problem = "101 before the request body was complete"
+    if problem is not None:
+        if ex.offer:
+            _count_upgrade(client, ex, "rejected")
+        raise BadSwitch(problem)
+    chosen = hdr.comma_list(raw, b"upgrade")
+    headers = hdr.response_headers(raw, _VIA, switched_to=chosen)
+    await _to_client(client, h11.InformationalResponse(
+        status_code=101, headers=headers, reason=event.reason))
+    ex.rec.status = 101
+    ex.rec.protocol = b", ".join(chosen).decode("latin-1")
+    _count_upgrade(client, ex, "switched")
+    await _tunnel(client, ex, conn)
+
+
+async def _tunnel(client: Client, ex: Exchange, conn: UpstreamConn) -> None:
+    """Splice until both sides are done; log the exchange now and the tunnel when it closes."""
+    shared = client.shared
+    rec = ex.rec
+    rec.duration = time.monotonic() - rec.started
+    shared.telemetry.exchange_done(rec)
+    client_rest = client.http.conn.trailing_data[0]
+    upstream_rest = conn.http.conn.trailing_data[0]
+    tunnel_rec = ExchangeRecord(
+        client=rec.client, method=rec.method, host=rec.host, path=rec.path, route=rec.route,
+        upstream=rec.upstream, server=rec.server, status=101, protocol=rec.protocol,
+        kind="tunnel",
+    )
+    rec.kind = "tunnel"  # the HTTP line is written; keep _one_exchange from writing it again
+    stats = TunnelStats(bytes_up=len(client_rest), bytes_down=len(upstream_rest))
+    shared.telemetry.tunnel_opened()
+    try:
+        # Bytes behind the 101 head go first to the client; early client bytes only now upstream.
+        if upstream_rest:
+            await client.http.stream.send_all(upstream_rest)
+        if client_rest:
+            await conn.stream.send_all(client_rest)
+        shared.telemetry.tunnel_moved("down", len(upstream_rest))
+        shared.telemetry.tunnel_moved("up", len(client_rest))
+        await run_tunnel(
+            client.http.stream, conn.stream,
+            idle_timeout=client.rt.config.timeouts.tunnel_idle,
+            on_bytes=shared.telemetry.tunnel_moved, stats=stats,
+        )
+    except STREAM_ERRORS:
+        stats.first_close = stats.first_close or "error"
+    finally:
+        tunnel_rec.bytes_in, tunnel_rec.bytes_out = stats.bytes_up, stats.bytes_down
+        tunnel_rec.first_close = stats.first_close
+        tunnel_rec.duration = time.monotonic() - tunnel_rec.started
+        shared.telemetry.tunnel_closed(tunnel_rec)
+
+
+# --- error responses -----------------------------------------------------------------
+
+
+async def _send_error(client: Client, err: ProxyError, method: bytes | None) -> bool:
+    """Write a short error response if the protocol state still allows one."""
+    conn = client.http.conn
+    if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+        return False
+    reason = REASONS.get(err.status, b"Error")
+    body = b"" if method == b"HEAD" else b"%d %s\n" % (err.status, reason)
+    headers = [
+        (b"Content-Type", b"text/plain; charset=utf-8"),
+        (b"Content-Length", str(len(body)).encode()),
+        (b"Via", _VIA),
+    ]
+    if err.close:
+        headers.append((b"Connection", b"close"))
+    try:
+        with trio.move_on_after(5):
+            await client.http.send(h11.Response(status_code=err.status, headers=headers,
+                                                reason=reason))
+            if body:
+                await client.http.send(h11.Data(data=body))
+            await client.http.send(h11.EndOfMessage())
+            return True
+    except _CLOSE_ON_ERROR:
+        pass
+    return False

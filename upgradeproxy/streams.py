@@ -1,0 +1,154 @@
+"""The I/O adapter: an h11 connection bound to a trio stream, and stream helpers.
+
+h11 decides, trio moves bytes. Socket errors are mapped here (trio's own
+`_translate_socket_errors_to_stream_errors` already turns OSError into Broken/Closed).
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import struct
+from typing import Final
+
+import h11
+import trio
+
+from upgradeproxy.config import Address
+
+MAX_RECV: Final = 65536
+
+# Everything a peer can do to a socket that ends the conversation.
+STREAM_ERRORS: Final = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+class PeerClosed(Exception):
+    """The peer went away (EOF, reset) where the protocol needed more."""
+
+
+class HttpStream:
+    """One side of the proxy: an `h11.Connection` plus the stream it speaks over."""
+
+    __slots__ = ("conn", "stream")
+
+    def __init__(self, conn: h11.Connection, stream: trio.abc.Stream) -> None:
+        self.conn = conn
+        self.stream = stream
+
+    async def next_event(self) -> h11.Event | type[h11.PAUSED]:
+        """The next event, reading as needed; h11.RemoteProtocolError propagates."""
+        while True:
+            event = self.conn.next_event()
+            if event is h11.NEED_DATA:
+                await self.receive()
+                continue
+            return event  # type: ignore[return-value]
+
+    async def receive(self) -> None:
+        """Read once from the stream into h11 (b"" on EOF, so h11 sees the close)."""
+        try:
+            data = await self.stream.receive_some(MAX_RECV)
+        except STREAM_ERRORS as exc:
+            raise PeerClosed(str(exc)) from exc
+        self.conn.receive_data(data)
+
+    async def send(self, event: h11.Event) -> None:
+        """Serialize and write `event`; a failed write poisons the h11 state, as it must."""
+        data = self.conn.send(event)
+        if not data:
+            return
+        try:
+            await self.stream.send_all(data)
+        except BaseException:
+            # An interrupted write (trio.Cancelled included) leaves the peer mid-message.
+            self.conn.send_failed()
+            raise
+
+
+class PrefixedStream(trio.abc.HalfCloseableStream):
+    """A stream that first replays bytes already read from it (e.g. behind a PROXY header)."""
+
+    def __init__(self, stream: trio.abc.Stream, prefix: bytes) -> None:
+        self.stream = stream
+        self._prefix = prefix
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._prefix:
+            n = len(self._prefix) if max_bytes is None else max_bytes
+            data, self._prefix = self._prefix[:n], self._prefix[n:]
+            await trio.lowlevel.checkpoint()
+            return data
+        return await self.stream.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        if isinstance(self.stream, trio.abc.HalfCloseableStream):
+            await self.stream.send_eof()
+        else:
+            await self.stream.aclose()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+def raw_socket(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
+    """The socket under `stream`, looking through TLS, or None."""
+    while True:
+        if isinstance(stream, trio.SocketStream):
+            return stream.socket
+        if isinstance(stream, trio.SSLStream):
+            stream = stream.transport_stream
+        elif isinstance(stream, PrefixedStream):
+            stream = stream.stream
+        else:
+            return None
+
+
+def looks_closed(stream: trio.abc.Stream) -> bool:
+    """An idle keep-alive connection that turned readable was closed (or is talking out of turn)."""
+    sock = raw_socket(stream)
+    if sock is None or sock.fileno() < 0:
+        return True
+    readable, _, _ = select.select([sock.fileno()], [], [], 0)
+    return bool(readable)
+
+
+async def aclose_quietly(stream: trio.abc.AsyncResource) -> None:
+    """Close, ignoring errors from a peer that is already gone; never blocks on cancellation."""
+    with trio.CancelScope(shield=True), trio.move_on_after(1):
+        try:
+            await stream.aclose()
+        except STREAM_ERRORS:
+            pass
+
+
+def abort(stream: trio.abc.Stream) -> None:
+    """Close with RST so the peer sees a broken message, not a clean end."""
+    sock = raw_socket(stream)
+    if sock is not None and sock.fileno() >= 0:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+
+
+async def bind_socket(address: Address, *, reuse_port: bool) -> trio.socket.SocketType:
+    """A listening socket; SO_REUSEPORT lets several workers accept on one address."""
+    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port and hasattr(socket, "SO_REUSEPORT"):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        await sock.bind((address.host, address.port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock

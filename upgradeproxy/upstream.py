@@ -1,0 +1,135 @@
+"""Connections to upstream servers: connect (+TLS) under a deadline, and a keep-alive pool.
+
+The pool only ever holds connections whose h11 state finished a whole exchange cleanly;
+anything else (an upgrade attempt, an error, a half-read body) is closed, never reused.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Final
+
+import h11
+import trio
+
+from upgradeproxy.config import Server, UpstreamTls
+from upgradeproxy.streams import STREAM_ERRORS, HttpStream, aclose_quietly, looks_closed
+
+MAX_IDLE_PER_SERVER: Final = 256
+# Below common upstream keep-alive timeouts (nginx 75 s, Node 5 s is the outlier) so that we
+# rarely pick a connection the server is closing; stale picks are retried anyway.
+IDLE_EXPIRY: Final = 4.0
+
+
+class ConnectFailed(Exception):
+    """Could not open a connection to one server; `timed_out` tells refusal from slowness."""
+
+    def __init__(self, server: Server, why: str, *, timed_out: bool = False) -> None:
+        super().__init__(f"{server.address}: {why}")
+        self.server = server
+        self.timed_out = timed_out
+
+
+@dataclass(slots=True, eq=False)
+class UpstreamConn:
+    server: Server
+    http: HttpStream
+    reused: bool = False
+    idle_since: float = 0.0
+
+    @property
+    def stream(self) -> trio.abc.Stream:
+        return self.http.stream
+
+
+def client_tls_context(tls: UpstreamTls) -> ssl.SSLContext:
+    """An SSL context for talking to an upstream; built once per config, not per connection."""
+    ctx = ssl.create_default_context(cafile=tls.ca)
+    if not tls.verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+async def connect(
+    server: Server, timeout: float, tls: UpstreamTls | None, tls_ctx: ssl.SSLContext | None
+) -> trio.abc.Stream:
+    """TCP (+TLS) connect to `server` within `timeout` seconds, or raise ConnectFailed."""
+    addr = server.address
+    try:
+        with trio.fail_after(timeout):
+            stream: trio.abc.Stream = await trio.open_tcp_stream(addr.host, addr.port)
+            if tls is not None and tls_ctx is not None:
+                tls_stream = trio.SSLStream(
+                    stream,
+                    tls_ctx,
+                    server_hostname=tls.server_name or addr.host,
+                    https_compatible=True,
+                )
+                try:
+                    await tls_stream.do_handshake()
+                except BaseException:
+                    await aclose_quietly(stream)
+                    raise
+                stream = tls_stream
+    except trio.TooSlowError:
+        raise ConnectFailed(server, f"connect timed out after {timeout:g}s", timed_out=True) from None
+    except (*STREAM_ERRORS, ssl.SSLError) as exc:
+        raise ConnectFailed(server, str(exc) or type(exc).__name__) from exc
+    return stream
+
+
+@dataclass(slots=True)
+class Pool:
+    """Idle keep-alive connections per server, most recently used first."""
+
+    idle: dict[tuple[Server, UpstreamTls | None], deque[UpstreamConn]] = field(
+        default_factory=dict
+    )
+
+    def take(self, server: Server, tls: UpstreamTls | None) -> UpstreamConn | None:
+        """A live idle connection to `server`, or None; stale ones are closed on the way."""
+        queue = self.idle.get((server, tls))
+        now = trio.current_time()
+        while queue:
+            conn = queue.pop()
+            if now - conn.idle_since < IDLE_EXPIRY and not looks_closed(conn.stream):
+                conn.reused = True
+                return conn
+            _close_nowait(conn)
+        return None
+
+    def put(self, conn: UpstreamConn, tls: UpstreamTls | None) -> None:
+        """Keep `conn` for reuse if its last exchange ended cleanly; otherwise close it."""
+        h = conn.http.conn
+        if h.our_state is not h11.DONE or h.their_state is not h11.DONE:
+            _close_nowait(conn)
+            return
+        h.start_next_cycle()
+        queue = self.idle.setdefault((conn.server, tls), deque())
+        if len(queue) >= MAX_IDLE_PER_SERVER:
+            _close_nowait(queue.popleft())
+        conn.idle_since = trio.current_time()
+        queue.append(conn)
+
+    def close_all(self) -> None:
+        for queue in self.idle.values():
+            while queue:
+                _close_nowait(queue.pop())
+
+
+def _close_nowait(conn: UpstreamConn) -> None:
+    """Close without awaiting: a plain socket closes at once, TLS skips close_notify."""
+    stream = conn.stream
+    if isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    if isinstance(stream, trio.SocketStream):
+        stream.socket.close()
+
+
+def new_upstream_conn(server: Server, stream: trio.abc.Stream) -> UpstreamConn:
+    """Wrap a fresh stream in an h11 client connection."""
+    return UpstreamConn(server, HttpStream(h11.Connection(h11.CLIENT), stream))
