@@ -38,14 +38,25 @@ def _parser() -> argparse.ArgumentParser:
         ("check", "validate a config file and exit"),
     ):
         cmd = sub.add_parser(name, help=text, description=text)
-        cmd.add_argument("--config", "-c", metavar="FILE",
-                         help=f"the YAML config (default: ${ENV_CONFIG})")
-        cmd.add_argument("--log-format", choices=("json", "text"), default=None,
-                         help="log format on stderr (default: text on a TTY, json otherwise)")
-    demo = sub.add_parser("demo", help="run a WebSocket echo upstream behind the proxy",
-                          description="run a WebSocket echo upstream behind the proxy")
-    demo.add_argument("--selftest", action="store_true",
-                      help="do one scripted round trip through the demo and exit 0/1")
+        cmd.add_argument(
+            "--config", "-c", metavar="FILE", help=f"the YAML config (default: ${ENV_CONFIG})"
+        )
+        cmd.add_argument(
+            "--log-format",
+            choices=("json", "text"),
+            default=None,
+            help="log format on stderr (default: text on a TTY, json otherwise)",
+        )
+    demo = sub.add_parser(
+        "demo",
+        help="run a WebSocket echo upstream behind the proxy",
+        description="run a WebSocket echo upstream behind the proxy",
+    )
+    demo.add_argument(
+        "--selftest",
+        action="store_true",
+        help="do one scripted round trip through the demo and exit 0/1",
+    )
     demo.add_argument("--port", type=int, default=8080, help="proxy port (0 picks one)")
     demo.add_argument("--log-format", choices=("json", "text"), default=None)
     return parser
@@ -59,8 +70,10 @@ def _config_path(args: argparse.Namespace) -> str | None:
 def _check(args: argparse.Namespace) -> int:
     path = _config_path(args)
     if path is None:
-        print(f"upgradeproxy check: no config: pass --config FILE or set ${ENV_CONFIG}",
-              file=sys.stderr)
+        print(
+            f"upgradeproxy check: no config: pass --config FILE or set ${ENV_CONFIG}",
+            file=sys.stderr,
+        )
         return 2
     try:
         config = load_config(path)
@@ -70,8 +83,10 @@ def _check(args: argparse.Namespace) -> int:
         print(f"{path}: {len(err.problems)} problem(s)", file=sys.stderr)
         return 1
     routes = len(config.routes)
-    print(f"{path}: ok ({len(config.listeners)} listener(s), {len(config.upstreams)} "
-          f"upstream(s), {routes} route(s))")
+    print(
+        f"{path}: ok ({len(config.listeners)} listener(s), {len(config.upstreams)} "
+        f"upstream(s), {routes} route(s))"
+    )
     return 0
 
 
@@ -79,8 +94,9 @@ def _run(args: argparse.Namespace) -> int:
     path = _config_path(args)
     setup_logging(args.log_format)
     if path is None:
-        print(f"upgradeproxy run: no config: pass --config FILE or set ${ENV_CONFIG}",
-              file=sys.stderr)
+        print(
+            f"upgradeproxy run: no config: pass --config FILE or set ${ENV_CONFIG}", file=sys.stderr
+        )
         return 2
     try:
         config = load_config(path)

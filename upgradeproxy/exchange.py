@@ -14,6 +14,7 @@ import logging
 import ssl
 import time
 from dataclasses import dataclass, field
+from typing import Final, cast
 
 import h11
 import trio
@@ -34,7 +35,7 @@ from upgradeproxy.errors import (
 )
 from upgradeproxy.forwarding import Hop, is_trusted, upstream_request_headers, via_value
 from upgradeproxy.routing import Router, normalize_host, split_target
-from upgradeproxy.streams import STREAM_ERRORS, HttpStream, PeerClosed, aclose_quietly
+from upgradeproxy.streams import MAX_RECV, STREAM_ERRORS, HttpStream, PeerClosed, aclose_quietly
 from upgradeproxy.telemetry import ExchangeRecord, Telemetry
 from upgradeproxy.tunnel import TunnelStats, run_tunnel
 from upgradeproxy.upstream import (
@@ -49,6 +50,7 @@ from upgradeproxy.upstream import (
 log = logging.getLogger("upgradeproxy")
 
 _VIA = via_value(b"1.1")
+_MIGHT_SWITCH: Final = h11.MIGHT_SWITCH_PROTOCOL  # type: ignore[attr-defined]
 _CLOSE_ON_ERROR = (h11.LocalProtocolError, *STREAM_ERRORS)
 
 
@@ -76,8 +78,7 @@ class Runtime:
             router=Router(config.routes),
             balancers={n: Balancer(u.servers, u.balance) for n, u in config.upstreams.items()},
             tls_contexts={
-                n: client_tls_context(u.tls) if u.tls else None
-                for n, u in config.upstreams.items()
+                n: client_tls_context(u.tls) if u.tls else None for n, u in config.upstreams.items()
             },
         )
 
@@ -124,7 +125,11 @@ class Exchange:
 
 
 async def serve_client(
-    stream: trio.abc.Stream, peer_ip: str, tls: bool, rt: Runtime, shared: Shared,
+    stream: trio.abc.Stream,
+    peer_ip: str,
+    tls: bool,
+    rt: Runtime,
+    shared: Shared,
     leftover: bytes = b"",
 ) -> None:
     """Serve requests on one client connection until it closes, errs or drains."""
@@ -210,7 +215,7 @@ async def _receive_until(client: Client, deadline: float, started: bool) -> byte
         if not started:
             client.shared.idle_waits.add(scope)
         try:
-            return await client.http.stream.receive_some(65536)
+            return cast(bytes, await client.http.stream.receive_some(MAX_RECV))
         except STREAM_ERRORS as exc:
             raise ClientGone(str(exc)) from None
         finally:
@@ -277,7 +282,7 @@ def _prepare(client: Client, request: h11.Request, rec: ExchangeRecord) -> Excha
 
 
 def _framing(raw: list[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, bytes]], bool]:
-    """The framing header to send upstream (h11 validated the client's) and whether a body follows."""
+    """The framing header to send upstream and whether a body follows (h11 checked it)."""
     if hdr.get_all(raw, b"transfer-encoding"):
         return [(b"Transfer-Encoding", b"chunked")], True
     lengths = hdr.get_all(raw, b"content-length")
@@ -332,7 +337,9 @@ async def _open_upstream(client: Client, ex: Exchange, balancer: Balancer) -> Up
             return pooled
         try:
             stream = await connect(
-                server, rt.config.timeouts.connect, ex.upstream.tls,
+                server,
+                rt.config.timeouts.connect,
+                ex.upstream.tls,
                 rt.tls_contexts[ex.upstream.name],
             )
         except ConnectFailed as exc:
@@ -467,8 +474,12 @@ async def _relay_response(client: Client, ex: Exchange, conn: UpstreamConn) -> b
                 return False
             if client.http.conn.their_http_version == b"1.1":
                 headers = hdr.response_headers(list(event.headers.raw_items()), _VIA)
-                await _to_client(client, h11.InformationalResponse(
-                    status_code=event.status_code, headers=headers, reason=event.reason))
+                await _to_client(
+                    client,
+                    h11.InformationalResponse(
+                        status_code=event.status_code, headers=headers, reason=event.reason
+                    ),
+                )
         elif isinstance(event, h11.Response):
             started = True
             ex.rec.status = event.status_code
@@ -477,8 +488,10 @@ async def _relay_response(client: Client, ex: Exchange, conn: UpstreamConn) -> b
             headers = hdr.response_headers(list(event.headers.raw_items()), _VIA)
             if client.shared.draining:
                 headers.append((b"Connection", b"close"))
-            await _to_client(client, h11.Response(
-                status_code=event.status_code, headers=headers, reason=event.reason))
+            await _to_client(
+                client,
+                h11.Response(status_code=event.status_code, headers=headers, reason=event.reason),
+            )
         elif isinstance(event, h11.Data):
             ex.rec.bytes_out += len(event.data)
             await _to_client(client, h11.Data(data=event.data))
@@ -500,7 +513,7 @@ async def _switch(
     """Check a 101, relay it, hand both sockets to the tunnel with the bytes h11 held back."""
     raw = list(event.headers.raw_items())
     problem = hdr.switch_problem(ex.offer, raw, ex.ws_key)
-    if problem is None and client.http.conn.their_state is not h11.MIGHT_SWITCH_PROTOCOL:
+    if problem is None and client.http.conn.their_state is not _MIGHT_SWITCH:
         problem = "101 before the request body was complete"
     if problem is not None:
         if ex.offer:
@@ -508,8 +521,9 @@ async def _switch(
         raise BadSwitch(problem)
     chosen = hdr.comma_list(raw, b"upgrade")
     headers = hdr.response_headers(raw, _VIA, switched_to=chosen)
-    await _to_client(client, h11.InformationalResponse(
-        status_code=101, headers=headers, reason=event.reason))
+    await _to_client(
+        client, h11.InformationalResponse(status_code=101, headers=headers, reason=event.reason)
+    )
     ex.rec.status = 101
     ex.rec.protocol = b", ".join(chosen).decode("latin-1")
     _count_upgrade(client, ex, "switched")
@@ -525,8 +539,15 @@ async def _tunnel(client: Client, ex: Exchange, conn: UpstreamConn) -> None:
     client_rest = client.http.conn.trailing_data[0]
     upstream_rest = conn.http.conn.trailing_data[0]
     tunnel_rec = ExchangeRecord(
-        client=rec.client, method=rec.method, host=rec.host, path=rec.path, route=rec.route,
-        upstream=rec.upstream, server=rec.server, status=101, protocol=rec.protocol,
+        client=rec.client,
+        method=rec.method,
+        host=rec.host,
+        path=rec.path,
+        route=rec.route,
+        upstream=rec.upstream,
+        server=rec.server,
+        status=101,
+        protocol=rec.protocol,
         kind="tunnel",
     )
     rec.kind = "tunnel"  # the HTTP line is written; keep _one_exchange from writing it again
@@ -541,9 +562,11 @@ async def _tunnel(client: Client, ex: Exchange, conn: UpstreamConn) -> None:
         shared.telemetry.tunnel_moved("down", len(upstream_rest))
         shared.telemetry.tunnel_moved("up", len(client_rest))
         await run_tunnel(
-            client.http.stream, conn.stream,
+            client.http.stream,
+            conn.stream,
             idle_timeout=client.rt.config.timeouts.tunnel_idle,
-            on_bytes=shared.telemetry.tunnel_moved, stats=stats,
+            on_bytes=shared.telemetry.tunnel_moved,
+            stats=stats,
         )
     except STREAM_ERRORS:
         stats.first_close = stats.first_close or "error"
@@ -573,8 +596,9 @@ async def _send_error(client: Client, err: ProxyError, method: bytes | None) -> 
         headers.append((b"Connection", b"close"))
     try:
         with trio.move_on_after(5):
-            await client.http.send(h11.Response(status_code=err.status, headers=headers,
-                                                reason=reason))
+            await client.http.send(
+                h11.Response(status_code=err.status, headers=headers, reason=reason)
+            )
             if body:
                 await client.http.send(h11.Data(data=body))
             await client.http.send(h11.EndOfMessage())

@@ -118,11 +118,7 @@ def websocket_key_problem(headers: Sequence[tuple[bytes, bytes]]) -> str | None:
 def is_websocket_attempt(method: bytes, headers: Sequence[tuple[bytes, bytes]]) -> bool:
     """A GET carrying both WebSocket handshake fields: only then is `websocket` offered on."""
     names = {n.lower() for n, _ in headers}
-    return (
-        method == b"GET"
-        and b"sec-websocket-key" in names
-        and b"sec-websocket-version" in names
-    )
+    return method == b"GET" and b"sec-websocket-key" in names and b"sec-websocket-version" in names
 
 
 def websocket_accept(key: bytes) -> bytes:
@@ -143,8 +139,9 @@ def switch_problem(
         return "101 without an Upgrade header"
     sent_lower = [s.lower() for s in sent]
     for token in chosen:
-        if not any(protocol_matches(token, s) or protocol_matches(s, token.lower())
-                   for s in sent_lower):
+        if not any(
+            protocol_matches(token, s) or protocol_matches(s, token.lower()) for s in sent_lower
+        ):
             return f"101 switches to {token.decode('latin-1')!r}, which was not offered"
     if any(protocol_name(t) == WEBSOCKET for t in chosen):
         if ws_key is None:

@@ -81,9 +81,7 @@ def split_target(
     return _checked_authority(authority), path, target
 
 
-_AUTHORITY_RE = re.compile(
-    rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?"
-)
+_AUTHORITY_RE = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")
 
 
 def _checked_authority(authority: bytes | None) -> bytes | None:

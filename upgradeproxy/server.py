@@ -83,7 +83,9 @@ class Proxy:
             admin = self.runtime.config.admin
             if admin is not None:
                 self.admin_address = await outer.start(
-                    serve_admin, admin.address, lambda: not self.draining,
+                    serve_admin,
+                    admin.address,
+                    lambda: not self.draining,
                     self.shared.telemetry.render,
                 )
             try:
@@ -134,8 +136,9 @@ class Proxy:
     async def _open(self, listener: Listener) -> None:
         sock = await bind_socket(listener.address, reuse_port=self.runtime.config.workers > 1)
         sock.listen(BACKLOG)
-        bound = _Bound(listener, trio.SocketListener(sock), trio.CancelScope(),
-                       server_tls_context(listener))
+        bound = _Bound(
+            listener, trio.SocketListener(sock), trio.CancelScope(), server_tls_context(listener)
+        )
         self.bound[listener.address] = bound
         assert self._accepts is not None
         self._accepts.start_soon(self._accept_loop, bound, name=f"accept {listener.address}")

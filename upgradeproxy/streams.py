@@ -6,10 +6,11 @@ h11 decides, trio moves bytes. Socket errors are mapped here (trio's own
 
 from __future__ import annotations
 
+import contextlib
 import select
 import socket
 import struct
-from typing import Final
+from typing import Final, cast
 
 import h11
 import trio
@@ -50,7 +51,7 @@ class HttpStream:
             data = await self.stream.receive_some(MAX_RECV)
         except STREAM_ERRORS as exc:
             raise PeerClosed(str(exc)) from exc
-        self.conn.receive_data(data)
+        self.conn.receive_data(cast(bytes, data))  # bytes for sockets; h11 takes either
 
     async def send(self, event: h11.Event) -> None:
         """Serialize and write `event`; a failed write poisons the h11 state, as it must."""
@@ -78,7 +79,7 @@ class PrefixedStream(trio.abc.HalfCloseableStream):
             data, self._prefix = self._prefix[:n], self._prefix[n:]
             await trio.lowlevel.checkpoint()
             return data
-        return await self.stream.receive_some(max_bytes)
+        return cast(bytes, await self.stream.receive_some(max_bytes))
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.stream.send_all(data)
@@ -120,21 +121,20 @@ def looks_closed(stream: trio.abc.Stream) -> bool:
 
 async def aclose_quietly(stream: trio.abc.AsyncResource) -> None:
     """Close, ignoring errors from a peer that is already gone; never blocks on cancellation."""
-    with trio.CancelScope(shield=True), trio.move_on_after(1):
-        try:
-            await stream.aclose()
-        except STREAM_ERRORS:
-            pass
+    with (
+        trio.CancelScope(shield=True),
+        trio.move_on_after(1),
+        contextlib.suppress(STREAM_ERRORS),
+    ):
+        await stream.aclose()
 
 
 def abort(stream: trio.abc.Stream) -> None:
     """Close with RST so the peer sees a broken message, not a clean end."""
     sock = raw_socket(stream)
     if sock is not None and sock.fileno() >= 0:
-        try:
+        with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        except OSError:
-            pass
 
 
 async def bind_socket(address: Address, *, reuse_port: bool) -> trio.socket.SocketType:

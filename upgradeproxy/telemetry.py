@@ -97,16 +97,41 @@ class Telemetry:
     def render(self) -> str:
         """Prometheus text exposition format 0.0.4."""
         lines: list[str] = []
-        _family(lines, "upgradeproxy_requests_total", "counter", "HTTP exchanges by route and status.",
-                [(("route", "code"), k, v) for k, v in self.requests.items()])
-        _family(lines, "upgradeproxy_upgrades_total", "counter", "Upgrade attempts by outcome.",
-                [(("route", "protocol", "result"), k, v) for k, v in self.upgrades.items()])
-        _family(lines, "upgradeproxy_tunnels_active", "gauge", "Open upgraded tunnels.",
-                [((), (), self.tunnels_active)])
-        _family(lines, "upgradeproxy_tunnel_bytes_total", "counter", "Bytes relayed by tunnels.",
-                [(("direction",), (d,), v) for d, v in self.tunnel_bytes.items()])
-        _family(lines, "upgradeproxy_upstream_errors_total", "counter", "Upstream failures.",
-                [(("upstream", "kind"), k, v) for k, v in self.upstream_errors.items()])
+        _family(
+            lines,
+            "upgradeproxy_requests_total",
+            "counter",
+            "HTTP exchanges by route and status.",
+            [(("route", "code"), k, v) for k, v in self.requests.items()],
+        )
+        _family(
+            lines,
+            "upgradeproxy_upgrades_total",
+            "counter",
+            "Upgrade attempts by outcome.",
+            [(("route", "protocol", "result"), k, v) for k, v in self.upgrades.items()],
+        )
+        _family(
+            lines,
+            "upgradeproxy_tunnels_active",
+            "gauge",
+            "Open upgraded tunnels.",
+            [((), (), self.tunnels_active)],
+        )
+        _family(
+            lines,
+            "upgradeproxy_tunnel_bytes_total",
+            "counter",
+            "Bytes relayed by tunnels.",
+            [(("direction",), (d,), v) for d, v in self.tunnel_bytes.items()],
+        )
+        _family(
+            lines,
+            "upgradeproxy_upstream_errors_total",
+            "counter",
+            "Upstream failures.",
+            [(("upstream", "kind"), k, v) for k, v in self.upstream_errors.items()],
+        )
         self._render_histogram(lines)
         return "\n".join(lines) + "\n"
 

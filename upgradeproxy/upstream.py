@@ -76,7 +76,9 @@ async def connect(
                     raise
                 stream = tls_stream
     except trio.TooSlowError:
-        raise ConnectFailed(server, f"connect timed out after {timeout:g}s", timed_out=True) from None
+        raise ConnectFailed(
+            server, f"connect timed out after {timeout:g}s", timed_out=True
+        ) from None
     except (*STREAM_ERRORS, ssl.SSLError) as exc:
         raise ConnectFailed(server, str(exc) or type(exc).__name__) from exc
     return stream
@@ -86,9 +88,7 @@ async def connect(
 class Pool:
     """Idle keep-alive connections per server, most recently used first."""
 
-    idle: dict[tuple[Server, UpstreamTls | None], deque[UpstreamConn]] = field(
-        default_factory=dict
-    )
+    idle: dict[tuple[Server, UpstreamTls | None], deque[UpstreamConn]] = field(default_factory=dict)
 
     def take(self, server: Server, tls: UpstreamTls | None) -> UpstreamConn | None:
         """A live idle connection to `server`, or None; stale ones are closed on the way."""

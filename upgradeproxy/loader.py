@@ -1,0 +1,599 @@
+"""Turn YAML into a validated `Config`, reporting every problem at once.
+
+Validation walks the composed YAML node tree rather than constructed Python objects, so each
+problem can name the line of the offending key or value.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import math
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from functools import partial
+from typing import TypeVar
+
+import yaml
+from yaml.constructor import SafeConstructor
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from upgradeproxy.config import (
+    DEFAULT_UPGRADE,
+    Address,
+    Admin,
+    Balance,
+    Config,
+    IPNetwork,
+    Limits,
+    Listener,
+    ListenerTls,
+    Route,
+    Server,
+    Timeouts,
+    Upstream,
+    UpstreamTls,
+)
+
+T = TypeVar("T")
+
+_STR, _INT, _FLOAT, _BOOL = (f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool"))
+_CONSTRUCTOR = SafeConstructor()
+_TOP_KEYS = (
+    "listen", "admin", "workers", "upstreams", "routes", "timeouts", "limits", "trusted_proxies",
+)  # fmt: skip
+_BALANCES: Mapping[str, Balance] = {"round_robin": "round_robin", "least_conn": "least_conn"}
+_LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
+_HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+_TOKEN = r"[!#$%&'*+.^_`|~0-9a-z-]+"  # RFC 9110 tchar, matched after lower-casing
+_PROTOCOL = re.compile(rf"{_TOKEN}(?:/{_TOKEN})?")
+_PATH = re.compile(r"/[^\x00-\x20\x7f?#]*")
+_DURATION = re.compile(r"(?:[0-9]+(?:\.[0-9]+)?(?:ms|s|m|h))+")
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_HINT = "a duration in seconds (5, 2.5) or a string like '250ms', '5s', '1m', '1h30m'"
+_ADDRESS_HINT = "host:port like '127.0.0.1:8080', '[::1]:8080' or 'localhost:80'"
+_HOST_HINT = "a hostname like 'chat.example.com'"
+_WILDCARD_HINT = f"{_HOST_HINT} or a wildcard like '*.example.com'"
+_PROTOCOL_HINT = "a protocol token like 'websocket', 'h2c' or 'SPDY/3.1'"
+_NETWORK_HINT = "a CIDR like '10.0.0.0/8' or an IP address"
+_PATH_HINT = "a path starting with '/' (no spaces, '?' or '#')"
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigProblem:
+    """One thing wrong with a config file; `line` is 1-based, None when no line applies."""
+
+    file: str
+    line: int | None
+    field: str
+    why: str
+
+    def __str__(self) -> str:
+        where = self.file if self.line is None else f"{self.file}:{self.line}"
+        return f"{where}: {self.field}: {self.why}" if self.field else f"{where}: {self.why}"
+
+
+class ConfigError(Exception):
+    """A config that failed validation; `problems` holds every problem found."""
+
+    def __init__(self, problems: Iterable[ConfigProblem]) -> None:
+        self.problems = tuple(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from a number or a string like '250ms', '5s', '1h30m'; rejects negatives."""
+    seconds = -1.0
+    if isinstance(value, str):
+        text = value.strip().lower()
+        text += "s" if re.fullmatch(r"[0-9]+(?:\.[0-9]+)?", text) else ""  # "5" means seconds
+        if _DURATION.fullmatch(text):
+            seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(text))
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    if not 0 <= seconds < math.inf:  # NaN fails this too.
+        raise ValueError(f"expected {_DURATION_HINT}, found {_show(value)}")
+    return seconds
+
+
+def parse_address(value: str) -> Address:
+    """An `Address` from 'host:port' or '[v6]:port'; port 0 is allowed (ephemeral)."""
+    try:
+        return _address(value)
+    except ValueError as exc:
+        raise ValueError(f"expected {_ADDRESS_HINT}, found {_show(value)} ({exc})") from None
+
+
+def _address(value: object) -> Address:
+    if not isinstance(value, str):
+        raise ValueError("not a string")
+    host, sep, port = value.rpartition(":")
+    if not sep or value.endswith("]"):
+        raise ValueError("no port")
+    if host.startswith("[") and host.endswith("]"):
+        host = _ip_literal(host[1:-1], 6)
+    elif ":" in host or "[" in host:
+        raise ValueError("an IPv6 address needs brackets, like '[::1]:8080'")
+    elif re.fullmatch(r"[0-9.]+", host):
+        host = _ip_literal(host, 4)
+    elif not host:
+        raise ValueError("no host; use 0.0.0.0 or [::] for every interface")
+    elif not _HOSTNAME.fullmatch(host := host.lower()):
+        raise ValueError(f"{host!r} is not a valid host name")
+    if not re.fullmatch(r"[0-9]{1,5}", port) or int(port) > 65535:
+        raise ValueError("the port must be a number from 0 to 65535")
+    return Address(host, int(port))
+
+
+def _ip_literal(text: str, version: int) -> str:
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        ip = None
+    if ip is None or ip.version != version:
+        raise ValueError(f"{text!r} is not an IPv{version} address")
+    return str(ip)
+
+
+def load_config(path: str) -> Config:
+    """Read and validate the file at `path`; relative TLS files resolve against its directory."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except OSError as exc:
+        why = f"cannot read the config file: {exc.strerror or exc}"
+        raise ConfigError([ConfigProblem(path, None, "", why)]) from exc
+    except UnicodeDecodeError as exc:
+        why = f"the config file is not UTF-8 text ({exc.reason} at byte {exc.start})"
+        raise ConfigError([ConfigProblem(path, None, "", why)]) from exc
+    return parse_config(text, path, base_dir=os.path.dirname(os.path.abspath(path)))
+
+
+def parse_config(text: str, source: str = "<string>", *, base_dir: str | None = None) -> Config:
+    """Validate YAML `text`; relative TLS files resolve against `base_dir` (default: the cwd)."""
+    checker = _Checker(source, os.getcwd() if base_dir is None else base_dir)
+    root = checker.compose(text)
+    config = None if root is None else _build(checker, root)
+    if checker.problems or config is None:
+        raise ConfigError(sorted(checker.problems, key=lambda p: p.line or 0))
+    return config
+
+
+def _join(field: str, key: str) -> str:
+    return f"{field}.{key}" if field else key
+
+
+def _suggest(word: str, options: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1)
+    if close:
+        return f" (did you mean {close[0]!r}?)"
+    return f" (expected one of: {', '.join(options)})" if options else ""
+
+
+def _scalar(node: ScalarNode) -> object:
+    build = SafeConstructor.yaml_constructors.get(node.tag)
+    try:
+        return build(_CONSTRUCTOR, node) if build else node.value
+    except yaml.YAMLError:
+        return node.value
+
+
+def _found(node: Node) -> str:
+    if isinstance(node, MappingNode):
+        return "a mapping" if node.value else "an empty mapping"
+    if isinstance(node, SequenceNode):
+        return "a list" if node.value else "an empty list"
+    if node.tag.startswith("!"):
+        return f"a value tagged {node.tag}"
+    return _show(_scalar(node)) if isinstance(node, ScalarNode) else "an unknown node"
+
+
+def _show(value: object) -> str:
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, int | float):
+        return f"the number {value}"
+    return f"the string {value!r}" if isinstance(value, str) else f"a {type(value).__name__}"
+
+
+class _Checker:
+    """Collects problems while reading nodes; readers return None for absent or bad values."""
+
+    def __init__(self, source: str, base_dir: str) -> None:
+        self.source = source
+        self.base_dir = base_dir
+        self.problems: list[ConfigProblem] = []
+
+    def report(self, node: Node | None, field: str, why: str) -> None:
+        line = None if node is None else node.start_mark.line + 1
+        self.problems.append(ConfigProblem(self.source, line, field, why))
+
+    def compose(self, text: str) -> Node | None:
+        try:
+            root: Node | None = yaml.compose(text, Loader=yaml.SafeLoader)
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            where = f" at column {mark.column + 1}" if mark else ""
+            context = f" ({exc.context})" if exc.context else ""
+            line = None if mark is None else mark.line + 1
+            why = f"invalid YAML: {exc.problem}{where}{context}"
+            self.problems.append(ConfigProblem(self.source, line, "", why))
+            return None
+        except yaml.YAMLError as exc:  # Reader errors (bad characters) carry no line mark.
+            why = "invalid YAML: " + " ".join(str(exc).split())  # One problem, one line.
+            self.problems.append(ConfigProblem(self.source, None, "", why))
+            return None
+        if root is None:
+            why = "the file is empty; expected at least 'listen', 'upstreams' and 'routes'"
+            self.problems.append(ConfigProblem(self.source, None, "", why))
+        return root
+
+    def entries(self, node: Node | None, field: str, what: str) -> list[tuple[str, Node, Node]]:
+        """String-keyed pairs of a mapping; reports non-mappings, odd keys and duplicates."""
+        if node is not None and not isinstance(node, MappingNode):
+            self.report(node, field, f"expected {what}, found {_found(node)}")
+        if not isinstance(node, MappingNode):
+            return []
+        seen: dict[str, Node] = {}
+        pairs: list[tuple[str, Node, Node]] = []
+        for key_node, value_node in node.value:
+            if not (isinstance(key_node, ScalarNode) and key_node.tag == _STR):
+                why = f"expected a name as key, found {_found(key_node)} (quote it)"
+                self.report(key_node, field, why)
+            elif (key := str(key_node.value)) in seen:
+                # YAML itself would silently keep only the last one.
+                first = seen[key].start_mark.line + 1
+                self.report(key_node, _join(field, key), f"duplicate key (first at line {first})")
+            else:
+                seen[key] = key_node
+                pairs.append((key, key_node, value_node))
+        return pairs
+
+    def mapping(
+        self, node: Node | None, field: str, allowed: Sequence[str],
+        required: Sequence[str] = (), what: str = "a mapping",
+    ) -> dict[str, Node] | None:  # fmt: skip
+        """The known keys of a mapping; reports unknown keys and missing required ones."""
+        pairs = self.entries(node, field, what)
+        if not isinstance(node, MappingNode):
+            return None
+        found: dict[str, Node] = {}
+        for key, key_node, value_node in pairs:
+            if key in allowed:
+                found[key] = value_node
+            else:
+                why = f"unknown key {key!r}{_suggest(key, allowed)}"
+                self.report(key_node, _join(field, key), why)
+        for key in required:
+            if key not in found:
+                # A missing top-level key has no line worth pointing at.
+                self.report(node if field else None, _join(field, key), "required but missing")
+        return found
+
+    def sequence(self, node: Node | None, field: str, what: str) -> list[Node] | None:
+        if node is None or isinstance(node, SequenceNode):
+            return None if node is None else list(node.value)
+        self.report(node, field, f"expected {what}, found {_found(node)}")
+        return None
+
+    def scalar(
+        self, node: Node | None, field: str, what: str, tags: Sequence[str],
+        convert: Callable[[object], T],
+    ) -> T | None:  # fmt: skip
+        """`convert` applied to a scalar with one of `tags`; its ValueError becomes the why."""
+        if node is None:
+            return None
+        if isinstance(node, ScalarNode) and node.tag in tags:
+            try:
+                return convert(_scalar(node))
+            except ValueError as exc:
+                why = str(exc)
+        else:
+            why = f"expected {what}, found {_found(node)}"
+        self.report(node, field, why)
+        return None
+
+    def text(self, node: Node | None, field: str, what: str) -> str | None:
+        return self.scalar(node, field, what, (_STR,), str)
+
+    def boolean(self, node: Node | None, field: str, default: bool) -> bool:
+        value = self.scalar(node, field, "true or false", (_BOOL,), bool)
+        return default if value is None else value
+
+    def positive_int(self, node: Node | None, field: str) -> int | None:
+        return self.scalar(node, field, "a positive whole number", (_INT,), _positive)
+
+    def timeout(self, node: Node | None, field: str) -> float | None:
+        return self.scalar(node, field, _DURATION_HINT, (_INT, _FLOAT, _STR), _timeout)
+
+    def address(self, node: Node | None, field: str, *, listener: bool = False) -> Address | None:
+        parse = parse_address if listener else _upstream_address
+        return self.scalar(node, field, _ADDRESS_HINT, (_STR,), lambda v: parse(str(v)))
+
+    def file(self, node: Node | None, field: str) -> str | None:
+        return self.scalar(node, field, "a file path", (_STR,), self._readable_file)
+
+    def _readable_file(self, value: object) -> str:
+        path = os.path.normpath(os.path.join(self.base_dir, os.path.expanduser(str(value))))
+        if not value:
+            raise ValueError("expected a file path, found an empty string")
+        if not os.path.isfile(path):
+            raise ValueError(
+                f"not a file: {path}" if os.path.exists(path) else f"no such file: {path}"
+            )
+        if not os.access(path, os.R_OK):
+            raise ValueError(f"file is not readable: {path}")
+        return path
+
+
+def _positive(value: object) -> int:
+    if isinstance(value, int) and value >= 1:
+        return value
+    raise ValueError(f"expected a positive whole number, found {_show(value)}")
+
+
+def _timeout(value: object) -> float:
+    if (seconds := parse_duration(value)) > 0:
+        return seconds
+    raise ValueError(f"expected a duration greater than zero, found {_show(value)}")
+
+
+def _upstream_address(text: str) -> Address:
+    address = parse_address(text)
+    if address.port == 0:  # Only a listener can ask the kernel to pick a port.
+        raise ValueError(f"expected a port from 1 to 65535, found {_show(text)} (port 0)")
+    return address
+
+
+def _choice(options: Mapping[str, T]) -> Callable[[object], T]:
+    def pick(value: object) -> T:
+        if str(value) in options:
+            return options[str(value)]
+        raise ValueError(f"unknown value {value!r}{_suggest(str(value), list(options))}")
+
+    return pick
+
+
+def _host(value: object, *, wildcard: bool = False) -> str:
+    host = str(value).lower()
+    bare = host[2:] if wildcard and host.startswith("*.") else host
+    if _HOSTNAME.fullmatch(bare) and len(bare) <= 253:
+        return host
+    hint = ""
+    if re.search(r":[0-9]*$", host):
+        hint = " (leave out the port)"
+    elif "*" in host:
+        hint = " (a wildcard must be the whole leftmost label; omit 'host' to match any host)"
+    raise ValueError(
+        f"expected {_WILDCARD_HINT if wildcard else _HOST_HINT}, found {_show(value)}{hint}"
+    )
+
+
+def _path(value: object) -> str:
+    if _PATH.fullmatch(str(value)):
+        return str(value)
+    raise ValueError(f"expected {_PATH_HINT}, found {_show(value)}")
+
+
+def _protocol(value: object) -> str:
+    if _PROTOCOL.fullmatch(token := str(value).lower()):
+        return token
+    raise ValueError(f"expected {_PROTOCOL_HINT}, found {_show(value)}")
+
+
+def _network(value: object) -> IPNetwork:
+    try:
+        return ipaddress.ip_network(str(value), strict=False)
+    except ValueError:
+        raise ValueError(f"expected {_NETWORK_HINT}, found {_show(value)}") from None
+
+
+def _build(c: _Checker, root: Node) -> Config | None:
+    what = "a mapping of settings like 'listen:', 'upstreams:' and 'routes:'"
+    top = c.mapping(root, "", _TOP_KEYS, ("listen", "upstreams", "routes"), what)
+    if top is None:
+        return None
+    listeners = _listeners(c, top.get("listen"))
+    upstreams, names = _upstreams(c, top.get("upstreams"))
+    what = f"a list of {_NETWORK_HINT}s"
+    read = partial(c.scalar, what=_NETWORK_HINT, tags=(_STR,), convert=_network)
+    trusted: list[tuple[int, Node, IPNetwork]] = _items(
+        c, top.get("trusted_proxies"), "trusted_proxies", what, read
+    )
+    return Config(
+        listeners=listeners,
+        upstreams=upstreams,
+        routes=_routes(c, top.get("routes"), names),
+        admin=_admin(c, top.get("admin"), listeners),
+        workers=c.positive_int(top.get("workers"), "workers") or 1,
+        timeouts=Timeouts(**_section(c, top.get("timeouts"), "timeouts", Timeouts, c.timeout)),
+        limits=Limits(**_section(c, top.get("limits"), "limits", Limits, c.positive_int)),
+        trusted_proxies=tuple(network for _, _, network in trusted),
+        source=c.source,
+    )
+
+
+def _section(
+    c: _Checker, node: Node | None, field: str, cls: type, read: Callable[[Node, str], T | None]
+) -> dict[str, T]:
+    """Keyword arguments for a flat dataclass section whose keys are all optional."""
+    names = [f.name for f in fields(cls)]
+    found = c.mapping(node, field, names, what=f"a mapping with some of: {', '.join(names)}")
+    values = {key: read(value, f"{field}.{key}") for key, value in (found or {}).items()}
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def _items(
+    c: _Checker,
+    node: Node | None,
+    field: str,
+    what: str,
+    read: Callable[[Node, str], T | None],
+    noun: str = "",
+) -> list[tuple[int, Node, T]]:
+    """The good items of a list as (index, node, value); an empty list is an error if `noun`."""
+    items = c.sequence(node, field, what)
+    if items == [] and noun:
+        c.report(node, field, f"expected at least one {noun}, found an empty list")
+    read_items = ((i, item, read(item, f"{field}[{i}]")) for i, item in enumerate(items or ()))
+    return [(i, item, value) for i, item, value in read_items if value is not None]
+
+
+def _no_duplicates(
+    c: _Checker, items: list[tuple[int, Node, T]], key: Callable[[T], object], path: str, why: str
+) -> None:
+    """Report items whose key (unless None) repeats an earlier one's; see `_listeners`."""
+    seen: dict[object, int] = {}
+    for i, node, value in items:
+        first = seen.setdefault(name := key(value), i)
+        if name is not None and first != i:
+            c.report(node, path.format(i=i), why.format(i=i, first=first))
+
+
+def _listeners(c: _Checker, node: Node | None) -> tuple[Listener, ...]:
+    what = "a list of listeners like '- address: 127.0.0.1:8080'"
+    items = _items(c, node, "listen", what, partial(_listener, c), "listener")
+    # Port 0 binds a fresh ephemeral port each time, so it never collides.
+    _no_duplicates(
+        c, items, lambda listener: listener.address if listener.address.port else None,
+        "listen[{i}].address", "same address as listen[{first}]",
+    )  # fmt: skip
+    return tuple(listener for _, _, listener in items)
+
+
+def _listener(c: _Checker, node: Node, field: str) -> Listener | None:
+    mark = len(c.problems)
+    found = c.mapping(node, field, ("address", "tls", "proxy_protocol"), ("address",))
+    if found is None:
+        return None
+    address = c.address(found.get("address"), f"{field}.address", listener=True)
+    tls = _listener_tls(c, found.get("tls"), f"{field}.tls")
+    proxy_protocol = c.boolean(found.get("proxy_protocol"), f"{field}.proxy_protocol", False)
+    if address is None or len(c.problems) > mark:
+        return None
+    return Listener(address, tls, proxy_protocol)
+
+
+def _listener_tls(c: _Checker, node: Node | None, field: str) -> ListenerTls | None:
+    if isinstance(node, ScalarNode) and node.tag == _BOOL and not _scalar(node):
+        return None  # `tls: false` reads naturally as "no TLS here".
+    what = "a mapping with 'cert' and 'key' files"
+    found = c.mapping(node, field, ("cert", "key"), ("cert", "key"), what)
+    if found is None:
+        return None
+    cert = c.file(found.get("cert"), f"{field}.cert")
+    key = c.file(found.get("key"), f"{field}.key")
+    return ListenerTls(cert, key) if cert and key else None
+
+
+def _admin(c: _Checker, node: Node | None, listeners: Sequence[Listener]) -> Admin | None:
+    found = c.mapping(node, "admin", ("address",), ("address",)) or {}
+    address = c.address(found.get("address"), "admin.address", listener=True)
+    if address is None:
+        return None
+    if address.port and address in {listener.address for listener in listeners}:
+        c.report(found["address"], "admin.address", f"{address} is also a listener's address")
+    return Admin(address)
+
+
+def _upstreams(c: _Checker, node: Node | None) -> tuple[dict[str, Upstream], list[str] | None]:
+    """The good upstreams, and every declared name (None when there are none to check against)."""
+    pairs = c.entries(node, "upstreams", "a mapping of upstream names to their settings")
+    if isinstance(node, MappingNode) and not pairs:
+        c.report(node, "upstreams", "expected at least one upstream, found an empty mapping")
+    upstreams: dict[str, Upstream] = {}
+    for name, key_node, value in pairs:
+        if not name:
+            c.report(key_node, "upstreams", "an upstream name cannot be empty")
+        elif (upstream := _upstream(c, name, value, f"upstreams.{name}")) is not None:
+            upstreams[name] = upstream
+    return upstreams, [name for name, _, _ in pairs] or None
+
+
+def _upstream(c: _Checker, name: str, node: Node, field: str) -> Upstream | None:
+    found = c.mapping(node, field, ("servers", "balance", "tls"), ("servers",))
+    if found is None:
+        return None
+    what = "a list of 'host:port' strings or {address:, weight:} items"
+    servers = _items(
+        c, found.get("servers"), f"{field}.servers", what, partial(_server, c), "server"
+    )
+    balance = c.scalar(
+        found.get("balance"), f"{field}.balance", "round_robin or least_conn", (_STR,),
+        _choice(_BALANCES),
+    )  # fmt: skip
+    tls = _upstream_tls(c, found.get("tls"), f"{field}.tls")
+    if not servers:
+        return None
+    return Upstream(name, tuple(s for _, _, s in servers), balance or "round_robin", tls)
+
+
+def _server(c: _Checker, node: Node, field: str) -> Server | None:
+    if not isinstance(node, MappingNode):
+        address = c.address(node, field)
+        return None if address is None else Server(address)
+    found = c.mapping(node, field, ("address", "weight"), ("address",)) or {}
+    address = c.address(found.get("address"), f"{field}.address")
+    weight = c.positive_int(found.get("weight"), f"{field}.weight") or 1
+    return None if address is None else Server(address, weight)
+
+
+def _upstream_tls(c: _Checker, node: Node | None, field: str) -> UpstreamTls | None:
+    if isinstance(node, ScalarNode) and node.tag == _BOOL:
+        return UpstreamTls() if _scalar(node) else None
+    what = "false, true, or a mapping {verify:, ca:, server_name:}"
+    found = c.mapping(node, field, ("verify", "ca", "server_name"), what=what)
+    if found is None:
+        return None
+    return UpstreamTls(
+        verify=c.boolean(found.get("verify"), f"{field}.verify", True),
+        ca=c.file(found.get("ca"), f"{field}.ca"),
+        server_name=c.scalar(
+            found.get("server_name"), f"{field}.server_name", _HOST_HINT, (_STR,), _host
+        ),
+    )
+
+
+def _routes(c: _Checker, node: Node | None, names: list[str] | None) -> tuple[Route, ...]:
+    what = "a list of routes like '- upstream: NAME'"
+    items = _items(c, node, "routes", what, partial(_route, c, names=names), "route")
+    # First match wins, so a later route with the same host and prefix can never be chosen.
+    _no_duplicates(
+        c, items, lambda route: (route.host, route.path_prefix),
+        "routes[{i}]", "never matches: routes[{first}] has the same host and path_prefix",
+    )  # fmt: skip
+    return tuple(route for _, _, route in items)
+
+
+def _route(c: _Checker, node: Node, field: str, names: list[str] | None) -> Route | None:
+    mark = len(c.problems)
+    found = c.mapping(node, field, ("host", "path_prefix", "upstream", "upgrade"), ("upstream",))
+    if found is None:
+        return None
+    upstream = c.text(found.get("upstream"), f"{field}.upstream", "the name of an upstream")
+    if upstream is not None and names is not None and upstream not in names:
+        why = f"no upstream named {upstream!r}{_suggest(upstream, names)}"
+        c.report(found["upstream"], f"{field}.upstream", why)
+    host = c.scalar(
+        found.get("host"), f"{field}.host", _WILDCARD_HINT, (_STR,), partial(_host, wildcard=True)
+    )
+    prefix = c.scalar(found.get("path_prefix"), f"{field}.path_prefix", _PATH_HINT, (_STR,), _path)
+    upgrade = _upgrade(c, found.get("upgrade"), f"{field}.upgrade")
+    if upstream is None or len(c.problems) > mark:
+        return None
+    return Route(upstream, host, prefix or "/", upgrade)
+
+
+def _upgrade(c: _Checker, node: Node | None, field: str) -> tuple[str, ...]:
+    if node is None:
+        return DEFAULT_UPGRADE
+    what = "a list of protocols like ['websocket'] ([] for none)"
+    read = partial(c.scalar, what=_PROTOCOL_HINT, tags=(_STR,), convert=_protocol)
+    items = _items(c, node, field, what, read)
+    _no_duplicates(c, items, lambda token: token, field + "[{i}]", "repeats " + field + "[{first}]")
+    return tuple(token for _, _, token in items)
