@@ -124,7 +124,7 @@ async def aclose_quietly(stream: trio.abc.AsyncResource) -> None:
     with (
         trio.CancelScope(shield=True),
         trio.move_on_after(1),
-        contextlib.suppress(STREAM_ERRORS),
+        contextlib.suppress(*STREAM_ERRORS),
     ):
         await stream.aclose()
 
