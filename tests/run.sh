@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Install everything the tests need on a fresh Debian machine with Python 3.11, then run them:
+# lint, types, and the whole pytest suite (browser test included).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v chromium >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ]; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    else
+        echo "tests/run.sh: chromium is missing; install the Debian package 'chromium'" >&2
+    fi
+fi
+
+python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e '.[test]'
+
+.venv/bin/ruff check upgradeproxy tests
+.venv/bin/mypy --strict upgradeproxy
+.venv/bin/python -m pytest "$@"
