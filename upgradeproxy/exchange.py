@@ -10,6 +10,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
 import time
@@ -163,6 +164,7 @@ async def _one_exchange(client: Client) -> bool:
         if err.upstream_side and err.kind not in ("connect", "connect_timeout"):
             client.shared.telemetry.upstream_error(rec.upstream, err.kind)
         method = rec.method.encode() if rec.method else None
+        _finish_bodiless_request(client)
         sent = await _send_error(client, err, method)
         return sent and not err.close and _client_reusable(client)
     except (ClientGone, PeerClosed):
@@ -172,6 +174,14 @@ async def _one_exchange(client: Client) -> bool:
         if rec.method and rec.kind == "http":
             rec.duration = time.monotonic() - rec.started
             client.shared.telemetry.exchange_done(rec)
+
+
+def _finish_bodiless_request(client: Client) -> None:
+    """Consume a request's EndOfMessage if h11 has it without reading, so keep-alive can go on."""
+    conn = client.http.conn
+    if conn.their_state is h11.SEND_BODY:
+        with contextlib.suppress(h11.RemoteProtocolError):
+            conn.next_event()
 
 
 def _client_reusable(client: Client) -> bool:
@@ -188,7 +198,7 @@ async def _read_request(client: Client) -> h11.Request | None:
     timeouts = client.rt.config.timeouts
     started = client.first or bool(conn.trailing_data[0])
     deadline = trio.current_time() + (timeouts.request_header if started else timeouts.idle)
-    _check_raw_head(conn)
+    _check_raw_head(conn, client.rt.config.limits.max_request_header_bytes)
     while True:
         try:
             event = conn.next_event()
@@ -206,7 +216,7 @@ async def _read_request(client: Client) -> h11.Request | None:
             deadline = trio.current_time() + timeouts.request_header
         conn.receive_data(data)
         if data:
-            _check_raw_head(conn)
+            _check_raw_head(conn, client.rt.config.limits.max_request_header_bytes)
 
 
 async def _receive_until(client: Client, deadline: float, started: bool) -> bytes | None:
@@ -225,15 +235,23 @@ async def _receive_until(client: Client, deadline: float, started: bool) -> byte
     return None
 
 
-def _check_raw_head(conn: h11.Connection) -> None:
-    """Reject what h11 would silently accept, before it parses the head (obs-fold)."""
+def _check_raw_head(conn: h11.Connection, limit: int) -> None:
+    """Reject what h11 would accept before it parses the head: obs-fold, an oversized head.
+
+    h11 enforces its size limit only on an incomplete head; one that arrives whole in a
+    single read would slip through, so the complete head is measured here too.
+    """
     if conn.their_state is not h11.IDLE:
         return
     buf = conn.trailing_data[0]
     end = buf.find(b"\r\n\r\n")
     if end < 0:
         end = buf.find(b"\n\n")
-    if end >= 0 and (problem := hdr.raw_head_problem(buf[:end])):
+    if end < 0:
+        return
+    if end > limit:
+        raise BadRequest("request head too large", 431)
+    if problem := hdr.raw_head_problem(buf[:end]):
         raise BadRequest(problem)
 
 
@@ -244,6 +262,8 @@ def _prepare(client: Client, request: h11.Request, rec: ExchangeRecord) -> Excha
     """Validate, route and rewrite a request head; raises the ProxyError that answers it."""
     raw = list(request.headers.raw_items())
     rec.method = request.method.decode("latin-1")
+    if request.http_version not in (b"1.0", b"1.1"):
+        raise BadRequest(f"unsupported HTTP version {request.http_version.decode('latin-1')}")
     if request.method == b"CONNECT":
         raise MethodNotAllowed("CONNECT is not supported")
     if problem := hdr.framing_problem(raw):
@@ -359,7 +379,11 @@ async def _open_upstream(client: Client, ex: Exchange, balancer: Balancer) -> Up
 
 async def _exchange_on(client: Client, ex: Exchange, conn: UpstreamConn) -> bool:
     """Send the request on `conn` and relay the answer; True if the client may continue."""
-    request = h11.Request(method=ex.request.method, target=ex.target, headers=ex.headers)
+    headers = ex.headers
+    if not hdr.get_all(headers, b"host"):
+        # An HTTP/1.0 client may omit Host; the upstream leg is HTTP/1.1 and needs one.
+        headers = [(b"Host", str(conn.server.address).encode()), *headers]
+    request = h11.Request(method=ex.request.method, target=ex.target, headers=headers)
     try:
         await conn.http.send(request)
     except STREAM_ERRORS as exc:

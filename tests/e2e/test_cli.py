@@ -1,0 +1,336 @@
+"""The command line as a user runs it: `upgradeproxy` subprocesses, exit codes, logs, signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import RawConn, ok_response, raw_client, read_response, run_cli
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "config" / "upgradeproxy.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def env_without_config() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("UPGRADEPROXY_CONFIG", None)
+    return env
+
+
+# A file with four independent problems, each on a known line.
+BAD_CONFIG = """\
+listen:
+  - address: "127.0.0.1:notaport"
+upstreams:
+  app:
+    servers: ["127.0.0.1:9000"]
+routes:
+  - upstream: missing
+timeouts:
+  conect: 5
+  idle: "5 parsecs"
+"""
+# (line, field, a fragment of the why)
+BAD_PROBLEMS = [
+    (2, "listen[0].address", "port"),
+    (7, "routes[0].upstream", "missing"),
+    (9, "timeouts.conect", "connect"),
+    (10, "timeouts.idle", "duration"),
+]
+
+
+def problem_lines(text: str, path: Path) -> list[str]:
+    """The `file:line: field: why` lines (not a trailing summary)."""
+    pattern = re.compile(rf"^{re.escape(str(path))}:\d+: ")
+    return [line for line in text.splitlines() if pattern.match(line)]
+
+
+def assert_every_problem(output: str, path: Path) -> None:
+    for line_no, field, why in BAD_PROBLEMS:
+        pattern = rf"^{re.escape(str(path))}:{line_no}: {re.escape(field)}: .*{re.escape(why)}"
+        assert re.search(pattern, output, re.M), f"missing {field} problem in:\n{output}"
+
+
+# --- version and check ------------------------------------------------------------------
+
+
+def test_version():
+    result = run_cli("--version")
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"\b\d+\.\d+(\.\d+)?\b", result.stdout + result.stderr)
+
+
+def test_check_example_config():
+    result = run_cli("check", "--config", str(EXAMPLE), env=env_without_config())
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_check_reports_every_problem(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BAD_CONFIG)
+    result = run_cli("check", "--config", str(bad), env=env_without_config())
+    assert result.returncode == 1
+    output = result.stdout + result.stderr
+    assert_every_problem(output, bad)
+    assert "Traceback" not in output
+
+
+def test_check_typo_suggests_the_nearest_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BAD_CONFIG)
+    result = run_cli("check", "--config", str(bad), env=env_without_config())
+    (typo,) = [line for line in result.stdout.splitlines() if "conect" in line]
+    assert "'connect'" in typo
+
+
+def test_check_uses_env_var_when_config_absent(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BAD_CONFIG)
+    env = env_without_config()
+    env["UPGRADEPROXY_CONFIG"] = str(EXAMPLE)
+    assert run_cli("check", env=env).returncode == 0
+    env["UPGRADEPROXY_CONFIG"] = str(bad)
+    result = run_cli("check", env=env)
+    assert result.returncode == 1
+    assert_every_problem(result.stdout + result.stderr, bad)
+    # --config wins over the environment.
+    assert run_cli("check", "--config", str(EXAMPLE), env=env).returncode == 0
+
+
+# --- run ---------------------------------------------------------------------------------
+
+
+def test_run_invalid_config_exits_2_with_the_same_messages(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BAD_CONFIG)
+    checked = run_cli("check", "--config", str(bad), env=env_without_config())
+    ran = run_cli("run", "--config", str(bad), timeout=20, env=env_without_config())
+    assert ran.returncode == 2
+    assert_every_problem(ran.stdout + ran.stderr, bad)
+    check_problems = problem_lines(checked.stdout + checked.stderr, bad)
+    run_problems = problem_lines(ran.stdout + ran.stderr, bad)
+    assert check_problems
+    assert sorted(run_problems) == sorted(check_problems)
+    assert "listening" not in ran.stderr
+
+
+def test_run_invalid_config_never_listens(tmp_path):
+    port = free_port()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        f'listen:\n  - address: "127.0.0.1:{port}"\nupstreams:\n  app:\n'
+        f'    servers: ["127.0.0.1:9000"]\nroutes:\n  - upstream: app\n'
+        f'timeouts:\n  idle: "soon"\n'
+    )
+    stop = threading.Event()
+    connected: list[bool] = []
+
+    def probe() -> None:
+        while not stop.is_set():
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                connected.append(True)
+            except OSError:
+                pass
+            time.sleep(0.005)
+
+    prober = threading.Thread(target=probe, daemon=True)
+    prober.start()
+    try:
+        result = run_cli("run", "--config", str(bad), timeout=20, env=env_without_config())
+    finally:
+        stop.set()
+        prober.join(5)
+    assert result.returncode == 2
+    assert f"{bad}:9: timeouts.idle:" in result.stderr
+    assert connected == []
+
+
+class Running:
+    """`upgradeproxy run` as a subprocess with stderr (not a TTY) collected line by line."""
+
+    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "upgradeproxy", "run", "--config", str(config)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env or env_without_config(),
+            cwd=str(ROOT),
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+
+    def wait_for(
+        self, predicate: Callable[[str], bool], after: int = 0, timeout: float = 10
+    ) -> str:
+        """The first stderr line (from index `after`) matching `predicate`."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for line in self.lines[after:]:
+                    if predicate(line):
+                        return line
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
+                    raise AssertionError(f"no such log line; stderr so far:\n{self.text()}")
+                self._cond.wait(min(left, 0.1))
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+    def stop(self, timeout: float = 10) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._reader.join(5)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+@pytest.fixture
+def run_proxy() -> Iterator[Callable[..., Running]]:
+    started: list[Running] = []
+
+    def start(config: Path) -> Running:
+        r = Running(config)
+        started.append(r)
+        return r
+
+    yield start
+    for r in started:
+        r.kill()
+
+
+def config_text(port: int, upstream_port: int, path_prefix: str = "/") -> str:
+    return f"""\
+listen:
+  - address: "127.0.0.1:{port}"
+upstreams:
+  app:
+    servers: ["127.0.0.1:{upstream_port}"]
+routes:
+  - path_prefix: "{path_prefix}"
+    upstream: app
+timeouts:
+  drain: 2
+"""
+
+
+def wait_listening(port: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert time.monotonic() < deadline, f"nothing listening on {port}"
+            time.sleep(0.02)
+
+
+def named(name: bytes) -> Callable[[RawConn], None]:
+    def handler(conn: RawConn) -> None:
+        while True:
+            conn.read_head(timeout=30)
+            conn.send(ok_response(name))
+
+    return handler
+
+
+def get(port: int, path: bytes = b"/hello") -> tuple[int, bytes]:
+    with raw_client(("127.0.0.1", port)) as sock:
+        sock.sendall(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, _, body, _ = read_response(sock)
+    return status, body
+
+
+def test_run_serves_logs_json_and_stops_on_sigterm(tmp_path, raw_upstream, run_proxy):
+    up = raw_upstream(named(b"from upstream"))
+    port = free_port()
+    config = tmp_path / "proxy.yaml"
+    config.write_text(config_text(port, up.port))
+    proxy = run_proxy(config)
+    wait_listening(port)
+    assert get(port) == (200, b"from upstream")
+
+    access = proxy.wait_for(lambda line: '"/hello"' in line and '"status"' in line)
+    assert proxy.stop() == 0
+    # Not a TTY: every stderr line is a JSON object.
+    records = [json.loads(line) for line in proxy.lines if line.strip()]
+    assert records
+    assert all(isinstance(r, dict) for r in records)
+    record = json.loads(access)
+    assert record["status"] == 200
+    assert record["method"] == "GET"
+    assert record["path"] == "/hello"
+    assert record["upstream"] == "app"
+    assert "route" in record
+    assert record["route"]
+
+
+def test_sighup_reloads_new_connections_use_new_config(tmp_path, raw_upstream, run_proxy):
+    first = raw_upstream(named(b"first"))
+    second = raw_upstream(named(b"second"))
+    port = free_port()
+    config = tmp_path / "proxy.yaml"
+    config.write_text(config_text(port, first.port))
+    proxy = run_proxy(config)
+    wait_listening(port)
+    assert get(port) == (200, b"first")
+
+    # An established keep-alive connection, opened before the reload.
+    established = raw_client(("127.0.0.1", port))
+    established.sendall(b"GET /before HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert read_response(established)[2] == b"first"
+
+    mark = len(proxy.lines)
+    config.write_text(config_text(port, second.port))
+    proxy.proc.send_signal(signal.SIGHUP)
+    proxy.wait_for(lambda line: "reload" in line.lower(), after=mark)
+    assert get(port) == (200, b"second")
+    # Established connections are untouched: still the old config.
+    established.sendall(b"GET /still HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert read_response(established)[2] == b"first"
+    established.close()
+
+    # An invalid file is logged and the config in force stays.
+    mark = len(proxy.lines)
+    config.write_text(config_text(port, second.port) + "  idle: forever\n")
+    proxy.proc.send_signal(signal.SIGHUP)
+    rejected = proxy.wait_for(lambda line: "timeouts.idle" in line, after=mark)
+    assert json.loads(rejected)["level"] in ("error", "warning")
+    assert get(port) == (200, b"second")
+    assert proxy.proc.poll() is None
+    assert proxy.stop() == 0

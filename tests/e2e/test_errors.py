@@ -1,0 +1,514 @@
+"""Rule 7: every error is a short response over a real socket, and nothing malformed leaks upstream.
+
+Each test talks to the proxy with a raw blocking socket on loopback and to a raw-socket
+upstream that records what reached it, so "the upstream received nothing" is checked on the
+bytes themselves, not on the proxy's own account of what it did.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+from tests.conftest import (
+    RawConn,
+    RawUpstream,
+    ok_response,
+    proxy_yaml,
+    raw_client,
+    read_response,
+    respond_ok_forever,
+)
+
+# Every config here drains quickly so a failing test cannot hold the fixture for 30 s.
+FAST_DRAIN = "timeouts: {drain: 1}"
+
+
+# --- helpers ----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A loopback port with nothing listening on it (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def assert_short_error(body: bytes) -> None:
+    """Rule 7: a short text body, never a traceback."""
+    assert len(body) < 256, body
+    assert b"Traceback" not in body
+    assert b'File "' not in body
+    with contextlib.suppress(UnicodeDecodeError):
+        body.decode("utf-8")
+        return
+    pytest.fail(f"error body is not text: {body!r}")
+
+
+def closes(sock: socket.socket, leftover: bytes | bytearray = b"", timeout: float = 5) -> bool:
+    """True when the peer closes `sock` (FIN or RST) without sending anything more."""
+    if leftover:
+        return False
+    sock.settimeout(timeout)
+    try:
+        data = sock.recv(65536)
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except TimeoutError:
+        return False
+    return data == b""
+
+
+Response = tuple[int, dict[bytes, bytes], bytes, bytearray]
+
+
+def error_exchange(sock: socket.socket, data: bytes) -> Response:
+    sock.sendall(data)
+    status, headers, body, rest = read_response(sock)
+    assert_short_error(body)
+    return status, headers, body, rest
+
+
+def assert_400_then_close(address: tuple[str, int], data: bytes) -> None:
+    with raw_client(address) as sock:
+        status, headers, _, rest = error_exchange(sock, data)
+        assert status == 400, (status, data)
+        # "then close": the proxy says so or just does it; we require that it does it.
+        assert closes(sock, rest), f"connection stayed open after 400 for {data!r}"
+        if b"connection" in headers:
+            assert headers[b"connection"].lower() == b"close"
+
+
+def recording_ok(heads: list[bytes]):
+    """A keep-alive upstream handler that answers every bodiless request 200 and keeps its head."""
+
+    def handler(conn: RawConn) -> None:
+        while True:
+            heads.append(conn.read_head(timeout=30))
+            conn.send(ok_response())
+
+    return handler
+
+
+def decode_chunks(data: bytes) -> tuple[bytes, bool]:
+    """(payload, saw the terminating 0-chunk) from possibly truncated chunked bytes."""
+    payload = b""
+    while data:
+        line_end = data.find(b"\r\n")
+        if line_end < 0:
+            break
+        size = int(data[:line_end].split(b";")[0], 16)
+        if size == 0:
+            return payload, True
+        chunk = data[line_end + 2 : line_end + 2 + size]
+        payload += chunk
+        if len(chunk) < size:
+            break
+        data = data[line_end + 2 + size + 2 :]
+    return payload, False
+
+
+# --- 404 ---------------------------------------------------------------------------------
+
+
+def test_404_unknown_host_keeps_connection_usable(make_proxy, raw_upstream):
+    heads: list[bytes] = []
+    up = raw_upstream(recording_ok(heads))
+    proxy = make_proxy(proxy_yaml(up.port, route='host: "a.example"', extra=FAST_DRAIN))
+    with raw_client(proxy.address) as sock:
+        status, _, _, rest = error_exchange(sock, b"GET /x HTTP/1.1\r\nHost: b.example\r\n\r\n")
+        assert status == 404
+        assert not rest
+        # Keep-alive: the same socket carries a good request next.
+        sock.sendall(b"GET /good HTTP/1.1\r\nHost: a.example\r\n\r\n")
+        status, _, body, _ = read_response(sock)
+        assert (status, body) == (200, b"ok")
+    assert len(heads) == 1
+    assert heads[0].startswith(b"GET /good ")
+    assert b"b.example" not in b"".join(heads)
+
+
+def test_404_path_prefix_miss_keeps_connection_usable(make_proxy, raw_upstream):
+    heads: list[bytes] = []
+    up = raw_upstream(recording_ok(heads))
+    proxy = make_proxy(proxy_yaml(up.port, route='path_prefix: "/api"', extra=FAST_DRAIN))
+    with raw_client(proxy.address) as sock:
+        status, _, _, rest = error_exchange(sock, b"GET /other HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status == 404
+        assert not rest
+        sock.sendall(b"GET /api/v1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, _, body, _ = read_response(sock)
+        assert (status, body) == (200, b"ok")
+        status, _, _, _ = error_exchange(sock, b"GET /ap HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status == 404
+    assert [h.split(b"\r\n")[0] for h in heads] == [b"GET /api/v1 HTTP/1.1"]
+
+
+# --- 400 then close: request smuggling shapes -------------------------------------------
+
+MALFORMED = {
+    "content-length-and-transfer-encoding": (
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    ),
+    "transfer-encoding-and-content-length": (
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        b"Content-Length: 5\r\n\r\n0\r\n\r\n"
+    ),
+    "two-differing-content-lengths": (
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!"
+    ),
+    "differing-content-length-list": (
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5, 6\r\n\r\nhello!"
+    ),
+    "content-length-abc": b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+    "content-length-minus-1": b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+    "content-length-plus-5": b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: +5\r\n\r\nhello",
+    "obs-fold-spaces": b"GET / HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n  continued\r\n\r\n",
+    "obs-fold-tab": b"GET / HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n\tcontinued\r\n\r\n",
+    "whitespace-before-colon-host": b"GET / HTTP/1.1\r\nHost : x\r\n\r\n",
+    "whitespace-before-colon-other": b"GET / HTTP/1.1\r\nHost: x\r\nX-A : 1\r\n\r\n",
+    "nul-in-value": b"GET / HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n",
+    "bare-cr-in-value": b"GET / HTTP/1.1\r\nHost: x\r\nX-A: a\rb\r\n\r\n",
+    "garbage-request-line": b"GARBAGE\r\n\r\n",
+    "unknown-http-version": b"GET /x HTTP/9.9\r\nHost: x\r\n\r\n",
+    "missing-target": b"GET HTTP/1.1\r\nHost: x\r\n\r\n",
+    "empty-target": b"GET  HTTP/1.1\r\nHost: x\r\n\r\n",
+    "http11-without-host": b"GET / HTTP/1.1\r\nX-A: 1\r\n\r\n",
+    "two-host-headers": b"GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("data", list(MALFORMED.values()), ids=list(MALFORMED))
+def test_malformed_request_is_400_then_close(make_proxy, raw_upstream, data):
+    up = raw_upstream(respond_ok_forever)
+    proxy = make_proxy(proxy_yaml(up.port, extra=FAST_DRAIN))
+    assert_400_then_close(proxy.address, data)
+    # Nothing of it reached the upstream: the proxy never even connected.
+    assert up.conns == []
+
+
+def test_bad_chunk_size_in_one_send_stops_at_the_bad_chunk(make_proxy, raw_upstream):
+    up = raw_upstream()  # records, never answers
+    proxy = make_proxy(proxy_yaml(up.port, extra=FAST_DRAIN))
+    assert_400_then_close(
+        proxy.address,
+        b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\nzz\r\nSMUGGLED\r\n0\r\n\r\n",
+    )
+    try:
+        conn = up.accept(timeout=1)
+    except TimeoutError:
+        return  # the proxy checked the whole body first: nothing arrived at all
+    received = conn.read_until_close()
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"POST /upload HTTP/1.1")
+    payload, terminated = decode_chunks(body)
+    assert b"hello".startswith(payload)
+    assert not terminated, f"a terminating 0-chunk reached the upstream: {body!r}"
+    assert b"SMUGGLED" not in received
+    assert b"zz" not in body
+
+
+def test_bad_chunk_size_after_streamed_chunk(make_proxy, raw_upstream):
+    up = raw_upstream()
+    proxy = make_proxy(proxy_yaml(up.port, extra=FAST_DRAIN))
+    with raw_client(proxy.address) as sock:
+        sock.sendall(
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+        )
+        conn = up.accept()
+        head = conn.read_head()
+        assert head.startswith(b"POST /upload HTTP/1.1")
+        # The valid chunk is streamed on before the rest of the body exists.
+        assert conn.read_exactly(10) == b"5\r\nhello\r\n"
+        status, _, _, rest = error_exchange(sock, b"zz\r\nSMUGGLED\r\n0\r\n\r\n")
+        assert status == 400
+        assert closes(sock, rest)
+    # Nothing past the bad chunk: no bytes at all, and certainly no terminating 0-chunk.
+    assert conn.read_until_close() == b""
+
+
+# --- 431 ---------------------------------------------------------------------------------
+
+SMALL_HEAD_LIMIT = "limits: {max_request_header_bytes: 1024}\n" + FAST_DRAIN
+
+
+def test_431_head_too_large_sent_at_once(make_proxy, raw_upstream):
+    up = raw_upstream(respond_ok_forever)
+    proxy = make_proxy(proxy_yaml(up.port, extra=SMALL_HEAD_LIMIT))
+    with raw_client(proxy.address) as sock:
+        # A complete head of ~4 KiB against a 1 KiB limit, in one write.
+        data = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 4000 + b"\r\n\r\n"
+        status, _, _, _ = error_exchange(sock, data)
+        assert status == 431
+    assert up.conns == []
+
+
+def test_431_head_too_large_still_incomplete(make_proxy, raw_upstream):
+    up = raw_upstream(respond_ok_forever)
+    proxy = make_proxy(proxy_yaml(up.port, extra=SMALL_HEAD_LIMIT))
+    with raw_client(proxy.address) as sock:
+        # Past the limit and no end of head in sight: answered without waiting for the rest.
+        # One write, so the proxy has read everything we sent when it answers (no RST race).
+        filler = b"".join(b"X-Filler-%02d: %s\r\n" % (i, b"b" * 100) for i in range(40))
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n" + filler)
+        status, _, body, _ = read_response(sock)
+        assert_short_error(body)
+        assert status == 431
+    assert up.conns == []
+
+
+def test_head_just_under_the_limit_is_fine(make_proxy, raw_upstream):
+    up = raw_upstream(respond_ok_forever)
+    proxy = make_proxy(proxy_yaml(up.port, extra=SMALL_HEAD_LIMIT))
+    with raw_client(proxy.address) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Small: " + b"a" * 500 + b"\r\n\r\n")
+        status, _, body, _ = read_response(sock)
+        assert (status, body) == (200, b"ok")
+
+
+# --- 408 and the idle keep-alive timeout ------------------------------------------------
+
+
+def test_408_partial_head_then_close(make_proxy, raw_upstream):
+    up = raw_upstream(respond_ok_forever)
+    proxy = make_proxy(proxy_yaml(up.port, extra='timeouts: {request_header: "300ms", drain: 1}'))
+    with raw_client(proxy.address) as sock:
+        sock.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n")  # no blank line: the head never ends
+        status, headers, body, rest = read_response(sock)
+        assert_short_error(body)
+        assert status == 408
+        assert closes(sock, rest)
+        if b"connection" in headers:
+            assert headers[b"connection"].lower() == b"close"
+    assert up.conns == []
+
+
+def test_408_partial_second_request_on_keep_alive(make_proxy, raw_upstream):
+    up = raw_upstream(respond_ok_forever)
+    proxy = make_proxy(
+        proxy_yaml(up.port, extra='timeouts: {request_header: "300ms", idle: 30, drain: 1}')
+    )
+    with raw_client(proxy.address) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_response(sock)[0] == 200
+        # The second head starts but never finishes: request_header applies, not idle.
+        sock.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n")
+        status, _, body, rest = read_response(sock)
+        assert_short_error(body)
+        assert status == 408
+        assert closes(sock, rest)
+
+
+def test_idle_keep_alive_closed_quietly(make_proxy, raw_upstream):
+    up = raw_upstream(respond_ok_forever)
+    proxy = make_proxy(
+        proxy_yaml(up.port, extra='timeouts: {idle: "300ms", request_header: 30, drain: 1}')
+    )
+    with raw_client(proxy.address) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, _, body, rest = read_response(sock)
+        assert (status, body) == (200, b"ok")
+        assert not rest
+        sock.settimeout(5)
+        try:
+            data = sock.recv(65536)
+        except ConnectionResetError:
+            data = b""
+        assert data == b"", f"an idle close must be quiet, got {data!r}"
+
+
+# --- 405 ---------------------------------------------------------------------------------
+
+
+def test_405_connect(make_proxy, raw_upstream):
+    up = raw_upstream(respond_ok_forever)
+    proxy = make_proxy(proxy_yaml(up.port, extra=FAST_DRAIN))
+    with raw_client(proxy.address) as sock:
+        status, _, _, _ = error_exchange(
+            sock, b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n"
+        )
+        assert status == 405
+    assert up.conns == []
+
+
+# --- 502 ---------------------------------------------------------------------------------
+
+
+def _close_after_head(conn: RawConn) -> None:
+    conn.read_head()
+    conn.close()
+
+
+def _close_at_once(conn: RawConn) -> None:
+    conn.close()
+
+
+def _garbage(conn: RawConn) -> None:
+    conn.read_head()
+    conn.send(b"this is not HTTP at all\r\n\r\n")
+    conn.read_until_close(timeout=10)
+
+
+def _reset_mid_head(conn: RawConn) -> None:
+    conn.read_head()
+    conn.send(b"HTTP/1.1 200 OK\r\nContent-Len")
+    conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()  # RST
+
+
+UPSTREAM_FAILURES = {
+    "accepts-then-closes-without-answer": _close_after_head,
+    "accepts-and-closes-at-once": _close_at_once,
+    "sends-garbage": _garbage,
+    "resets-mid-head": _reset_mid_head,
+}
+
+
+def test_502_upstream_refused(make_proxy):
+    proxy = make_proxy(proxy_yaml(free_port(), extra=FAST_DRAIN))
+    with raw_client(proxy.address) as sock:
+        status, _, _, _ = error_exchange(sock, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status == 502
+
+
+@pytest.mark.parametrize("handler", list(UPSTREAM_FAILURES.values()), ids=list(UPSTREAM_FAILURES))
+def test_502_upstream_fails_before_a_response(make_proxy, raw_upstream, handler):
+    up = raw_upstream(handler)
+    proxy = make_proxy(proxy_yaml(up.port, extra=FAST_DRAIN))
+    with raw_client(proxy.address) as sock:
+        status, _, body, _ = error_exchange(sock, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status == 502
+        # The upstream's garbage is never relayed to the client.
+        assert b"not HTTP" not in body
+
+
+def test_502_then_client_connection_still_works(make_proxy, raw_upstream):
+    """A 502 is the upstream's fault: the client's keep-alive connection survives it."""
+    heads: list[bytes] = []
+    good = raw_upstream(recording_ok(heads))
+    dead = free_port()
+    yaml = f"""
+listen:
+  - address: "127.0.0.1:0"
+upstreams:
+  dead:
+    servers: ["127.0.0.1:{dead}"]
+  good:
+    servers: ["127.0.0.1:{good.port}"]
+routes:
+  - path_prefix: /dead
+    upstream: dead
+  - upstream: good
+{FAST_DRAIN}
+"""
+    proxy = make_proxy(yaml)
+    with raw_client(proxy.address) as sock:
+        status, _, _, rest = error_exchange(sock, b"GET /dead HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status == 502
+        sock.sendall(b"GET /alive HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, _, body, _ = read_response(sock, rest)
+        assert (status, body) == (200, b"ok")
+
+
+# --- 504 ---------------------------------------------------------------------------------
+
+
+def _never_answers(conn: RawConn) -> None:
+    conn.read_head()
+    conn.read_until_close(timeout=20)
+
+
+def test_504_upstream_too_slow(make_proxy, raw_upstream):
+    up = raw_upstream(_never_answers)
+    proxy = make_proxy(
+        proxy_yaml(up.port, extra='timeouts: {upstream_response: "300ms", drain: 1}')
+    )
+    with raw_client(proxy.address) as sock:
+        status, _, _, _ = error_exchange(sock, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status == 504
+    # The request did reach the upstream (it was valid); the upstream was just too slow.
+    assert len(up.conns) == 1
+
+
+# --- isolation ---------------------------------------------------------------------------
+
+
+def _isolation_yaml(dead_port: int, good: RawUpstream) -> str:
+    return f"""
+listen:
+  - address: "127.0.0.1:0"
+upstreams:
+  dead:
+    servers: ["127.0.0.1:{dead_port}"]
+  good:
+    servers: ["127.0.0.1:{good.port}"]
+routes:
+  - path_prefix: /dead
+    upstream: dead
+  - upstream: good
+{FAST_DRAIN}
+"""
+
+
+def test_one_connection_failing_never_affects_another(make_proxy, raw_upstream):
+    heads: list[bytes] = []
+    good = raw_upstream(recording_ok(heads))
+    proxy = make_proxy(_isolation_yaml(free_port(), good))
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def troublemaker() -> None:
+        """Alternates 502s and 400s on fresh connections until told to stop."""
+        n = 0
+        deadline = time.monotonic() + 20
+        while not stop.is_set() and time.monotonic() < deadline:
+            n += 1
+            try:
+                with raw_client(proxy.address) as bad:
+                    if n % 2:
+                        status = error_exchange(bad, b"GET /dead HTTP/1.1\r\nHost: x\r\n\r\n")[0]
+                        want = 502
+                    else:
+                        status = error_exchange(bad, MALFORMED["two-differing-content-lengths"])[0]
+                        want = 400
+                    if status != want:
+                        errors.append(f"troublemaker got {status}, wanted {want}")
+            except (OSError, EOFError, AssertionError) as exc:
+                errors.append(f"troublemaker: {exc!r}")
+
+    with raw_client(proxy.address) as sock:
+        # Deterministic interleaving first: good, 502, good, 400, good.
+        sock.sendall(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_response(sock)[0] == 200
+        with raw_client(proxy.address) as bad:
+            assert error_exchange(bad, b"GET /dead HTTP/1.1\r\nHost: x\r\n\r\n")[0] == 502
+        sock.sendall(b"GET /second HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_response(sock)[0] == 200
+        assert_400_then_close(proxy.address, MALFORMED["content-length-and-transfer-encoding"])
+        sock.sendall(b"GET /third HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_response(sock)[0] == 200
+
+        # Then concurrently: a second thread keeps failing while this keep-alive client works.
+        thread = threading.Thread(target=troublemaker, daemon=True)
+        thread.start()
+        try:
+            for i in range(30):
+                sock.sendall(b"GET /steady/%d HTTP/1.1\r\nHost: x\r\n\r\n" % i)
+                status, _, body, rest = read_response(sock)
+                assert (status, body, bytes(rest)) == (200, b"ok", b"")
+        finally:
+            stop.set()
+            thread.join(25)
+    assert not thread.is_alive()
+    assert errors == []
+    paths = [h.split(b" ")[1] for h in heads]
+    assert b"/dead" not in paths
+    assert paths[:3] == [b"/first", b"/second", b"/third"]
+    assert paths[3:] == [b"/steady/%d" % i for i in range(30)]
