@@ -14,7 +14,7 @@ import contextlib
 import logging
 import ssl
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Final, cast
 
 import h11
@@ -22,7 +22,7 @@ import trio
 
 from upgradeproxy import headers as hdr
 from upgradeproxy.balancer import Balancer
-from upgradeproxy.config import Config, Route, Upstream
+from upgradeproxy.config import Config, Route, Server, Upstream
 from upgradeproxy.errors import (
     REASONS,
     BadRequest,
@@ -133,23 +133,43 @@ async def serve_client(
     shared: Shared,
     leftover: bytes = b"",
 ) -> None:
-    """Serve requests on one client connection until it closes, errs or drains."""
+    """Serve requests on one client connection until it closes, errs, drains or switches."""
+    try:
+        switched = await _serve_http(stream, peer_ip, tls, rt, shared, leftover)
+        if switched is not None:
+            # The HTTP frames (h11 state, request headers) are gone: an idle tunnel holds
+            # only what `Switched` carries.
+            await switched.run()
+    finally:
+        await aclose_quietly(stream)
+
+
+async def _serve_http(
+    stream: trio.abc.Stream,
+    peer_ip: str,
+    tls: bool,
+    rt: Runtime,
+    shared: Shared,
+    leftover: bytes,
+) -> Switched | None:
     conn = h11.Connection(
         h11.SERVER, max_incomplete_event_size=rt.config.limits.max_request_header_bytes
     )
     if leftover:
         conn.receive_data(leftover)
     client = Client(HttpStream(conn, stream), peer_ip, b"https" if tls else b"http", rt, shared)
-    try:
-        while await _one_exchange(client) and not shared.draining:
-            conn.start_next_cycle()
-            client.first = False
-    finally:
-        await aclose_quietly(stream)
+    while True:
+        outcome = await _one_exchange(client)
+        if isinstance(outcome, Switched):
+            return outcome
+        if not outcome or shared.draining:
+            return None
+        conn.start_next_cycle()
+        client.first = False
 
 
-async def _one_exchange(client: Client) -> bool:
-    """Handle one request; True if the connection may carry another."""
+async def _one_exchange(client: Client) -> bool | Switched:
+    """Handle one request; True if the connection may carry another, or the tunnel to run."""
     rec = ExchangeRecord(client=client.peer_ip)
     try:
         request = await _read_request(client)
@@ -315,7 +335,7 @@ def _framing(raw: list[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, bytes]],
 # --- forwarding ----------------------------------------------------------------------
 
 
-async def _handle(client: Client, request: h11.Request, rec: ExchangeRecord) -> bool:
+async def _handle(client: Client, request: h11.Request, rec: ExchangeRecord) -> bool | Switched:
     """Forward one request and relay (or switch on) its answer."""
     ex = _prepare(client, request, rec)
     balancer = client.rt.balancers[ex.route.upstream]
@@ -323,16 +343,21 @@ async def _handle(client: Client, request: h11.Request, rec: ExchangeRecord) -> 
         conn = await _open_upstream(client, ex, balancer)
         rec.server = str(conn.server.address)
         balancer.acquire(conn.server)
+        outcome: bool | Switched = False
         try:
-            return await _exchange_on(client, ex, conn)
+            outcome = await _exchange_on(client, ex, conn)
+            return outcome
         except _Stale:
             if attempt:
                 raise UpstreamUnavailable("upstream closed the connection", kind="reset") from None
             continue
         finally:
-            balancer.release(conn.server)
-            if not _pooled(client, ex, conn):
-                await aclose_quietly(conn.stream)
+            if isinstance(outcome, Switched):
+                outcome.release = (balancer, conn.server)  # held until the tunnel closes
+            else:
+                balancer.release(conn.server)
+                if not _pooled(client, ex, conn):
+                    await aclose_quietly(conn.stream)
     raise AssertionError("unreachable")
 
 
@@ -377,7 +402,7 @@ async def _open_upstream(client: Client, ex: Exchange, balancer: Balancer) -> Up
     raise UpstreamUnavailable(detail, kind="connect")
 
 
-async def _exchange_on(client: Client, ex: Exchange, conn: UpstreamConn) -> bool:
+async def _exchange_on(client: Client, ex: Exchange, conn: UpstreamConn) -> bool | Switched:
     """Send the request on `conn` and relay the answer; True if the client may continue."""
     headers = ex.headers
     if not hdr.get_all(headers, b"host"):
@@ -397,11 +422,11 @@ async def _exchange_on(client: Client, ex: Exchange, conn: UpstreamConn) -> bool
     return await _with_body(client, ex, conn)
 
 
-async def _with_body(client: Client, ex: Exchange, conn: UpstreamConn) -> bool:
+async def _with_body(client: Client, ex: Exchange, conn: UpstreamConn) -> bool | Switched:
     """Stream the request body while relaying the response: an upstream may answer early."""
     pump = _BodyPump(client, conn, ex.rec)
     failure: BaseException | None = None
-    keep = False
+    keep: bool | Switched = False
     async with trio.open_nursery() as nursery:
         nursery.start_soon(pump.run, nursery.cancel_scope, name="request body")
         try:
@@ -416,6 +441,8 @@ async def _with_body(client: Client, ex: Exchange, conn: UpstreamConn) -> bool:
         raise pump.error
     if failure is not None:
         raise failure
+    if isinstance(keep, Switched):
+        return keep
     return keep and pump.done
 
 
@@ -486,7 +513,7 @@ async def _to_client(client: Client, event: h11.Event) -> None:
         raise ClientGone(str(exc)) from None
 
 
-async def _relay_response(client: Client, ex: Exchange, conn: UpstreamConn) -> bool:
+async def _relay_response(client: Client, ex: Exchange, conn: UpstreamConn) -> bool | Switched:
     """Relay the upstream's answer; True if the client connection may continue."""
     timeout = client.rt.config.timeouts.upstream_response
     started = False
@@ -494,8 +521,7 @@ async def _relay_response(client: Client, ex: Exchange, conn: UpstreamConn) -> b
         event = await _upstream_event(conn, timeout, started)
         if isinstance(event, h11.InformationalResponse):
             if event.status_code == 101:
-                await _switch(client, ex, conn, event)
-                return False
+                return await _switch(client, ex, conn, event)
             if client.http.conn.their_http_version == b"1.1":
                 headers = hdr.response_headers(list(event.headers.raw_items()), _VIA)
                 await _to_client(
@@ -533,8 +559,8 @@ def _count_upgrade(client: Client, ex: Exchange, result: str) -> None:
 
 async def _switch(
     client: Client, ex: Exchange, conn: UpstreamConn, event: h11.InformationalResponse
-) -> None:
-    """Check a 101, relay it, hand both sockets to the tunnel with the bytes h11 held back."""
+) -> Switched:
+    """Check a 101 and relay it; the returned `Switched` carries what the tunnel needs."""
     raw = list(event.headers.raw_items())
     problem = hdr.switch_problem(ex.offer, raw, ex.ws_key)
     if problem is None and client.http.conn.their_state is not _MIGHT_SWITCH:
@@ -548,57 +574,70 @@ async def _switch(
     await _to_client(
         client, h11.InformationalResponse(status_code=101, headers=headers, reason=event.reason)
     )
-    ex.rec.status = 101
-    ex.rec.protocol = b", ".join(chosen).decode("latin-1")
-    _count_upgrade(client, ex, "switched")
-    await _tunnel(client, ex, conn)
-
-
-async def _tunnel(client: Client, ex: Exchange, conn: UpstreamConn) -> None:
-    """Splice until both sides are done; log the exchange now and the tunnel when it closes."""
-    shared = client.shared
     rec = ex.rec
+    rec.status = 101
+    rec.protocol = b", ".join(chosen).decode("latin-1")
+    _count_upgrade(client, ex, "switched")
     rec.duration = time.monotonic() - rec.started
-    shared.telemetry.exchange_done(rec)
-    client_rest = client.http.conn.trailing_data[0]
-    upstream_rest = conn.http.conn.trailing_data[0]
-    tunnel_rec = ExchangeRecord(
-        client=rec.client,
-        method=rec.method,
-        host=rec.host,
-        path=rec.path,
-        route=rec.route,
-        upstream=rec.upstream,
-        server=rec.server,
-        status=101,
-        protocol=rec.protocol,
-        kind="tunnel",
-    )
+    client.shared.telemetry.exchange_done(rec)
     rec.kind = "tunnel"  # the HTTP line is written; keep _one_exchange from writing it again
-    stats = TunnelStats(bytes_up=len(client_rest), bytes_down=len(upstream_rest))
-    shared.telemetry.tunnel_opened()
-    try:
-        # Bytes behind the 101 head go first to the client; early client bytes only now upstream.
-        if upstream_rest:
-            await client.http.stream.send_all(upstream_rest)
-        if client_rest:
-            await conn.stream.send_all(client_rest)
-        shared.telemetry.tunnel_moved("down", len(upstream_rest))
-        shared.telemetry.tunnel_moved("up", len(client_rest))
-        await run_tunnel(
-            client.http.stream,
-            conn.stream,
-            idle_timeout=client.rt.config.timeouts.tunnel_idle,
-            on_bytes=shared.telemetry.tunnel_moved,
-            stats=stats,
-        )
-    except STREAM_ERRORS:
-        stats.first_close = stats.first_close or "error"
-    finally:
-        tunnel_rec.bytes_in, tunnel_rec.bytes_out = stats.bytes_up, stats.bytes_down
-        tunnel_rec.first_close = stats.first_close
-        tunnel_rec.duration = time.monotonic() - tunnel_rec.started
-        shared.telemetry.tunnel_closed(tunnel_rec)
+    tunnel_rec = replace(rec, started=time.monotonic(), duration=0.0, bytes_in=0, bytes_out=0)
+    return Switched(
+        client=client.http.stream,
+        upstream=conn.stream,
+        client_rest=client.http.conn.trailing_data[0],
+        upstream_rest=conn.http.conn.trailing_data[0],
+        rec=tunnel_rec,
+        idle=client.rt.config.timeouts.tunnel_idle,
+        telemetry=client.shared.telemetry,
+    )
+
+
+@dataclass(slots=True, eq=False)
+class Switched:
+    """An accepted upgrade: two streams, the bytes h11 held back, and the access record."""
+
+    client: trio.abc.Stream
+    upstream: trio.abc.Stream
+    client_rest: bytes
+    upstream_rest: bytes
+    rec: ExchangeRecord
+    idle: float
+    telemetry: Telemetry
+    release: tuple[Balancer, Server] | None = None
+
+    async def run(self) -> None:
+        """Splice until both sides are done; the tunnel's log line is written when it closes."""
+        telemetry = self.telemetry
+        stats = TunnelStats(bytes_up=len(self.client_rest), bytes_down=len(self.upstream_rest))
+        telemetry.tunnel_opened()
+        try:
+            # Bytes behind the 101 head go first to the client; early client bytes only now.
+            if self.upstream_rest:
+                await self.client.send_all(self.upstream_rest)
+                telemetry.tunnel_moved("down", len(self.upstream_rest))
+            if self.client_rest:
+                await self.upstream.send_all(self.client_rest)
+                telemetry.tunnel_moved("up", len(self.client_rest))
+            self.client_rest = self.upstream_rest = b""
+            await run_tunnel(
+                self.client,
+                self.upstream,
+                idle_timeout=self.idle,
+                on_bytes=telemetry.tunnel_moved,
+                stats=stats,
+            )
+        except STREAM_ERRORS:
+            stats.first_close = stats.first_close or "error"
+        finally:
+            await aclose_quietly(self.upstream)
+            if self.release is not None:
+                self.release[0].release(self.release[1])
+            rec = self.rec
+            rec.bytes_in, rec.bytes_out = stats.bytes_up, stats.bytes_down
+            rec.first_close = stats.first_close
+            rec.duration = time.monotonic() - rec.started
+            telemetry.tunnel_closed(rec)
 
 
 # --- error responses -----------------------------------------------------------------
