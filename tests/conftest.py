@@ -116,8 +116,14 @@ def make_proxy() -> Iterator[Callable[[str], ProxyThread]]:
 
 def proxy_yaml(upstream_port: int, *, route: str = "", extra: str = "", upstream: str = "") -> str:
     """A one-upstream config; `route` adds keys to the single route, `extra` top-level keys."""
-    route_keys = ("\n" + "\n".join("    " + line for line in route.strip().splitlines())) if route else ""
-    upstream_keys = ("\n" + "\n".join("    " + line for line in upstream.strip().splitlines())) if upstream else ""
+    route_keys = (
+        ("\n" + "\n".join("    " + line for line in route.strip().splitlines())) if route else ""
+    )
+    upstream_keys = (
+        ("\n" + "\n".join("    " + line for line in upstream.strip().splitlines()))
+        if upstream
+        else ""
+    )
     return f"""
 listen:
   - address: "127.0.0.1:0"
@@ -153,8 +159,9 @@ class WsUpstream:
             def record(connection: Any, request: Any) -> None:
                 self.requests.append(request)
 
-            async with serve(self._handler, LOOPBACK, 0, process_request=record,
-                             max_size=None, **serve_kwargs) as server:
+            async with serve(
+                self._handler, LOOPBACK, 0, process_request=record, max_size=None, **serve_kwargs
+            ) as server:
                 self.port = server.sockets[0].getsockname()[1]
                 self._ready.set()
                 await self._stop
@@ -199,6 +206,7 @@ class RawConn:
 
     sock: socket.socket
     received: bytearray = field(default_factory=bytearray)
+    heads: list[bytes] = field(default_factory=list)  # every head read_head() returned
 
     def read_head(self, timeout: float = 5) -> bytes:
         """Read until the end of a request head; returns the head (bytes after stay buffered)."""
@@ -212,6 +220,7 @@ class RawConn:
         end = self.received.index(b"\r\n\r\n") + 4
         head = bytes(self.received[:end])
         del self.received[:end]
+        self.heads.append(head)
         return head
 
     def read_exactly(self, n: int, timeout: float = 5) -> bytes:
@@ -335,7 +344,9 @@ def raw_client(address: tuple[str, int], timeout: float = 5) -> socket.socket:
     return sock
 
 
-def read_response_head(sock: socket.socket, buf: bytearray | None = None) -> tuple[bytes, bytearray]:
+def read_response_head(
+    sock: socket.socket, buf: bytearray | None = None
+) -> tuple[bytes, bytearray]:
     """Read one response head from `sock`; returns (head, bytes already read past it)."""
     buf = buf if buf is not None else bytearray()
     while b"\r\n\r\n" not in buf:
@@ -349,7 +360,9 @@ def read_response_head(sock: socket.socket, buf: bytearray | None = None) -> tup
     return head, buf
 
 
-def read_response(sock: socket.socket, buf: bytearray | None = None) -> tuple[int, dict[bytes, bytes], bytes, bytearray]:
+def read_response(
+    sock: socket.socket, buf: bytearray | None = None
+) -> tuple[int, dict[bytes, bytes], bytes, bytearray]:
     """(status, lower-cased headers, body, leftover) for a Content-Length or chunked response."""
     head, buf = read_response_head(sock, buf)
     lines = head.split(b"\r\n")
@@ -396,5 +409,9 @@ def run_cli(*args: str, timeout: float = 30, **kwargs: Any) -> subprocess.Comple
     """`upgradeproxy ARGS` as a subprocess, with its output captured."""
     return subprocess.run(
         [sys.executable, "-m", "upgradeproxy", *args],
-        capture_output=True, text=True, timeout=timeout, check=False, **kwargs,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        **kwargs,
     )

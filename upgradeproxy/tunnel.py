@@ -168,16 +168,20 @@ async def _direction(tun: _Tunnel, direction: Direction, pump: Pump, dst: trio.a
         return
     tun.finished("client" if direction == "up" else "upstream")
     # Propagate the FIN instead of tearing the tunnel down, so the other way keeps flowing
-    # (the bug in golang/go#35892). A `dst` that cannot half-close (TLS) just stops this way;
-    # its peer then learns of the end only when the other way ends or the tunnel goes idle.
-    await _half_close(dst)
+    # (the bug in golang/go#35892). A `dst` that cannot half-close (TLS: trio has no
+    # close_notify-and-keep-reading) ends the whole tunnel gracefully instead, as Go does
+    # since golang/go#72140: otherwise its peer would wait for an EOF until tunnel_idle.
+    if not await _half_close(dst):
+        tun.abort_scope.cancel()
 
 
-async def _half_close(stream: trio.abc.Stream) -> None:
-    """Send EOF on `stream` if it can half-close; failing to is not a tunnel error."""
-    if isinstance(stream, trio.abc.HalfCloseableStream):
-        with contextlib.suppress(*_STREAM_ERRORS):
-            await stream.send_eof()
+async def _half_close(stream: trio.abc.Stream) -> bool:
+    """Send EOF on `stream`; False if it cannot half-close. Failing to is not a tunnel error."""
+    if not isinstance(stream, trio.abc.HalfCloseableStream):
+        return False
+    with contextlib.suppress(*_STREAM_ERRORS):
+        await stream.send_eof()
+    return True
 
 
 async def _close(stream: trio.abc.Stream, graceful: bool) -> None:
