@@ -528,6 +528,11 @@ def _upstream(c: _Checker, name: str, node: Node, field: str) -> Upstream | None
         _choice(_BALANCES),
     )  # fmt: skip
     tls = _upstream_tls(c, found.get("tls"), f"{field}.tls")
+    # The balancer and the pool key servers by address: a repeat would be one server twice.
+    _no_duplicates(
+        c, servers, lambda server: server.address,
+        f"{field}.servers[{{i}}]", "same address as servers[{first}] (use weight instead)",
+    )  # fmt: skip
     if not servers:
         return None
     return Upstream(name, tuple(s for _, _, s in servers), balance or "round_robin", tls)

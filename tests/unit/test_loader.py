@@ -236,6 +236,12 @@ PROBLEMS = [
     ("routes:\n  - host: a.com\n", "routes[0].upstream", 2, "required but missing"),
     ("listen:\n  - {}\n", "listen[0].address", 2, "required but missing"),
     ("upstreams:\n  chat: {}\n", "upstreams.chat.servers", 2, "required but missing"),
+    (
+        "upstreams:\n  chat:\n    servers: ['127.0.0.1:9000', '127.0.0.1:9000']\n",
+        "upstreams.chat.servers[1]",
+        3,
+        "same address as servers[0] (use weight instead)",
+    ),
     # Listeners.
     ("listen:\n  address: '127.0.0.1:8080'\n", "listen", 2, "expected a list of listeners like"),
     ("listen: []\n", "listen", 1, "expected at least one listener, found an empty list"),
