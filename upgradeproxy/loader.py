@@ -6,11 +6,7 @@ problem can name the line of the offending key or value.
 
 from __future__ import annotations
 
-import difflib
-import ipaddress
-import math
 import os
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from functools import partial
@@ -20,6 +16,7 @@ import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from upgradeproxy import values
 from upgradeproxy.config import (
     DEFAULT_UPGRADE,
     Address,
@@ -36,6 +33,7 @@ from upgradeproxy.config import (
     Upstream,
     UpstreamTls,
 )
+from upgradeproxy.values import parse_address
 
 T = TypeVar("T")
 
@@ -45,21 +43,6 @@ _TOP_KEYS = (
     "listen", "admin", "workers", "upstreams", "routes", "timeouts", "limits", "trusted_proxies",
 )  # fmt: skip
 _BALANCES: Mapping[str, Balance] = {"round_robin": "round_robin", "least_conn": "least_conn"}
-_LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
-_HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
-_TOKEN = r"[!#$%&'*+.^_`|~0-9a-z-]+"  # RFC 9110 tchar, matched after lower-casing
-_PROTOCOL = re.compile(rf"{_TOKEN}(?:/{_TOKEN})?")
-_PATH = re.compile(r"/[^\x00-\x20\x7f?#]*")
-_DURATION = re.compile(r"(?:[0-9]+(?:\.[0-9]+)?(?:ms|s|m|h))+")
-_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-_DURATION_HINT = "a duration in seconds (5, 2.5) or a string like '250ms', '5s', '1m', '1h30m'"
-_ADDRESS_HINT = "host:port like '127.0.0.1:8080', '[::1]:8080' or 'localhost:80'"
-_HOST_HINT = "a hostname like 'chat.example.com'"
-_WILDCARD_HINT = f"{_HOST_HINT} or a wildcard like '*.example.com'"
-_PROTOCOL_HINT = "a protocol token like 'websocket', 'h2c' or 'SPDY/3.1'"
-_NETWORK_HINT = "a CIDR like '10.0.0.0/8' or an IP address"
-_PATH_HINT = "a path starting with '/' (no spaces, '?' or '#')"
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,60 +65,6 @@ class ConfigError(Exception):
     def __init__(self, problems: Iterable[ConfigProblem]) -> None:
         self.problems = tuple(problems)
         super().__init__("\n".join(str(p) for p in self.problems))
-
-
-def parse_duration(value: object) -> float:
-    """Seconds from a number or a string like '250ms', '5s', '1h30m'; rejects negatives."""
-    seconds = -1.0
-    if isinstance(value, str):
-        text = value.strip().lower()
-        text += "s" if re.fullmatch(r"[0-9]+(?:\.[0-9]+)?", text) else ""  # "5" means seconds
-        if _DURATION.fullmatch(text):
-            seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(text))
-    elif isinstance(value, int | float) and not isinstance(value, bool):
-        seconds = float(value)
-    if not 0 <= seconds < math.inf:  # NaN fails this too.
-        raise ValueError(f"expected {_DURATION_HINT}, found {_show(value)}")
-    return seconds
-
-
-def parse_address(value: str) -> Address:
-    """An `Address` from 'host:port' or '[v6]:port'; port 0 is allowed (ephemeral)."""
-    try:
-        return _address(value)
-    except ValueError as exc:
-        raise ValueError(f"expected {_ADDRESS_HINT}, found {_show(value)} ({exc})") from None
-
-
-def _address(value: object) -> Address:
-    if not isinstance(value, str):
-        raise ValueError("not a string")
-    host, sep, port = value.rpartition(":")
-    if not sep or value.endswith("]"):
-        raise ValueError("no port")
-    if host.startswith("[") and host.endswith("]"):
-        host = _ip_literal(host[1:-1], 6)
-    elif ":" in host or "[" in host:
-        raise ValueError("an IPv6 address needs brackets, like '[::1]:8080'")
-    elif re.fullmatch(r"[0-9.]+", host):
-        host = _ip_literal(host, 4)
-    elif not host:
-        raise ValueError("no host; use 0.0.0.0 or [::] for every interface")
-    elif not _HOSTNAME.fullmatch(host := host.lower()):
-        raise ValueError(f"{host!r} is not a valid host name")
-    if not re.fullmatch(r"[0-9]{1,5}", port) or int(port) > 65535:
-        raise ValueError("the port must be a number from 0 to 65535")
-    return Address(host, int(port))
-
-
-def _ip_literal(text: str, version: int) -> str:
-    try:
-        ip = ipaddress.ip_address(text)
-    except ValueError:
-        ip = None
-    if ip is None or ip.version != version:
-        raise ValueError(f"{text!r} is not an IPv{version} address")
-    return str(ip)
 
 
 def load_config(path: str) -> Config:
@@ -166,13 +95,6 @@ def _join(field: str, key: str) -> str:
     return f"{field}.{key}" if field else key
 
 
-def _suggest(word: str, options: Sequence[str]) -> str:
-    close = difflib.get_close_matches(word, options, n=1)
-    if close:
-        return f" (did you mean {close[0]!r}?)"
-    return f" (expected one of: {', '.join(options)})" if options else ""
-
-
 def _scalar(node: ScalarNode) -> object:
     build = SafeConstructor.yaml_constructors.get(node.tag)
     try:
@@ -188,17 +110,7 @@ def _found(node: Node) -> str:
         return "a list" if node.value else "an empty list"
     if node.tag.startswith("!"):
         return f"a value tagged {node.tag}"
-    return _show(_scalar(node)) if isinstance(node, ScalarNode) else "an unknown node"
-
-
-def _show(value: object) -> str:
-    if value is None:
-        return "nothing (null)"
-    if isinstance(value, bool):
-        return f"the boolean {str(value).lower()}"
-    if isinstance(value, int | float):
-        return f"the number {value}"
-    return f"the string {value!r}" if isinstance(value, str) else f"a {type(value).__name__}"
+    return values.show(_scalar(node)) if isinstance(node, ScalarNode) else "an unknown node"
 
 
 class _Checker:
@@ -267,7 +179,7 @@ class _Checker:
             if key in allowed:
                 found[key] = value_node
             else:
-                why = f"unknown key {key!r}{_suggest(key, allowed)}"
+                why = f"unknown key {key!r}{values.suggest(key, allowed)}"
                 self.report(key_node, _join(field, key), why)
         for key in required:
             if key not in found:
@@ -306,14 +218,14 @@ class _Checker:
         return default if value is None else value
 
     def positive_int(self, node: Node | None, field: str) -> int | None:
-        return self.scalar(node, field, "a positive whole number", (_INT,), _positive)
+        return self.scalar(node, field, "a positive whole number", (_INT,), values.positive)
 
     def timeout(self, node: Node | None, field: str) -> float | None:
-        return self.scalar(node, field, _DURATION_HINT, (_INT, _FLOAT, _STR), _timeout)
+        return self.scalar(node, field, values.DURATION_HINT, (_INT, _FLOAT, _STR), values.timeout)
 
     def address(self, node: Node | None, field: str, *, listener: bool = False) -> Address | None:
-        parse = parse_address if listener else _upstream_address
-        return self.scalar(node, field, _ADDRESS_HINT, (_STR,), lambda v: parse(str(v)))
+        parse = parse_address if listener else values.upstream_address
+        return self.scalar(node, field, values.ADDRESS_HINT, (_STR,), lambda v: parse(str(v)))
 
     def file(self, node: Node | None, field: str) -> str | None:
         return self.scalar(node, field, "a file path", (_STR,), self._readable_file)
@@ -331,68 +243,6 @@ class _Checker:
         return path
 
 
-def _positive(value: object) -> int:
-    if isinstance(value, int) and value >= 1:
-        return value
-    raise ValueError(f"expected a positive whole number, found {_show(value)}")
-
-
-def _timeout(value: object) -> float:
-    if (seconds := parse_duration(value)) > 0:
-        return seconds
-    raise ValueError(f"expected a duration greater than zero, found {_show(value)}")
-
-
-def _upstream_address(text: str) -> Address:
-    address = parse_address(text)
-    if address.port == 0:  # Only a listener can ask the kernel to pick a port.
-        raise ValueError(f"expected a port from 1 to 65535, found {_show(text)} (port 0)")
-    return address
-
-
-def _choice(options: Mapping[str, T]) -> Callable[[object], T]:
-    def pick(value: object) -> T:
-        if str(value) in options:
-            return options[str(value)]
-        raise ValueError(f"unknown value {value!r}{_suggest(str(value), list(options))}")
-
-    return pick
-
-
-def _host(value: object, *, wildcard: bool = False) -> str:
-    host = str(value).lower()
-    bare = host[2:] if wildcard and host.startswith("*.") else host
-    if _HOSTNAME.fullmatch(bare) and len(bare) <= 253:
-        return host
-    hint = ""
-    if re.search(r":[0-9]*$", host):
-        hint = " (leave out the port)"
-    elif "*" in host:
-        hint = " (a wildcard must be the whole leftmost label; omit 'host' to match any host)"
-    raise ValueError(
-        f"expected {_WILDCARD_HINT if wildcard else _HOST_HINT}, found {_show(value)}{hint}"
-    )
-
-
-def _path(value: object) -> str:
-    if _PATH.fullmatch(str(value)):
-        return str(value)
-    raise ValueError(f"expected {_PATH_HINT}, found {_show(value)}")
-
-
-def _protocol(value: object) -> str:
-    if _PROTOCOL.fullmatch(token := str(value).lower()):
-        return token
-    raise ValueError(f"expected {_PROTOCOL_HINT}, found {_show(value)}")
-
-
-def _network(value: object) -> IPNetwork:
-    try:
-        return ipaddress.ip_network(str(value), strict=False)
-    except ValueError:
-        raise ValueError(f"expected {_NETWORK_HINT}, found {_show(value)}") from None
-
-
 def _build(c: _Checker, root: Node) -> Config | None:
     what = "a mapping of settings like 'listen:', 'upstreams:' and 'routes:'"
     top = c.mapping(root, "", _TOP_KEYS, ("listen", "upstreams", "routes"), what)
@@ -400,8 +250,8 @@ def _build(c: _Checker, root: Node) -> Config | None:
         return None
     listeners = _listeners(c, top.get("listen"))
     upstreams, names = _upstreams(c, top.get("upstreams"))
-    what = f"a list of {_NETWORK_HINT}s"
-    read = partial(c.scalar, what=_NETWORK_HINT, tags=(_STR,), convert=_network)
+    what = f"a list of {values.NETWORK_HINT}s"
+    read = partial(c.scalar, what=values.NETWORK_HINT, tags=(_STR,), convert=values.network)
     trusted: list[tuple[int, Node, IPNetwork]] = _items(
         c, top.get("trusted_proxies"), "trusted_proxies", what, read
     )
@@ -525,7 +375,7 @@ def _upstream(c: _Checker, name: str, node: Node, field: str) -> Upstream | None
     )
     balance = c.scalar(
         found.get("balance"), f"{field}.balance", "round_robin or least_conn", (_STR,),
-        _choice(_BALANCES),
+        values.choice(_BALANCES),
     )  # fmt: skip
     tls = _upstream_tls(c, found.get("tls"), f"{field}.tls")
     # The balancer and the pool key servers by address: a repeat would be one server twice.
@@ -559,7 +409,7 @@ def _upstream_tls(c: _Checker, node: Node | None, field: str) -> UpstreamTls | N
         verify=c.boolean(found.get("verify"), f"{field}.verify", True),
         ca=c.file(found.get("ca"), f"{field}.ca"),
         server_name=c.scalar(
-            found.get("server_name"), f"{field}.server_name", _HOST_HINT, (_STR,), _host
+            found.get("server_name"), f"{field}.server_name", values.HOST_HINT, (_STR,), values.host
         ),
     )
 
@@ -582,12 +432,18 @@ def _route(c: _Checker, node: Node, field: str, names: list[str] | None) -> Rout
         return None
     upstream = c.text(found.get("upstream"), f"{field}.upstream", "the name of an upstream")
     if upstream is not None and names is not None and upstream not in names:
-        why = f"no upstream named {upstream!r}{_suggest(upstream, names)}"
+        why = f"no upstream named {upstream!r}{values.suggest(upstream, names)}"
         c.report(found["upstream"], f"{field}.upstream", why)
     host = c.scalar(
-        found.get("host"), f"{field}.host", _WILDCARD_HINT, (_STR,), partial(_host, wildcard=True)
+        found.get("host"),
+        f"{field}.host",
+        values.WILDCARD_HINT,
+        (_STR,),
+        partial(values.host, wildcard=True),
     )
-    prefix = c.scalar(found.get("path_prefix"), f"{field}.path_prefix", _PATH_HINT, (_STR,), _path)
+    prefix = c.scalar(
+        found.get("path_prefix"), f"{field}.path_prefix", values.PATH_HINT, (_STR,), values.path
+    )
     upgrade = _upgrade(c, found.get("upgrade"), f"{field}.upgrade")
     if upstream is None or len(c.problems) > mark:
         return None
@@ -598,7 +454,7 @@ def _upgrade(c: _Checker, node: Node | None, field: str) -> tuple[str, ...]:
     if node is None:
         return DEFAULT_UPGRADE
     what = "a list of protocols like ['websocket'] ([] for none)"
-    read = partial(c.scalar, what=_PROTOCOL_HINT, tags=(_STR,), convert=_protocol)
+    read = partial(c.scalar, what=values.PROTOCOL_HINT, tags=(_STR,), convert=values.protocol)
     items = _items(c, node, field, what, read)
     _no_duplicates(c, items, lambda token: token, field + "[{i}]", "repeats " + field + "[{first}]")
     return tuple(token for _, _, token in items)

@@ -19,14 +19,8 @@ from upgradeproxy.config import (
     Timeouts,
     UpstreamTls,
 )
-from upgradeproxy.loader import (
-    ConfigError,
-    ConfigProblem,
-    load_config,
-    parse_address,
-    parse_config,
-    parse_duration,
-)
+from upgradeproxy.loader import ConfigError, ConfigProblem, load_config, parse_config
+from upgradeproxy.values import parse_address, parse_duration
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "upgradeproxy.yaml"
 
