@@ -507,10 +507,14 @@ async def _upstream_event(
 
 
 async def _to_client(client: Client, event: h11.Event) -> None:
+    """Write to the client; one that stops reading for `timeouts.idle` is dropped."""
     try:
-        await client.http.send(event)
+        with trio.fail_after(client.rt.config.timeouts.idle):
+            await client.http.send(event)
     except STREAM_ERRORS as exc:
         raise ClientGone(str(exc)) from None
+    except trio.TooSlowError:
+        raise ClientGone("client stopped reading") from None
 
 
 async def _relay_response(client: Client, ex: Exchange, conn: UpstreamConn) -> bool | Switched:

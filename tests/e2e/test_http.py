@@ -433,3 +433,32 @@ def test_pipelined_requests_answered_in_order(make_proxy, raw_upstream):
             bodies.append(body)
     assert bodies == [b"GET /one", b"POST /two abc", b"GET /three"]
     assert [r.target for r, _ in requests] == [b"/one", b"/two", b"/three"]
+
+
+def test_client_that_stops_reading_is_dropped_after_idle(make_proxy, raw_upstream):
+    """A client that stops reading a response is dropped after `timeouts.idle`.
+
+    Otherwise one stalled reader would pin a connection to the upstream forever.
+    """
+    upstream_gave_up = threading.Event()
+
+    def flood(conn: RawConn) -> None:
+        conn.read_head()
+        conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (1 << 30))
+        chunk = b"x" * 65536
+        try:
+            for _ in range(1 << 14):  # bounded: at most 1 GiB
+                conn.sock.sendall(chunk)
+        except OSError:
+            upstream_gave_up.set()
+
+    up = raw_upstream(flood)
+    proxy = make_proxy(proxy_yaml(up.port, extra='timeouts: {idle: "500ms", drain: 1}'))
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(5)
+    sock.connect(proxy.address)
+    sock.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+    sock.recv(100)  # the response started; now stop reading
+    assert upstream_gave_up.wait(15), "the proxy kept the stalled exchange open"
+    sock.close()
