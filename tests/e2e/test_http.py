@@ -446,6 +446,7 @@ def test_client_that_stops_reading_is_dropped_after_idle(make_proxy, raw_upstrea
         conn.read_head()
         conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (1 << 30))
         chunk = b"x" * 65536
+        conn.sock.settimeout(60)  # read_head left a short timeout; only the proxy may end this
         try:
             for _ in range(1 << 14):  # bounded: at most 1 GiB
                 conn.sock.sendall(chunk)
