@@ -81,7 +81,7 @@ class ProxyThread:
 
     def reload(self, config: Config) -> None:
         assert self.proxy is not None
-        self.call(self.proxy.reload, config)
+        trio.from_thread.run(self.proxy.reload, config, trio_token=self._token)
 
     def drain(self) -> None:
         assert self.proxy is not None
@@ -101,7 +101,7 @@ class ProxyThread:
 
 @pytest.fixture
 def make_proxy() -> Iterator[Callable[[str], ProxyThread]]:
-    """`make_proxy(yaml_text)` starts a proxy on 127.0.0.1:0 (use `listen: [{address: "127.0.0.1:0"}]`)."""
+    """`make_proxy(yaml_text)` starts a proxy (listen on `127.0.0.1:0`) in a thread."""
     started: list[ProxyThread] = []
 
     def make(yaml_text: str) -> ProxyThread:

@@ -70,20 +70,22 @@ async def _serve_admin_client(
         await aclose_quietly(stream)
 
 
-async def serve_admin(
-    address: Address,
-    ready: Callable[[], bool],
-    metrics: Callable[[], str],
-    *,
-    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve the admin endpoints until cancelled; reports the bound address."""
-    sock = await bind_socket(address, reuse_port=False)
+async def open_admin(address: Address, *, reuse_port: bool) -> trio.SocketListener:
+    """Bind the admin listener; `reuse_port` lets every worker answer scrapes on one address."""
+    sock = await bind_socket(address, reuse_port=reuse_port)
     sock.listen(128)
-    listener = trio.SocketListener(sock)
-    task_status.started(sock.getsockname()[:2])
+    return trio.SocketListener(sock)
+
+
+async def serve_admin(
+    listener: trio.SocketListener, ready: Callable[[], bool], metrics: Callable[[], str]
+) -> None:
+    """Serve the admin endpoints on `listener` until cancelled, then close it."""
 
     async def handler(stream: trio.SocketStream) -> None:
         await _serve_admin_client(stream, ready, metrics)
 
-    await trio.serve_listeners(handler, [listener])
+    try:
+        await trio.serve_listeners(handler, [listener])
+    finally:
+        await aclose_quietly(listener)

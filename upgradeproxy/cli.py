@@ -1,25 +1,33 @@
 """Command line: `run`, `check`, `demo`, `--version`, and the exit codes the contract names.
 
-Exit codes: 0 ok (and after a clean drain), 1 `check` found problems or `demo --selftest`
-failed, 2 a config that fails validation stopped `run`, or the command line was wrong.
+Exit codes: 0 ok (and after a drain, or a stop cut short by a second signal), 1 `check` found
+problems, `demo --selftest` failed or `run` could not start (e.g. a port in use), 2 a config
+that fails validation stopped `run`, or the command line was wrong.
+
+`run` serves in this process when `workers` is 1; above that it becomes the supervisor in
+`upgradeproxy.workers`, which starts each worker as `run --worker I`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Final
 
 import trio
 
 from upgradeproxy import __version__
 from upgradeproxy.config import Config
 from upgradeproxy.loader import ConfigError, load_config
-from upgradeproxy.logs import setup_logging
+from upgradeproxy.logs import resolve_format, setup_logging
 from upgradeproxy.server import Proxy
+from upgradeproxy.workers import WORKERS_NEED_RESTART, supervise
 
 log = logging.getLogger("upgradeproxy")
 
@@ -47,6 +55,10 @@ def _parser() -> argparse.ArgumentParser:
             default=None,
             help="log format on stderr (default: text on a TTY, json otherwise)",
         )
+    # Internal: how the `workers` supervisor starts its workers (see upgradeproxy.workers).
+    run = sub.choices["run"]
+    run.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    run.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     demo = sub.add_parser(
         "demo",
         help="run a WebSocket echo upstream behind the proxy",
@@ -91,8 +103,9 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    worker: int | None = args.worker
+    setup_logging(args.log_format, static=None if worker is None else {"worker": worker})
     path = _config_path(args)
-    setup_logging(args.log_format)
     if path is None:
         print(
             f"upgradeproxy run: no config: pass --config FILE or set ${ENV_CONFIG}", file=sys.stderr
@@ -104,22 +117,58 @@ def _run(args: argparse.Namespace) -> int:
         for problem in err.problems:
             print(problem, file=sys.stderr)
         return 2
+    if config.workers > 1 and worker is None:
+        return supervise(config, path, resolve_format(args.log_format))
+    role = None if worker is None else WorkerRole(worker, args.ready_fd, os.getppid())
     try:
-        trio.run(run_with_signals, config, path)
-    except OSError as exc:
-        log.error("cannot start: %s", exc)
+        trio.run(run_with_signals, config, path, role)
+    except (OSError, BaseExceptionGroup) as exc:
+        reason = os_error_behind(exc)
+        if reason is None:
+            raise
+        log.error("cannot start: %s", reason)
         return 1
     return 0
 
 
-async def run_with_signals(config: Config, path: str | None) -> None:
-    """Run `config` until SIGTERM/SIGINT drains it; SIGHUP reloads `path`."""
-    proxy = Proxy(config)
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+def os_error_behind(exc: BaseException) -> OSError | None:
+    """The OSError behind a failed start (trio wraps it in groups), if that is all it is."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc if isinstance(exc, OSError) else None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerRole:
+    """How a worker under the `workers` supervisor differs from a lone process."""
+
+    index: int
+    ready_fd: int | None  # written to once the listeners are bound, then closed
+    parent_pid: int
+
+
+async def run_with_signals(
+    config: Config, path: str | None, role: WorkerRole | None = None
+) -> None:
+    """Run `config` until SIGTERM/SIGINT drains it; SIGHUP reloads `path`.
+
+    A second SIGTERM/SIGINT stops at once. A worker instead ignores repeats (systemd's
+    control-group kill and the supervisor each send one) and stops at once on SIGUSR1.
+    """
+    proxy = Proxy(config, reuse_port=True if role else None)
+    watched = (*_STOP_SIGNALS, signal.SIGHUP, *((signal.SIGUSR1,) if role else ()))
+    with trio.open_signal_receiver(*watched) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(_serve_then_stop, proxy, nursery.cancel_scope)
             log.info("listening", extra={"addresses": [f"{h}:{p}" for h, p in proxy.addresses]})
-            nursery.start_soon(_handle_signals, signals, proxy, path, nursery.cancel_scope)
+            nursery.start_soon(_handle_signals, signals, proxy, path, nursery.cancel_scope, role)
+            if role is not None:
+                _report_ready(role)
+                nursery.start_soon(_watch_parent, proxy, role.parent_pid)
+
+
+_STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
+_PARENT_POLL: Final = 1.0  # seconds between checks that the supervisor still runs
 
 
 async def _serve_then_stop(
@@ -134,20 +183,44 @@ async def _handle_signals(
     proxy: Proxy,
     path: str | None,
     scope: trio.CancelScope,
+    role: WorkerRole | None,
 ) -> None:
     async for signum in signals:
+        name = signal.Signals(signum).name
         if signum == signal.SIGHUP:
-            _reload(proxy, path)
-        elif proxy.draining:
-            log.warning("second stop signal: exiting now")
+            await _reload(proxy, path, lone=role is None)
+        elif signum == signal.SIGUSR1 or (proxy.draining and role is None):
+            log.warning("stopping now", extra={"signal": name})
             scope.cancel()
-        else:
-            log.info("draining", extra={"signal": signal.Signals(signum).name})
+        elif not proxy.draining:
+            log.info("draining", extra={"signal": name})
             proxy.drain()
+        else:
+            log.info("already draining", extra={"signal": name})
 
 
-def _reload(proxy: Proxy, path: str | None) -> None:
+def _report_ready(role: WorkerRole) -> None:
+    """Tell the supervisor the listeners are bound (it reads EOF if we die first)."""
+    if role.ready_fd is not None:
+        with contextlib.suppress(OSError):  # a supervisor gone already: _watch_parent sees it
+            os.write(role.ready_fd, b"ready\n")
+        os.close(role.ready_fd)
+
+
+async def _watch_parent(proxy: Proxy, parent_pid: int) -> None:
+    """Drain if the supervisor dies (SIGKILL, OOM): orphans would serve unsupervised."""
+    # Polled: nothing portable wakes a process when its parent dies (no SIGCHLD that way).
+    while os.getppid() == parent_pid:  # noqa: ASYNC110
+        await trio.sleep(_PARENT_POLL)
+    log.warning("supervisor gone: draining")
+    proxy.drain()
+
+
+async def _reload(proxy: Proxy, path: str | None, *, lone: bool) -> None:
     if path is None:
+        return
+    if proxy.draining:
+        log.warning("reload ignored: draining")
         return
     try:
         config = load_config(path)
@@ -155,10 +228,13 @@ def _reload(proxy: Proxy, path: str | None) -> None:
         for problem in err.problems:
             log.error("reload rejected: %s", problem)
         return
+    if lone and config.workers != 1:
+        # The supervisor logs this for its workers; a lone process says it itself.
+        log.warning(WORKERS_NEED_RESTART, 1, config.workers)
     try:
-        proxy.reload(config)
-    except (OSError, ValueError) as exc:
-        log.error("reload failed: %s", exc)
+        await proxy.reload(config)
+    except (OSError, ValueError, RuntimeError) as exc:
+        log.error("reload failed, old config kept: %s", exc)
         return
     log.info("reloaded", extra={"config": path})
 

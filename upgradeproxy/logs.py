@@ -1,4 +1,8 @@
-"""Log formatting: JSON lines for machines, key=value text for people."""
+"""Log formatting: JSON lines for machines, key=value text for people.
+
+Access records (`extra={"record": {...}}`) carry their fields at the top level of a line, next to
+`time`, `level`, `logger` and `msg`. Under `workers > 1` every line also names its `worker`.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Mapping
 from typing import Final
 
 _SKIP: Final = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message"}
@@ -18,13 +23,18 @@ def _fields(record: logging.LogRecord) -> dict[str, object]:
     return fields
 
 
+def _timestamp(record: logging.LogRecord) -> str:
+    """ISO 8601 in UTC with milliseconds, the same in both formats."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+    return f"{stamp}.{int(record.msecs):03d}Z"
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line; access records carry their fields at top level."""
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, object] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "time": _timestamp(record),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -35,25 +45,54 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+def _text_value(value: object) -> str:
+    """A value as logfmt writes it: quoted when it has spaces, quotes or `=`, or is empty."""
+    text = str(value)
+    if not text or any(c in text for c in ' "=\\\n'):
+        return json.dumps(text)
+    return text
+
+
 class TextFormatter(logging.Formatter):
-    """`time level logger msg key=value ...`, readable on a terminal."""
+    """`time level logger: msg key=value ...`, readable on a terminal."""
 
     def format(self, record: logging.LogRecord) -> str:
-        stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
-        parts = [f"{stamp} {record.levelname.lower():5} {record.name}: {record.getMessage()}"]
-        parts.extend(f"{k}={v}" for k, v in _fields(record).items())
+        parts = [f"{_timestamp(record)} {record.levelname.lower():5} {record.name}:"]
+        parts.append(record.getMessage())
+        parts.extend(f"{k}={_text_value(v)}" for k, v in _fields(record).items())
         text = " ".join(parts)
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
         return text
 
 
-def setup_logging(fmt: str | None, level: int = logging.INFO) -> None:
-    """Send all logs to stderr in `fmt` (json|text; default text on a TTY, json otherwise)."""
+class _Static(logging.Filter):
+    """Adds the same fields (e.g. `worker`) to every record passing through the handler."""
+
+    def __init__(self, fields: Mapping[str, object]) -> None:
+        super().__init__()
+        self.fields = dict(fields)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.__dict__.update(self.fields)
+        return True
+
+
+def resolve_format(fmt: str | None) -> str:
+    """`json` or `text`; None means text on a TTY and json otherwise."""
     if fmt is None:
-        fmt = "text" if sys.stderr.isatty() else "json"
+        return "text" if sys.stderr.isatty() else "json"
+    return fmt
+
+
+def setup_logging(
+    fmt: str | None, level: int = logging.INFO, static: Mapping[str, object] | None = None
+) -> None:
+    """Send all logs to stderr in `fmt` (see `resolve_format`), each line with `static` fields."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.setFormatter(JsonFormatter() if resolve_format(fmt) == "json" else TextFormatter())
+    if static:
+        handler.addFilter(_Static(static))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

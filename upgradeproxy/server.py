@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import trio
 
-from upgradeproxy.admin import serve_admin
+from upgradeproxy.admin import open_admin, serve_admin
 from upgradeproxy.config import Address, Config, Listener
 from upgradeproxy.exchange import Runtime, Shared, serve_client
 from upgradeproxy.proxy_protocol import (
@@ -29,6 +29,11 @@ log = logging.getLogger("upgradeproxy")
 # trio's serve_listeners treats these as "try again shortly" rather than fatal.
 _ACCEPT_RETRY = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED}
 BACKLOG = 4096
+
+
+def _close_all(socks: list[trio.socket.SocketType]) -> None:
+    for sock in socks:
+        sock.close()
 
 
 def server_tls_context(listener: Listener) -> ssl.SSLContext | None:
@@ -48,25 +53,43 @@ class _Bound:
     tls: ssl.SSLContext | None
 
 
+@dataclass(slots=True)
+class _AdminBound:
+    address: Address  # as configured: what a reload compares
+    bound: tuple[str, int]  # as bound: port 0 resolved
+    scope: trio.CancelScope
+
+
 class Proxy:
     """A running proxy: listeners, the current runtime, and its connections."""
 
-    def __init__(self, config: Config, shared: Shared | None = None) -> None:
+    def __init__(
+        self, config: Config, shared: Shared | None = None, *, reuse_port: bool | None = None
+    ) -> None:
         self.runtime = Runtime.build(config)
         self.shared = shared or Shared()
         self.limiter = trio.CapacityLimiter(config.limits.max_connections)
+        # Fixed for the process: every socket sharing a port must set SO_REUSEPORT, so a worker
+        # keeps it even after a reload to `workers: 1` (which only a restart applies).
+        self.reuse_port = config.workers > 1 if reuse_port is None else reuse_port
         self.bound: dict[Address, _Bound] = {}
         self.active = 0
         self._drain = trio.Event()
         self._idle = trio.Event()
+        self._services: trio.Nursery | None = None
         self._accepts: trio.Nursery | None = None
         self._conns: trio.Nursery | None = None
-        self.admin_address: tuple[str, int] | None = None
+        self._admin: _AdminBound | None = None
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
         """The bound (host, port) of each listener, in config order."""
         return [b.listener.socket.getsockname()[:2] for b in self.bound.values()]
+
+    @property
+    def admin_address(self) -> tuple[str, int] | None:
+        """The bound (host, port) of the admin listener, if there is one."""
+        return self._admin.bound if self._admin else None
 
     @property
     def draining(self) -> bool:
@@ -79,33 +102,35 @@ class Proxy:
 
     async def run(self, *, task_status: trio.TaskStatus[Proxy] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until drained; `task_status.started(self)` once every listener is bound."""
-        async with trio.open_nursery() as outer:
+        async with trio.open_nursery() as services:
+            self._services = services
             admin = self.runtime.config.admin
             if admin is not None:
-                self.admin_address = await outer.start(
-                    serve_admin,
-                    admin.address,
-                    lambda: not self.draining,
-                    self.shared.telemetry.render,
-                )
+                listener = await open_admin(admin.address, reuse_port=self.reuse_port)
+                self._start_admin(admin.address, listener)
             try:
                 await self._serve_until_drained(task_status)
             finally:
-                for bound in self.bound.values():
-                    await aclose_quietly(bound.listener)
+                await self._close_listeners()
                 self.shared.pool.close_all()
-            outer.cancel_scope.cancel()
+            services.cancel_scope.cancel()
 
     async def _serve_until_drained(self, task_status: trio.TaskStatus[Proxy]) -> None:
         async with trio.open_nursery() as conns:
             self._conns = conns
             async with trio.open_nursery() as accepts:
                 self._accepts = accepts
-                for listener in self.runtime.config.listeners:
-                    await self._open(listener)
+                listeners = self.runtime.config.listeners
+                tls = [server_tls_context(listener) for listener in listeners]
+                socks = await self._bind_all([listener.address for listener in listeners])
+                for listener, sock, context in zip(listeners, socks, tls, strict=True):
+                    self._listen(listener, sock, context)
                 task_status.started(self)
                 await self._drain.wait()
                 accepts.cancel_scope.cancel()
+            # Closed now rather than at exit: new clients are refused at once instead of
+            # waiting in a backlog that nobody will read.
+            await self._close_listeners()
             await self._finish_drain()
             conns.cancel_scope.cancel()
 
@@ -117,28 +142,78 @@ class Proxy:
                 self._idle = trio.Event()
                 await self._idle.wait()
 
-    def reload(self, config: Config) -> None:
-        """New connections use `config`; established ones keep the runtime they started with."""
-        self.runtime = Runtime.build(config)
-        self.limiter.total_tokens = config.limits.max_connections
-        wanted = {listener.address: listener for listener in config.listeners}
-        for address in list(self.bound):
-            if address not in wanted:
-                self.bound.pop(address).scope.cancel()
-        assert self._accepts is not None
-        for address, listener in wanted.items():
-            if address in self.bound:
-                old = self.bound[address]
-                old.config, old.tls = listener, server_tls_context(listener)
-            else:
-                self._accepts.start_soon(self._open, listener)
+    async def _close_listeners(self) -> None:
+        for bound in self.bound.values():
+            await aclose_quietly(bound.listener)
 
-    async def _open(self, listener: Listener) -> None:
-        sock = await bind_socket(listener.address, reuse_port=self.runtime.config.workers > 1)
+    async def reload(self, config: Config) -> None:
+        """New connections use `config`; established ones keep the runtime they started with.
+
+        All or nothing: if a new listener cannot be bound or a certificate does not load
+        (OSError, ssl.SSLError included), nothing changes and the error propagates.
+        """
+        if self.draining:
+            raise RuntimeError("cannot reload while draining")
+        runtime = Runtime.build(config)
+        wanted = {listener.address: listener for listener in config.listeners}
+        tls = {address: server_tls_context(listener) for address, listener in wanted.items()}
+        new = [address for address in wanted if address not in self.bound]
+        socks = await self._bind_all(new)
+        wanted_admin = config.admin.address if config.admin else None
+        admin_moved = wanted_admin != (self._admin.address if self._admin else None)
+        admin = None
+        try:
+            if admin_moved and wanted_admin is not None:
+                admin = (wanted_admin, await open_admin(wanted_admin, reuse_port=self.reuse_port))
+            if self.draining:  # a drain began while we were binding
+                raise RuntimeError("cannot reload while draining")
+        except BaseException:
+            _close_all(socks)
+            if admin is not None:
+                admin[1].socket.close()
+            raise
+        # Commit. Nothing below waits, so no connection ever sees half a reload.
+        self.runtime = runtime
+        self.limiter.total_tokens = config.limits.max_connections
+        for address in [a for a in self.bound if a not in wanted]:
+            self.bound.pop(address).scope.cancel()
+        for address, bound in self.bound.items():
+            bound.config, bound.tls = wanted[address], tls[address]
+        for address, sock in zip(new, socks, strict=True):
+            self._listen(wanted[address], sock, tls[address])
+        if admin_moved:
+            if self._admin is not None:
+                self._admin.scope.cancel()
+            self._admin = None
+            if admin is not None:
+                self._start_admin(*admin)
+
+    def _start_admin(self, address: Address, listener: trio.SocketListener) -> None:
+        scope = trio.CancelScope()
+        self._admin = _AdminBound(address, listener.socket.getsockname()[:2], scope)
+        assert self._services is not None
+        self._services.start_soon(self._serve_admin, listener, scope, name=f"admin {address}")
+
+    async def _serve_admin(self, listener: trio.SocketListener, scope: trio.CancelScope) -> None:
+        with scope:
+            await serve_admin(listener, lambda: not self.draining, self.shared.telemetry.render)
+
+    async def _bind_all(self, addresses: list[Address]) -> list[trio.socket.SocketType]:
+        """One bound socket per address, or none at all (and the error) if one fails."""
+        socks: list[trio.socket.SocketType] = []
+        try:
+            for address in addresses:
+                socks.append(await bind_socket(address, reuse_port=self.reuse_port))
+        except BaseException:
+            _close_all(socks)
+            raise
+        return socks
+
+    def _listen(
+        self, listener: Listener, sock: trio.socket.SocketType, tls: ssl.SSLContext | None
+    ) -> None:
         sock.listen(BACKLOG)
-        bound = _Bound(
-            listener, trio.SocketListener(sock), trio.CancelScope(), server_tls_context(listener)
-        )
+        bound = _Bound(listener, trio.SocketListener(sock), trio.CancelScope(), tls)
         self.bound[listener.address] = bound
         assert self._accepts is not None
         self._accepts.start_soon(self._accept_loop, bound, name=f"accept {listener.address}")
@@ -146,8 +221,10 @@ class Proxy:
     async def _accept_loop(self, bound: _Bound) -> None:
         with bound.scope:
             while True:
+                # A client first, then a slot: a quiet listener must not hold a slot another
+                # one needs. At max_connections the client waits in the kernel backlog.
+                await trio.lowlevel.wait_readable(bound.listener.socket)
                 token = object()
-                # Waiting here, before accept, leaves excess clients in the kernel backlog.
                 await self.limiter.acquire_on_behalf_of(token)
                 try:
                     stream = await bound.listener.accept()

@@ -1,19 +1,38 @@
-"""What the proxy reports: access-log records and the metrics behind /metrics.
+"""What the proxy reports: access-log records and the Prometheus metrics behind /metrics.
 
-The exchange code calls these hooks; it never formats logs or metrics itself. Counting is
-plain dict arithmetic (cheap on the hot path); rendering happens only when scraped.
+The exchange code calls these hooks; it never formats logs or metrics itself. Storage is
+`prometheus-client`: a private registry per `Telemetry` in a single process (so several proxies
+in one test process never collide), and its multiprocess mode when the supervisor has set
+$PROMETHEUS_MULTIPROC_DIR (`workers > 1`), so a scrape of any worker reports the totals of all.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Final
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
 
 access_log = logging.getLogger("upgradeproxy.access")
 
+MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
 DURATION_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+DIRECTIONS: Final = ("up", "down")  # up = client -> upstream, down = upstream -> client
+
+# Multiprocess mode has no `*_created` series; drop them here too so both modes expose the
+# same families (and each new label set costs no extra clock read).
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 @dataclass(slots=True)
@@ -38,129 +57,138 @@ class ExchangeRecord:
     kind: str = "http"
 
     def as_log(self) -> dict[str, object]:
-        out = asdict(self)
-        del out["started"]
+        """The log fields: empty strings left out, except `route` and `upstream` (grep-able)."""
+        out: dict[str, object] = {}
+        for name in _LOG_FIELDS:
+            value = getattr(self, name)
+            if value != "" or name in ("route", "upstream"):
+                out[name] = value
         out["duration"] = round(self.duration, 6)
-        out["time"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        return {k: v for k, v in out.items() if v != "" or k in ("route", "upstream")}
+        return out
 
 
-LabelKey = tuple[str, ...]
+# `started` is a monotonic clock reading, meaningless outside the process; the formatter
+# stamps each line with wall-clock time instead.
+_LOG_FIELDS: Final = tuple(f.name for f in fields(ExchangeRecord) if f.name != "started")
 
 
-@dataclass(slots=True)
+class _Labelled:
+    """A labelled counter whose children are looked up once: `labels()` takes a lock."""
+
+    __slots__ = ("children", "metric")
+
+    def __init__(self, metric: Counter) -> None:
+        self.metric = metric
+        # Bounded: label values come from the config (routes, upstreams) and small fixed sets.
+        self.children: dict[tuple[str, ...], Counter] = {}
+
+    def inc(self, *values: str) -> None:
+        child = self.children.get(values)
+        if child is None:
+            child = self.children[values] = self.metric.labels(*values)
+        child.inc()
+
+
 class Telemetry:
-    """Counters for one process, fed by the exchange and tunnel code."""
+    """The proxy's metrics and access log, fed by the exchange and tunnel code."""
 
-    requests: dict[LabelKey, int] = field(default_factory=dict)
-    upgrades: dict[LabelKey, int] = field(default_factory=dict)
-    upstream_errors: dict[LabelKey, int] = field(default_factory=dict)
-    tunnel_bytes: dict[str, int] = field(default_factory=lambda: {"up": 0, "down": 0})
-    tunnels_active: int = 0
-    buckets: list[int] = field(default_factory=lambda: [0] * (len(DURATION_BUCKETS) + 1))
-    duration_sum: float = 0.0
+    def __init__(self) -> None:
+        # Read once: prometheus-client chose its storage from the same variable at import.
+        self.multiprocess_dir = os.environ.get(MULTIPROC_ENV) or None
+        self.registry = CollectorRegistry()
+        reg = self.registry
+        self._requests = _Labelled(
+            Counter(
+                "upgradeproxy_requests_total",
+                "HTTP exchanges by route and response status code.",
+                ("route", "code"),
+                registry=reg,
+            )
+        )
+        self._upgrades = _Labelled(
+            Counter(
+                "upgradeproxy_upgrades_total",
+                "Upgrade offers by route, protocol and result (switched, declined, rejected).",
+                ("route", "protocol", "result"),
+                registry=reg,
+            )
+        )
+        self._upstream_errors = _Labelled(
+            Counter(
+                "upgradeproxy_upstream_errors_total",
+                "Upstream failures by upstream and kind.",
+                ("upstream", "kind"),
+                registry=reg,
+            )
+        )
+        bytes_total = Counter(
+            "upgradeproxy_tunnel_bytes_total",
+            "Bytes relayed by tunnels, by direction (up: client to upstream).",
+            ("direction",),
+            registry=reg,
+        )
+        self._tunnel_bytes = {d: bytes_total.labels(d) for d in DIRECTIONS}
+        # livesum: the open tunnels of live workers; a dead worker's are dropped with its file.
+        self._tunnels_active = Gauge(
+            "upgradeproxy_tunnels_active",
+            "Upgraded tunnels open now.",
+            registry=reg,
+            multiprocess_mode="livesum",
+        )
+        self._duration = Histogram(
+            "upgradeproxy_request_duration_seconds",
+            "Time from a request head to the end of its response (to the 101 for upgrades).",
+            buckets=DURATION_BUCKETS,
+            registry=reg,
+        )
+
+    # --- hooks called by the exchange code ----------------------------------------------
 
     def exchange_done(self, rec: ExchangeRecord) -> None:
-        key = (rec.route, str(rec.status))
-        self.requests[key] = self.requests.get(key, 0) + 1
-        self._observe(rec.duration)
+        """Count a finished HTTP exchange and write its access-log line."""
+        self._requests.inc(rec.route, str(rec.status))
+        self._duration.observe(rec.duration)
         if access_log.isEnabledFor(logging.INFO):
             access_log.info("http", extra={"record": rec.as_log()})
 
     def upgrade(self, route: str, protocol: str, result: str) -> None:
-        key = (route, protocol, result)
-        self.upgrades[key] = self.upgrades.get(key, 0) + 1
+        self._upgrades.inc(route, protocol, result)
 
     def upstream_error(self, upstream: str, kind: str) -> None:
-        key = (upstream, kind)
-        self.upstream_errors[key] = self.upstream_errors.get(key, 0) + 1
+        self._upstream_errors.inc(upstream, kind)
 
     def tunnel_opened(self) -> None:
-        self.tunnels_active += 1
+        self._tunnels_active.inc()
 
     def tunnel_moved(self, direction: str, n: int) -> None:
-        self.tunnel_bytes[direction] += n
+        self._tunnel_bytes[direction].inc(n)
 
     def tunnel_closed(self, rec: ExchangeRecord) -> None:
-        self.tunnels_active -= 1
+        """Count a closed tunnel and write its access-log line."""
+        self._tunnels_active.dec()
         if access_log.isEnabledFor(logging.INFO):
             access_log.info("tunnel", extra={"record": rec.as_log()})
 
-    def _observe(self, seconds: float) -> None:
-        self.duration_sum += seconds
-        for i, bound in enumerate(DURATION_BUCKETS):
-            if seconds <= bound:
-                self.buckets[i] += 1
-                return
-        self.buckets[-1] += 1
+    # --- reading -------------------------------------------------------------------------
+
+    @property
+    def tunnels_active(self) -> int:
+        """Tunnels open in this process."""
+        return int(self._sample("upgradeproxy_tunnels_active", {}))
+
+    @property
+    def tunnel_bytes(self) -> dict[str, int]:
+        """Bytes relayed by this process's tunnels, by direction."""
+        name = "upgradeproxy_tunnel_bytes_total"
+        return {d: int(self._sample(name, {"direction": d})) for d in DIRECTIONS}
+
+    def _sample(self, name: str, labels: dict[str, str]) -> float:
+        return self.registry.get_sample_value(name, labels) or 0.0
 
     def render(self) -> str:
-        """Prometheus text exposition format 0.0.4."""
-        lines: list[str] = []
-        _family(
-            lines,
-            "upgradeproxy_requests_total",
-            "counter",
-            "HTTP exchanges by route and status.",
-            [(("route", "code"), k, v) for k, v in self.requests.items()],
-        )
-        _family(
-            lines,
-            "upgradeproxy_upgrades_total",
-            "counter",
-            "Upgrade attempts by outcome.",
-            [(("route", "protocol", "result"), k, v) for k, v in self.upgrades.items()],
-        )
-        _family(
-            lines,
-            "upgradeproxy_tunnels_active",
-            "gauge",
-            "Open upgraded tunnels.",
-            [((), (), self.tunnels_active)],
-        )
-        _family(
-            lines,
-            "upgradeproxy_tunnel_bytes_total",
-            "counter",
-            "Bytes relayed by tunnels.",
-            [(("direction",), (d,), v) for d, v in self.tunnel_bytes.items()],
-        )
-        _family(
-            lines,
-            "upgradeproxy_upstream_errors_total",
-            "counter",
-            "Upstream failures.",
-            [(("upstream", "kind"), k, v) for k, v in self.upstream_errors.items()],
-        )
-        self._render_histogram(lines)
-        return "\n".join(lines) + "\n"
-
-    def _render_histogram(self, lines: list[str]) -> None:
-        name = "upgradeproxy_request_duration_seconds"
-        lines.append(f"# HELP {name} Time from request head to end of response.")
-        lines.append(f"# TYPE {name} histogram")
-        running = 0
-        for bound, count in zip((*DURATION_BUCKETS, float("inf")), self.buckets, strict=True):
-            running += count
-            le = "+Inf" if bound == float("inf") else repr(bound)
-            lines.append(f'{name}_bucket{{le="{le}"}} {running}')
-        lines.append(f"{name}_sum {self.duration_sum!r}")
-        lines.append(f"{name}_count {running}")
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _family(
-    lines: list[str],
-    name: str,
-    kind: str,
-    help_text: str,
-    samples: list[tuple[tuple[str, ...], tuple[str, ...], int]],
-) -> None:
-    lines.append(f"# HELP {name} {help_text}")
-    lines.append(f"# TYPE {name} {kind}")
-    for names, values, value in samples:
-        labels = ",".join(f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=True))
-        lines.append(f"{name}{{{labels}}} {value}" if labels else f"{name} {value}")
+        """Prometheus text exposition format 0.0.4: this process, or all workers' totals."""
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry).decode()
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
+        return generate_latest(merged).decode()
