@@ -24,6 +24,7 @@ import trio
 
 from upgradeproxy import __version__
 from upgradeproxy.config import Config
+from upgradeproxy.errors import os_error_behind
 from upgradeproxy.loader import ConfigError, load_config
 from upgradeproxy.logs import resolve_format, setup_logging
 from upgradeproxy.server import Proxy
@@ -129,13 +130,6 @@ def _run(args: argparse.Namespace) -> int:
         log.error("cannot start: %s", reason)
         return 1
     return 0
-
-
-def os_error_behind(exc: BaseException) -> OSError | None:
-    """The OSError behind a failed start (trio wraps it in groups), if that is all it is."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc if isinstance(exc, OSError) else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,7 @@ from wsproto.events import CloseConnection, TextMessage
 
 from upgradeproxy import __version__
 from upgradeproxy.demo_upstream import serve_upstream
+from upgradeproxy.errors import os_error_behind
 from upgradeproxy.loader import parse_config
 from upgradeproxy.logs import setup_logging
 from upgradeproxy.server import Proxy
@@ -123,7 +124,7 @@ def main(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 130  # Ctrl-C before the signal handlers were in place, or during --selftest
     except (OSError, BaseExceptionGroup) as exc:
-        reason = _only_os_error(exc)
+        reason = os_error_behind(exc)
         if reason is None:
             raise
         print(f"upgradeproxy demo: cannot start: {reason}", file=sys.stderr)
@@ -135,13 +136,6 @@ def not_a_metrics_poll(record: logging.LogRecord) -> bool:
     """Drop access lines for /metrics: the page polls it every second, drowning the rest."""
     fields = getattr(record, "record", None)
     return not (isinstance(fields, dict) and str(fields.get("path", "")).startswith("/metrics"))
-
-
-def _only_os_error(exc: BaseException) -> OSError | None:
-    """The OSError behind a failed start (trio wraps it in groups), if that is all it is."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc if isinstance(exc, OSError) else None
 
 
 # --- interactive -----------------------------------------------------------------------

@@ -91,3 +91,10 @@ REASONS: dict[int, bytes] = {
     503: b"Service Unavailable",
     504: b"Gateway Timeout",
 }
+
+
+def os_error_behind(exc: BaseException) -> OSError | None:
+    """The OSError behind a failed start (trio wraps it in groups), if that is all it is."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc if isinstance(exc, OSError) else None
