@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import ssl
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Final, cast
 
 import h11
@@ -22,7 +21,8 @@ import trio
 
 from upgradeproxy import headers as hdr
 from upgradeproxy.balancer import Balancer
-from upgradeproxy.config import Config, Route, Server, Upstream
+from upgradeproxy.config import Route, Upstream
+from upgradeproxy.context import Client, Runtime, Shared
 from upgradeproxy.errors import (
     REASONS,
     BadRequest,
@@ -35,15 +35,13 @@ from upgradeproxy.errors import (
     UpstreamUnavailable,
 )
 from upgradeproxy.forwarding import Hop, is_trusted, upstream_request_headers, via_value
-from upgradeproxy.routing import Router, normalize_host, split_target
+from upgradeproxy.handover import Switched
+from upgradeproxy.routing import normalize_host, split_target
 from upgradeproxy.streams import MAX_RECV, STREAM_ERRORS, HttpStream, PeerClosed, aclose_quietly
-from upgradeproxy.telemetry import ExchangeRecord, Telemetry
-from upgradeproxy.tunnel import TunnelStats, run_tunnel
+from upgradeproxy.telemetry import ExchangeRecord
 from upgradeproxy.upstream import (
     ConnectFailed,
-    Pool,
     UpstreamConn,
-    client_tls_context,
     connect,
     new_upstream_conn,
 )
@@ -61,49 +59,6 @@ class ClientGone(Exception):
 
 class _Stale(Exception):
     """A reused keep-alive connection died before answering: safe to retry on a fresh one."""
-
-
-@dataclass(slots=True)
-class Runtime:
-    """Everything derived once from a loaded config; swapped whole on reload."""
-
-    config: Config
-    router: Router
-    balancers: dict[str, Balancer]
-    tls_contexts: dict[str, ssl.SSLContext | None]
-
-    @classmethod
-    def build(cls, config: Config) -> Runtime:
-        return cls(
-            config=config,
-            router=Router(config.routes),
-            balancers={n: Balancer(u.servers, u.balance) for n, u in config.upstreams.items()},
-            tls_contexts={
-                n: client_tls_context(u.tls) if u.tls else None for n, u in config.upstreams.items()
-            },
-        )
-
-
-@dataclass(slots=True)
-class Shared:
-    """Process-wide state that outlives a reload."""
-
-    telemetry: Telemetry = field(default_factory=Telemetry)
-    pool: Pool = field(default_factory=Pool)
-    draining: bool = False
-    idle_waits: set[trio.CancelScope] = field(default_factory=set)
-
-
-@dataclass(slots=True, eq=False)
-class Client:
-    """One client connection's context."""
-
-    http: HttpStream
-    peer_ip: str
-    proto: bytes
-    rt: Runtime
-    shared: Shared
-    first: bool = True
 
 
 @dataclass(slots=True)
@@ -595,53 +550,6 @@ async def _switch(
         idle=client.rt.config.timeouts.tunnel_idle,
         telemetry=client.shared.telemetry,
     )
-
-
-@dataclass(slots=True, eq=False)
-class Switched:
-    """An accepted upgrade: two streams, the bytes h11 held back, and the access record."""
-
-    client: trio.abc.Stream
-    upstream: trio.abc.Stream
-    client_rest: bytes
-    upstream_rest: bytes
-    rec: ExchangeRecord
-    idle: float
-    telemetry: Telemetry
-    release: tuple[Balancer, Server] | None = None
-
-    async def run(self) -> None:
-        """Splice until both sides are done; the tunnel's log line is written when it closes."""
-        telemetry = self.telemetry
-        stats = TunnelStats(bytes_up=len(self.client_rest), bytes_down=len(self.upstream_rest))
-        telemetry.tunnel_opened()
-        try:
-            # Bytes behind the 101 head go first to the client; early client bytes only now.
-            if self.upstream_rest:
-                await self.client.send_all(self.upstream_rest)
-                telemetry.tunnel_moved("down", len(self.upstream_rest))
-            if self.client_rest:
-                await self.upstream.send_all(self.client_rest)
-                telemetry.tunnel_moved("up", len(self.client_rest))
-            self.client_rest = self.upstream_rest = b""
-            await run_tunnel(
-                self.client,
-                self.upstream,
-                idle_timeout=self.idle,
-                on_bytes=telemetry.tunnel_moved,
-                stats=stats,
-            )
-        except STREAM_ERRORS:
-            stats.first_close = stats.first_close or "error"
-        finally:
-            await aclose_quietly(self.upstream)
-            if self.release is not None:
-                self.release[0].release(self.release[1])
-            rec = self.rec
-            rec.bytes_in, rec.bytes_out = stats.bytes_up, stats.bytes_down
-            rec.first_close = stats.first_close
-            rec.duration = time.monotonic() - rec.started
-            telemetry.tunnel_closed(rec)
 
 
 # --- error responses -----------------------------------------------------------------

@@ -15,7 +15,8 @@ import trio
 
 from upgradeproxy.admin import open_admin, serve_admin
 from upgradeproxy.config import Address, Config, Listener
-from upgradeproxy.exchange import Runtime, Shared, serve_client
+from upgradeproxy.context import Runtime, Shared
+from upgradeproxy.exchange import serve_client
 from upgradeproxy.proxy_protocol import (
     MAX_HEADER_BYTES,
     NEED_MORE,

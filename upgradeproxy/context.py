@@ -1,0 +1,58 @@
+"""The state an exchange runs in: per loaded config, per process, per client connection."""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass, field
+
+import trio
+
+from upgradeproxy.balancer import Balancer
+from upgradeproxy.config import Config
+from upgradeproxy.routing import Router
+from upgradeproxy.streams import HttpStream
+from upgradeproxy.telemetry import Telemetry
+from upgradeproxy.upstream import Pool, client_tls_context
+
+
+@dataclass(slots=True)
+class Runtime:
+    """Everything derived once from a loaded config; swapped whole on reload."""
+
+    config: Config
+    router: Router
+    balancers: dict[str, Balancer]
+    tls_contexts: dict[str, ssl.SSLContext | None]
+
+    @classmethod
+    def build(cls, config: Config) -> Runtime:
+        return cls(
+            config=config,
+            router=Router(config.routes),
+            balancers={n: Balancer(u.servers, u.balance) for n, u in config.upstreams.items()},
+            tls_contexts={
+                n: client_tls_context(u.tls) if u.tls else None for n, u in config.upstreams.items()
+            },
+        )
+
+
+@dataclass(slots=True)
+class Shared:
+    """Process-wide state that outlives a reload."""
+
+    telemetry: Telemetry = field(default_factory=Telemetry)
+    pool: Pool = field(default_factory=Pool)
+    draining: bool = False
+    idle_waits: set[trio.CancelScope] = field(default_factory=set)
+
+
+@dataclass(slots=True, eq=False)
+class Client:
+    """One client connection's context."""
+
+    http: HttpStream
+    peer_ip: str
+    proto: bytes
+    rt: Runtime
+    shared: Shared
+    first: bool = True

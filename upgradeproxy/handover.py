@@ -1,0 +1,65 @@
+"""The hand-over from HTTP to a tunnel after an accepted 101.
+
+`Switched` carries only what the tunnel needs, so an idle tunnel holds no h11 state and no
+request headers: the HTTP frames that produced it have returned before it runs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import trio
+
+from upgradeproxy.balancer import Balancer
+from upgradeproxy.config import Server
+from upgradeproxy.streams import STREAM_ERRORS, aclose_quietly
+from upgradeproxy.telemetry import ExchangeRecord, Telemetry
+from upgradeproxy.tunnel import TunnelStats, run_tunnel
+
+
+@dataclass(slots=True, eq=False)
+class Switched:
+    """An accepted upgrade: two streams, the bytes h11 held back, and the access record."""
+
+    client: trio.abc.Stream
+    upstream: trio.abc.Stream
+    client_rest: bytes
+    upstream_rest: bytes
+    rec: ExchangeRecord
+    idle: float
+    telemetry: Telemetry
+    release: tuple[Balancer, Server] | None = None
+
+    async def run(self) -> None:
+        """Splice until both sides are done; the tunnel's log line is written when it closes."""
+        telemetry = self.telemetry
+        stats = TunnelStats(bytes_up=len(self.client_rest), bytes_down=len(self.upstream_rest))
+        telemetry.tunnel_opened()
+        try:
+            # Bytes behind the 101 head go first to the client; early client bytes only now.
+            if self.upstream_rest:
+                await self.client.send_all(self.upstream_rest)
+                telemetry.tunnel_moved("down", len(self.upstream_rest))
+            if self.client_rest:
+                await self.upstream.send_all(self.client_rest)
+                telemetry.tunnel_moved("up", len(self.client_rest))
+            self.client_rest = self.upstream_rest = b""
+            await run_tunnel(
+                self.client,
+                self.upstream,
+                idle_timeout=self.idle,
+                on_bytes=telemetry.tunnel_moved,
+                stats=stats,
+            )
+        except STREAM_ERRORS:
+            stats.first_close = stats.first_close or "error"
+        finally:
+            await aclose_quietly(self.upstream)
+            if self.release is not None:
+                self.release[0].release(self.release[1])
+            rec = self.rec
+            rec.bytes_in, rec.bytes_out = stats.bytes_up, stats.bytes_down
+            rec.first_close = stats.first_close
+            rec.duration = time.monotonic() - rec.started
+            telemetry.tunnel_closed(rec)
