@@ -19,4 +19,5 @@ python3 -m venv .venv
 
 .venv/bin/ruff check upgradeproxy tests
 .venv/bin/mypy --strict upgradeproxy
+.venv/bin/lint-imports
 .venv/bin/python -m pytest "$@"
