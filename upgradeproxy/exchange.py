@@ -332,7 +332,7 @@ async def _open_upstream(client: Client, ex: Exchange, balancer: Balancer) -> Up
     last: ConnectFailed | None = None
     timed_out = True
     for server in balancer.order(now):
-        pooled = shared.pool.take(server, ex.upstream.tls)
+        pooled = shared.pool.take(server, ex.upstream.tls, probe=ex.has_body)
         if pooled is not None:
             return pooled
         try:
@@ -446,49 +446,55 @@ class _BodyPump:
 
 
 async def _upstream_event(
-    conn: UpstreamConn, timeout: float, started: bool
+    client: Client, conn: UpstreamConn, started: bool
 ) -> h11.Event | type[h11.PAUSED]:
-    """The next upstream event within `timeout`, with failures mapped to ProxyErrors."""
-    with trio.move_on_after(timeout) as scope:
+    """The next upstream event, with failures mapped to ProxyErrors.
+
+    Whatever is queued for the client is written only when the upstream has nothing more
+    buffered, so a response head and a small body leave in one write.
+    """
+    timeout = client.rt.config.timeouts.upstream_response
+    try:
+        while (event := conn.http.conn.next_event()) is h11.NEED_DATA:
+            await _flush(client)
+            with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
+                await conn.http.receive()
+            if scope.cancelled_caught:
+                raise UpstreamTimeout(f"upstream did not respond within {timeout:g}s")
+    except (h11.RemoteProtocolError, PeerClosed) as exc:
+        if conn.reused and not started and not conn.http.conn.trailing_data[0]:
+            raise _Stale() from exc
+        kind = "protocol" if isinstance(exc, h11.RemoteProtocolError) else "reset"
+        raise UpstreamUnavailable(f"upstream failed: {exc}", kind=kind) from exc
+    return event  # type: ignore[return-value]
+
+
+async def _flush(client: Client) -> None:
+    """Write what is queued for the client; one that stops reading for `timeouts.idle` goes."""
+    with trio.CancelScope(deadline=trio.current_time() + client.rt.config.timeouts.idle) as scope:
         try:
-            return await conn.http.next_event()
-        except (h11.RemoteProtocolError, PeerClosed) as exc:
-            if conn.reused and not started and not conn.http.conn.trailing_data[0]:
-                raise _Stale() from exc
-            kind = "protocol" if isinstance(exc, h11.RemoteProtocolError) else "reset"
-            raise UpstreamUnavailable(f"upstream failed: {exc}", kind=kind) from exc
-    assert scope.cancelled_caught
-    raise UpstreamTimeout(f"upstream did not respond within {timeout:g}s")
+            await client.http.flush()
+        except STREAM_ERRORS as exc:
+            raise ClientGone(str(exc)) from None
+    if scope.cancelled_caught:
+        raise ClientGone("client stopped reading")
 
 
 async def _to_client(client: Client, event: h11.Event) -> None:
-    """Write to the client; one that stops reading for `timeouts.idle` is dropped."""
-    try:
-        with trio.fail_after(client.rt.config.timeouts.idle):
-            await client.http.send(event)
-    except STREAM_ERRORS as exc:
-        raise ClientGone(str(exc)) from None
-    except trio.TooSlowError:
-        raise ClientGone("client stopped reading") from None
+    """Write `event` (after anything queued) to the client now."""
+    client.http.queue(event)
+    await _flush(client)
 
 
 async def _relay_response(client: Client, ex: Exchange, conn: UpstreamConn) -> bool | Switched:
     """Relay the upstream's answer; True if the client connection may continue."""
-    timeout = client.rt.config.timeouts.upstream_response
     started = False
+    out = client.http
     while True:
-        event = await _upstream_event(conn, timeout, started)
-        if isinstance(event, h11.InformationalResponse):
-            if event.status_code == 101:
-                return await _switch(client, ex, conn, event)
-            if client.http.conn.their_http_version == b"1.1":
-                headers = hdr.response_headers(list(event.headers.raw_items()), _VIA)
-                await _to_client(
-                    client,
-                    h11.InformationalResponse(
-                        status_code=event.status_code, headers=headers, reason=event.reason
-                    ),
-                )
+        event = await _upstream_event(client, conn, started)
+        if isinstance(event, h11.Data):
+            ex.rec.bytes_out += len(event.data)
+            out.queue(h11.Data(data=event.data))
         elif isinstance(event, h11.Response):
             started = True
             ex.rec.status = event.status_code
@@ -497,16 +503,22 @@ async def _relay_response(client: Client, ex: Exchange, conn: UpstreamConn) -> b
             headers = hdr.response_headers(list(event.headers.raw_items()), _VIA)
             if client.shared.draining:
                 headers.append((b"Connection", b"close"))
-            await _to_client(
-                client,
-                h11.Response(status_code=event.status_code, headers=headers, reason=event.reason),
+            out.queue(
+                h11.Response(status_code=event.status_code, headers=headers, reason=event.reason)
             )
-        elif isinstance(event, h11.Data):
-            ex.rec.bytes_out += len(event.data)
-            await _to_client(client, h11.Data(data=event.data))
         elif isinstance(event, h11.EndOfMessage):
             await _to_client(client, h11.EndOfMessage())
             return _client_reusable(client)
+        elif isinstance(event, h11.InformationalResponse):
+            if event.status_code == 101:
+                return await _switch(client, ex, conn, event)
+            if out.conn.their_http_version == b"1.1":
+                headers = hdr.response_headers(list(event.headers.raw_items()), _VIA)
+                out.queue(
+                    h11.InformationalResponse(
+                        status_code=event.status_code, headers=headers, reason=event.reason
+                    )
+                )
         else:
             raise UpstreamUnavailable("upstream closed mid-response", kind="reset")
 

@@ -28,13 +28,18 @@ class PeerClosed(Exception):
 
 
 class HttpStream:
-    """One side of the proxy: an `h11.Connection` plus the stream it speaks over."""
+    """One side of the proxy: an `h11.Connection` plus the stream it speaks over.
 
-    __slots__ = ("conn", "stream")
+    `queue` + `flush` let a caller coalesce several events (a response head and its first
+    body chunk) into one write: one syscall instead of two on the hot path.
+    """
+
+    __slots__ = ("_out", "conn", "stream")
 
     def __init__(self, conn: h11.Connection, stream: trio.abc.Stream) -> None:
         self.conn = conn
         self.stream = stream
+        self._out: list[bytes] = []
 
     async def next_event(self) -> h11.Event | type[h11.PAUSED]:
         """The next event, reading as needed; h11.RemoteProtocolError propagates."""
@@ -54,10 +59,22 @@ class HttpStream:
         self.conn.receive_data(cast(bytes, data))  # bytes for sockets; h11 takes either
 
     async def send(self, event: h11.Event) -> None:
-        """Serialize and write `event`; a failed write poisons the h11 state, as it must."""
+        """Serialize and write `event` (and anything queued before it)."""
+        self.queue(event)
+        await self.flush()
+
+    def queue(self, event: h11.Event) -> None:
+        """Serialize `event` for the next `flush`."""
         data = self.conn.send(event)
-        if not data:
+        if data:
+            self._out.append(data)
+
+    async def flush(self) -> None:
+        """Write everything queued; a failed write poisons the h11 state, as it must."""
+        if not self._out:
             return
+        data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
+        self._out.clear()
         try:
             await self.stream.send_all(data)
         except BaseException:

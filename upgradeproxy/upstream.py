@@ -90,13 +90,19 @@ class Pool:
 
     idle: dict[tuple[Server, UpstreamTls | None], deque[UpstreamConn]] = field(default_factory=dict)
 
-    def take(self, server: Server, tls: UpstreamTls | None) -> UpstreamConn | None:
-        """A live idle connection to `server`, or None; stale ones are closed on the way."""
+    def take(
+        self, server: Server, tls: UpstreamTls | None, *, probe: bool = True
+    ) -> UpstreamConn | None:
+        """A live idle connection to `server`, or None; stale ones are closed on the way.
+
+        `probe` checks the socket for a close first (one syscall); a request without a body
+        may skip it because a stale pick is retried on a fresh connection anyway.
+        """
         queue = self.idle.get((server, tls))
         now = trio.current_time()
         while queue:
             conn = queue.pop()
-            if now - conn.idle_since < IDLE_EXPIRY and not looks_closed(conn.stream):
+            if now - conn.idle_since < IDLE_EXPIRY and not (probe and looks_closed(conn.stream)):
                 conn.reused = True
                 return conn
             _close_nowait(conn)
