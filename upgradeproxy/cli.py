@@ -58,6 +58,12 @@ def _parser() -> argparse.ArgumentParser:
         )
     # Internal: how the `workers` supervisor starts its workers (see upgradeproxy.workers).
     run = sub.choices["run"]
+    run.add_argument(
+        "--no-access-log",
+        dest="access_log",
+        action="store_false",
+        help="do not write access-log lines (other logs still go to stderr)",
+    )
     run.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     run.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     demo = sub.add_parser(
@@ -106,6 +112,9 @@ def _check(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     worker: int | None = args.worker
     setup_logging(args.log_format, static=None if worker is None else {"worker": worker})
+    if not args.access_log:
+        # Telemetry checks this level before building a record, so off costs nothing.
+        logging.getLogger("upgradeproxy.access").setLevel(logging.WARNING)
     path = _config_path(args)
     if path is None:
         print(
@@ -119,7 +128,7 @@ def _run(args: argparse.Namespace) -> int:
             print(problem, file=sys.stderr)
         return 2
     if config.workers > 1 and worker is None:
-        return supervise(config, path, resolve_format(args.log_format))
+        return supervise(config, path, resolve_format(args.log_format), args.access_log)
     role = None if worker is None else WorkerRole(worker, args.ready_fd, os.getppid())
     try:
         trio.run(run_with_signals, config, path, role)

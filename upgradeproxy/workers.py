@@ -41,10 +41,12 @@ STABLE_AFTER: Final = 10.0  # a worker that lived this long resets the backoff
 WORKERS_NEED_RESTART: Final = "reload: workers %d -> %d takes a restart; the count stays as it is"
 
 
-def supervise(config: Config, path: str, log_format: str) -> int:
+def supervise(config: Config, path: str, log_format: str, access_log: bool = True) -> int:
     """Run `config.workers` workers until a signal drains them; the exit code for `run`."""
     with tempfile.TemporaryDirectory(prefix="upgradeproxy-metrics-") as metrics_dir:
-        return trio.run(Supervisor(config, path, log_format, metrics_dir).run)
+        supervisor = Supervisor(config, path, log_format, metrics_dir)
+        supervisor.access_log = access_log
+        return trio.run(supervisor.run)
 
 
 class Supervisor:
@@ -54,6 +56,7 @@ class Supervisor:
         self.config = config
         self.path = path
         self.log_format = log_format
+        self.access_log = True
         self.metrics_dir = metrics_dir
         # A fresh directory per run: counters must not resume from a previous run's files.
         self.env = {**os.environ, MULTIPROC_ENV: metrics_dir}
@@ -183,4 +186,5 @@ class Supervisor:
             str(slot),
             "--ready-fd",
             str(ready_fd),
+            *(() if self.access_log else ("--no-access-log",)),
         ]

@@ -166,11 +166,13 @@ def test_run_invalid_config_never_listens(tmp_path):
 class Running:
     """`upgradeproxy run` as a subprocess with stderr (not a TTY) collected line by line."""
 
-    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, config: Path, env: dict[str, str] | None = None, extra: tuple[str, ...] = ()
+    ) -> None:
         self.lines: list[str] = []
         self._cond = threading.Condition()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "upgradeproxy", "run", "--config", str(config)],
+            [sys.executable, "-m", "upgradeproxy", "run", "--config", str(config), *extra],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -224,8 +226,8 @@ class Running:
 def run_proxy() -> Iterator[Callable[..., Running]]:
     started: list[Running] = []
 
-    def start(config: Path) -> Running:
-        r = Running(config)
+    def start(config: Path, *extra: str) -> Running:
+        r = Running(config, extra=extra)
         started.append(r)
         return r
 
@@ -298,6 +300,21 @@ def test_run_serves_logs_json_and_stops_on_sigterm(tmp_path, raw_upstream, run_p
     assert record["upstream"] == "app"
     assert "route" in record
     assert record["route"]
+
+
+def test_no_access_log_silences_only_the_access_log(tmp_path, raw_upstream, run_proxy):
+    """`run --no-access-log` writes no access lines; other logs (listening, draining) remain."""
+    up = raw_upstream(named(b"quiet"))
+    port = free_port()
+    config = tmp_path / "proxy.yaml"
+    config.write_text(config_text(port, up.port))
+    proxy = run_proxy(config, "--no-access-log")
+    wait_listening(port)
+    assert get(port) == (200, b"quiet")
+    assert proxy.stop() == 0
+    records = [json.loads(line) for line in proxy.lines if line.strip()]
+    assert any(r["msg"] == "listening" for r in records)
+    assert not [r for r in records if r["logger"] == "upgradeproxy.access"]
 
 
 def test_sighup_reloads_new_connections_use_new_config(tmp_path, raw_upstream, run_proxy):
