@@ -1,0 +1,225 @@
+"""The processes under test and around them: configs written to a temp dir, then started.
+
+- the WebSocket upstream (upstream_server.py), shared by every target;
+- an nginx serving `return 200 "ok"` as the plain-HTTP upstream (its own instance, so the
+  nginx under test does not also pay for the upstream's work);
+- nginx as a reverse proxy, one worker, configured like upgradeproxy;
+- upgradeproxy itself, `workers: 1` (and `workers: 2` for the scaling test).
+
+"direct" is the upstream itself, without a proxy in between.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from procs import Managed, Processes, tree, wait_for_port
+
+HERE: Final = Path(__file__).resolve().parent
+REPO: Final = HERE.parent.parent
+NOFILE: Final = 65536
+# The relay buffer both proxies use: nginx's proxy_buffer_size, upgradeproxy's 64 KiB pipes.
+RELAY_BUFFER: Final = "64k"
+
+
+@dataclass
+class Target:
+    """Where a client connects to reach the WebSocket and HTTP upstreams."""
+
+    name: str
+    port: int  # WebSocket paths (/echo, /hs, /sink, /source)
+    http_port: int  # /http
+    proc: Managed | None  # the proxy process; None for direct
+
+
+def nginx_binary() -> str:
+    # /usr/sbin is not on every user's PATH.
+    found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
+    if not found:
+        raise RuntimeError("nginx not found: run tests/bench/run.sh, which installs it")
+    return found
+
+
+def _nginx_main(tmp: Path, name: str) -> str:
+    # Temp paths all under `tmp`: nothing from the system nginx config is read or written.
+    user = "user root root;\n" if os.geteuid() == 0 else ""  # root's workers must open tmp
+    return f"""\
+{user}worker_processes 1;
+worker_rlimit_nofile {NOFILE};
+pid {tmp}/{name}.pid;
+error_log {tmp}/{name}.error.log warn;
+events {{
+    worker_connections {NOFILE // 2};
+}}
+"""
+
+
+def _temp_paths(tmp: Path, name: str) -> str:
+    return "\n".join(
+        f"    {kind}_temp_path {tmp}/{name}-{kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+
+
+def nginx_http_upstream_conf(tmp: Path, port: int) -> str:
+    return (
+        _nginx_main(tmp, "nginx-http")
+        + f"""\
+http {{
+    access_log off;
+{_temp_paths(tmp, "nginx-http")}
+    keepalive_requests 1000000;
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{
+            default_type text/plain;
+            return 200 "ok";
+        }}
+    }}
+}}
+"""
+    )
+
+
+def nginx_proxy_conf(tmp: Path, port: int, ws_port: int, http_port: int) -> str:
+    """nginx set up the way the nginx docs proxy WebSocket, with upgradeproxy's settings."""
+    proxy = f"""\
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection $connection_upgrade;
+            proxy_set_header Host $host;
+            # upgradeproxy adds these (and Via); make nginx do the same work.
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_set_header X-Forwarded-Host $host;
+            proxy_buffer_size {RELAY_BUFFER};
+            proxy_buffers 4 {RELAY_BUFFER};
+            proxy_busy_buffers_size 128k;
+            # Match upgradeproxy's tunnel_idle: nginx's 60 s default would cut idle tunnels.
+            proxy_read_timeout 3600s;
+            proxy_send_timeout 3600s;"""
+    return (
+        _nginx_main(tmp, "nginx")
+        + f"""\
+http {{
+    access_log off;
+{_temp_paths(tmp, "nginx")}
+    # upgradeproxy has no per-connection request cap; nginx's default 1000 would add reconnects.
+    keepalive_requests 1000000;
+    keepalive_timeout 75s;
+    # The standard map: "upgrade" when the client offers one, else no Connection header at
+    # all, so that plain requests can use the upstream keep-alive pool.
+    map $http_upgrade $connection_upgrade {{
+        default upgrade;
+        ''      '';
+    }}
+    upstream ws_upstream {{
+        server 127.0.0.1:{ws_port};
+        keepalive 64;
+        keepalive_requests 1000000;
+    }}
+    upstream http_upstream {{
+        server 127.0.0.1:{http_port};
+        keepalive 64;
+        keepalive_requests 1000000;
+    }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{
+            proxy_pass http://ws_upstream;
+{proxy}
+        }}
+        location /http {{
+            proxy_pass http://http_upstream;
+{proxy}
+        }}
+    }}
+}}
+"""
+    )
+
+
+def upgradeproxy_conf(port: int, ws_port: int, http_port: int, workers: int) -> str:
+    # No admin listener (nginx has none either); the access log goes to a file.
+    return f"""\
+listen:
+  - address: "127.0.0.1:{port}"
+workers: {workers}
+upstreams:
+  ws:
+    servers: ["127.0.0.1:{ws_port}"]
+  http:
+    servers: ["127.0.0.1:{http_port}"]
+routes:
+  - path_prefix: "/http"
+    upstream: http
+  - path_prefix: "/"
+    upstream: ws
+timeouts:
+  idle: 75
+  tunnel_idle: 3600
+  drain: 1
+limits:
+  max_connections: {NOFILE // 2}
+"""
+
+
+def start_ws_upstream(procs: Processes, tmp: Path, port: int, workers: int) -> Managed:
+    argv = [sys.executable, str(HERE / "upstream_server.py"), "--port", str(port)]
+    proc = procs.start("ws-upstream", [*argv, "--procs", str(workers)], tmp / "ws-upstream.log")
+    wait_for_port(port, proc)
+    return proc
+
+
+def start_nginx(procs: Processes, tmp: Path, name: str, conf: str, port: int) -> Managed:
+    path = tmp / f"{name}.conf"
+    path.write_text(conf)
+    argv = [nginx_binary(), "-p", str(tmp), "-c", str(path), "-e", str(tmp / f"{name}.error.log")]
+    argv += ["-g", "daemon off; master_process on;"]
+    proc = procs.start(name, argv, tmp / f"{name}.log")
+    wait_for_port(port, proc)
+    return proc
+
+
+def start_upgradeproxy(
+    procs: Processes, tmp: Path, name: str, port: int, ws_port: int, http_port: int, workers: int
+) -> Managed:
+    path = tmp / f"{name}.yaml"
+    path.write_text(upgradeproxy_conf(port, ws_port, http_port, workers))
+    argv = [sys.executable, "-m", "upgradeproxy", "run", "--config", str(path)]
+    argv += ["--log-format", "json"]
+    proc = procs.start(name, argv, tmp / f"{name}.log", cwd=REPO)
+    wait_for_port(port, proc)
+    return proc
+
+
+def worker_count(proc: Managed) -> int:
+    """Processes in the proxy's tree: `workers: N` shows up as N (or N + a supervisor)."""
+    return len(tree(proc.pid))
+
+
+def listening_sockets(port: int) -> int:
+    """LISTEN sockets on 127.0.0.1:`port`: with SO_REUSEPORT, one per worker that is ready.
+
+    Reachable is not enough: the first worker to bind answers connects while the second is
+    still importing, and a load started then would pin every connection on the first.
+    """
+    wanted = f"0100007F:{port:04X}"
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == wanted and fields[3] == "0A":  # 0A = TCP_LISTEN
+            count += 1
+    return count
+
+
+def nginx_version() -> str:
+    import subprocess
+
+    out = subprocess.run([nginx_binary(), "-v"], capture_output=True, text=True, check=False)
+    return (out.stderr or out.stdout).strip().removeprefix("nginx version: ")
