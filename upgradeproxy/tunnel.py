@@ -29,10 +29,18 @@ _HAVE_SPLICE: Final = hasattr(os, "splice")
 _SPLICE_FLAGS: Final = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 # A splice loop whose sockets are always ready never reaches a checkpoint on its own; yield after
 # this many transfers in a row so one hot tunnel cannot starve the others (or ignore a cancel).
-_YIELD_EVERY: Final = 4
+# Counted in pipe-fulls of _BULK_PIPE_SIZE: one yield per 256 KiB, as often as every 4 x 64 KiB.
+_YIELD_EVERY: Final = 1
 # Upper bound on a graceful close (e.g. a TLS close_notify to a peer that stopped reading).
 _CLOSE_GRACE: Final = 1.0
 _DEFAULT_PIPE_SIZE: Final = 65536
+# Bytes read into Python before a pipe is worth it: a message shorter than this is copied
+# with read/write (3 syscalls) instead of a pipe's pipe2/splice/splice/close (6+), which
+# decides WebSocket round-trip latency; a full read means bulk, and bulk goes to a pipe.
+_SMALL: Final = 16384
+# Kernel pipe for bulk: 64 KiB splices cost as much per call as 256 KiB ones, so a bigger
+# pipe is most of the throughput; it exists only while a burst lasts (see _pump_splice).
+_BULK_PIPE_SIZE: Final = 262144
 
 
 @dataclass(slots=True)
@@ -225,14 +233,25 @@ async def _pump_splice(
     src_fd = src_sock.fileno()
     pipe: tuple[int, int] | None = None
     streak = 0  # transfers in a row that never waited
+    pipe_size = max(tun.buffer_size, _BULK_PIPE_SIZE)
     try:
         while True:
             if pipe is None:
-                # Created only once there is data, so an idle tunnel holds no pipe.
+                # Created only once a burst is under way, so an idle tunnel holds no pipe.
                 await trio.lowlevel.wait_readable(src_sock)
-                pipe = _open_pipe(tun.buffer_size)
+                try:
+                    data = os.read(src_fd, _SMALL)
+                except BlockingIOError:
+                    continue
+                if not data:
+                    return  # EOF
+                tun.touch()
+                await _write_all(tun, direction, dst_sock, data)
+                if len(data) < _SMALL:
+                    continue
+                pipe = _open_pipe(pipe_size)
             try:
-                n = os.splice(src_fd, pipe[1], tun.buffer_size, flags=_SPLICE_FLAGS)
+                n = os.splice(src_fd, pipe[1], pipe_size, flags=_SPLICE_FLAGS)
             except BlockingIOError:
                 # Nothing to read and the pipe is empty: hand it back rather than pin 2 fds and
                 # pipe pages per quiet tunnel (the per-user pipe page budget is shared, see
@@ -271,6 +290,22 @@ async def _drain_pipe(
         n -= sent
         tun.moved(direction, sent)
     return waited
+
+
+async def _write_all(
+    tun: _Tunnel, direction: Direction, dst: trio.socket.SocketType, data: bytes
+) -> None:
+    """Write a small read to `dst` from Python, waiting while its send buffer is full."""
+    dst_fd = dst.fileno()
+    view = memoryview(data)
+    while view:
+        try:
+            sent = os.write(dst_fd, view)
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(dst)
+            continue
+        view = view[sent:]
+        tun.moved(direction, sent)
 
 
 def _open_pipe(size: int) -> tuple[int, int]:
