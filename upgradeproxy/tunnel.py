@@ -194,6 +194,9 @@ async def _half_close(stream: trio.abc.Stream) -> bool:
 
 async def _close(stream: trio.abc.Stream, graceful: bool) -> None:
     """Close `stream`: politely within a bound, or at once after an error or a cancel."""
+    if type(stream) is trio.SocketStream:
+        stream.socket.close()  # what its aclose does, minus the checkpoint and scopes
+        return
     deadline = trio.current_time() + _CLOSE_GRACE if graceful else -math.inf
     # Shielded so a drain's cancel cannot skip the close; trio's aclose still closes when the
     # scope's own deadline cancels it.
@@ -245,7 +248,6 @@ async def _pump_splice(
                     continue
                 if not data:
                     return  # EOF
-                tun.touch()
                 await _write_all(tun, direction, dst_sock, data)
                 if len(data) < _SMALL:
                     continue
@@ -261,7 +263,6 @@ async def _pump_splice(
                 continue
             if n == 0:
                 return  # EOF; the pipe is empty, every chunk is drained before the next
-            tun.touch()
             waited = await _drain_pipe(tun, direction, pipe[0], dst_sock, n)
             streak = 0 if waited else streak + 1
             if streak >= _YIELD_EVERY:
@@ -283,6 +284,7 @@ async def _drain_pipe(
             sent = os.splice(pipe_r, dst_fd, n, flags=_SPLICE_FLAGS)
         except BlockingIOError:
             waited = True
+            tun.touch()  # bytes arrived; a stalled writer is not an idle tunnel
             await trio.lowlevel.wait_writable(dst)
             continue
         if sent == 0:  # cannot happen with data in the pipe; never spin on it
@@ -302,6 +304,7 @@ async def _write_all(
         try:
             sent = os.write(dst_fd, view)
         except BlockingIOError:
+            tun.touch()  # bytes arrived; a stalled writer is not an idle tunnel
             await trio.lowlevel.wait_writable(dst)
             continue
         view = view[sent:]

@@ -6,6 +6,8 @@ anything else (an upgrade attempt, an error, a half-read body) is closed, never 
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 import ssl
 from collections import deque
 from dataclasses import dataclass, field
@@ -61,7 +63,7 @@ async def connect(
     addr = server.address
     try:
         with trio.fail_after(timeout):
-            stream: trio.abc.Stream = await trio.open_tcp_stream(addr.host, addr.port)
+            stream: trio.abc.Stream = await _open_tcp(addr.host, addr.port)
             if tls is not None and tls_ctx is not None:
                 tls_stream = trio.SSLStream(
                     stream,
@@ -82,6 +84,21 @@ async def connect(
     except (*STREAM_ERRORS, ssl.SSLError) as exc:
         raise ConnectFailed(server, str(exc) or type(exc).__name__) from exc
     return stream
+
+
+async def _open_tcp(host: str, port: int) -> trio.SocketStream:
+    """Connect to `host`; an IP literal skips open_tcp_stream's happy-eyeballs nursery."""
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return await trio.open_tcp_stream(host, port)
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        await sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)  # sets TCP_NODELAY, as open_tcp_stream's streams have
 
 
 @dataclass(slots=True)

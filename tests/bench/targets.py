@@ -192,7 +192,8 @@ def start_upgradeproxy(
     path = tmp / f"{name}.yaml"
     path.write_text(upgradeproxy_conf(port, ws_port, http_port, workers))
     argv = [sys.executable, "-m", "upgradeproxy", "run", "--config", str(path)]
-    argv += ["--log-format", "json"]
+    # nginx runs with `access_log off`; so does upgradeproxy, for a like-for-like comparison.
+    argv += ["--log-format", "json", "--no-access-log"]
     proc = procs.start(name, argv, tmp / f"{name}.log", cwd=REPO)
     wait_for_port(port, proc)
     return proc
