@@ -75,10 +75,6 @@ class Exchange:
     has_body: bool
     rec: ExchangeRecord
 
-    @property
-    def route_label(self) -> str:
-        return self.rec.route
-
 
 async def serve_client(
     stream: trio.abc.Stream,
@@ -295,7 +291,9 @@ async def _handle(client: Client, request: h11.Request, rec: ExchangeRecord) -> 
     ex = _prepare(client, request, rec)
     balancer = client.rt.balancers[ex.route.upstream]
     for attempt in range(2):
-        conn = await _open_upstream(client, ex, balancer)
+        # A retry after a stale pick goes to a fresh connection: the rest of the pool for
+        # that server may have died with it (an upstream restart closes them all).
+        conn = await _open_upstream(client, ex, balancer, pooled_ok=not attempt)
         rec.server = str(conn.server.address)
         balancer.acquire(conn.server)
         outcome: bool | Switched = False
@@ -325,14 +323,16 @@ def _pooled(client: Client, ex: Exchange, conn: UpstreamConn) -> bool:
     return True
 
 
-async def _open_upstream(client: Client, ex: Exchange, balancer: Balancer) -> UpstreamConn:
-    """A pooled or new connection, trying each server in the balancer's order."""
+async def _open_upstream(
+    client: Client, ex: Exchange, balancer: Balancer, *, pooled_ok: bool = True
+) -> UpstreamConn:
+    """A pooled (if `pooled_ok`) or new connection, trying servers in the balancer's order."""
     shared, rt = client.shared, client.rt
     now = trio.current_time()
     last: ConnectFailed | None = None
     timed_out = True
     for server in balancer.order(now):
-        pooled = shared.pool.take(server, ex.upstream.tls, probe=ex.has_body)
+        pooled = shared.pool.take(server, ex.upstream.tls, probe=ex.has_body) if pooled_ok else None
         if pooled is not None:
             return pooled
         try:
@@ -525,7 +525,7 @@ async def _relay_response(client: Client, ex: Exchange, conn: UpstreamConn) -> b
 
 def _count_upgrade(client: Client, ex: Exchange, result: str) -> None:
     protocol = hdr.protocol_name(ex.offer[0]).decode("latin-1")
-    client.shared.telemetry.upgrade(ex.route_label, protocol, result)
+    client.shared.telemetry.upgrade(ex.rec.route, protocol, result)
 
 
 async def _switch(

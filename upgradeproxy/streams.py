@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import select
 import socket
-import struct
 from typing import Final, cast
 
 import h11
@@ -148,14 +147,6 @@ async def aclose_quietly(stream: trio.abc.AsyncResource) -> None:
         contextlib.suppress(*STREAM_ERRORS),
     ):
         await stream.aclose()
-
-
-def abort(stream: trio.abc.Stream) -> None:
-    """Close with RST so the peer sees a broken message, not a clean end."""
-    sock = raw_socket(stream)
-    if sock is not None and sock.fileno() >= 0:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 async def bind_socket(address: Address, *, reuse_port: bool) -> trio.socket.SocketType:

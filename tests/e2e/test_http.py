@@ -463,3 +463,42 @@ def test_client_that_stops_reading_is_dropped_after_idle(make_proxy, raw_upstrea
     sock.recv(100)  # the response started; now stop reading
     assert upstream_gave_up.wait(15), "the proxy kept the stalled exchange open"
     sock.close()
+
+
+def test_retry_after_stale_pooled_connections_goes_to_a_fresh_one(make_proxy, raw_upstream):
+    """When pooled connections died (an upstream restart), a bodiless request still succeeds.
+
+    The first pick fails on a closed keep-alive connection; the retry must not take the next
+    dead one from the pool.
+    """
+    release = threading.Event()
+
+    def answer_once_then_close(conn: RawConn) -> None:
+        conn.read_head()
+        conn.send(ok_response(b"first"))  # keep-alive by default: the proxy pools it
+        release.wait(10)
+        conn.close()  # the upstream "restarts": every idle connection goes away
+
+    def answer(conn: RawConn) -> None:
+        if len(up.conns) <= 2:
+            answer_once_then_close(conn)
+        else:
+            respond_ok_forever(conn)
+
+    up = raw_upstream(answer)
+    proxy = make_proxy(proxy_yaml(up.port))
+    # Two exchanges in flight at once leave two connections in the pool.
+    clients = [raw_client(proxy.address) for _ in range(2)]
+    for sock in clients:
+        sock.sendall(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n")
+    for sock in clients:
+        assert read_response(sock)[0] == 200
+    release.set()
+    # Let both closes reach the proxy's sockets.
+    threading.Event().wait(0.3)
+    with raw_client(proxy.address) as sock:
+        sock.sendall(b"GET /two HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, _, body, _ = read_response(sock)
+    assert (status, body) == (200, b"ok")
+    for sock in clients:
+        sock.close()
