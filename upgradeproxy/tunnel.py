@@ -81,18 +81,19 @@ class _Tunnel:
         self.on_bytes = on_bytes
         # One scope for the whole tunnel whose deadline each transfer pushes forward: no
         # watchdog task, and an idle tunnel costs nothing but a deadline entry.
-        self.deadline = trio.current_time() + idle_timeout
-        self.idle_scope = trio.CancelScope(deadline=self.deadline)
         # Moving a trio deadline re-files it in the run loop's heap, which costs more than the
-        # copy of a small message: move it only once it lags by 1% of the timeout. The
-        # tunnel may so close up to 1% early (36 s of an hour, 10 ms of a second).
+        # copy of a small message: the deadline is set 1% past the timeout and moved only once
+        # it lags by that much. An idle tunnel so closes between tunnel_idle and 1% later
+        # (36 s of an hour, 10 ms of a second), never early.
         self.idle_slack = idle_timeout / 100
+        self.deadline = trio.current_time() + idle_timeout + self.idle_slack
+        self.idle_scope = trio.CancelScope(deadline=self.deadline)
         self.abort_scope = trio.CancelScope()
         self.failed = False
 
     def touch(self) -> None:
         """Record activity: the tunnel is not idle."""
-        deadline = trio.current_time() + self.idle_timeout
+        deadline = trio.current_time() + self.idle_timeout + self.idle_slack
         if deadline - self.deadline > self.idle_slack:
             self.deadline = self.idle_scope.deadline = deadline
 
