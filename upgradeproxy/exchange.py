@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Final, cast
 
 import h11
@@ -74,6 +74,7 @@ class Exchange:
     ws_key: bytes | None
     has_body: bool
     rec: ExchangeRecord
+    pump: _BodyPump | None = None  # set while a request body is being streamed
 
 
 async def serve_client(
@@ -379,7 +380,7 @@ async def _exchange_on(client: Client, ex: Exchange, conn: UpstreamConn) -> bool
 
 async def _with_body(client: Client, ex: Exchange, conn: UpstreamConn) -> bool | Switched:
     """Stream the request body while relaying the response: an upstream may answer early."""
-    pump = _BodyPump(client, conn, ex.rec)
+    pump = ex.pump = _BodyPump(client, conn, ex.rec)
     failure: BaseException | None = None
     keep: bool | Switched = False
     async with trio.open_nursery() as nursery:
@@ -410,8 +411,15 @@ class _BodyPump:
     rec: ExchangeRecord
     done: bool = False
     error: Exception | None = None
+    finished: trio.Event = field(default_factory=trio.Event)
 
     async def run(self, scope: trio.CancelScope) -> None:
+        try:
+            await self._pump(scope)
+        finally:
+            self.finished.set()
+
+    async def _pump(self, scope: trio.CancelScope) -> None:
         read_timeout = self.client.rt.config.timeouts.idle
         try:
             while not self.done:
@@ -534,6 +542,11 @@ async def _switch(
     """Check a 101 and relay it; the returned `Switched` carries what the tunnel needs."""
     raw = list(event.headers.raw_items())
     problem = hdr.switch_problem(ex.offer, raw, ex.ws_key)
+    if problem is None and ex.pump is not None:
+        # The upstream may have read the whole body before our pump task read the client's
+        # end of it from h11: let the pump finish before judging the request incomplete.
+        with trio.move_on_after(client.rt.config.timeouts.upstream_response):
+            await ex.pump.finished.wait()
     if problem is None and client.http.conn.their_state is not _MIGHT_SWITCH:
         problem = "101 before the request body was complete"
     if problem is not None:

@@ -14,6 +14,7 @@ import time
 import pytest
 
 from tests.conftest import (
+    RawConn,
     ok_response,
     proxy_yaml,
     raw_client,
@@ -943,3 +944,28 @@ def test_upgrade_request_with_body_then_tunnel(make_proxy, raw_upstream, client)
     assert conn.read_exactly(2) == b"up"
     conn.send(b"down")
     assert recv_exactly(c, 4, buf) == b"down"
+
+
+def test_upgrade_with_body_answered_at_once_is_not_a_premature_101(make_proxy, raw_upstream):
+    """RFC 9110 §7.8: a server switches only once it has the complete request. An upstream
+    that answers 101 the moment it has read the body is right, and must get its tunnel even
+    when its 101 reaches the proxy before the proxy has noted the end of the client's body."""
+
+    def switch_after_body(conn: RawConn) -> None:
+        while True:
+            conn.read_head()
+            conn.read_exactly(4)
+            conn.send(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: SPDY/3.1\r\n"
+                      b"Connection: Upgrade\r\n\r\n")
+            conn.send(conn.read_exactly(2))
+
+    up = raw_upstream(switch_after_body)
+    proxy = make_proxy(config(up.port, route='upgrade: ["spdy"]'))
+    for _ in range(30):
+        with socket.create_connection(proxy.address, timeout=5) as c:
+            c.sendall(request(b"Connection: Upgrade", b"Upgrade: SPDY/3.1", b"Content-Length: 4",
+                              method=b"POST", target=b"/stream", body=b"ping"))
+            resp, buf = read_response_head(c)
+            assert status_of(resp) == 101
+            c.sendall(b"ok")
+            assert recv_exactly(c, 2, buf) == b"ok"
