@@ -51,6 +51,7 @@ log = logging.getLogger("upgradeproxy")
 _VIA = via_value(b"1.1")
 _MIGHT_SWITCH: Final = h11.MIGHT_SWITCH_PROTOCOL  # type: ignore[attr-defined]
 _CLOSE_ON_ERROR = (h11.LocalProtocolError, *STREAM_ERRORS)
+_PUMP_GRACE: Final = 0.05
 
 
 class ClientGone(Exception):
@@ -392,6 +393,12 @@ async def _with_body(client: Client, ex: Exchange, conn: UpstreamConn) -> bool |
             failure = UpstreamUnavailable("upstream closed the connection", kind="reset")
         except (ProxyError, ClientGone, PeerClosed) as exc:
             failure = exc
+        if keep is True and not pump.finished.is_set():
+            # The upstream answered once it had the body; our pump may not have noted the
+            # client's end of it yet. A moment's wait keeps the connection alive; an upstream
+            # that answered early (body still coming) costs the client its keep-alive.
+            with trio.move_on_after(_PUMP_GRACE):
+                await pump.finished.wait()
         nursery.cancel_scope.cancel()
     if pump.error is not None:
         raise pump.error

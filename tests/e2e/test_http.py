@@ -502,3 +502,24 @@ def test_retry_after_stale_pooled_connections_goes_to_a_fresh_one(make_proxy, ra
     assert (status, body) == (200, b"ok")
     for sock in clients:
         sock.close()
+
+
+def test_keep_alive_survives_an_answer_right_after_the_body(make_proxy, raw_upstream):
+    """Keep-alive on both sides for requests with bodies: an upstream that answers the moment
+    it has read the body must not cost the client its connection."""
+
+    def answer_after_body(conn: RawConn) -> None:
+        while True:
+            conn.read_head()
+            conn.read_exactly(5)
+            conn.send(ok_response(b"done"))
+
+    up = raw_upstream(answer_after_body)
+    proxy = make_proxy(proxy_yaml(up.port))
+    with raw_client(proxy.address) as sock:
+        buf = bytearray()
+        for i in range(30):
+            sock.sendall(b"POST /n/%d HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello" % i)
+            status, headers, body, buf = read_response(sock, buf)
+            assert (status, body) == (200, b"done")
+            assert headers.get(b"connection", b"").lower() != b"close"
