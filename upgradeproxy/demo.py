@@ -156,13 +156,16 @@ def banner(demo: Demo) -> str:
     """What the demo prints first: where to point a browser, and the config it runs."""
     base = demo.url.rstrip("/")
     admin = demo.proxy.admin_address or ("?", 0)
+    # With --port 0, show the port the kernel picked, so the printed config can be reused.
+    host, port = demo.address
+    config = demo.yaml_text.replace(f'address: "{host}:0"', f'address: "{host}:{port}"')
     return (
         "upgradeproxy demo: a WebSocket echo/chat upstream behind the proxy, on loopback\n\n"
         f"  Open       {demo.url}  in a browser (a second tab joins the chat)\n"
         f"  WebSocket  {base.replace('http', 'ws', 1)}/ws  -> built-in upstream "
         f"{demo.upstream[0]}:{demo.upstream[1]}\n"
         f"  Metrics    {base}/metrics  -> the proxy's admin listener {admin[0]}:{admin[1]}\n\n"
-        f"The config it runs:\n\n{demo.yaml_text}\n"
+        f"The config it runs:\n\n{config}\n"
         "Access log on stderr: one line per request and per closed tunnel "
         "(the page's /metrics polls are left out). Ctrl-C drains and stops.\n"
     )
