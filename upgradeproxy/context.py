@@ -56,3 +56,12 @@ class Client:
     rt: Runtime
     shared: Shared
     first: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """An accepted client as the listener learned it."""
+
+    ip: str  # from the socket, or from a PROXY header
+    tls: bool
+    leftover: bytes = b""  # read past a PROXY header, not yet parsed

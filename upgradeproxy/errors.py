@@ -7,6 +7,10 @@ when the upstream is to blame) and whether the client connection must close afte
 from __future__ import annotations
 
 
+class ClientGone(Exception):
+    """The client closed or reset; nothing more can be said to it."""
+
+
 class ProxyError(Exception):
     """Base: the exchange fails with `status`; `close` ends the client connection."""
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Final, cast
 
 import h11
@@ -21,12 +21,14 @@ import trio
 
 from upgradeproxy import headers as hdr
 from upgradeproxy.balancer import Balancer
+from upgradeproxy.body import BodyPump
 from upgradeproxy.config import Route, Upstream
-from upgradeproxy.context import Client, Runtime, Shared
+from upgradeproxy.context import Client, Peer, Runtime, Shared
 from upgradeproxy.errors import (
     REASONS,
     BadRequest,
     BadSwitch,
+    ClientGone,
     MethodNotAllowed,
     NoRoute,
     ProxyError,
@@ -54,10 +56,6 @@ _CLOSE_ON_ERROR = (h11.LocalProtocolError, *STREAM_ERRORS)
 _PUMP_GRACE: Final = 0.05
 
 
-class ClientGone(Exception):
-    """The client closed or reset; nothing more can be said to it."""
-
-
 class _Stale(Exception):
     """A reused keep-alive connection died before answering: safe to retry on a fresh one."""
 
@@ -75,20 +73,13 @@ class Exchange:
     ws_key: bytes | None
     has_body: bool
     rec: ExchangeRecord
-    pump: _BodyPump | None = None  # set while a request body is being streamed
+    pump: BodyPump | None = None  # set while a request body is being streamed
 
 
-async def serve_client(
-    stream: trio.abc.Stream,
-    peer_ip: str,
-    tls: bool,
-    rt: Runtime,
-    shared: Shared,
-    leftover: bytes = b"",
-) -> None:
+async def serve_client(stream: trio.abc.Stream, peer: Peer, rt: Runtime, shared: Shared) -> None:
     """Serve requests on one client connection until it closes, errs, drains or switches."""
     try:
-        switched = await _serve_http(stream, peer_ip, tls, rt, shared, leftover)
+        switched = await _serve_http(stream, peer, rt, shared)
         if switched is not None:
             # The HTTP frames (h11 state, request headers) are gone: an idle tunnel holds
             # only what `Switched` carries.
@@ -98,19 +89,15 @@ async def serve_client(
 
 
 async def _serve_http(
-    stream: trio.abc.Stream,
-    peer_ip: str,
-    tls: bool,
-    rt: Runtime,
-    shared: Shared,
-    leftover: bytes,
+    stream: trio.abc.Stream, peer: Peer, rt: Runtime, shared: Shared
 ) -> Switched | None:
     conn = h11.Connection(
         h11.SERVER, max_incomplete_event_size=rt.config.limits.max_request_header_bytes
     )
-    if leftover:
-        conn.receive_data(leftover)
-    client = Client(HttpStream(conn, stream), peer_ip, b"https" if tls else b"http", rt, shared)
+    if peer.leftover:
+        conn.receive_data(peer.leftover)
+    proto = b"https" if peer.tls else b"http"
+    client = Client(HttpStream(conn, stream), peer.ip, proto, rt, shared)
     while True:
         outcome = await _one_exchange(client)
         if isinstance(outcome, Switched):
@@ -381,7 +368,7 @@ async def _exchange_on(client: Client, ex: Exchange, conn: UpstreamConn) -> bool
 
 async def _with_body(client: Client, ex: Exchange, conn: UpstreamConn) -> bool | Switched:
     """Stream the request body while relaying the response: an upstream may answer early."""
-    pump = ex.pump = _BodyPump(client, conn, ex.rec)
+    pump = ex.pump = BodyPump(client, conn, ex.rec)
     failure: BaseException | None = None
     keep: bool | Switched = False
     async with trio.open_nursery() as nursery:
@@ -407,57 +394,6 @@ async def _with_body(client: Client, ex: Exchange, conn: UpstreamConn) -> bool |
     if isinstance(keep, Switched):
         return keep
     return keep and pump.done
-
-
-@dataclass(slots=True)
-class _BodyPump:
-    """Copies request body events from client to upstream, stopping at the first bad chunk."""
-
-    client: Client
-    conn: UpstreamConn
-    rec: ExchangeRecord
-    done: bool = False
-    error: Exception | None = None
-    finished: trio.Event = field(default_factory=trio.Event)
-
-    async def run(self, scope: trio.CancelScope) -> None:
-        try:
-            await self._pump(scope)
-        finally:
-            self.finished.set()
-
-    async def _pump(self, scope: trio.CancelScope) -> None:
-        read_timeout = self.client.rt.config.timeouts.idle
-        try:
-            while not self.done:
-                with trio.fail_after(read_timeout):
-                    event = await self.client.http.next_event()
-                await self._forward(event)
-        except h11.RemoteProtocolError as exc:
-            self.error = BadRequest(f"bad request body: {exc}", exc.error_status_hint)
-        except trio.TooSlowError:
-            self.error = RequestTimeout("request body stalled")
-        except PeerClosed as exc:
-            self.error = ClientGone(str(exc))
-        else:
-            return
-        scope.cancel()
-
-    async def _forward(self, event: h11.Event | type[h11.PAUSED]) -> None:
-        if isinstance(event, h11.Data):
-            self.rec.bytes_in += len(event.data)
-            out: h11.Event = h11.Data(data=event.data)
-        elif isinstance(event, h11.EndOfMessage):
-            out = h11.EndOfMessage()
-            self.done = True
-        else:
-            raise PeerClosed("client closed in the middle of the request body")
-        try:
-            await self.conn.http.send(out)
-        except (*STREAM_ERRORS, h11.LocalProtocolError):
-            # The upstream stopped reading; the response side reports what happened.
-            self.done = False
-            await trio.sleep_forever()
 
 
 async def _upstream_event(

@@ -15,7 +15,7 @@ import trio
 
 from upgradeproxy.admin import open_admin, serve_admin
 from upgradeproxy.config import Address, Config, Listener
-from upgradeproxy.context import Runtime, Shared
+from upgradeproxy.context import Peer, Runtime, Shared
 from upgradeproxy.exchange import serve_client
 from upgradeproxy.proxy_protocol import (
     MAX_HEADER_BYTES,
@@ -284,7 +284,8 @@ class Proxy:
                     return
         if scope.cancelled_caught:
             return
-        await serve_client(client, peer_ip, bound.tls is not None, rt, self.shared, leftover)
+        peer = Peer(peer_ip, bound.tls is not None, leftover)
+        await serve_client(client, peer, rt, self.shared)
 
 
 async def _read_proxy_header(stream: trio.SocketStream) -> tuple[str | None, bytes] | None:
