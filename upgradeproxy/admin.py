@@ -9,6 +9,7 @@ import h11
 import trio
 
 from upgradeproxy.config import Address
+from upgradeproxy.errors import REASONS
 from upgradeproxy.streams import (
     STREAM_ERRORS,
     HttpStream,
@@ -54,12 +55,16 @@ async def _serve_admin_client(
                 if isinstance(event, h11.ConnectionClosed):
                     return
             status, ctype, body = admin_page(request_target, ready, metrics)
-            if method == b"HEAD":
-                body = b""
             headers = [(b"Content-Type", ctype), (b"Content-Length", str(len(body)).encode())]
-            await http.send(h11.Response(status_code=status, headers=headers))
-            if body:
-                await http.send(h11.Data(data=body))
+            if method not in (b"GET", b"HEAD"):
+                status, body = 405, b"method not allowed\n"
+                headers = [(b"Content-Type", b"text/plain"), (b"Allow", b"GET, HEAD"),
+                           (b"Content-Length", str(len(body)).encode())]  # fmt: skip
+            reason = REASONS.get(status, b"")
+            # HEAD gets GET's Content-Length (RFC 9110 §9.3.2), without the body.
+            http.queue(h11.Response(status_code=status, headers=headers, reason=reason))
+            if body and method != b"HEAD":
+                http.queue(h11.Data(data=body))
             await http.send(h11.EndOfMessage())
             if http.conn.our_state is not h11.DONE or http.conn.their_state is not h11.DONE:
                 return

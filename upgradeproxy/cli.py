@@ -23,7 +23,7 @@ from typing import Final
 import trio
 
 from upgradeproxy import __version__
-from upgradeproxy.config import Config
+from upgradeproxy.config import Address, Config
 from upgradeproxy.errors import os_error_behind
 from upgradeproxy.loader import ConfigError, load_config
 from upgradeproxy.logs import resolve_format, setup_logging
@@ -82,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _config_path(args: argparse.Namespace) -> str | None:
-    path: str | None = args.config or os.environ.get(ENV_CONFIG)
+    path: str | None = args.config or os.environ.get(ENV_CONFIG) or None  # "" means unset
     return path
 
 
@@ -163,7 +163,8 @@ async def run_with_signals(
     with trio.open_signal_receiver(*watched) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(_serve_then_stop, proxy, nursery.cancel_scope)
-            log.info("listening", extra={"addresses": [f"{h}:{p}" for h, p in proxy.addresses]})
+            listening = [str(Address(h, p)) for h, p in proxy.addresses]  # [::1]:8080 for IPv6
+            log.info("listening", extra={"addresses": listening})
             nursery.start_soon(_handle_signals, signals, proxy, path, nursery.cancel_scope, role)
             if role is not None:
                 _report_ready(role)

@@ -84,6 +84,7 @@ class UpstreamTimeout(ProxyError):
 
 
 REASONS: dict[int, bytes] = {
+    200: b"OK",
     400: b"Bad Request",
     404: b"Not Found",
     405: b"Method Not Allowed",

@@ -131,7 +131,8 @@ async def _one_exchange(client: Client) -> bool | Switched:
         rec.error = rec.error or "client closed the connection"
         return False
     finally:
-        if rec.method and rec.kind == "http":
+        # Errors raised before h11 produced a request (400, 431, 408) are exchanges too.
+        if (rec.method or rec.status) and rec.kind == "http":
             rec.duration = time.monotonic() - rec.started
             client.shared.telemetry.exchange_done(rec)
 
@@ -222,6 +223,9 @@ def _prepare(client: Client, request: h11.Request, rec: ExchangeRecord) -> Excha
     """Validate, route and rewrite a request head; raises the ProxyError that answers it."""
     raw = list(request.headers.raw_items())
     rec.method = request.method.decode("latin-1")
+    # For the access log even when a check below rejects the request; refined after routing.
+    rec.host = b",".join(hdr.get_all(raw, b"host")).decode("latin-1")
+    rec.path = request.target.split(b"?", 1)[0].decode("latin-1")
     if request.http_version not in (b"1.0", b"1.1"):
         raise BadRequest(f"unsupported HTTP version {request.http_version.decode('latin-1')}")
     if request.method == b"CONNECT":
@@ -333,6 +337,7 @@ async def _open_upstream(
             )
         except ConnectFailed as exc:
             last = exc
+            ex.rec.server = str(server.address)  # the last one tried, like nginx's $upstream_addr
             timed_out = timed_out and exc.timed_out
             balancer.mark_failed(server, trio.current_time())
             kind = "connect_timeout" if exc.timed_out else "connect"
@@ -413,10 +418,14 @@ async def _upstream_event(
             if scope.cancelled_caught:
                 raise UpstreamTimeout(f"upstream did not respond within {timeout:g}s")
     except (h11.RemoteProtocolError, PeerClosed) as exc:
-        if conn.reused and not started and not conn.http.conn.trailing_data[0]:
+        unread, closed = conn.http.conn.trailing_data
+        if conn.reused and not started and not unread:
             raise _Stale() from exc
-        kind = "protocol" if isinstance(exc, h11.RemoteProtocolError) else "reset"
-        raise UpstreamUnavailable(f"upstream failed: {exc}", kind=kind) from exc
+        if isinstance(exc, PeerClosed) or (closed and not unread):
+            # h11 reports an EOF where a response was due as a protocol error; it is a close.
+            what = "closed the connection" if not started else "closed mid-response"
+            raise UpstreamUnavailable(f"upstream {what}", kind="reset") from exc
+        raise UpstreamUnavailable(f"upstream sent a bad response: {exc}", kind="protocol") from exc
     return event  # type: ignore[return-value]
 
 

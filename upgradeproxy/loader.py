@@ -250,7 +250,7 @@ def _build(c: _Checker, root: Node) -> Config | None:
         return None
     listeners = _listeners(c, top.get("listen"))
     upstreams, names = _upstreams(c, top.get("upstreams"))
-    what = f"a list of {values.NETWORK_HINT}s"
+    what = "a list of CIDRs like '10.0.0.0/8' or IP addresses"
     read = partial(c.scalar, what=values.NETWORK_HINT, tags=(_STR,), convert=values.network)
     trusted: list[tuple[int, Node, IPNetwork]] = _items(
         c, top.get("trusted_proxies"), "trusted_proxies", what, read
@@ -260,7 +260,14 @@ def _build(c: _Checker, root: Node) -> Config | None:
         upstreams=upstreams,
         routes=_routes(c, top.get("routes"), names),
         admin=_admin(c, top.get("admin"), listeners),
-        workers=c.positive_int(top.get("workers"), "workers") or 1,
+        workers=c.scalar(
+            top.get("workers"),
+            "workers",
+            f"a whole number from 1 to {values.MAX_WORKERS}",
+            (_INT,),
+            values.workers,
+        )
+        or 1,
         timeouts=Timeouts(**_section(c, top.get("timeouts"), "timeouts", Timeouts, c.timeout)),
         limits=Limits(**_section(c, top.get("limits"), "limits", Limits, c.positive_int)),
         trusted_proxies=tuple(network for _, _, network in trusted),

@@ -160,6 +160,10 @@ async def bind_socket(address: Address, *, reuse_port: bool) -> trio.socket.Sock
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         await sock.bind((address.host, address.port))
+    except OSError as exc:
+        sock.close()
+        # The bare errno text ("Address already in use") does not say which address.
+        raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from exc
     except BaseException:
         sock.close()
         raise

@@ -57,15 +57,18 @@ class ExchangeRecord:
     kind: str = "http"
 
     def as_log(self) -> dict[str, object]:
-        """The log fields: empty strings left out, except `route` and `upstream` (grep-able)."""
+        """The log fields: every field the contract lists, even when empty (so a line always
+        has the same keys); `protocol`, `first_close` and `error` only where they apply."""
         out: dict[str, object] = {}
         for name in _LOG_FIELDS:
             value = getattr(self, name)
-            if value != "" or name in ("route", "upstream"):
+            if value != "" or name not in _OPTIONAL_FIELDS:
                 out[name] = value
         out["duration"] = round(self.duration, 6)
         return out
 
+
+_OPTIONAL_FIELDS: Final = frozenset({"protocol", "first_close", "error"})
 
 # `started` is a monotonic clock reading, meaningless outside the process; the formatter
 # stamps each line with wall-clock time instead.

@@ -105,6 +105,15 @@ def show(value: object) -> str:
     return f"the string {value!r}" if isinstance(value, str) else f"a {type(value).__name__}"
 
 
+MAX_WORKERS = 256  # far past any useful count of processes; catches a stray extra digit
+
+
+def workers(value: object) -> int:
+    if isinstance(value, int) and 1 <= value <= MAX_WORKERS:
+        return value
+    raise ValueError(f"expected a whole number from 1 to {MAX_WORKERS}, found {show(value)}")
+
+
 def positive(value: object) -> int:
     if isinstance(value, int) and value >= 1:
         return value

@@ -279,7 +279,8 @@ PROBLEMS = [
         1,
         "127.0.0.1:8080 is also a listener's address",
     ),
-    ("workers: 0\n", "workers", 1, "expected a positive whole number, found the number 0"),
+    ("workers: 0\n", "workers", 1, "expected a whole number from 1 to 256, found the number 0"),
+    ("workers: 100000\n", "workers", 1, "expected a whole number from 1 to 256, found the num"),
     ("workers: true\n", "workers", 1, "found the boolean true"),
     ("workers: '2'\n", "workers", 1, "found the string '2'"),
     ("workers: 1.5\n", "workers", 1, "found the number 1.5"),
@@ -500,7 +501,7 @@ PROBLEMS = [
         "found the string '16k'",
     ),
     # Trusted proxies.
-    ("trusted_proxies: '10.0.0.0/8'\n", "trusted_proxies", 1, "expected a list of a CIDR like"),
+    ("trusted_proxies: '10.0.0.0/8'\n", "trusted_proxies", 1, "expected a list of CIDRs like"),
     (
         "trusted_proxies: ['10.0.0.0/33']\n",
         "trusted_proxies[0]",
@@ -669,7 +670,7 @@ def test_problems_name_the_file(tmp_path: Path) -> None:
         load_config(str(path))
     assert (
         str(info.value)
-        == f"{path}:1: workers: expected a positive whole number, found the number 0"
+        == f"{path}:1: workers: expected a whole number from 1 to 256, found the number 0"
     )
 
 
