@@ -13,6 +13,7 @@ import trio
 
 from upgradeproxy.context import Client
 from upgradeproxy.errors import BadRequest, ClientGone, RequestTimeout
+from upgradeproxy.headers import bare_lf_chunk_line
 from upgradeproxy.streams import STREAM_ERRORS, PeerClosed
 from upgradeproxy.telemetry import ExchangeRecord
 from upgradeproxy.upstream import UpstreamConn
@@ -25,25 +26,33 @@ class BodyPump:
     client: Client
     conn: UpstreamConn
     rec: ExchangeRecord
+    chunked: bool = False
     done: bool = False
     error: Exception | None = None
+    at_chunk_line: bool = True  # chunked: the next bytes are a chunk-size line (or trailers)
     finished: trio.Event = field(default_factory=trio.Event)
+    # The relay's wait for the response: its `upstream_response` clock starts only once the
+    # whole body is upstream (a slow but steady upload is not a slow upstream).
+    response_wait: trio.CancelScope | None = None
 
     async def run(self, scope: trio.CancelScope) -> None:
         try:
             await self._pump(scope)
         finally:
             self.finished.set()
+            if self.response_wait is not None:
+                timeout = self.client.rt.config.timeouts.upstream_response
+                self.response_wait.deadline = trio.current_time() + timeout
 
     async def _pump(self, scope: trio.CancelScope) -> None:
-        read_timeout = self.client.rt.config.timeouts.idle
         try:
             while not self.done:
-                with trio.fail_after(read_timeout):
-                    event = await self.client.http.next_event()
-                await self._forward(event)
+                await self._forward(await self._next_event())
         except h11.RemoteProtocolError as exc:
-            self.error = BadRequest(f"bad request body: {exc}", exc.error_status_hint)
+            # Always 400: h11's 431 hint is about heads, not an overlong chunk line.
+            self.error = BadRequest(f"bad request body: {exc}")
+        except ValueError as exc:
+            self.error = BadRequest(f"bad request body: {exc}")
         except trio.TooSlowError:
             self.error = RequestTimeout("request body stalled")
         except PeerClosed as exc:
@@ -52,8 +61,24 @@ class BodyPump:
             return
         scope.cancel()
 
+    async def _next_event(self) -> h11.Event | type[h11.PAUSED]:
+        """The next body event, reading under `timeouts.idle`; ValueError for a bare-LF
+        chunk line, which h11 would wait on for a CRLF that never comes."""
+        http = self.client.http
+        while (event := http.conn.next_event()) is h11.NEED_DATA:
+            if (
+                self.chunked
+                and self.at_chunk_line
+                and bare_lf_chunk_line(http.conn.trailing_data[0])
+            ):
+                raise ValueError("chunk line not ended by CRLF")
+            with trio.fail_after(self.client.rt.config.timeouts.idle):
+                await http.receive()
+        return event  # type: ignore[return-value]
+
     async def _forward(self, event: h11.Event | type[h11.PAUSED]) -> None:
         if isinstance(event, h11.Data):
+            self.at_chunk_line = event.chunk_end
             self.rec.bytes_in += len(event.data)
             out: h11.Event = h11.Data(data=event.data)
         elif isinstance(event, h11.EndOfMessage):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import time
 from dataclasses import dataclass, replace
 from typing import Final, cast
@@ -39,7 +40,14 @@ from upgradeproxy.errors import (
 from upgradeproxy.forwarding import Hop, is_trusted, upstream_request_headers, via_value
 from upgradeproxy.handover import Switched
 from upgradeproxy.routing import normalize_host, split_target
-from upgradeproxy.streams import MAX_RECV, STREAM_ERRORS, HttpStream, PeerClosed, aclose_quietly
+from upgradeproxy.streams import (
+    MAX_RECV,
+    STREAM_ERRORS,
+    HttpStream,
+    PeerClosed,
+    aclose_quietly,
+    linger,
+)
 from upgradeproxy.telemetry import ExchangeRecord
 from upgradeproxy.upstream import (
     ConnectFailed,
@@ -54,6 +62,7 @@ _VIA = via_value(b"1.1")
 _MIGHT_SWITCH: Final = h11.MIGHT_SWITCH_PROTOCOL  # type: ignore[attr-defined]
 _CLOSE_ON_ERROR = (h11.LocalProtocolError, *STREAM_ERRORS)
 _PUMP_GRACE: Final = 0.05
+_HEAD_END: Final = re.compile(rb"\n\r?\n")
 
 
 class _Stale(Exception):
@@ -103,6 +112,8 @@ async def _serve_http(
         if isinstance(outcome, Switched):
             return outcome
         if not outcome or shared.draining:
+            if conn.their_state in (h11.SEND_BODY, h11.ERROR):
+                await linger(stream)  # the client may still be sending what we did not read
             return None
         conn.start_next_cycle()
         client.first = False
@@ -138,11 +149,13 @@ async def _one_exchange(client: Client) -> bool | Switched:
 
 
 def _finish_bodiless_request(client: Client) -> None:
-    """Consume a request's EndOfMessage if h11 has it without reading, so keep-alive can go on."""
+    """Consume what h11 already holds of a request's body, so keep-alive can go on if that
+    was all of it; a body still on the wire is not read, and the connection closes."""
     conn = client.http.conn
-    if conn.their_state is h11.SEND_BODY:
-        with contextlib.suppress(h11.RemoteProtocolError):
-            conn.next_event()
+    with contextlib.suppress(h11.RemoteProtocolError):
+        while conn.their_state is h11.SEND_BODY:
+            if not isinstance(conn.next_event(), h11.Data):
+                break
 
 
 def _client_reusable(client: Client) -> bool:
@@ -205,11 +218,10 @@ def _check_raw_head(conn: h11.Connection, limit: int) -> None:
     if conn.their_state is not h11.IDLE:
         return
     buf = conn.trailing_data[0]
-    end = buf.find(b"\r\n\r\n")
-    if end < 0:
-        end = buf.find(b"\n\n")
-    if end < 0:
+    found = _HEAD_END.search(buf)  # where h11 ends a head too, bare LFs included
+    if found is None:
         return
+    end = found.start()
     if end > limit:
         raise BadRequest("request head too large", 431)
     if problem := hdr.raw_head_problem(buf[:end]):
@@ -230,7 +242,7 @@ def _prepare(client: Client, request: h11.Request, rec: ExchangeRecord) -> Excha
         raise BadRequest(f"unsupported HTTP version {request.http_version.decode('latin-1')}")
     if request.method == b"CONNECT":
         raise MethodNotAllowed("CONNECT is not supported")
-    if problem := hdr.framing_problem(raw):
+    if problem := hdr.framing_problem(raw, request.http_version):
         raise BadRequest(problem)
     try:
         authority, path, target = split_target(request.method, request.target, raw)
@@ -258,8 +270,12 @@ def _prepare(client: Client, request: h11.Request, rec: ExchangeRecord) -> Excha
         trusted=is_trusted(client.peer_ip, client.rt.config.trusted_proxies),
         http_version=request.http_version,
     )
+    absolute = request.target[:8].lower().startswith((b"http://", b"https://"))
+    if absolute:
+        # RFC 9112 §3.2.2: the target's authority replaces Host, as routing used it.
+        raw = [(n, v) for n, v in raw if n.lower() != b"host"]
     headers = upstream_request_headers(raw, hop, offer, framing)
-    if authority is not None and not hdr.get_all(raw, b"host"):
+    if authority is not None and (absolute or not hdr.get_all(raw, b"host")):
         headers.insert(0, (b"Host", authority))
     upstream = client.rt.config.upstreams[route.upstream]
     return Exchange(request, route, upstream, target, headers, offer, ws_key, has_body, rec)
@@ -373,7 +389,8 @@ async def _exchange_on(client: Client, ex: Exchange, conn: UpstreamConn) -> bool
 
 async def _with_body(client: Client, ex: Exchange, conn: UpstreamConn) -> bool | Switched:
     """Stream the request body while relaying the response: an upstream may answer early."""
-    pump = ex.pump = BodyPump(client, conn, ex.rec)
+    chunked = any(n == b"Transfer-Encoding" for n, _ in ex.headers)
+    pump = ex.pump = BodyPump(client, conn, ex.rec, chunked)
     failure: BaseException | None = None
     keep: bool | Switched = False
     async with trio.open_nursery() as nursery:
@@ -385,12 +402,6 @@ async def _with_body(client: Client, ex: Exchange, conn: UpstreamConn) -> bool |
             failure = UpstreamUnavailable("upstream closed the connection", kind="reset")
         except (ProxyError, ClientGone, PeerClosed) as exc:
             failure = exc
-        if keep is True and not pump.finished.is_set():
-            # The upstream answered once it had the body; our pump may not have noted the
-            # client's end of it yet. A moment's wait keeps the connection alive; an upstream
-            # that answered early (body still coming) costs the client its keep-alive.
-            with trio.move_on_after(_PUMP_GRACE):
-                await pump.finished.wait()
         nursery.cancel_scope.cancel()
     if pump.error is not None:
         raise pump.error
@@ -402,7 +413,7 @@ async def _with_body(client: Client, ex: Exchange, conn: UpstreamConn) -> bool |
 
 
 async def _upstream_event(
-    client: Client, conn: UpstreamConn, started: bool
+    client: Client, conn: UpstreamConn, started: bool, pump: BodyPump | None
 ) -> h11.Event | type[h11.PAUSED]:
     """The next upstream event, with failures mapped to ProxyErrors.
 
@@ -413,8 +424,14 @@ async def _upstream_event(
     try:
         while (event := conn.http.conn.next_event()) is h11.NEED_DATA:
             await _flush(client)
-            with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
+            with trio.CancelScope() as scope:
+                if pump is not None and not pump.finished.is_set():
+                    pump.response_wait = scope  # the pump starts the clock when it is done
+                else:
+                    scope.deadline = trio.current_time() + timeout
                 await conn.http.receive()
+            if pump is not None:
+                pump.response_wait = None
             if scope.cancelled_caught:
                 raise UpstreamTimeout(f"upstream did not respond within {timeout:g}s")
     except (h11.RemoteProtocolError, PeerClosed) as exc:
@@ -451,7 +468,7 @@ async def _relay_response(client: Client, ex: Exchange, conn: UpstreamConn) -> b
     started = False
     out = client.http
     while True:
-        event = await _upstream_event(client, conn, started)
+        event = await _upstream_event(client, conn, started, ex.pump)
         if isinstance(event, h11.Data):
             ex.rec.bytes_out += len(event.data)
             out.queue(h11.Data(data=event.data))
@@ -460,8 +477,10 @@ async def _relay_response(client: Client, ex: Exchange, conn: UpstreamConn) -> b
             ex.rec.status = event.status_code
             if ex.offer:
                 _count_upgrade(client, ex, "declined")
-            headers = hdr.response_headers(list(event.headers.raw_items()), _VIA)
-            if client.shared.draining:
+            headers = hdr.response_headers(
+                list(event.headers.raw_items()), _VIA, status=event.status_code
+            )
+            if client.shared.draining or not await _body_sent(ex):
                 headers.append((b"Connection", b"close"))
             out.queue(
                 h11.Response(status_code=event.status_code, headers=headers, reason=event.reason)
@@ -473,7 +492,9 @@ async def _relay_response(client: Client, ex: Exchange, conn: UpstreamConn) -> b
             if event.status_code == 101:
                 return await _switch(client, ex, conn, event)
             if out.conn.their_http_version == b"1.1":
-                headers = hdr.response_headers(list(event.headers.raw_items()), _VIA)
+                headers = hdr.response_headers(
+                    list(event.headers.raw_items()), _VIA, status=event.status_code
+                )
                 out.queue(
                     h11.InformationalResponse(
                         status_code=event.status_code, headers=headers, reason=event.reason
@@ -481,6 +502,20 @@ async def _relay_response(client: Client, ex: Exchange, conn: UpstreamConn) -> b
                 )
         else:
             raise UpstreamUnavailable("upstream closed mid-response", kind="reset")
+
+
+async def _body_sent(ex: Exchange) -> bool:
+    """Whether the request body (if any) is all upstream, so the client may keep alive.
+
+    An upstream that answers once it has the body can overtake our pump's last step, so the
+    pump gets a moment; one that answers early (a 413 mid-upload) means we close.
+    """
+    pump = ex.pump
+    if pump is None or pump.finished.is_set():
+        return pump is None or pump.done
+    with trio.move_on_after(_PUMP_GRACE):
+        await pump.finished.wait()
+    return pump.done
 
 
 def _count_upgrade(client: Client, ex: Exchange, result: str) -> None:
@@ -506,7 +541,7 @@ async def _switch(
             _count_upgrade(client, ex, "rejected")
         raise BadSwitch(problem)
     chosen = hdr.comma_list(raw, b"upgrade")
-    headers = hdr.response_headers(raw, _VIA, switched_to=chosen)
+    headers = hdr.response_headers(raw, _VIA, switched_to=chosen, status=101)
     await _to_client(
         client, h11.InformationalResponse(status_code=101, headers=headers, reason=event.reason)
     )
@@ -544,7 +579,8 @@ async def _send_error(client: Client, err: ProxyError, method: bytes | None) -> 
         (b"Content-Length", str(len(body)).encode()),
         (b"Via", _VIA),
     ]
-    if err.close:
+    if err.close or conn.their_state not in (h11.DONE, _MIGHT_SWITCH):
+        # Say so when the connection will close: the request was not read to its end.
         headers.append((b"Connection", b"close"))
     try:
         with trio.move_on_after(5):

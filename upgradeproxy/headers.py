@@ -160,22 +160,50 @@ def raw_head_problem(head: bytes) -> str | None:
     return None
 
 
-def framing_problem(headers: Sequence[tuple[bytes, bytes]]) -> str | None:
-    """Content-Length beside Transfer-Encoding is a smuggling vector (RFC 9112 §6.1)."""
+def bare_lf_chunk_line(buf: bytes) -> bool:
+    """Whether the chunk-size line at the start of `buf` ends in a bare LF (RFC 9112 §7.1
+    wants CRLF); `buf` may start with the CRLF that closes the previous chunk's data."""
+    if buf.startswith(b"\r\n"):
+        buf = buf[2:]
+    end = buf.find(b"\n")
+    return end >= 0 and buf[end - 1 : end] != b"\r"
+
+
+# RFC 9112 §6.3 lets a recipient reject a length it cannot represent; nginx stops at 2^63-1.
+# An upstream parsing into 64 bits would wrap a longer one and read the rest as new requests.
+MAX_CONTENT_LENGTH: Final = 2**63 - 1
+
+
+def framing_problem(
+    headers: Sequence[tuple[bytes, bytes]], http_version: bytes = b"1.1"
+) -> str | None:
+    """Body framing that is a smuggling vector (RFC 9112 §6.1, §6.3), or None."""
     names = {n.lower() for n, _ in headers}
-    if b"content-length" in names and b"transfer-encoding" in names:
-        return "both Content-Length and Transfer-Encoding"
+    if b"transfer-encoding" in names:
+        if b"content-length" in names:
+            return "both Content-Length and Transfer-Encoding"
+        if http_version == b"1.0":
+            return "Transfer-Encoding in an HTTP/1.0 request"
+    for value in get_all(headers, b"content-length"):
+        for part in value.split(b","):
+            if part.strip().isdigit() and int(part) > MAX_CONTENT_LENGTH:
+                return "Content-Length too large"
     return None
 
 
 def response_headers(
-    headers: Sequence[tuple[bytes, bytes]], via: bytes, switched_to: Sequence[bytes] = ()
+    headers: Sequence[tuple[bytes, bytes]],
+    via: bytes,
+    switched_to: Sequence[bytes] = (),
+    status: int = 200,
 ) -> Headers:
     """Upstream response fields for the client: hop-by-hop gone, Via added, Upgrade re-added."""
     content_length = get_all(headers, b"content-length")
     chunked = bool(get_all(headers, b"transfer-encoding"))
     out = strip_hop_by_hop(headers)
-    if content_length and not chunked:
+    # RFC 9110 §8.6: never on a 1xx or 204; on a 101 a client would eat tunnel bytes with it.
+    bodyless = status < 200 or status == 204 or bool(switched_to)
+    if content_length and not chunked and not bodyless:
         # Kept for HEAD and 304 answers and to avoid chunking what was sized.
         out.append((b"Content-Length", content_length[0]))
     if switched_to:

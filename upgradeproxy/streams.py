@@ -135,6 +135,18 @@ def looks_closed(stream: trio.abc.Stream) -> bool:
     return bool(readable)
 
 
+async def linger(stream: trio.abc.Stream, seconds: float = 1.0, limit: int = 1 << 20) -> None:
+    """Half-close, then discard what the peer still sends for a moment (nginx's
+    lingering_close): closing on unread bytes makes the kernel send a RST, which can destroy
+    the response just written before the client reads it."""
+    with trio.move_on_after(seconds), contextlib.suppress(*STREAM_ERRORS):
+        if isinstance(stream, trio.SocketStream):
+            await stream.send_eof()
+        total = 0
+        while total < limit and (data := await stream.receive_some(MAX_RECV)):
+            total += len(data)
+
+
 async def aclose_quietly(stream: trio.abc.AsyncResource) -> None:
     """Close, ignoring errors from a peer that is already gone; never blocks on cancellation."""
     if type(stream) is trio.SocketStream:

@@ -456,3 +456,46 @@ def test_upgrade_offer_malformed_websocket_is_value_error(headers):
     """Rule 1: a malformed WebSocket handshake is a 400 (ValueError here)."""
     with pytest.raises(ValueError, match=r"."):
         hdr.upgrade_offer(b"GET", b"1.1", headers, WS)
+
+
+@pytest.mark.parametrize(
+    ("buf", "bare"),
+    [
+        pytest.param(b"5\r\nhello", False, id="crlf"),
+        pytest.param(b"5\nhello", True, id="bare-lf"),
+        pytest.param(b"\r\n5\nhello", True, id="bare-lf-after-previous-chunk"),
+        pytest.param(b"\r\n0\r\n\r\n", False, id="last-chunk-crlf"),
+        pytest.param(b"5", False, id="incomplete-line"),
+        pytest.param(b"\n", True, id="lone-lf"),
+    ],
+)
+def test_bare_lf_chunk_line(buf: bytes, bare: bool) -> None:
+    """RFC 9112 §7.1: a chunk-size line ends in CRLF; h11 would wait forever on a bare LF."""
+    assert hdr.bare_lf_chunk_line(buf) is bare
+
+
+@pytest.mark.parametrize(
+    ("headers", "version", "problem"),
+    [
+        pytest.param([(b"Content-Length", b"9223372036854775807")], b"1.1", None, id="cl-max"),
+        pytest.param(
+            [(b"Content-Length", b"9223372036854775808")], b"1.1", "Content-Length too large",
+            id="cl-over-2^63",
+        ),
+        pytest.param(
+            [(b"Transfer-Encoding", b"chunked")], b"1.0",
+            "Transfer-Encoding in an HTTP/1.0 request", id="te-in-1.0",
+        ),
+        pytest.param([(b"Transfer-Encoding", b"chunked")], b"1.1", None, id="te-in-1.1"),
+    ],
+)
+def test_framing_problem_lengths_and_versions(headers, version, problem) -> None:
+    """RFC 9112 §6.1 (TE in HTTP/1.0 is faulty framing) and §6.3 (an unrepresentable length)."""
+    assert hdr.framing_problem(headers, version) == problem
+
+
+@pytest.mark.parametrize("status", [100, 101, 103, 204])
+def test_response_headers_drop_content_length_where_no_body_can_be(status: int) -> None:
+    """RFC 9110 §8.6: no Content-Length on a 1xx or a 204 (a 101's would eat tunnel bytes)."""
+    out = hdr.response_headers([(b"Content-Length", b"5")], b"1.1 upgradeproxy", status=status)
+    assert not hdr.get_all(out, b"content-length")
