@@ -48,10 +48,8 @@ class BodyPump:
         try:
             while not self.done:
                 await self._forward(await self._next_event())
-        except h11.RemoteProtocolError as exc:
+        except (h11.RemoteProtocolError, ValueError) as exc:
             # Always 400: h11's 431 hint is about heads, not an overlong chunk line.
-            self.error = BadRequest(f"bad request body: {exc}")
-        except ValueError as exc:
             self.error = BadRequest(f"bad request body: {exc}")
         except trio.TooSlowError:
             self.error = RequestTimeout("request body stalled")

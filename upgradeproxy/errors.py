@@ -19,20 +19,22 @@ class ProxyError(Exception):
     close: bool = False
     upstream_side: bool = False
 
-    def __init__(self, detail: str = "") -> None:
+    def __init__(
+        self, detail: str = "", *, status: int | None = None, kind: str | None = None
+    ) -> None:
         super().__init__(detail or self.__class__.__name__)
         self.detail = detail
+        # Per-instance refinements: h11's status hint (431, 501), the exact upstream failure.
+        if status is not None:
+            self.status = status
+        if kind is not None:
+            self.kind = kind
 
 
 class BadRequest(ProxyError):
     status = 400
     kind = "bad_request"
     close = True
-
-    def __init__(self, detail: str = "", status: int = 400) -> None:
-        super().__init__(detail)
-        # h11 hints 431 for an oversized head and 501 for unknown transfer codings.
-        self.status = status
 
 
 class RequestTimeout(ProxyError):
@@ -59,10 +61,6 @@ class UpstreamUnavailable(ProxyError):
     kind = "connect"
     upstream_side = True
 
-    def __init__(self, detail: str = "", kind: str = "connect") -> None:
-        super().__init__(detail)
-        self.kind = kind
-
 
 class BadSwitch(ProxyError):
     """A 101 that does not answer what was offered."""
@@ -77,10 +75,6 @@ class UpstreamTimeout(ProxyError):
     status = 504
     kind = "timeout"
     upstream_side = True
-
-    def __init__(self, detail: str = "", kind: str = "timeout") -> None:
-        super().__init__(detail)
-        self.kind = kind
 
 
 REASONS: dict[int, bytes] = {

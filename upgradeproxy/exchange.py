@@ -177,7 +177,7 @@ async def _read_request(client: Client) -> h11.Request | None:
         try:
             event = conn.next_event()
         except h11.RemoteProtocolError as exc:
-            raise BadRequest(str(exc), exc.error_status_hint) from None
+            raise BadRequest(str(exc), status=exc.error_status_hint) from None
         if isinstance(event, h11.Request):
             return event
         if event is not h11.NEED_DATA:
@@ -223,7 +223,7 @@ def _check_raw_head(conn: h11.Connection, limit: int) -> None:
         return
     end = found.start()
     if end > limit:
-        raise BadRequest("request head too large", 431)
+        raise BadRequest("request head too large", status=431)
     if problem := hdr.raw_head_problem(buf[:end]):
         raise BadRequest(problem)
 
