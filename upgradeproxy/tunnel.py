@@ -242,8 +242,8 @@ async def _pump_splice(
     tun: _Tunnel, direction: Direction, src: trio.SocketStream, dst: trio.SocketStream
 ) -> None:
     """Move bytes socket -> pipe -> socket in the kernel until EOF; at most one pipe in flight."""
-    src_sock, dst_sock = src.socket, dst.socket
-    src_fd = src_sock.fileno()
+    # Plain fds from here on: trio's waits and os calls take them without a fileno() each time.
+    src_fd, dst_fd = src.socket.fileno(), dst.socket.fileno()
     pipe: tuple[int, int] | None = None
     streak = 0  # transfers in a row that never waited
     pipe_size = max(tun.buffer_size, _BULK_PIPE_SIZE)
@@ -251,14 +251,14 @@ async def _pump_splice(
         while True:
             if pipe is None:
                 # Created only once a burst is under way, so an idle tunnel holds no pipe.
-                await trio.lowlevel.wait_readable(src_sock)
+                await trio.lowlevel.wait_readable(src_fd)
                 try:
                     data = os.read(src_fd, _SMALL)
                 except BlockingIOError:
                     continue
                 if not data:
                     return  # EOF
-                await _write_all(tun, direction, dst_sock, data)
+                await _write_all(tun, direction, dst_fd, data)
                 if len(data) < _SMALL:
                     continue
                 pipe = _open_pipe(pipe_size)
@@ -273,7 +273,7 @@ async def _pump_splice(
                 continue
             if n == 0:
                 return  # EOF; the pipe is empty, every chunk is drained before the next
-            waited = await _drain_pipe(tun, direction, pipe[0], dst_sock, n)
+            waited = await _drain_pipe(tun, direction, pipe[0], dst_fd, n)
             streak = 0 if waited else streak + 1
             if streak >= _YIELD_EVERY:
                 streak = 0
@@ -283,11 +283,8 @@ async def _pump_splice(
             _close_pipe(pipe)
 
 
-async def _drain_pipe(
-    tun: _Tunnel, direction: Direction, pipe_r: int, dst: trio.socket.SocketType, n: int
-) -> bool:
-    """Move exactly `n` bytes from the pipe to `dst`; True if we had to wait for `dst`."""
-    dst_fd = dst.fileno()
+async def _drain_pipe(tun: _Tunnel, direction: Direction, pipe_r: int, dst_fd: int, n: int) -> bool:
+    """Move exactly `n` bytes from the pipe to `dst_fd`; True if we had to wait for it."""
     waited = False
     while n:
         try:
@@ -295,7 +292,7 @@ async def _drain_pipe(
         except BlockingIOError:
             waited = True
             tun.touch()  # bytes arrived; a stalled writer is not an idle tunnel
-            await trio.lowlevel.wait_writable(dst)
+            await trio.lowlevel.wait_writable(dst_fd)
             continue
         if sent == 0:  # cannot happen with data in the pipe; never spin on it
             raise trio.BrokenResourceError("splice to socket made no progress")
@@ -304,11 +301,8 @@ async def _drain_pipe(
     return waited
 
 
-async def _write_all(
-    tun: _Tunnel, direction: Direction, dst: trio.socket.SocketType, data: bytes
-) -> None:
-    """Write a small read to `dst` from Python, waiting while its send buffer is full."""
-    dst_fd = dst.fileno()
+async def _write_all(tun: _Tunnel, direction: Direction, dst_fd: int, data: bytes) -> None:
+    """Write a small read to `dst_fd` from Python, waiting while its send buffer is full."""
     try:
         sent = os.write(dst_fd, data)  # almost always all of it: a small message
     except BlockingIOError:
@@ -321,7 +315,7 @@ async def _write_all(
             sent = os.write(dst_fd, view)
         except BlockingIOError:
             tun.touch()  # bytes arrived; a stalled writer is not an idle tunnel
-            await trio.lowlevel.wait_writable(dst)
+            await trio.lowlevel.wait_writable(dst_fd)
             continue
         view = view[sent:]
         tun.moved(direction, sent)
