@@ -415,3 +415,18 @@ def run_cli(*args: str, timeout: float = 30, **kwargs: Any) -> subprocess.Comple
         check=False,
         **kwargs,
     )
+
+
+def refused(port: int, host: str = LOOPBACK) -> bool:
+    """Whether a connection to `port` is refused now (nothing listens).
+
+    A connection that lands on a listener as it closes is reset by the kernel rather than
+    refused: that counts as "not yet", for a caller polling until it is refused.
+    """
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    except ConnectionResetError:
+        return False
+    return False

@@ -37,6 +37,7 @@ from tests.conftest import (
     ok_response,
     read_response,
     read_response_head,
+    refused,
     respond_ok_forever,
 )
 
@@ -250,14 +251,6 @@ def http(port: int, path: str = "/", *, host: str = "svc.test", method: str = "G
         )  # fmt: skip
         status, headers, body, _ = read_response(sock)
     return status, headers, body
-
-
-def refused(port: int) -> bool:
-    try:
-        socket.create_connection((LOOPBACK, port), timeout=WAIT).close()
-    except ConnectionRefusedError:
-        return True
-    return False
 
 
 WS_KEY = b"dGhlIHNhbXBsZSBub25jZQ=="

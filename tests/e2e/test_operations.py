@@ -34,6 +34,7 @@ from tests.conftest import (
     ok_response,
     read_response,
     read_response_head,
+    refused,
     respond_ok_forever,
 )
 
@@ -185,14 +186,6 @@ def http(
         )
         status, headers, data, _ = read_response(sock)
     return status, headers, data
-
-
-def refused(port: int) -> bool:
-    try:
-        socket.create_connection((LOOPBACK, port), timeout=WAIT).close()
-    except ConnectionRefusedError:
-        return True
-    return False
 
 
 WS_KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
