@@ -430,3 +430,58 @@ def refused(port: int, host: str = LOOPBACK) -> bool:
     except ConnectionResetError:
         return False
     return False
+
+
+def free_port(family: socket.AddressFamily = socket.AF_INET) -> int:
+    """A port nothing listens on right now (bind 0, read it back, close)."""
+    host = LOOPBACK if family == socket.AF_INET else "::1"
+    with socket.socket(family) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def eventually(predicate: Callable[[], bool], timeout: float = 10) -> bool:
+    """Poll `predicate` until it holds or `timeout` passes; its last answer."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return predicate()
+        time.sleep(0.05)
+    return True
+
+
+def recv_exactly(sock: socket.socket, n: int, buf: bytearray | None = None) -> bytes:
+    """Exactly `n` bytes, taking first from `buf` (bytes read earlier past a head)."""
+    buf = buf if buf is not None else bytearray()
+    while len(buf) < n:
+        data = sock.recv(65536)
+        if not data:
+            raise EOFError(f"closed after {len(buf)} of {n} bytes: {bytes(buf)[:200]!r}")
+        buf += data
+    out = bytes(buf[:n])
+    del buf[:n]
+    return out
+
+
+QUIET = 0.3  # how long "nothing more arrives" is watched for; never a pass/fail timing bound
+
+
+def quiet_read(sock: socket.socket, wait: float = QUIET) -> tuple[bytes, bool]:
+    """Whatever arrives until `wait` passes with nothing new, or EOF: (bytes, closed)."""
+    out = bytearray()
+    old = sock.gettimeout()
+    sock.settimeout(wait)
+    try:
+        while True:
+            try:
+                data = sock.recv(65536)
+            except TimeoutError:
+                return bytes(out), False
+            except ConnectionResetError:
+                return bytes(out), True
+            if not data:
+                return bytes(out), True
+            out += data
+    finally:
+        with contextlib.suppress(OSError):
+            sock.settimeout(old)

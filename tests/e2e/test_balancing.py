@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import socket
 import threading
 import time
 
 from tests.conftest import (
     RawConn,
     RawUpstream,
+    free_port,
     ok_response,
     raw_client,
     read_response,
@@ -22,12 +22,6 @@ from tests.conftest import (
 )
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def upstream_yaml(servers: str, balance: str) -> str:

@@ -16,16 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import RawConn, ok_response, raw_client, read_response, run_cli
+from tests.conftest import RawConn, free_port, ok_response, raw_client, read_response, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "config" / "upgradeproxy.yaml"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def env_without_config() -> dict[str, str]:

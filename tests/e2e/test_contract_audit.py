@@ -20,18 +20,22 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from tests.conftest import (
+    QUIET,
     RawConn,
+    eventually,
+    free_port,
     ok_response,
     proxy_yaml,
+    quiet_read,
     raw_client,
     read_response,
     read_response_head,
+    recv_exactly,
     respond_ok_forever,
 )
 
@@ -43,30 +47,18 @@ SWITCH_WS = (
     b"Sec-WebSocket-Accept: " + ACCEPT + b"\r\n\r\n"
 )
 FAST_DRAIN = "timeouts: {drain: 1}"
-QUIET = 0.3  # how long "nothing more arrives" is watched for; never a pass/fail timing bound
 WAIT = 10
 
 
 # --- helpers ------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def eventually(predicate: Callable[[], bool], timeout: float = 5) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return predicate()
-        time.sleep(0.02)
-    return True
-
-
-def ws_request(*extra: bytes, target: bytes = b"/chat", connection: bytes = b"Upgrade",
-               upgrade: bytes = b"websocket") -> bytes:
+def ws_request(
+    *extra: bytes,
+    target: bytes = b"/chat",
+    connection: bytes = b"Upgrade",
+    upgrade: bytes = b"websocket",
+) -> bytes:
     lines = [b"GET " + target + b" HTTP/1.1", b"Host: app.example"]
     if connection:
         lines.append(b"Connection: " + connection)
@@ -96,18 +88,6 @@ def status_of(head: bytes) -> int:
     return int(head.split(b" ", 2)[1])
 
 
-def recv_exactly(sock: socket.socket, n: int, buf: bytearray | None = None) -> bytes:
-    buf = buf if buf is not None else bytearray()
-    while len(buf) < n:
-        data = sock.recv(65536)
-        if not data:
-            raise EOFError(f"closed after {len(buf)} of {n} bytes: {bytes(buf)[:200]!r}")
-        buf += data
-    out = bytes(buf[:n])
-    del buf[:n]
-    return out
-
-
 def read_to_eof(sock: socket.socket, timeout: float = 5) -> tuple[bytes, bool]:
     """(bytes, closed): everything until EOF/RST, or what came before `timeout` passed."""
     sock.settimeout(timeout)
@@ -122,11 +102,6 @@ def read_to_eof(sock: socket.socket, timeout: float = 5) -> tuple[bytes, bool]:
         if not data:
             return bytes(out), True
         out += data
-
-
-def quiet_read(sock: socket.socket, wait: float = QUIET) -> tuple[bytes, bool]:
-    """Whatever arrives until `wait` passes with nothing new, or EOF: (bytes, closed)."""
-    return read_to_eof(sock, wait)
 
 
 def assert_short_error(body: bytes) -> None:
@@ -172,8 +147,10 @@ def accept_101(conn: RawConn) -> bytes:
     head = conn.read_head(timeout=WAIT)
     key = values(head, b"sec-websocket-key")[0]
     accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
-    conn.send(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-              b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+    conn.send(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+    )
     conn.sock.settimeout(WAIT)
     return head
 
@@ -266,8 +243,10 @@ def test_unsupported_transfer_coding_is_rejected_then_close(make_proxy, raw_upst
     then close, and nothing reaches the upstream."""
     up = raw_upstream(respond_ok_forever)
     proxy = make_proxy(proxy_yaml(up.port, extra=FAST_DRAIN))
-    data = (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: " + coding + b"\r\n\r\n"
-            b"5\r\nhello\r\n0\r\n\r\n")
+    data = (
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: " + coding + b"\r\n\r\n"
+        b"5\r\nhello\r\n0\r\n\r\n"
+    )
     status, _ = error_then_close(proxy.address, data)
     assert status in (400, 501), status
     no_upstream_connection(up)
@@ -281,8 +260,10 @@ def test_http10_request_with_transfer_encoding_is_400(make_proxy, raw_upstream):
     close), and "Nothing of a malformed request reaches an upstream"."""
     up = raw_upstream(respond_ok_forever)
     proxy = make_proxy(proxy_yaml(up.port, extra=FAST_DRAIN))
-    data = (b"POST /old HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-            b"5\r\nhello\r\n0\r\n\r\n")
+    data = (
+        b"POST /old HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\n\r\n"
+    )
     status, _ = error_then_close(proxy.address, data)
     assert status == 400
     no_upstream_connection(up)
@@ -331,8 +312,9 @@ def test_bare_lf_chunk_lines_are_answered_promptly(make_proxy, raw_upstream):
     up = raw_upstream()
     proxy = make_proxy(proxy_yaml(up.port, extra="timeouts: {idle: 30, drain: 1}"))
     with raw_client(proxy.address, timeout=5) as sock:
-        sock.sendall(b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-                     b"5\nhello\n0\n\n")
+        sock.sendall(
+            b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\nhello\n0\n\n"
+        )
         try:
             status, _, body, _ = read_response(sock)
         except TimeoutError:
@@ -351,8 +333,7 @@ def test_obs_fold_in_a_head_ending_lf_crlf_is_400(make_proxy, raw_upstream):
     the obs-fold check must see the same head h11 parses."""
     up = raw_upstream(respond_ok_forever)
     proxy = make_proxy(proxy_yaml(up.port, extra=FAST_DRAIN))
-    status, _ = error_then_close(proxy.address,
-                                 b"GET / HTTP/1.1\nHost: x\nX-A: 1\n folded\n\r\n")
+    status, _ = error_then_close(proxy.address, b"GET / HTTP/1.1\nHost: x\nX-A: 1\n folded\n\r\n")
     assert status == 400
     no_upstream_connection(up)
 
@@ -361,8 +342,9 @@ def test_431_for_a_whole_head_ending_lf_crlf(make_proxy, raw_upstream):
     """Rule 7: "head too large 431" (`limits.max_request_header_bytes`), also for a head that
     arrives whole in one write and ends with LF CRLF (RFC 9112 §2.2 bare-LF leniency)."""
     up = raw_upstream(respond_ok_forever)
-    proxy = make_proxy(proxy_yaml(
-        up.port, extra="limits: {max_request_header_bytes: 1024}\n" + FAST_DRAIN))
+    proxy = make_proxy(
+        proxy_yaml(up.port, extra="limits: {max_request_header_bytes: 1024}\n" + FAST_DRAIN)
+    )
     with raw_client(proxy.address) as sock:
         sock.sendall(b"GET / HTTP/1.1\nHost: x\nX-Big: " + b"a" * 4000 + b"\n\r\n")
         status, _, body, _ = read_response(sock)
@@ -377,8 +359,9 @@ def test_bare_lf_head_with_crlfs_in_its_body(make_proxy, raw_upstream):
     the body must not turn a valid request into a 400 (obs-fold) or a 431."""
     store: list[tuple[bytes, bytes]] = []
     up = _recording_upstream(raw_upstream, store)
-    proxy = make_proxy(proxy_yaml(
-        up.port, extra="limits: {max_request_header_bytes: 1024}\n" + FAST_DRAIN))
+    proxy = make_proxy(
+        proxy_yaml(up.port, extra="limits: {max_request_header_bytes: 1024}\n" + FAST_DRAIN)
+    )
     body = b"x" * 2000 + b"\r\n indented line\r\n\r\n"
     with raw_client(proxy.address) as sock:
         sock.sendall(b"POST /lf HTTP/1.1\nHost: x\nContent-Length: %d\n\n" % len(body) + body)
@@ -425,16 +408,22 @@ def _recording_upstream(raw_upstream, store: list[tuple[bytes, bytes]]):
 VALID_ODD = {
     "te-odd-case": (b"Transfer-Encoding: ChUnKeD", b"5\r\nhello\r\n0\r\n\r\n"),
     "te-tabs-around-value": (b"Transfer-Encoding:\t chunked \t", b"5\r\nhello\r\n0\r\n\r\n"),
-    "chunk-ext-quoted-semicolon": (b"Transfer-Encoding: chunked",
-                                   b"5;a=\"x;y\";b\r\nhello\r\n0\r\n\r\n"),
-    "chunk-with-trailer-field": (b"Transfer-Encoding: chunked",
-                                 b"5\r\nhello\r\n0\r\nX-Trailer: t\r\n\r\n"),
+    "chunk-ext-quoted-semicolon": (
+        b"Transfer-Encoding: chunked",
+        b'5;a="x;y";b\r\nhello\r\n0\r\n\r\n',
+    ),
+    "chunk-with-trailer-field": (
+        b"Transfer-Encoding: chunked",
+        b"5\r\nhello\r\n0\r\nX-Trailer: t\r\n\r\n",
+    ),
     "cl-leading-zeros": (b"Content-Length: 0005", b"hello"),
     "cl-identical-list": (b"Content-Length: 5, 5", b"hello"),
     "cl-identical-repeated": (b"Content-Length: 5\r\nContent-Length: 5", b"hello"),
     "cl-named-in-connection": (b"Content-Length: 5\r\nConnection: Content-Length", b"hello"),
-    "te-named-in-connection": (b"Transfer-Encoding: chunked\r\nConnection: transfer-encoding",
-                               b"5\r\nhello\r\n0\r\n\r\n"),
+    "te-named-in-connection": (
+        b"Transfer-Encoding: chunked\r\nConnection: transfer-encoding",
+        b"5\r\nhello\r\n0\r\n\r\n",
+    ),
 }
 
 
@@ -520,8 +509,9 @@ def test_absolute_form_without_host_header_is_400(make_proxy, raw_upstream):
     that lacks a Host header field")."""
     up = raw_upstream(respond_ok_forever)
     proxy = make_proxy(proxy_yaml(up.port, extra=FAST_DRAIN))
-    status, _ = error_then_close(proxy.address,
-                                 b"GET http://app.example/ HTTP/1.1\r\nX-A: 1\r\n\r\n")
+    status, _ = error_then_close(
+        proxy.address, b"GET http://app.example/ HTTP/1.1\r\nX-A: 1\r\n\r\n"
+    )
     assert status == 400
     no_upstream_connection(up)
 
@@ -562,8 +552,10 @@ def test_nothing_after_connection_close_reaches_upstream(make_proxy, raw_upstrea
     up = raw_upstream(respond_ok_forever)
     proxy = make_proxy(proxy_yaml(up.port, extra=FAST_DRAIN))
     with raw_client(proxy.address) as sock:
-        sock.sendall(b"GET /a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-                     b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.sendall(
+            b"GET /a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
         status, _, _, rest = read_response(sock)
         assert status == 200
         more, closed = read_to_eof(sock, 5)
@@ -586,8 +578,14 @@ def test_offer_split_over_repeated_connection_and_upgrade_fields(make_proxy, raw
     up = raw_upstream()
     proxy = make_proxy(proxy_yaml(up.port, extra=FAST_DRAIN))
     with raw_client(proxy.address) as sock:
-        sock.sendall(ws_request(b"Upgrade: ,,WebSocket,,", b"Connection: UPGRADE",
-                                connection=b"keep-alive", upgrade=b"foo/1"))
+        sock.sendall(
+            ws_request(
+                b"Upgrade: ,,WebSocket,,",
+                b"Connection: UPGRADE",
+                connection=b"keep-alive",
+                upgrade=b"foo/1",
+            )
+        )
         conn = up.accept()
         head = conn.read_head()
         assert [t.lower() for t in elements(head, b"connection")] == [b"upgrade"], head
@@ -650,9 +648,12 @@ def test_interim_responses_before_the_101(make_proxy, raw_upstream):
         sock.sendall(ws_request())
         conn = up.accept()
         conn.read_head()
-        conn.send(b"HTTP/1.1 100 Continue\r\n\r\n"
-                  b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
-                  + SWITCH_WS + b"first")
+        conn.send(
+            b"HTTP/1.1 100 Continue\r\n\r\n"
+            b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+            + SWITCH_WS
+            + b"first"
+        )
         seen = []
         buf = bytearray()
         while True:
@@ -674,12 +675,15 @@ def test_101_naming_two_offered_protocols_is_relayed(make_proxy, raw_upstream):
     up = raw_upstream()
     proxy = make_proxy(proxy_yaml(up.port, route='upgrade: ["foo", "bar"]', extra=FAST_DRAIN))
     with raw_client(proxy.address) as sock:
-        sock.sendall(b"GET /s HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
-                     b"Upgrade: foo/2, bar\r\n\r\n")
+        sock.sendall(
+            b"GET /s HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: foo/2, bar\r\n\r\n"
+        )
         conn = up.accept()
         assert elements(conn.read_head(), b"upgrade") == [b"foo/2", b"bar"]
-        conn.send(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\n"
-                  b"Upgrade: BAR, foo/2\r\nX-E2E: kept\r\n\r\n")
+        conn.send(
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\n"
+            b"Upgrade: BAR, foo/2\r\nX-E2E: kept\r\n\r\n"
+        )
         head, _ = read_response_head(sock)
         assert status_of(head) == 101
         assert [t.lower() for t in elements(head, b"upgrade")] == [b"bar", b"foo/2"]
@@ -694,12 +698,15 @@ def test_101_naming_an_offered_and_an_unoffered_protocol_is_502(make_proxy, raw_
     up = raw_upstream()
     proxy = make_proxy(proxy_yaml(up.port, route='upgrade: ["foo", "bar"]', extra=FAST_DRAIN))
     with raw_client(proxy.address) as sock:
-        sock.sendall(b"GET /s HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
-                     b"Upgrade: foo/2, bar\r\n\r\n")
+        sock.sendall(
+            b"GET /s HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: foo/2, bar\r\n\r\n"
+        )
         conn = up.accept()
         conn.read_head()
-        conn.send(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\n"
-                  b"Upgrade: foo/2, h2c\r\n\r\nTUNNEL")
+        conn.send(
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\n"
+            b"Upgrade: foo/2, h2c\r\n\r\nTUNNEL"
+        )
         status, _, body, buf = read_response(sock)
         assert status == 502
         assert_short_error(body)
@@ -728,10 +735,14 @@ def test_101_with_framing_and_close_headers_is_relayed_clean(make_proxy, raw_ups
         sock.sendall(ws_request())
         conn = up.accept()
         conn.read_head()
-        conn.send(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                  b"Connection: close, Upgrade\r\nKeep-Alive: timeout=5\r\n" + framing
-                  + b"Sec-WebSocket-Accept: " + ACCEPT
-                  + b"\r\n\r\nabcde-tunnel")
+        conn.send(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: close, Upgrade\r\nKeep-Alive: timeout=5\r\n"
+            + framing
+            + b"Sec-WebSocket-Accept: "
+            + ACCEPT
+            + b"\r\n\r\nabcde-tunnel"
+        )
         head, buf = read_response_head(sock)
         assert status_of(head) == 101, head
         assert [t.lower() for t in elements(head, b"connection")] == [b"upgrade"], head
@@ -822,6 +833,7 @@ def test_a_mebibyte_of_early_bytes_is_held_then_delivered_in_order(make_proxy, r
     up = raw_upstream()
     proxy = make_proxy(proxy_yaml(up.port, extra=FAST_DRAIN))
     with raw_client(proxy.address, timeout=WAIT) as sock:
+
         def send() -> None:
             with contextlib.suppress(OSError):
                 sock.sendall(ws_request() + early)
@@ -905,9 +917,13 @@ def test_hundred_concurrent_tunnels_with_checksums(make_proxy, raw_upstream):
         try:
             head = accept_101(conn)
             tag = head.split(b" ")[1]
-            threading.Thread(target=lambda: (conn.sock.sendall(payload(tag, b"down")),
-                                             conn.sock.shutdown(socket.SHUT_WR)),
-                             daemon=True).start()
+            threading.Thread(
+                target=lambda: (
+                    conn.sock.sendall(payload(tag, b"down")),
+                    conn.sock.shutdown(socket.SHUT_WR),
+                ),
+                daemon=True,
+            ).start()
             got = bytes(conn.received) + conn.read_until_close(timeout=WAIT * 2)
             up_hashes[tag] = hashlib.sha256(got).hexdigest()
         except BaseException as exc:
@@ -921,8 +937,10 @@ def test_hundred_concurrent_tunnels_with_checksums(make_proxy, raw_upstream):
         sock, rest = raw_tunnel(proxy.address, tag)
         with sock:
             sock.settimeout(WAIT * 2)
-            writer = threading.Thread(target=lambda: (sock.sendall(payload(tag, b"up")),
-                                                      sock.shutdown(socket.SHUT_WR)), daemon=True)
+            writer = threading.Thread(
+                target=lambda: (sock.sendall(payload(tag, b"up")), sock.shutdown(socket.SHUT_WR)),
+                daemon=True,
+            )
             writer.start()
             got = bytearray(rest)
             while data := sock.recv(65536):
@@ -1042,8 +1060,10 @@ def test_several_x_forwarded_for_fields(make_proxy, raw_upstream, trusted):
     extra = 'trusted_proxies: ["127.0.0.0/8"]\n' if trusted else ""
     proxy = make_proxy(proxy_yaml(up.port, extra=extra + FAST_DRAIN))
     with raw_client(proxy.address) as sock:
-        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 1.1.1.1\r\n"
-                     b"X-Forwarded-For: 2.2.2.2, 3.3.3.3\r\nForwarded: for=9.9.9.9\r\n\r\n")
+        sock.sendall(
+            b"GET / HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 1.1.1.1\r\n"
+            b"X-Forwarded-For: 2.2.2.2, 3.3.3.3\r\nForwarded: for=9.9.9.9\r\n\r\n"
+        )
         assert read_response(sock)[0] == 200
     head = up.accept().heads[0]
     xff = elements(head, b"x-forwarded-for")
@@ -1090,8 +1110,9 @@ def test_504_then_client_connection_still_works(make_proxy, raw_upstream):
         respond_ok_forever(conn)
 
     up = raw_upstream(handler)
-    proxy = make_proxy(proxy_yaml(up.port, extra='timeouts: {upstream_response: "300ms", '
-                                                  'drain: 1}'))
+    proxy = make_proxy(
+        proxy_yaml(up.port, extra='timeouts: {upstream_response: "300ms", drain: 1}')
+    )
     with raw_client(proxy.address) as sock:
         sock.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
         status, _, body, rest = read_response(sock)
@@ -1196,8 +1217,9 @@ def test_slow_upload_longer_than_upstream_response_is_not_a_504(make_proxy, raw_
         conn.send(ok_response(b"got " + body))
 
     up = raw_upstream(handler)
-    proxy = make_proxy(proxy_yaml(
-        up.port, extra='timeouts: {upstream_response: "600ms", idle: 5, drain: 1}'))
+    proxy = make_proxy(
+        proxy_yaml(up.port, extra='timeouts: {upstream_response: "600ms", idle: 5, drain: 1}')
+    )
     with raw_client(proxy.address, timeout=WAIT) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n")
@@ -1225,9 +1247,10 @@ def named_upstream(raw_upstream, name: bytes, hold: threading.Event | None = Non
         if b"upgrade: websocket" in head.lower():
             key = values(head, b"sec-websocket-key")[0]
             accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
-            conn.send(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                      b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
-                      + name)
+            conn.send(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n" + name
+            )
             conn.read_until_close(timeout=WAIT)
             return
         if head.startswith(b"GET /hold ") and hold is not None:
@@ -1267,8 +1290,10 @@ def test_round_robin_5_1_1_is_smooth_and_repeats(make_proxy, raw_upstream):
     """Rule 8: "`round_robin` honours weights deterministically". README: "nginx's smooth
     weighted round robin ... (`5,1,1` gives `a a b a c a a`)". Three cycles of 7 picks."""
     ups = {n: named_upstream(raw_upstream, n) for n in (b"a", b"b", b"c")}
-    servers = [f'{{address: "127.0.0.1:{ups[n].port}", weight: {w}}}'
-               for n, w in ((b"a", 5), (b"b", 1), (b"c", 1))]
+    servers = [
+        f'{{address: "127.0.0.1:{ups[n].port}", weight: {w}}}'
+        for n, w in ((b"a", 5), (b"b", 1), (b"c", 1))
+    ]
     proxy = make_proxy(balanced_yaml(servers))
     picks = []
     for i in range(21):
@@ -1309,8 +1334,9 @@ def test_least_conn_counts_in_flight_requests(make_proxy, raw_upstream):
     hold = threading.Event()
     a = named_upstream(raw_upstream, b"a", hold)
     b = named_upstream(raw_upstream, b"b", hold)
-    proxy = make_proxy(balanced_yaml([f'"127.0.0.1:{a.port}"', f'"127.0.0.1:{b.port}"'],
-                                     balance="least_conn"))
+    proxy = make_proxy(
+        balanced_yaml([f'"127.0.0.1:{a.port}"', f'"127.0.0.1:{b.port}"'], balance="least_conn")
+    )
     held = raw_client(proxy.address, timeout=WAIT)
     try:
         held.sendall(b"GET /hold HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -1361,8 +1387,9 @@ def test_server_not_accepting_within_connect_timeout_is_skipped(make_proxy, raw_
             probe.close()
         good = named_upstream(raw_upstream, b"good")
         hole_addr = f'"127.0.0.1:{hole.getsockname()[1]}"'
-        proxy = make_proxy(balanced_yaml([hole_addr, f'"127.0.0.1:{good.port}"'],
-                                         timeouts=', connect: "300ms"'))
+        proxy = make_proxy(
+            balanced_yaml([hole_addr, f'"127.0.0.1:{good.port}"'], timeouts=', connect: "300ms"')
+        )
         for i in range(3):
             assert get(proxy.address, b"/%d" % i) == (200, b"good")
         alone = make_proxy(balanced_yaml([hole_addr], timeouts=', connect: "300ms"'))

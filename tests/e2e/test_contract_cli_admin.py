@@ -34,9 +34,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import (
     LOOPBACK,
     RawConn,
+    eventually,
+    free_port,
     ok_response,
     read_response,
     read_response_head,
+    recv_exactly,
     refused,
     respond_ok_forever,
 )
@@ -54,22 +57,6 @@ def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "UPGRADEPROXY_CONFIG"}
     env.update(extra)
     return env
-
-
-def free_port(family: socket.AddressFamily = socket.AF_INET) -> int:
-    host = "::1" if family == socket.AF_INET6 else LOOPBACK
-    with socket.socket(family) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def eventually(predicate: Callable[[], bool], timeout: float = WAIT) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return predicate()
-        time.sleep(0.05)
-    return True
 
 
 def cli(cmd: list[str], *args: str, env: dict[str, str] | None = None, timeout: float = 30):
@@ -287,18 +274,6 @@ def ws_upgrade(sock: socket.socket, path: str = "/ws", host: str = "svc.test") -
     head, buf = read_response_head(sock)
     assert head.startswith(b"HTTP/1.1 101 "), head
     return buf
-
-
-def recv_exactly(sock: socket.socket, n: int, buf: bytearray | None = None) -> bytes:
-    buf = buf if buf is not None else bytearray()
-    while len(buf) < n:
-        data = sock.recv(65536)
-        if not data:
-            raise EOFError(f"closed after {len(buf)} of {n} bytes")
-        buf += data
-    out = bytes(buf[:n])
-    del buf[:n]
-    return out
 
 
 def closed_by_peer(sock: socket.socket) -> bool:

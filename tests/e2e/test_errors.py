@@ -18,6 +18,7 @@ import pytest
 from tests.conftest import (
     RawConn,
     RawUpstream,
+    free_port,
     ok_response,
     proxy_yaml,
     raw_client,
@@ -30,13 +31,6 @@ FAST_DRAIN = "timeouts: {drain: 1}"
 
 
 # --- helpers ----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A loopback port with nothing listening on it (bound, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def assert_short_error(body: bytes) -> None:

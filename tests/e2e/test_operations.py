@@ -31,6 +31,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import (
     LOOPBACK,
     RawConn,
+    eventually,
+    free_port,
     ok_response,
     read_response,
     read_response_head,
@@ -41,21 +43,6 @@ from tests.conftest import (
 WAIT = 10.0  # the bound on every wait; tests pass in a fraction of it
 
 Line = dict[str, Any]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
-
-
-def eventually(predicate: Callable[[], bool], timeout: float = WAIT) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return predicate()
-        time.sleep(0.05)
-    return True
 
 
 def proxy_config(

@@ -50,8 +50,9 @@ routes: [{{upstream: app}}]
     assert up.requests[0].headers["X-Forwarded-Proto"] == "https"
 
 
-def test_tls_listener_rejects_plaintext_without_harming_others(make_proxy, ws_upstream, ca,
-                                                                proxy_cert):
+def test_tls_listener_rejects_plaintext_without_harming_others(
+    make_proxy, ws_upstream, ca, proxy_cert
+):
     """A client speaking plain HTTP to a TLS listener is dropped; the next TLS client is fine."""
     up = ws_upstream()
     cert, key = proxy_cert
@@ -131,8 +132,11 @@ routes: [{{upstream: app}}]
         pytest.param(b"PROXY TCP4 203.0.113.7 127.0.0.1 51000 80\r\n", "203.0.113.7", id="v1-ipv4"),
         pytest.param(b"PROXY TCP6 2001:db8::1 ::1 51000 80\r\n", "2001:db8::1", id="v1-ipv6"),
         pytest.param(
-            b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x21, 0x11]) + struct.pack("!H", 12)
-            + socket.inet_aton("198.51.100.9") + socket.inet_aton("127.0.0.1")
+            b"\r\n\r\n\x00\r\nQUIT\n"
+            + bytes([0x21, 0x11])
+            + struct.pack("!H", 12)
+            + socket.inet_aton("198.51.100.9")
+            + socket.inet_aton("127.0.0.1")
             + struct.pack("!HH", 40000, 80),
             "198.51.100.9",
             id="v2-ipv4",
@@ -179,4 +183,3 @@ routes: [{{upstream: app}}]
         status, _, _, _ = read_response(sock)
     assert status == 200
     assert b"X-Forwarded-For: ::1\r\n" in up.accept().heads[0]
-

@@ -14,12 +14,15 @@ import time
 import pytest
 
 from tests.conftest import (
+    QUIET,
     RawConn,
     ok_response,
     proxy_yaml,
+    quiet_read,
     raw_client,
     read_response,
     read_response_head,
+    recv_exactly,
 )
 
 KEY = b"dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455 §1.3
@@ -30,7 +33,6 @@ CLIENT_FRAME = b"\x81\x85\x37\xfa\x21\x3d\x7f\x9f\x4d\x51\x58"
 SERVER_FRAME = b"\x81\x05Hello"
 H2_SETTINGS = b"AAMAAABkAARAAAAAAAIAAAAA"
 H2_SERVER_PREFACE = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # an empty SETTINGS frame
-QUIET = 0.3  # how long "nothing arrives" is watched for; never a pass/fail timing bound
 
 SWITCH_WS = (
     b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -47,15 +49,21 @@ def config(port: int, route: str = "", extra: str = "") -> str:
     return proxy_yaml(port, route=route, extra="timeouts:\n  drain: 1\n" + extra)
 
 
-def request(*lines: bytes, target: bytes = b"/chat", method: bytes = b"GET",
-            body: bytes = b"") -> bytes:
+def request(
+    *lines: bytes, target: bytes = b"/chat", method: bytes = b"GET", body: bytes = b""
+) -> bytes:
     head = [method + b" " + target + b" HTTP/1.1", b"Host: " + HOST, *lines]
     return b"\r\n".join(head) + b"\r\n\r\n" + body
 
 
-def ws_request(*extra: bytes, target: bytes = b"/chat", method: bytes = b"GET",
-               upgrade: bytes = b"websocket", connection: bytes = b"Upgrade",
-               body: bytes = b"") -> bytes:
+def ws_request(
+    *extra: bytes,
+    target: bytes = b"/chat",
+    method: bytes = b"GET",
+    upgrade: bytes = b"websocket",
+    connection: bytes = b"Upgrade",
+    body: bytes = b"",
+) -> bytes:
     """A complete RFC 6455 opening handshake (plus `extra` header lines)."""
     return request(
         b"Connection: " + connection,
@@ -63,7 +71,9 @@ def ws_request(*extra: bytes, target: bytes = b"/chat", method: bytes = b"GET",
         b"Sec-WebSocket-Key: " + KEY,
         b"Sec-WebSocket-Version: 13",
         *extra,
-        target=target, method=method, body=body,
+        target=target,
+        method=method,
+        body=body,
     )
 
 
@@ -89,39 +99,6 @@ def elements(head: bytes, name: bytes) -> list[bytes]:
 
 def names(head: bytes) -> set[bytes]:
     return {n.lower() for n, _ in parse_head(head)[1]}
-
-
-def recv_exactly(sock: socket.socket, n: int, buf: bytearray | None = None) -> bytes:
-    buf = buf if buf is not None else bytearray()
-    while len(buf) < n:
-        data = sock.recv(65536)
-        if not data:
-            raise EOFError(f"closed after {len(buf)} of {n} bytes: {bytes(buf)!r}")
-        buf += data
-    out = bytes(buf[:n])
-    del buf[:n]
-    return out
-
-
-def quiet_read(sock: socket.socket, wait: float = QUIET) -> tuple[bytes, bool]:
-    """Whatever arrives until `wait` passes with nothing new, or EOF: (bytes, closed)."""
-    out = bytearray()
-    old = sock.gettimeout()
-    sock.settimeout(wait)
-    try:
-        while True:
-            try:
-                data = sock.recv(65536)
-            except TimeoutError:
-                return bytes(out), False
-            except ConnectionResetError:
-                return bytes(out), True
-            if not data:
-                return bytes(out), True
-            out += data
-    finally:
-        with contextlib.suppress(OSError):
-            sock.settimeout(old)
 
 
 def assert_nothing_more(conn, wait: float = QUIET) -> None:
@@ -193,15 +170,28 @@ def test_upgrade_offer_allowed_protocols_in_client_order(make_proxy, raw_upstrea
     up = raw_upstream()
     proxy = make_proxy(config(up.port, route='upgrade: ["websocket", "spdy"]'))
     c = client(proxy)
-    c.sendall(ws_request(*E2E_LINES, upgrade=b"SPDY/3.1, h2c, WebSocket, foo/2",
-                         connection=b"keep-alive, Upgrade"))
+    c.sendall(
+        ws_request(
+            *E2E_LINES,
+            upgrade=b"SPDY/3.1, h2c, WebSocket, foo/2",
+            connection=b"keep-alive, Upgrade",
+        )
+    )
     conn = up.accept()
     head = conn.read_head()
     assert head.startswith(b"GET /chat HTTP/1.1\r\n")
     assert_offer(head, [b"SPDY/3.1", b"WebSocket"])
     sent = parse_head(ws_request(*E2E_LINES))[1]
-    e2e = {b"host", b"sec-websocket-key", b"sec-websocket-version", b"sec-websocket-protocol",
-           b"sec-websocket-extensions", b"origin", b"cookie", b"authorization"}
+    e2e = {
+        b"host",
+        b"sec-websocket-key",
+        b"sec-websocket-version",
+        b"sec-websocket-protocol",
+        b"sec-websocket-extensions",
+        b"origin",
+        b"cookie",
+        b"authorization",
+    }
     assert [f for f in parse_head(head)[1] if f[0].lower() in e2e] == [
         f for f in sent if f[0].lower() in e2e
     ]
@@ -247,8 +237,11 @@ def test_route_allow_list(make_proxy, raw_upstream, client, allow, offered, expe
     head = conn.read_head()
     if expected:
         assert_offer(head, expected)
-        conn.send(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: " + expected[0]
-                  + b"\r\nConnection: Upgrade\r\n\r\n")
+        conn.send(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: "
+            + expected[0]
+            + b"\r\nConnection: Upgrade\r\n\r\n"
+        )
         resp, buf = read_response_head(c)
         assert status_of(resp) == 101
         c.sendall(b"spdy-up")
@@ -297,14 +290,24 @@ def test_websocket_get_without_key_is_not_offered(make_proxy, raw_upstream, clie
 @pytest.mark.parametrize(
     "key_lines",
     [
-        pytest.param([b"Sec-WebSocket-Key: not-base64!", b"Sec-WebSocket-Version: 13"],
-                     id="key-not-base64"),
-        pytest.param([b"Sec-WebSocket-Key: AAAAAAAAAAAAAAAAAAAA", b"Sec-WebSocket-Version: 13"],
-                     id="key-15-bytes"),
-        pytest.param([b"Sec-WebSocket-Key: " + KEY, b"Sec-WebSocket-Key: " + KEY,
-                      b"Sec-WebSocket-Version: 13"], id="two-keys"),
-        pytest.param([b"Sec-WebSocket-Key: " + KEY, b"Sec-WebSocket-Version: x"],
-                     id="version-not-numeric"),
+        pytest.param(
+            [b"Sec-WebSocket-Key: not-base64!", b"Sec-WebSocket-Version: 13"], id="key-not-base64"
+        ),
+        pytest.param(
+            [b"Sec-WebSocket-Key: AAAAAAAAAAAAAAAAAAAA", b"Sec-WebSocket-Version: 13"],
+            id="key-15-bytes",
+        ),
+        pytest.param(
+            [
+                b"Sec-WebSocket-Key: " + KEY,
+                b"Sec-WebSocket-Key: " + KEY,
+                b"Sec-WebSocket-Version: 13",
+            ],
+            id="two-keys",
+        ),
+        pytest.param(
+            [b"Sec-WebSocket-Key: " + KEY, b"Sec-WebSocket-Version: x"], id="version-not-numeric"
+        ),
     ],
 )
 def test_malformed_websocket_handshake_is_400(make_proxy, raw_upstream, client, key_lines):
@@ -367,14 +370,24 @@ def assert_502_and_no_tunnel(c, conn, leaked: bytes) -> None:
     ("upgrade_line", "answer"),
     [
         pytest.param(b"websocket", SWITCH_H2C, id="protocol-not-offered"),
-        pytest.param(b"websocket", SWITCH_WS.replace(b"Upgrade: websocket", b"Upgrade: foo"),
-                     id="other-protocol-right-accept"),
-        pytest.param(b"websocket", SWITCH_WS.replace(ACCEPT, b"AAAAAAAAAAAAAAAAAAAAAAAAAAA="),
-                     id="bad-accept"),
-        pytest.param(b"websocket", SWITCH_WS.replace(b"Sec-WebSocket-Accept: " + ACCEPT + b"\r\n",
-                                                     b""), id="missing-accept"),
-        pytest.param(b"websocket", SWITCH_WS.replace(b"Upgrade: websocket\r\n", b""),
-                     id="missing-upgrade"),
+        pytest.param(
+            b"websocket",
+            SWITCH_WS.replace(b"Upgrade: websocket", b"Upgrade: foo"),
+            id="other-protocol-right-accept",
+        ),
+        pytest.param(
+            b"websocket",
+            SWITCH_WS.replace(ACCEPT, b"AAAAAAAAAAAAAAAAAAAAAAAAAAA="),
+            id="bad-accept",
+        ),
+        pytest.param(
+            b"websocket",
+            SWITCH_WS.replace(b"Sec-WebSocket-Accept: " + ACCEPT + b"\r\n", b""),
+            id="missing-accept",
+        ),
+        pytest.param(
+            b"websocket", SWITCH_WS.replace(b"Upgrade: websocket\r\n", b""), id="missing-upgrade"
+        ),
     ],
 )
 def test_bad_101_is_502(make_proxy, raw_upstream, client, upgrade_line, answer):
@@ -424,22 +437,38 @@ def test_101_to_route_allowing_none_is_502(make_proxy, raw_upstream, client):
 
 
 NON_101 = [
-    pytest.param(b"HTTP/1.1 200 OK\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                 b"Content-Length: 5\r\n\r\nhello", 200, b"hello", id="200"),
-    pytest.param(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 6\r\n\r\ndenied", 403, b"denied",
-                 id="403"),
-    pytest.param(b"HTTP/1.1 426 Upgrade Required\r\nUpgrade: websocket\r\n"
-                 b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
-                 b"Transfer-Encoding: chunked\r\n\r\n4\r\nnope\r\n0\r\n\r\n", 426, b"nope",
-                 id="426-chunked"),
-    pytest.param(b"HTTP/1.1 400 Bad Request\r\nConnection: keep-alive, Upgrade\r\n"
-                 b"Upgrade: websocket\r\nContent-Length: 3\r\n\r\nbad", 400, b"bad", id="400"),
+    pytest.param(
+        b"HTTP/1.1 200 OK\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Content-Length: 5\r\n\r\nhello",
+        200,
+        b"hello",
+        id="200",
+    ),
+    pytest.param(
+        b"HTTP/1.1 403 Forbidden\r\nContent-Length: 6\r\n\r\ndenied", 403, b"denied", id="403"
+    ),
+    pytest.param(
+        b"HTTP/1.1 426 Upgrade Required\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n4\r\nnope\r\n0\r\n\r\n",
+        426,
+        b"nope",
+        id="426-chunked",
+    ),
+    pytest.param(
+        b"HTTP/1.1 400 Bad Request\r\nConnection: keep-alive, Upgrade\r\n"
+        b"Upgrade: websocket\r\nContent-Length: 3\r\n\r\nbad",
+        400,
+        b"bad",
+        id="400",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("answer", "status", "body"), NON_101)
-def test_non_101_relayed_and_connection_stays_http(make_proxy, raw_upstream, client, answer,
-                                                   status, body):
+def test_non_101_relayed_and_connection_stays_http(
+    make_proxy, raw_upstream, client, answer, status, body
+):
     """Rule 2: "Any other status is relayed as an ordinary response (its `Upgrade` header
     stripped), that upstream connection is not reused, and the client connection stays HTTP:
     what the client sends next is parsed as a new request and routed like any other, never
@@ -486,8 +515,10 @@ def test_3xx_to_upgrade_is_relayed_not_followed(make_proxy, raw_upstream, client
     c.sendall(ws_request())
     conn = up.accept()
     conn.read_head()
-    conn.send(status_line + b"\r\nLocation: " + location + b"\r\nUpgrade: websocket\r\n"
-              b"Content-Length: 0\r\n\r\n")
+    conn.send(
+        status_line + b"\r\nLocation: " + location + b"\r\nUpgrade: websocket\r\n"
+        b"Content-Length: 0\r\n\r\n"
+    )
     status, headers, _, _ = read_response(c)
     assert status == int(status_line.split(b" ")[1])
     assert headers[b"location"] == location
@@ -535,8 +566,7 @@ def test_upstream_bytes_behind_101_reach_client_first(make_proxy, raw_upstream, 
     assert conn.read_exactly(len(CLIENT_FRAME)) == CLIENT_FRAME
 
 
-def test_early_bytes_after_declined_upgrade_are_the_next_request(make_proxy, raw_upstream,
-                                                                 client):
+def test_early_bytes_after_declined_upgrade_are_the_next_request(make_proxy, raw_upstream, client):
     """Rule 2: "the client connection stays HTTP: what the client sends next is parsed as a
     new request and routed like any other, never passed on raw." (the next request was
     pipelined behind the upgrade request, in the same write)"""
@@ -574,8 +604,10 @@ def test_cve_2018_1002105_failed_upgrade_is_no_tunnel(make_proxy, raw_upstream, 
     c.sendall(ws_request(target=b"/api/exec"))
     backend = up.accept(0)
     backend.read_head()
-    backend.send(b"HTTP/1.1 403 Forbidden\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: 17\r\n\r\n{\"kind\":\"Status\"}")
+    backend.send(
+        b"HTTP/1.1 403 Forbidden\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 17\r\n\r\n{"kind":"Status"}'
+    )
     status, _, body, _ = read_response(c)
     assert (status, body) == (403, b'{"kind":"Status"}')
     # The follow-up is outside every route: the proxy must answer it, not the backend.
@@ -596,8 +628,10 @@ def test_cve_2019_17567_no_tunnel_without_101(make_proxy, raw_upstream, client):
     c.sendall(ws_request())
     backend = up.accept(0)
     backend.read_head()
-    backend.send(b"HTTP/1.1 200 OK\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                 b"Sec-WebSocket-Accept: " + ACCEPT + b"\r\nContent-Length: 0\r\n\r\n")
+    backend.send(
+        b"HTTP/1.1 200 OK\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: " + ACCEPT + b"\r\nContent-Length: 0\r\n\r\n"
+    )
     status, headers, _, buf = read_response(c)
     assert status == 200
     assert b"upgrade" not in headers
@@ -614,18 +648,39 @@ def test_cve_2019_17567_no_tunnel_without_101(make_proxy, raw_upstream, client):
 @pytest.mark.parametrize(
     ("answer", "status", "body", "smuggled"),
     [
-        pytest.param(ok_response(b"ok") + b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\nsmuggle",
-                     200, b"ok", b"smuggle", id="response-smuggled-after-200"),
-        pytest.param(ok_response(b"") + SWITCH_WS + b"TUNNEL-DATA", 200, b"", b"TUNNEL-DATA",
-                     id="101-after-200"),
-        pytest.param(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\nTUNNEL-DATA", 403, b"",
-                     b"TUNNEL-DATA", id="raw-bytes-after-403"),
-        pytest.param(SERVER_FRAME + SWITCH_WS + b"TUNNEL-DATA", 502, None, b"Hello",
-                     id="tunnel-bytes-before-101"),
+        pytest.param(
+            ok_response(b"ok") + b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\nsmuggle",
+            200,
+            b"ok",
+            b"smuggle",
+            id="response-smuggled-after-200",
+        ),
+        pytest.param(
+            ok_response(b"") + SWITCH_WS + b"TUNNEL-DATA",
+            200,
+            b"",
+            b"TUNNEL-DATA",
+            id="101-after-200",
+        ),
+        pytest.param(
+            b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\nTUNNEL-DATA",
+            403,
+            b"",
+            b"TUNNEL-DATA",
+            id="raw-bytes-after-403",
+        ),
+        pytest.param(
+            SERVER_FRAME + SWITCH_WS + b"TUNNEL-DATA",
+            502,
+            None,
+            b"Hello",
+            id="tunnel-bytes-before-101",
+        ),
     ],
 )
-def test_cve_2024_23326_upstream_bytes_outside_a_101(make_proxy, raw_upstream, client, answer,
-                                                     status, body, smuggled):
+def test_cve_2024_23326_upstream_bytes_outside_a_101(
+    make_proxy, raw_upstream, client, answer, status, body, smuggled
+):
     """CVE-2024-23326 (Envoy): bytes an upstream sent after a non-101 response (or before its
     101) were treated as tunnel data. Rule 2: "Any other status is relayed as an ordinary
     response ..., that upstream connection is not reused"; only "bytes behind the upstream's
@@ -658,26 +713,50 @@ def test_cve_2024_23326_upstream_bytes_outside_a_101(make_proxy, raw_upstream, c
 # --- h2c smuggling (Bishop Fox, 2020) ----------------------------------------------------
 
 H2C_VARIANTS = [
-    pytest.param(request(b"Upgrade: h2c", b"Connection: Upgrade, HTTP2-Settings",
-                         b"HTTP2-Settings: " + H2_SETTINGS), [], id="classic-h2csmuggler"),
-    pytest.param(request(b"Upgrade: h2c", b"HTTP2-Settings: " + H2_SETTINGS), [],
-                 id="upgrade-without-connection"),
+    pytest.param(
+        request(
+            b"Upgrade: h2c",
+            b"Connection: Upgrade, HTTP2-Settings",
+            b"HTTP2-Settings: " + H2_SETTINGS,
+        ),
+        [],
+        id="classic-h2csmuggler",
+    ),
+    pytest.param(
+        request(b"Upgrade: h2c", b"HTTP2-Settings: " + H2_SETTINGS),
+        [],
+        id="upgrade-without-connection",
+    ),
     pytest.param(request(b"Connection: upgrade", b"Upgrade: H2C"), [], id="uppercase-h2c"),
-    pytest.param(ws_request(b"HTTP2-Settings: " + H2_SETTINGS,
-                            connection=b"Upgrade, HTTP2-Settings", upgrade=b"websocket, h2c"),
-                 [b"websocket"], id="websocket-and-h2c-proper-handshake"),
-    pytest.param(request(b"Connection: Upgrade, HTTP2-Settings", b"Upgrade: websocket, h2c",
-                         b"HTTP2-Settings: " + H2_SETTINGS), [],
-                 id="websocket-and-h2c-without-handshake"),
+    pytest.param(
+        ws_request(
+            b"HTTP2-Settings: " + H2_SETTINGS,
+            connection=b"Upgrade, HTTP2-Settings",
+            upgrade=b"websocket, h2c",
+        ),
+        [b"websocket"],
+        id="websocket-and-h2c-proper-handshake",
+    ),
+    pytest.param(
+        request(
+            b"Connection: Upgrade, HTTP2-Settings",
+            b"Upgrade: websocket, h2c",
+            b"HTTP2-Settings: " + H2_SETTINGS,
+        ),
+        [],
+        id="websocket-and-h2c-without-handshake",
+    ),
     pytest.param(request(b"HTTP2-Settings: " + H2_SETTINGS), [], id="http2-settings-alone"),
-    pytest.param(request(b"Connection: HTTP2-Settings", b"HTTP2-Settings: " + H2_SETTINGS), [],
-                 id="http2-settings-nominated"),
+    pytest.param(
+        request(b"Connection: HTTP2-Settings", b"HTTP2-Settings: " + H2_SETTINGS),
+        [],
+        id="http2-settings-nominated",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("req", "offer"), H2C_VARIANTS)
-def test_h2c_smuggling_never_offered_never_tunnelled(make_proxy, raw_upstream, client, req,
-                                                     offer):
+def test_h2c_smuggling_never_offered_never_tunnelled(make_proxy, raw_upstream, client, req, offer):
     """h2c smuggling (Bishop Fox, 2020): a proxy that forwards `Upgrade: h2c` and relays the
     backend's 101 hands the client an HTTP/2 connection straight to the backend, past every
     proxy rule. Rule 1: "an `Upgrade` header holding only the protocols the route allows";
@@ -711,27 +790,39 @@ def test_hop_by_hop_removed_on_the_way_up(make_proxy, raw_upstream, client):
     up = raw_upstream()
     proxy = make_proxy(config(up.port))
     c = client(proxy)
-    c.sendall(request(
-        b"Connection: keep-alive, X-Secret",
-        b"Connection: X-Other",
-        b"X-Secret: hush",
-        b"x-other: hush",
-        b"Keep-Alive: timeout=5, max=100",
-        b"Proxy-Connection: keep-alive",
-        b"TE: trailers",
-        b"Trailer: X-Checksum",
-        b"Transfer-Encoding: chunked",
-        b"Proxy-Authorization: Basic dXNlcjpwYXNz",
-        b"HTTP2-Settings: " + H2_SETTINGS,
-        b"X-Keep: yes",
-        method=b"POST", target=b"/up",
-        body=b"5\r\nhello\r\n0\r\n\r\n",
-    ))
+    c.sendall(
+        request(
+            b"Connection: keep-alive, X-Secret",
+            b"Connection: X-Other",
+            b"X-Secret: hush",
+            b"x-other: hush",
+            b"Keep-Alive: timeout=5, max=100",
+            b"Proxy-Connection: keep-alive",
+            b"TE: trailers",
+            b"Trailer: X-Checksum",
+            b"Transfer-Encoding: chunked",
+            b"Proxy-Authorization: Basic dXNlcjpwYXNz",
+            b"HTTP2-Settings: " + H2_SETTINGS,
+            b"X-Keep: yes",
+            method=b"POST",
+            target=b"/up",
+            body=b"5\r\nhello\r\n0\r\n\r\n",
+        )
+    )
     conn = up.accept()
     head = conn.read_head()
     present = names(head)
-    for gone in (b"x-secret", b"x-other", b"keep-alive", b"proxy-connection", b"te",
-                 b"trailer", b"proxy-authorization", b"http2-settings", b"upgrade"):
+    for gone in (
+        b"x-secret",
+        b"x-other",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"proxy-authorization",
+        b"http2-settings",
+        b"upgrade",
+    ):
         assert gone not in present, (gone, head)
     for token in elements(head, b"connection"):
         assert token.lower() in (b"keep-alive", b"close"), head
@@ -751,22 +842,31 @@ def test_hop_by_hop_removed_on_the_way_down(make_proxy, raw_upstream, client):
     c.sendall(request(target=b"/down"))
     conn = up.accept()
     conn.read_head()
-    conn.send(b"HTTP/1.1 200 OK\r\n"
-              b"Keep-Alive: timeout=5, max=100\r\n"
-              b"Proxy-Authenticate: Basic realm=\"x\"\r\n"
-              b"Connection: X-Foo\r\n"
-              b"X-Foo: bar\r\n"
-              b"Trailer: X-Checksum\r\n"
-              b"Upgrade: h2c, websocket\r\n"
-              b"Proxy-Connection: keep-alive\r\n"
-              b"HTTP2-Settings: " + H2_SETTINGS + b"\r\n"
-              b"X-Keep: yes\r\n"
-              b"Content-Length: 2\r\n\r\nok")
+    conn.send(
+        b"HTTP/1.1 200 OK\r\n"
+        b"Keep-Alive: timeout=5, max=100\r\n"
+        b'Proxy-Authenticate: Basic realm="x"\r\n'
+        b"Connection: X-Foo\r\n"
+        b"X-Foo: bar\r\n"
+        b"Trailer: X-Checksum\r\n"
+        b"Upgrade: h2c, websocket\r\n"
+        b"Proxy-Connection: keep-alive\r\n"
+        b"HTTP2-Settings: " + H2_SETTINGS + b"\r\n"
+        b"X-Keep: yes\r\n"
+        b"Content-Length: 2\r\n\r\nok"
+    )
     head, buf = read_response_head(c)
     assert status_of(head) == 200
     present = names(head)
-    for gone in (b"keep-alive", b"proxy-authenticate", b"x-foo", b"trailer", b"upgrade",
-                 b"proxy-connection", b"http2-settings"):
+    for gone in (
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"x-foo",
+        b"trailer",
+        b"upgrade",
+        b"proxy-connection",
+        b"http2-settings",
+    ):
         assert gone not in present, (gone, head)
     for token in elements(head, b"connection"):
         assert token.lower() in (b"keep-alive", b"close"), head
@@ -780,8 +880,12 @@ def test_connection_cannot_remove_proxy_forwarding_headers(make_proxy, raw_upstr
     up = raw_upstream()
     proxy = make_proxy(config(up.port))
     c = client(proxy)
-    c.sendall(request(b"Connection: X-Forwarded-For, X-Forwarded-Proto, X-Forwarded-Host, Via",
-                      b"X-Forwarded-For: 6.6.6.6"))
+    c.sendall(
+        request(
+            b"Connection: X-Forwarded-For, X-Forwarded-Proto, X-Forwarded-Host, Via",
+            b"X-Forwarded-For: 6.6.6.6",
+        )
+    )
     conn = up.accept()
     head = conn.read_head()
     assert values(head, b"x-forwarded-for") == [b"127.0.0.1"]
@@ -824,8 +928,7 @@ def assert_proxy_via(head: bytes) -> None:
 
 
 @pytest.mark.parametrize("upgrade", [False, True], ids=["plain", "upgrade"])
-def test_forwarding_headers_replaced_for_untrusted_peer(make_proxy, raw_upstream, client,
-                                                        upgrade):
+def test_forwarding_headers_replaced_for_untrusted_peer(make_proxy, raw_upstream, client, upgrade):
     """Rule 4: "Adds `X-Forwarded-For`, `X-Forwarded-Proto`, `X-Forwarded-Host` and `Via`.
     Client-supplied ones are replaced, unless the peer is in `trusted_proxies`" """
     up = raw_upstream()
@@ -841,8 +944,7 @@ def test_forwarding_headers_replaced_for_untrusted_peer(make_proxy, raw_upstream
 
 
 @pytest.mark.parametrize("upgrade", [False, True], ids=["plain", "upgrade"])
-def test_forwarding_headers_appended_for_trusted_peer(make_proxy, raw_upstream, client,
-                                                      upgrade):
+def test_forwarding_headers_appended_for_trusted_peer(make_proxy, raw_upstream, client, upgrade):
     """Rule 4: "... unless the peer is in `trusted_proxies`, in which case the proxy appends to
     them." """
     up = raw_upstream()
@@ -889,8 +991,14 @@ def test_chunked_request_body_forwarded(make_proxy, raw_upstream, client):
     up = raw_upstream()
     proxy = make_proxy(config(up.port))
     c = client(proxy)
-    c.sendall(request(b"Transfer-Encoding: chunked", method=b"POST", target=b"/upload",
-                      body=b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\n\r\n"))
+    c.sendall(
+        request(
+            b"Transfer-Encoding: chunked",
+            method=b"POST",
+            target=b"/upload",
+            body=b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\n\r\n",
+        )
+    )
     conn = up.accept()
     head = conn.read_head()
     assert [v.lower() for v in values(head, b"transfer-encoding")] == [b"chunked"]
@@ -906,8 +1014,9 @@ def test_content_length_request_body_forwarded(make_proxy, raw_upstream, client)
     up = raw_upstream()
     proxy = make_proxy(config(up.port))
     c = client(proxy)
-    c.sendall(request(b"Content-Length: 11", method=b"POST", target=b"/upload",
-                      body=b"hello world"))
+    c.sendall(
+        request(b"Content-Length: 11", method=b"POST", target=b"/upload", body=b"hello world")
+    )
     conn = up.accept()
     head = conn.read_head()
     assert values(head, b"content-length") == [b"11"]
@@ -926,8 +1035,17 @@ def test_upgrade_request_with_body_then_tunnel(make_proxy, raw_upstream, client)
     up = raw_upstream()
     proxy = make_proxy(config(up.port, route='upgrade: ["spdy"]'))
     c = client(proxy)
-    c.sendall(request(b"Connection: Upgrade", b"Upgrade: SPDY/3.1", b"Content-Length: 4",
-                      method=b"POST", target=b"/stream", body=b"ping") + b"EARLY")
+    c.sendall(
+        request(
+            b"Connection: Upgrade",
+            b"Upgrade: SPDY/3.1",
+            b"Content-Length: 4",
+            method=b"POST",
+            target=b"/stream",
+            body=b"ping",
+        )
+        + b"EARLY"
+    )
     conn = up.accept()
     head = conn.read_head()
     assert head.startswith(b"POST /stream HTTP/1.1\r\n")
@@ -935,8 +1053,9 @@ def test_upgrade_request_with_body_then_tunnel(make_proxy, raw_upstream, client)
     assert values(head, b"content-length") == [b"4"]
     assert conn.read_exactly(4) == b"ping"
     assert_nothing_more(conn)
-    conn.send(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: SPDY/3.1\r\n"
-              b"Connection: Upgrade\r\n\r\n")
+    conn.send(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: SPDY/3.1\r\nConnection: Upgrade\r\n\r\n"
+    )
     resp, buf = read_response_head(c)
     assert status_of(resp) == 101
     assert conn.read_exactly(5) == b"EARLY"
@@ -955,16 +1074,26 @@ def test_upgrade_with_body_answered_at_once_is_not_a_premature_101(make_proxy, r
         while True:
             conn.read_head()
             conn.read_exactly(4)
-            conn.send(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: SPDY/3.1\r\n"
-                      b"Connection: Upgrade\r\n\r\n")
+            conn.send(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: SPDY/3.1\r\n"
+                b"Connection: Upgrade\r\n\r\n"
+            )
             conn.send(conn.read_exactly(2))
 
     up = raw_upstream(switch_after_body)
     proxy = make_proxy(config(up.port, route='upgrade: ["spdy"]'))
     for _ in range(30):
         with socket.create_connection(proxy.address, timeout=5) as c:
-            c.sendall(request(b"Connection: Upgrade", b"Upgrade: SPDY/3.1", b"Content-Length: 4",
-                              method=b"POST", target=b"/stream", body=b"ping"))
+            c.sendall(
+                request(
+                    b"Connection: Upgrade",
+                    b"Upgrade: SPDY/3.1",
+                    b"Content-Length: 4",
+                    method=b"POST",
+                    target=b"/stream",
+                    body=b"ping",
+                )
+            )
             resp, buf = read_response_head(c)
             assert status_of(resp) == 101
             c.sendall(b"ok")

@@ -22,7 +22,6 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -31,7 +30,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.extensions.permessage_deflate import PerMessageDeflate
 from websockets.sync.client import connect
 
-from tests.conftest import RawConn, proxy_yaml, raw_client, read_response_head
+from tests.conftest import RawConn, eventually, proxy_yaml, raw_client, read_response_head
 
 MiB = 1 << 20
 WAIT = 10  # seconds: the bound on any single wait in this file
@@ -137,16 +136,6 @@ def send_then_fin(sock: socket.socket, payload: bytes, errors: list[BaseExceptio
         sock.shutdown(socket.SHUT_WR)
     except BaseException as exc:
         errors.append(exc)
-
-
-def eventually(predicate: Callable[[], bool], timeout: float = 5) -> bool:
-    """Poll `predicate` until true or `timeout` passes; returns its last value."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return predicate()
-        time.sleep(0.02)
-    return True
 
 
 # --- messages --------------------------------------------------------------------------
