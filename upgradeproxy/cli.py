@@ -76,7 +76,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do one scripted round trip through the demo and exit 0/1",
     )
-    demo.add_argument("--port", type=int, default=8080, help="proxy port (0 picks one)")
+    demo.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help="proxy port (default 8080, or any free port if 8080 is taken; 0 picks one)",
+    )
     demo.add_argument("--log-format", choices=("json", "text"), default=None)
     return parser
 

@@ -120,7 +120,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         if args.selftest:
             return trio.run(selftest, sys.stdout)
-        trio.run(_interactive, args.port)
+        trio.run(_interactive, _demo_port(args.port))
     except KeyboardInterrupt:
         return 130  # Ctrl-C before the signal handlers were in place, or during --selftest
     except (OSError, BaseExceptionGroup) as exc:
@@ -130,6 +130,28 @@ def main(args: argparse.Namespace) -> int:
         print(f"upgradeproxy demo: cannot start: {reason}", file=sys.stderr)
         return 1
     return 0
+
+
+DEFAULT_PORT = 8080
+
+
+def _demo_port(asked: int | None) -> int:
+    """The port asked for; without one, 8080 unless something already listens there.
+
+    A first run should just work, so a busy default falls back to a free port (said on
+    stderr); a port given explicitly is used as given, and a busy one is an error.
+    """
+    if asked is not None:
+        return asked
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the listener will
+        try:
+            probe.bind(("127.0.0.1", DEFAULT_PORT))
+        except OSError:
+            print(f"upgradeproxy demo: port {DEFAULT_PORT} is taken; using a free one",
+                  file=sys.stderr)  # fmt: skip
+            return 0
+    return DEFAULT_PORT
 
 
 def not_a_metrics_poll(record: logging.LogRecord) -> bool:

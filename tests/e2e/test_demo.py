@@ -35,12 +35,13 @@ STARTUP_TIMEOUT = 15
 class DemoProcess:
     """`upgradeproxy demo --port 0` in a subprocess; stdout is the banner, stderr the JSON log."""
 
-    def __init__(self, *extra: str) -> None:
+    def __init__(self, *extra: str, port: str | None = "0") -> None:
         # A file, not a pipe: nobody reads stderr while the demo runs, and a full pipe would
         # stall its logging. Closed in `stop()`.
         self.stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115
+        port_args = ("--port", port) if port is not None else ()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "upgradeproxy", "demo", "--port", "0", "--log-format",
+            [sys.executable, "-m", "upgradeproxy", "demo", *port_args, "--log-format",
              "json", *extra],
             stdout=subprocess.PIPE, stderr=self.stderr, text=True,
         )  # fmt: skip
@@ -310,3 +311,24 @@ def _read_to_eof(sock: socket.socket) -> bytes:
     while chunk := sock.recv(65536):
         data += chunk
     return data
+
+
+def test_default_port_taken_falls_back_to_a_free_one() -> None:
+    """The first command a new user runs must work: with 8080 taken and no --port, the demo
+    serves on another port and says so (an explicit busy --port is an error, tested above)."""
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        holder.bind(("127.0.0.1", 8080))
+        holder.listen(1)
+    except OSError:
+        pass  # something else holds 8080 already: the same situation
+    demo = DemoProcess(port=None)
+    try:
+        assert demo.port != 8080
+        with connect(demo.ws_url, open_timeout=10) as ws:
+            assert json.loads(ws.recv())["type"] == "handshake"
+        assert "port 8080 is taken" in demo.log_text()
+    finally:
+        demo.stop()
+        holder.close()
