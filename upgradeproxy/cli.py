@@ -18,7 +18,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TextIO
 
 import trio
 
@@ -102,9 +102,7 @@ def _check(args: argparse.Namespace) -> int:
     try:
         config = load_config(path)
     except ConfigError as err:
-        for problem in err.problems:
-            print(problem)
-        print(f"{path}: {len(err.problems)} problem(s)", file=sys.stderr)
+        _print_problems(err)
         return 1
     routes = len(config.routes)
     print(
@@ -112,6 +110,24 @@ def _check(args: argparse.Namespace) -> int:
         f"upstream(s), {routes} route(s))"
     )
     return 0
+
+
+def _print_problems(err: ConfigError) -> None:
+    """One line per problem, the same for `check` and `run`: on stderr, where errors go, and
+    on stdout too when that is another file, so a script reading either stream sees them
+    (a terminal, where both are one, shows them once)."""
+    text = "\n".join(str(problem) for problem in err.problems)
+    print(text, file=sys.stderr, flush=True)
+    if not _same_file(sys.stdout, sys.stderr):
+        print(text, flush=True)
+
+
+def _same_file(a: TextIO, b: TextIO) -> bool:
+    try:
+        sa, sb = os.fstat(a.fileno()), os.fstat(b.fileno())
+    except (OSError, ValueError):  # no real file behind one of them (e.g. pytest capture)
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -129,8 +145,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         config = load_config(path)
     except ConfigError as err:
-        for problem in err.problems:
-            print(problem, file=sys.stderr)
+        _print_problems(err)
         return 2
     if config.workers > 1 and worker is None:
         return supervise(config, path, resolve_format(args.log_format), args.access_log)

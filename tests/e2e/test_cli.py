@@ -86,6 +86,19 @@ def test_check_reports_every_problem(tmp_path):
     assert "Traceback" not in output
 
 
+def test_problems_are_on_stderr_and_on_a_separate_stdout(tmp_path):
+    """`check` and `run` print the same problem lines, on stderr (where errors go) and, when
+    stdout is another file, there too: a script reading either stream sees every problem."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BAD_CONFIG)
+    for command, code in (("check", 1), ("run", 2)):
+        result = run_cli(command, "--config", str(bad), env=env_without_config())
+        assert result.returncode == code
+        assert result.stdout == result.stderr
+        assert problem_lines(result.stderr, bad) == result.stderr.splitlines()
+        assert len(result.stderr.splitlines()) >= 4
+
+
 def test_check_typo_suggests_the_nearest_key(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(BAD_CONFIG)
