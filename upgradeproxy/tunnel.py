@@ -258,7 +258,16 @@ async def _pump_splice(
                     continue
                 if not data:
                     return  # EOF
-                await _write_all(tun, direction, dst_fd, data)
+                try:
+                    # Inline: the common case (all of a small message accepted at once) then
+                    # costs no coroutine; only a partial write goes the awaiting way.
+                    sent = os.write(dst_fd, data)
+                except BlockingIOError:
+                    sent = 0
+                if sent:
+                    tun.moved(direction, sent)
+                if sent < len(data):
+                    await _write_all(tun, direction, dst_fd, data[sent:])
                 if len(data) < _SMALL:
                     continue
                 pipe = _open_pipe(pipe_size)
@@ -302,14 +311,8 @@ async def _drain_pipe(tun: _Tunnel, direction: Direction, pipe_r: int, dst_fd: i
 
 
 async def _write_all(tun: _Tunnel, direction: Direction, dst_fd: int, data: bytes) -> None:
-    """Write a small read to `dst_fd` from Python, waiting while its send buffer is full."""
-    try:
-        sent = os.write(dst_fd, data)  # almost always all of it: a small message
-    except BlockingIOError:
-        sent = 0
-    if sent:
-        tun.moved(direction, sent)
-    view = memoryview(data)[sent:]
+    """Write the rest of a small read to `dst_fd`, waiting while its send buffer is full."""
+    view = memoryview(data)
     while view:
         try:
             sent = os.write(dst_fd, view)
