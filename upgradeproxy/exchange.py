@@ -82,6 +82,7 @@ class Exchange:
     ws_key: bytes | None
     has_body: bool
     rec: ExchangeRecord
+    needs_host: bool = False  # no Host and no authority (HTTP/1.0): the server's address goes
     pump: BodyPump | None = None  # set while a request body is being streamed
 
 
@@ -275,10 +276,13 @@ def _prepare(client: Client, request: h11.Request, rec: ExchangeRecord) -> Excha
         # RFC 9112 §3.2.2: the target's authority replaces Host, as routing used it.
         raw = [(n, v) for n, v in raw if n.lower() != b"host"]
     headers = upstream_request_headers(raw, hop, offer, framing)
-    if authority is not None and (absolute or not hdr.get_all(raw, b"host")):
+    if absolute and authority is not None:
         headers.insert(0, (b"Host", authority))
     upstream = client.rt.config.upstreams[route.upstream]
-    return Exchange(request, route, upstream, target, headers, offer, ws_key, has_body, rec)
+    return Exchange(
+        request, route, upstream, target, headers, offer, ws_key, has_body, rec,
+        needs_host=authority is None,
+    )  # fmt: skip
 
 
 def _framing(raw: list[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, bytes]], bool]:
@@ -370,7 +374,7 @@ async def _open_upstream(
 async def _exchange_on(client: Client, ex: Exchange, conn: UpstreamConn) -> bool | Switched:
     """Send the request on `conn` and relay the answer; True if the client may continue."""
     headers = ex.headers
-    if not hdr.get_all(headers, b"host"):
+    if ex.needs_host:
         # An HTTP/1.0 client may omit Host; the upstream leg is HTTP/1.1 and needs one.
         headers = [(b"Host", str(conn.server.address).encode()), *headers]
     request = h11.Request(method=ex.request.method, target=ex.target, headers=headers)
