@@ -74,14 +74,14 @@ routes: [{{upstream: app}}]
         assert ws.recv() == "still fine"
 
 
-def test_tls_to_upstream_with_verification(make_proxy, ws_upstream, ca, proxy_cert, tmp_path):
-    """Upstream `tls: {verify: true, ca: FILE}`: the proxy speaks TLS to the upstream."""
+def _proxy_to_tls_upstream(make_proxy, ws_upstream, trusted, issuer, tmp_path):
+    """A proxy whose upstream speaks TLS with a cert from `issuer`, verified against `trusted`."""
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    issuer.issue_cert("127.0.0.1").configure_cert(server_ctx)
     up = ws_upstream(ssl=server_ctx)
     ca_path = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_path))
-    proxy = make_proxy(f"""
+    trusted.cert_pem.write_to_path(str(ca_path))
+    return make_proxy(f"""
 listen: [{{address: "127.0.0.1:0"}}]
 upstreams:
   app:
@@ -89,6 +89,11 @@ upstreams:
     tls: {{verify: true, ca: "{ca_path}"}}
 routes: [{{upstream: app}}]
 """)
+
+
+def test_tls_to_upstream_with_verification(make_proxy, ws_upstream, ca, tmp_path):
+    """Upstream `tls: {verify: true, ca: FILE}`: the proxy speaks TLS to the upstream."""
+    proxy = _proxy_to_tls_upstream(make_proxy, ws_upstream, ca, ca, tmp_path)
     with connect(proxy.url("/up-tls")) as ws:
         ws.send("to a tls upstream")
         assert ws.recv() == "to a tls upstream"
@@ -96,19 +101,8 @@ routes: [{{upstream: app}}]
 
 def test_tls_upstream_with_untrusted_cert_is_502(make_proxy, ws_upstream, ca, tmp_path):
     """An upstream certificate that does not verify is a connect failure: 502, not a tunnel."""
-    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    trustme.CA().issue_cert("127.0.0.1").configure_cert(server_ctx)  # a CA we do not trust
-    up = ws_upstream(ssl=server_ctx)
-    ca_path = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_path))
-    proxy = make_proxy(f"""
-listen: [{{address: "127.0.0.1:0"}}]
-upstreams:
-  app:
-    servers: ["127.0.0.1:{up.port}"]
-    tls: {{verify: true, ca: "{ca_path}"}}
-routes: [{{upstream: app}}]
-""")
+    untrusted = trustme.CA()  # signs the upstream's cert; the proxy trusts only `ca`
+    proxy = _proxy_to_tls_upstream(make_proxy, ws_upstream, ca, untrusted, tmp_path)
     with socket.create_connection(proxy.address, timeout=5) as sock:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         status, _, _, _ = read_response(sock)
