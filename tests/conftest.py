@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 import trio
 
-from upgradeproxy.config import Config
-from upgradeproxy.loader import parse_config
-from upgradeproxy.server import Proxy
+from upgradeproxy.config.loader import parse_config
+from upgradeproxy.config.model import Config
+from upgradeproxy.service.server import Proxy
 
 LOOPBACK = "127.0.0.1"
 

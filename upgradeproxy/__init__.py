@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from upgradeproxy.config import Config
-from upgradeproxy.server import Proxy, serve
+from upgradeproxy.config.model import Config
+from upgradeproxy.service.server import Proxy, serve
 
 __version__ = "0.1.0"
 __all__ = ["Config", "Proxy", "__version__", "serve"]

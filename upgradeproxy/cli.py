@@ -5,7 +5,7 @@ problems, `demo --selftest` failed or `run` could not start (e.g. a port in use)
 that fails validation stopped `run`, or the command line was wrong.
 
 `run` serves in this process when `workers` is 1; above that it becomes the supervisor in
-`upgradeproxy.workers`, which starts each worker as `run --worker I`.
+`upgradeproxy.service.workers`, which starts each worker as `run --worker I`.
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ from typing import Final, TextIO
 import trio
 
 from upgradeproxy import __version__
-from upgradeproxy.config import Address, Config
-from upgradeproxy.errors import os_error_behind
-from upgradeproxy.loader import ConfigError, load_config
-from upgradeproxy.logs import resolve_format, setup_logging
-from upgradeproxy.server import Proxy
-from upgradeproxy.workers import WORKERS_NEED_RESTART, supervise
+from upgradeproxy.config.loader import ConfigError, load_config
+from upgradeproxy.config.model import Address, Config
+from upgradeproxy.report.logs import resolve_format, setup_logging
+from upgradeproxy.rules.errors import os_error_behind
+from upgradeproxy.service.server import Proxy
+from upgradeproxy.service.workers import WORKERS_NEED_RESTART, supervise
 
 log = logging.getLogger("upgradeproxy")
 
@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
             default=None,
             help="log format on stderr (default: text on a TTY, json otherwise)",
         )
-    # Internal: how the `workers` supervisor starts its workers (see upgradeproxy.workers).
+    # Internal: how the `workers` supervisor starts its workers (see upgradeproxy.service.workers).
     run = sub.choices["run"]
     run.add_argument(
         "--no-access-log",
@@ -269,6 +269,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check(args)
     if args.command == "run":
         return _run(args)
-    from upgradeproxy.demo import main as demo_main
+    from upgradeproxy.demo.main import main as demo_main
 
     return demo_main(args)

@@ -26,8 +26,8 @@ import trio
 from websockets.sync.client import connect
 
 from tests.conftest import run_cli
-from upgradeproxy import demo as demo_module
-from upgradeproxy.demo import SelftestFailed, round_trip, selftest
+from upgradeproxy.demo import main as demo_module
+from upgradeproxy.demo.main import SelftestFailed, round_trip, selftest
 
 STARTUP_TIMEOUT = 15
 
@@ -142,7 +142,7 @@ def test_page_is_served_through_the_proxy(demo: DemoProcess) -> None:
 
 def test_banner_prints_the_config_it_runs(demo: DemoProcess) -> None:
     """The YAML in the banner is a valid config naming the real upstream."""
-    from upgradeproxy.loader import parse_config
+    from upgradeproxy.config.loader import parse_config
 
     text = demo.banner.split("The config it runs:", 1)[1].split("Access log", 1)[0]
     config = parse_config(text, "banner")

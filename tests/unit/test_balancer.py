@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from upgradeproxy.balancer import Balancer
-from upgradeproxy.config import Address, Balance, Server
+from upgradeproxy.config.model import Address, Balance, Server
+from upgradeproxy.rules.balancer import Balancer
 
 NAMES = "abcdefgh"
 POLICIES: list[Balance] = ["round_robin", "least_conn"]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from upgradeproxy.loader import load_config, parse_config
+from upgradeproxy.config.loader import load_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted([*ROOT.glob("config/*.yaml"), ROOT / "deploy" / "pool.yaml"])

@@ -1,4 +1,4 @@
-"""Table tests for `upgradeproxy.forwarding` (interface.md rules 3 and 4)."""
+"""Table tests for `upgradeproxy.rules.forwarding` (interface.md rules 3 and 4)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import ipaddress
 
 import pytest
 
-from upgradeproxy.forwarding import (
+from upgradeproxy.rules.forwarding import (
     Hop,
     forwarding_headers,
     is_trusted,

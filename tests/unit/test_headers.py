@@ -1,4 +1,4 @@
-"""Table tests for the pure header rules in `upgradeproxy.headers`.
+"""Table tests for the pure header rules in `upgradeproxy.rules.headers`.
 
 One row per RFC rule or contract clause (interface.md rules 1-3); each row's id names it.
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from upgradeproxy import headers as hdr
+from upgradeproxy.rules import headers as hdr
 
 # RFC 6455 §1.3's worked example.
 RFC_KEY = b"dGhlIHNhbXBsZSBub25jZQ=="

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from upgradeproxy.config import (
+from upgradeproxy.config.loader import ConfigError, ConfigProblem, load_config, parse_config
+from upgradeproxy.config.model import (
     Address,
     Limits,
     Listener,
@@ -19,8 +20,7 @@ from upgradeproxy.config import (
     Timeouts,
     UpstreamTls,
 )
-from upgradeproxy.loader import ConfigError, ConfigProblem, load_config, parse_config
-from upgradeproxy.values import parse_address, parse_duration
+from upgradeproxy.config.values import parse_address, parse_duration
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "upgradeproxy.yaml"
 

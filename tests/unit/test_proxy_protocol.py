@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from upgradeproxy.proxy_protocol import (
+from upgradeproxy.rules.proxy_protocol import (
     MAX_HEADER_BYTES,
     NEED_MORE,
     ProxyHeader,

@@ -1,11 +1,17 @@
-"""Table tests for `upgradeproxy.routing`: host normalisation, matching and request targets."""
+"""Table tests for `upgradeproxy.rules.routing`: host normalisation, matching, targets."""
 
 from __future__ import annotations
 
 import pytest
 
-from upgradeproxy.config import Route
-from upgradeproxy.routing import Router, host_matches, normalize_host, path_matches, split_target
+from upgradeproxy.config.model import Route
+from upgradeproxy.rules.routing import (
+    Router,
+    host_matches,
+    normalize_host,
+    path_matches,
+    split_target,
+)
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ from typing import Final, cast
 import h11
 import trio
 
-from upgradeproxy.config import Address
+from upgradeproxy.config.model import Address
 
 MAX_RECV: Final = 65536
 

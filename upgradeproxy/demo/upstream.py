@@ -30,9 +30,15 @@ from wsproto.events import (
     TextMessage,
 )
 
-from upgradeproxy.streams import MAX_RECV, STREAM_ERRORS, HttpStream, PeerClosed, aclose_quietly
+from upgradeproxy.path.streams import (
+    MAX_RECV,
+    STREAM_ERRORS,
+    HttpStream,
+    PeerClosed,
+    aclose_quietly,
+)
 
-log = logging.getLogger("upgradeproxy.demo")
+log = logging.getLogger("upgradeproxy.demo.main")
 
 HEAD_TIMEOUT: Final = 10.0  # a request head, or keep-alive idle (outlives the proxy's 4 s pool)
 WS_IDLE_TIMEOUT: Final = 3600.0
@@ -53,7 +59,7 @@ _PEER_ERRORS: Final = (
 
 def demo_page() -> bytes:
     """The demo page, from the package data."""
-    return (files("upgradeproxy") / "static" / "demo.html").read_bytes()
+    return (files("upgradeproxy.demo") / "static" / "demo.html").read_bytes()
 
 
 def websocket_key(request: h11.Request) -> bytes | None:

@@ -29,11 +29,11 @@ from typing import Final
 import trio
 from prometheus_client.multiprocess import mark_process_dead
 
-from upgradeproxy.config import Config
-from upgradeproxy.loader import ConfigError, load_config
-from upgradeproxy.telemetry import MULTIPROC_ENV
+from upgradeproxy.config.loader import ConfigError, load_config
+from upgradeproxy.config.model import Config
+from upgradeproxy.report.telemetry import MULTIPROC_ENV
 
-log = logging.getLogger("upgradeproxy.workers")
+log = logging.getLogger("upgradeproxy.service.workers")
 
 RESTART_MIN: Final = 0.5  # seconds before replacing a worker that died
 RESTART_MAX: Final = 30.0

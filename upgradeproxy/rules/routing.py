@@ -6,7 +6,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from upgradeproxy.config import Route
+from upgradeproxy.config.model import Route
 
 
 def normalize_host(host: bytes | str | None) -> str | None:

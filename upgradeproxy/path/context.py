@@ -7,12 +7,12 @@ from dataclasses import dataclass, field
 
 import trio
 
-from upgradeproxy.balancer import Balancer
-from upgradeproxy.config import Config
-from upgradeproxy.routing import Router
-from upgradeproxy.streams import HttpStream
-from upgradeproxy.telemetry import Telemetry
-from upgradeproxy.upstream import Pool, client_tls_context
+from upgradeproxy.config.model import Config
+from upgradeproxy.path.streams import HttpStream
+from upgradeproxy.path.upstream import Pool, client_tls_context
+from upgradeproxy.report.telemetry import Telemetry
+from upgradeproxy.rules.balancer import Balancer
+from upgradeproxy.rules.routing import Router
 
 
 @dataclass(slots=True)

@@ -16,8 +16,8 @@ import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from upgradeproxy import values
-from upgradeproxy.config import (
+from upgradeproxy.config import values
+from upgradeproxy.config.model import (
     DEFAULT_UPGRADE,
     Address,
     Admin,
@@ -33,7 +33,7 @@ from upgradeproxy.config import (
     Upstream,
     UpstreamTls,
 )
-from upgradeproxy.values import parse_address
+from upgradeproxy.config.values import parse_address
 
 T = TypeVar("T")
 

@@ -24,14 +24,14 @@ from wsproto.connection import Connection, ConnectionType
 from wsproto.events import CloseConnection, TextMessage
 
 from upgradeproxy import __version__
-from upgradeproxy.demo_upstream import serve_upstream
-from upgradeproxy.errors import os_error_behind
-from upgradeproxy.loader import parse_config
-from upgradeproxy.logs import setup_logging
-from upgradeproxy.server import Proxy
-from upgradeproxy.streams import MAX_RECV, STREAM_ERRORS
+from upgradeproxy.config.loader import parse_config
+from upgradeproxy.demo.upstream import serve_upstream
+from upgradeproxy.path.streams import MAX_RECV, STREAM_ERRORS
+from upgradeproxy.report.logs import setup_logging
+from upgradeproxy.rules.errors import os_error_behind
+from upgradeproxy.service.server import Proxy
 
-log = logging.getLogger("upgradeproxy.demo")
+log = logging.getLogger("upgradeproxy.demo.main")
 
 LOOPBACK: Final = "127.0.0.1"
 SELFTEST_TIMEOUT: Final = 10.0

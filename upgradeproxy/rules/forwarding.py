@@ -10,8 +10,8 @@ import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from upgradeproxy.config import IPNetwork
-from upgradeproxy.headers import Headers, get_all, strip_hop_by_hop
+from upgradeproxy.config.model import IPNetwork
+from upgradeproxy.rules.headers import Headers, get_all, strip_hop_by_hop
 
 _FORWARDING = frozenset(
     {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded"}

@@ -13,17 +13,17 @@ from dataclasses import dataclass
 
 import trio
 
-from upgradeproxy.admin import open_admin, serve_admin
-from upgradeproxy.config import Address, Config, Listener
-from upgradeproxy.context import Peer, Runtime, Shared
-from upgradeproxy.exchange import serve_client
-from upgradeproxy.proxy_protocol import (
+from upgradeproxy.config.model import Address, Config, Listener
+from upgradeproxy.path.context import Peer, Runtime, Shared
+from upgradeproxy.path.exchange import serve_client
+from upgradeproxy.path.streams import STREAM_ERRORS, PrefixedStream, aclose_quietly, bind_socket
+from upgradeproxy.rules.proxy_protocol import (
     MAX_HEADER_BYTES,
     NEED_MORE,
     ProxyProtocolError,
     parse_proxy_header,
 )
-from upgradeproxy.streams import STREAM_ERRORS, PrefixedStream, aclose_quietly, bind_socket
+from upgradeproxy.service.admin import open_admin, serve_admin
 
 log = logging.getLogger("upgradeproxy")
 

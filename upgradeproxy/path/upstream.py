@@ -16,8 +16,8 @@ from typing import Final
 import h11
 import trio
 
-from upgradeproxy.config import Server, UpstreamTls
-from upgradeproxy.streams import STREAM_ERRORS, HttpStream, aclose_quietly, looks_closed
+from upgradeproxy.config.model import Server, UpstreamTls
+from upgradeproxy.path.streams import STREAM_ERRORS, HttpStream, aclose_quietly, looks_closed
 
 MAX_IDLE_PER_SERVER: Final = 256
 # Below common upstream keep-alive timeouts (nginx 75 s, Node 5 s is the outlier) so that we

@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
-from upgradeproxy.config import Address, IPNetwork
+from upgradeproxy.config.model import Address, IPNetwork
 
 T = TypeVar("T")
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from upgradeproxy.config import Balance, Server
+from upgradeproxy.config.model import Balance, Server
 
 # How long a refusing server goes to the back of the line (nginx `fail_timeout` is also 10s).
 DEFAULT_FAIL_SECONDS: Final = 10.0

@@ -20,12 +20,28 @@ from typing import Final, cast
 import h11
 import trio
 
-from upgradeproxy import headers as hdr
-from upgradeproxy.balancer import Balancer
-from upgradeproxy.body import BodyPump
-from upgradeproxy.config import Route, Upstream
-from upgradeproxy.context import Client, Peer, Runtime, Shared
-from upgradeproxy.errors import (
+from upgradeproxy.config.model import Route, Upstream
+from upgradeproxy.path.body import BodyPump
+from upgradeproxy.path.context import Client, Peer, Runtime, Shared
+from upgradeproxy.path.handover import Switched
+from upgradeproxy.path.streams import (
+    MAX_RECV,
+    STREAM_ERRORS,
+    HttpStream,
+    PeerClosed,
+    aclose_quietly,
+    linger,
+)
+from upgradeproxy.path.upstream import (
+    ConnectFailed,
+    UpstreamConn,
+    connect,
+    new_upstream_conn,
+)
+from upgradeproxy.report.telemetry import ExchangeRecord
+from upgradeproxy.rules import headers as hdr
+from upgradeproxy.rules.balancer import Balancer
+from upgradeproxy.rules.errors import (
     REASONS,
     BadRequest,
     BadSwitch,
@@ -37,24 +53,8 @@ from upgradeproxy.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from upgradeproxy.forwarding import Hop, is_trusted, upstream_request_headers, via_value
-from upgradeproxy.handover import Switched
-from upgradeproxy.routing import normalize_host, split_target
-from upgradeproxy.streams import (
-    MAX_RECV,
-    STREAM_ERRORS,
-    HttpStream,
-    PeerClosed,
-    aclose_quietly,
-    linger,
-)
-from upgradeproxy.telemetry import ExchangeRecord
-from upgradeproxy.upstream import (
-    ConnectFailed,
-    UpstreamConn,
-    connect,
-    new_upstream_conn,
-)
+from upgradeproxy.rules.forwarding import Hop, is_trusted, upstream_request_headers, via_value
+from upgradeproxy.rules.routing import normalize_host, split_target
 
 log = logging.getLogger("upgradeproxy")
 

@@ -8,17 +8,17 @@ from collections.abc import Callable
 import h11
 import trio
 
-from upgradeproxy.config import Address
-from upgradeproxy.errors import REASONS
-from upgradeproxy.streams import (
+from upgradeproxy.config.model import Address
+from upgradeproxy.path.streams import (
     STREAM_ERRORS,
     HttpStream,
     PeerClosed,
     aclose_quietly,
     bind_socket,
 )
+from upgradeproxy.rules.errors import REASONS
 
-log = logging.getLogger("upgradeproxy.admin")
+log = logging.getLogger("upgradeproxy.service.admin")
 
 Page = tuple[int, bytes, bytes]  # status, content type, body
 METRICS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import trio
 
-from upgradeproxy.balancer import Balancer
-from upgradeproxy.config import Server
-from upgradeproxy.streams import STREAM_ERRORS, aclose_quietly
-from upgradeproxy.telemetry import ExchangeRecord, Telemetry
-from upgradeproxy.tunnel import TunnelStats, run_tunnel
+from upgradeproxy.config.model import Server
+from upgradeproxy.path.streams import STREAM_ERRORS, aclose_quietly
+from upgradeproxy.path.tunnel import TunnelStats, run_tunnel
+from upgradeproxy.report.telemetry import ExchangeRecord, Telemetry
+from upgradeproxy.rules.balancer import Balancer
 
 
 @dataclass(slots=True, eq=False)

@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 import h11
 import trio
 
-from upgradeproxy.context import Client
-from upgradeproxy.errors import BadRequest, ClientGone, RequestTimeout
-from upgradeproxy.headers import bare_lf_chunk_line
-from upgradeproxy.streams import STREAM_ERRORS, PeerClosed
-from upgradeproxy.telemetry import ExchangeRecord
-from upgradeproxy.upstream import UpstreamConn
+from upgradeproxy.path.context import Client
+from upgradeproxy.path.streams import STREAM_ERRORS, PeerClosed
+from upgradeproxy.path.upstream import UpstreamConn
+from upgradeproxy.report.telemetry import ExchangeRecord
+from upgradeproxy.rules.errors import BadRequest, ClientGone, RequestTimeout
+from upgradeproxy.rules.headers import bare_lf_chunk_line
 
 
 @dataclass(slots=True)
