@@ -76,6 +76,11 @@ class Route:
     host: str | None = None
     path_prefix: str = "/"
     upgrade: tuple[str, ...] = DEFAULT_UPGRADE
+    upgrade_tokens: tuple[bytes, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Encoded once here, not on every request.
+        object.__setattr__(self, "upgrade_tokens", tuple(t.encode() for t in self.upgrade))
 
 
 @dataclass(frozen=True, slots=True)

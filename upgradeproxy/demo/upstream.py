@@ -139,12 +139,12 @@ async def serve_connection(stream: trio.abc.Stream, page: bytes, room: ChatRoom)
             key = websocket_key(request) if request.target == WS_PATH else None
             if key is not None:
                 await _switch(http, key)
-                await _serve_websocket(stream, request, http.conn.trailing_data[0], room)
+                await _serve_websocket(stream, request, http.h11.trailing_data[0], room)
                 return
             await _respond(http, request, page)
-            if http.conn.our_state is not h11.DONE or http.conn.their_state is not h11.DONE:
+            if http.h11.our_state is not h11.DONE or http.h11.their_state is not h11.DONE:
                 return
-            http.conn.start_next_cycle()
+            http.h11.start_next_cycle()
     except* _PEER_ERRORS as group:
         log.debug("demo upstream: closing a connection: %s", group.exceptions[0])
     except* Exception:
@@ -174,7 +174,7 @@ async def _read_request(http: HttpStream) -> h11.Request | None:
 
 async def _send_error(http: HttpStream, status: int) -> None:
     """Answer a malformed request (h11 says how bad) if a response can still be sent."""
-    if http.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+    if http.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
         return
     body = b"%d bad request\n" % status
     headers = [(b"Content-Type", b"text/plain"), (b"Content-Length", b"%d" % len(body)),

@@ -63,11 +63,11 @@ class BodyPump:
         """The next body event, reading under `timeouts.idle`; ValueError for a bare-LF
         chunk line, which h11 would wait on for a CRLF that never comes."""
         http = self.client.http
-        while (event := http.conn.next_event()) is h11.NEED_DATA:
+        while (event := http.h11.next_event()) is h11.NEED_DATA:
             if (
                 self.chunked
                 and self.at_chunk_line
-                and bare_lf_chunk_line(http.conn.trailing_data[0])
+                and bare_lf_chunk_line(http.h11.trailing_data[0])
             ):
                 raise ValueError("chunk line not ended by CRLF")
             with trio.fail_after(self.client.rt.config.timeouts.idle):

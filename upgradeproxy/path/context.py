@@ -12,6 +12,7 @@ from upgradeproxy.path.streams import HttpStream
 from upgradeproxy.path.upstream import Pool, client_tls_context
 from upgradeproxy.report.telemetry import Telemetry
 from upgradeproxy.rules.balancer import Balancer
+from upgradeproxy.rules.plan import Origin
 from upgradeproxy.rules.routing import Router
 
 
@@ -51,11 +52,14 @@ class Client:
     """One client connection's context."""
 
     http: HttpStream
-    peer_ip: str
-    proto: bytes
+    origin: Origin
     rt: Runtime
     shared: Shared
     first: bool = True
+
+    @property
+    def peer_ip(self) -> str:
+        return self.origin.ip
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,16 +15,16 @@ import logging
 import re
 import time
 from dataclasses import dataclass, replace
-from typing import Final, cast
+from typing import Final, TypeVar, cast
 
 import h11
 import trio
 
-from upgradeproxy.config.model import Route, Upstream
 from upgradeproxy.path.body import BodyPump
 from upgradeproxy.path.context import Client, Peer, Runtime, Shared
-from upgradeproxy.path.handover import Switched
+from upgradeproxy.path.handover import Done, Outcome, Switched
 from upgradeproxy.path.streams import (
+    CLIENT_IO,
     MAX_RECV,
     STREAM_ERRORS,
     HttpStream,
@@ -40,21 +40,21 @@ from upgradeproxy.path.upstream import (
 )
 from upgradeproxy.report.telemetry import ExchangeRecord
 from upgradeproxy.rules import headers as hdr
+from upgradeproxy.rules import plan as planning
 from upgradeproxy.rules.balancer import Balancer
 from upgradeproxy.rules.errors import (
     REASONS,
     BadRequest,
     BadSwitch,
     ClientGone,
-    MethodNotAllowed,
-    NoRoute,
+    ErrorKind,
     ProxyError,
     RequestTimeout,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from upgradeproxy.rules.forwarding import Hop, is_trusted, upstream_request_headers, via_value
-from upgradeproxy.rules.routing import normalize_host, split_target
+from upgradeproxy.rules.forwarding import via_value
+from upgradeproxy.rules.plan import Plan
 
 log = logging.getLogger("upgradeproxy")
 
@@ -63,6 +63,7 @@ _MIGHT_SWITCH: Final = h11.MIGHT_SWITCH_PROTOCOL  # type: ignore[attr-defined]
 _CLOSE_ON_ERROR = (h11.LocalProtocolError, *STREAM_ERRORS)
 _PUMP_GRACE: Final = 0.05
 _HEAD_END: Final = re.compile(rb"\n\r?\n")
+_Head = TypeVar("_Head", h11.Response, h11.InformationalResponse)
 
 
 class _Stale(Exception):
@@ -71,18 +72,11 @@ class _Stale(Exception):
 
 @dataclass(slots=True)
 class Exchange:
-    """One request in flight: where it goes and what the answer must prove."""
+    """One request in flight: its plan, its access record and its body pump."""
 
-    request: h11.Request
-    route: Route
-    upstream: Upstream
-    target: bytes
-    headers: list[tuple[bytes, bytes]]
-    offer: list[bytes]
-    ws_key: bytes | None
-    has_body: bool
+    method: bytes
+    plan: Plan
     rec: ExchangeRecord
-    needs_host: bool = False  # no Host and no authority (HTTP/1.0): the server's address goes
     pump: BodyPump | None = None  # set while a request body is being streamed
 
 
@@ -106,13 +100,13 @@ async def _serve_http(
     )
     if peer.leftover:
         conn.receive_data(peer.leftover)
-    proto = b"https" if peer.tls else b"http"
-    client = Client(HttpStream(conn, stream), peer.ip, proto, rt, shared)
+    origin = planning.Origin(peer.ip, b"https" if peer.tls else b"http")
+    client = Client(HttpStream(conn, stream), origin, rt, shared)
     while True:
         outcome = await _one_exchange(client)
         if isinstance(outcome, Switched):
             return outcome
-        if not outcome or shared.draining:
+        if outcome is Done.CLOSE or shared.draining:
             if conn.their_state in (h11.SEND_BODY, h11.ERROR):
                 await linger(stream)  # the client may still be sending what we did not read
             return None
@@ -120,39 +114,41 @@ async def _serve_http(
         client.first = False
 
 
-async def _one_exchange(client: Client) -> bool | Switched:
-    """Handle one request; True if the connection may carry another, or the tunnel to run."""
+async def _one_exchange(client: Client) -> Outcome:
+    """Handle one request: the connection goes on, closes, or becomes the returned tunnel."""
     rec = ExchangeRecord(client=client.peer_ip)
     try:
         request = await _read_request(client)
         if request is None:
-            return False
+            return Done.CLOSE
         rec.started = time.monotonic()
         return await _handle(client, request, rec)
     except ProxyError as err:
         rec.status = err.status
         rec.error = err.detail
         log.info("%s %s: %s", client.peer_ip, err.status, err.detail)
-        if err.upstream_side and err.kind not in ("connect", "connect_timeout"):
+        if err.upstream_side and not err.counted:
             client.shared.telemetry.upstream_error(rec.upstream, err.kind)
         method = rec.method.encode() if rec.method else None
-        _finish_bodiless_request(client)
+        _drain_buffered_body(client)
         sent = await _send_error(client, err, method)
-        return sent and not err.close and _client_reusable(client)
+        return (
+            Done.KEEP_ALIVE if sent and not err.close and _client_reusable(client) else Done.CLOSE
+        )
     except (ClientGone, PeerClosed):
         rec.error = rec.error or "client closed the connection"
-        return False
+        return Done.CLOSE
     finally:
         # Errors raised before h11 produced a request (400, 431, 408) are exchanges too.
-        if (rec.method or rec.status) and rec.kind == "http":
+        if (rec.method or rec.status) and not rec.logged:
             rec.duration = time.monotonic() - rec.started
             client.shared.telemetry.exchange_done(rec)
 
 
-def _finish_bodiless_request(client: Client) -> None:
+def _drain_buffered_body(client: Client) -> None:
     """Consume what h11 already holds of a request's body, so keep-alive can go on if that
     was all of it; a body still on the wire is not read, and the connection closes."""
-    conn = client.http.conn
+    conn = client.http.h11
     with contextlib.suppress(h11.RemoteProtocolError):
         while conn.their_state is h11.SEND_BODY:
             if not isinstance(conn.next_event(), h11.Data):
@@ -160,7 +156,7 @@ def _finish_bodiless_request(client: Client) -> None:
 
 
 def _client_reusable(client: Client) -> bool:
-    conn = client.http.conn
+    conn = client.http.h11
     return conn.our_state is h11.DONE and conn.their_state is h11.DONE
 
 
@@ -168,8 +164,11 @@ def _client_reusable(client: Client) -> bool:
 
 
 async def _read_request(client: Client) -> h11.Request | None:
-    """The next request head, or None when the client closed or idled out between requests."""
-    conn = client.http.conn
+    """The next request head, or None when the client closed or idled out between requests.
+
+    Raises BadRequest (400/431), RequestTimeout and ClientGone.
+    """
+    conn = client.http.h11
     timeouts = client.rt.config.timeouts
     started = client.first or bool(conn.trailing_data[0])
     deadline = trio.current_time() + (timeouts.request_header if started else timeouts.idle)
@@ -195,14 +194,16 @@ async def _read_request(client: Client) -> h11.Request | None:
 
 
 async def _receive_until(client: Client, deadline: float, started: bool) -> bytes | None:
-    """One read before `deadline`; None if an idle keep-alive wait ran out (close quietly)."""
+    """One read before `deadline`; None if an idle keep-alive wait ran out (close quietly).
+
+    Raises RequestTimeout when a started head runs out of time, ClientGone on a broken stream.
+    """
     with trio.CancelScope(deadline=deadline) as scope:
         if not started:
             client.shared.idle_waits.add(scope)
         try:
-            return cast(bytes, await client.http.stream.receive_some(MAX_RECV))
-        except STREAM_ERRORS as exc:
-            raise ClientGone(str(exc)) from None
+            with CLIENT_IO:
+                return cast(bytes, await client.http.stream.receive_some(MAX_RECV))
         finally:
             client.shared.idle_waits.discard(scope)
     if started:
@@ -229,87 +230,34 @@ def _check_raw_head(conn: h11.Connection, limit: int) -> None:
         raise BadRequest(problem)
 
 
-# --- deciding where it goes ----------------------------------------------------------
-
-
-def _prepare(client: Client, request: h11.Request, rec: ExchangeRecord) -> Exchange:
-    """Validate, route and rewrite a request head; raises the ProxyError that answers it."""
-    raw = list(request.headers.raw_items())
-    rec.method = request.method.decode("latin-1")
-    # For the access log even when a check below rejects the request; refined after routing.
-    rec.host = b",".join(hdr.get_all(raw, b"host")).decode("latin-1")
-    rec.path = request.target.split(b"?", 1)[0].decode("latin-1")
-    if request.http_version not in (b"1.0", b"1.1"):
-        raise BadRequest(f"unsupported HTTP version {request.http_version.decode('latin-1')}")
-    if request.method == b"CONNECT":
-        raise MethodNotAllowed("CONNECT is not supported")
-    if problem := hdr.framing_problem(raw, request.http_version):
-        raise BadRequest(problem)
-    try:
-        authority, path, target = split_target(request.method, request.target, raw)
-    except ValueError as exc:
-        raise BadRequest(str(exc)) from None
-    host = normalize_host(authority)
-    rec.host = (authority or b"").decode("latin-1")
-    rec.path = path
-    route = client.rt.router.match(host, path)
-    if route is None:
-        raise NoRoute(f"no route for {rec.host}{path}")
-    rec.route = f"{route.host or '*'}{route.path_prefix}"
-    rec.upstream = route.upstream
-    try:
-        offer, ws_key = hdr.upgrade_offer(
-            request.method, request.http_version, raw, [a.encode() for a in route.upgrade]
-        )
-    except ValueError as exc:
-        raise BadRequest(f"malformed WebSocket handshake: {exc}") from None
-    framing, has_body = _framing(raw)
-    hop = Hop(
-        client_ip=client.peer_ip,
-        proto=client.proto,
-        host=authority,
-        trusted=is_trusted(client.peer_ip, client.rt.config.trusted_proxies),
-        http_version=request.http_version,
-    )
-    absolute = request.target[:8].lower().startswith((b"http://", b"https://"))
-    if absolute:
-        # RFC 9112 §3.2.2: the target's authority replaces Host, as routing used it.
-        raw = [(n, v) for n, v in raw if n.lower() != b"host"]
-    headers = upstream_request_headers(raw, hop, offer, framing)
-    if absolute and authority is not None:
-        headers.insert(0, (b"Host", authority))
-    upstream = client.rt.config.upstreams[route.upstream]
-    return Exchange(
-        request, route, upstream, target, headers, offer, ws_key, has_body, rec,
-        needs_host=authority is None,
-    )  # fmt: skip
-
-
-def _framing(raw: list[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, bytes]], bool]:
-    """The framing header to send upstream and whether a body follows (h11 checked it)."""
-    if hdr.get_all(raw, b"transfer-encoding"):
-        return [(b"Transfer-Encoding", b"chunked")], True
-    lengths = hdr.get_all(raw, b"content-length")
-    if lengths:
-        value = lengths[0].split(b",")[0].strip()
-        return [(b"Content-Length", value)], int(value) > 0
-    return [], False
-
-
 # --- forwarding ----------------------------------------------------------------------
 
 
-async def _handle(client: Client, request: h11.Request, rec: ExchangeRecord) -> bool | Switched:
+def _plan(client: Client, request: h11.Request, rec: ExchangeRecord) -> Plan:
+    """The pure plan for `request`, noting in `rec` what is known before each check."""
+    head = planning.Head(
+        request.method, request.target, request.http_version, list(request.headers.raw_items())
+    )
+    rec.method, rec.host, rec.path = planning.log_fields(head)
+    located = planning.locate(head, client.rt.router)
+    rec.host = (located.authority or b"").decode("latin-1")
+    rec.path = located.path
+    rec.route = located.route_label
+    rec.upstream = located.route.upstream
+    return planning.plan(head, located, client.origin, client.rt.config)
+
+
+async def _handle(client: Client, request: h11.Request, rec: ExchangeRecord) -> Outcome:
     """Forward one request and relay (or switch on) its answer."""
-    ex = _prepare(client, request, rec)
-    balancer = client.rt.balancers[ex.route.upstream]
+    ex = Exchange(request.method, _plan(client, request, rec), rec)
+    balancer = client.rt.balancers[ex.plan.upstream.name]
     for attempt in range(2):
         # A retry after a stale pick goes to a fresh connection: the rest of the pool for
         # that server may have died with it (an upstream restart closes them all).
         conn = await _open_upstream(client, ex, balancer, pooled_ok=not attempt)
         rec.server = str(conn.server.address)
         balancer.acquire(conn.server)
-        outcome: bool | Switched = False
+        outcome: Outcome = Done.CLOSE
         try:
             outcome = await _exchange_on(client, ex, conn)
             return outcome
@@ -322,98 +270,107 @@ async def _handle(client: Client, request: h11.Request, rec: ExchangeRecord) -> 
                 outcome.release = (balancer, conn.server)  # held until the tunnel closes
             else:
                 balancer.release(conn.server)
-                if not _pooled(client, ex, conn):
+                if not _return_to_pool(client, ex, conn):
                     await aclose_quietly(conn.stream)
     raise AssertionError("unreachable")
 
 
-def _pooled(client: Client, ex: Exchange, conn: UpstreamConn) -> bool:
-    """Return `conn` to the pool if it may carry another request."""
-    h = conn.http.conn
-    if ex.offer or h.our_state is not h11.DONE or h.their_state is not h11.DONE:
+def _return_to_pool(client: Client, ex: Exchange, conn: UpstreamConn) -> bool:
+    """Put `conn` back in the pool if it may carry another request."""
+    h = conn.http.h11
+    if ex.plan.offer or h.our_state is not h11.DONE or h.their_state is not h11.DONE:
         return False
-    client.shared.pool.put(conn, ex.upstream.tls)
+    client.shared.pool.put(conn, ex.plan.upstream.tls)
     return True
 
 
 async def _open_upstream(
     client: Client, ex: Exchange, balancer: Balancer, *, pooled_ok: bool = True
 ) -> UpstreamConn:
-    """A pooled (if `pooled_ok`) or new connection, trying servers in the balancer's order."""
-    shared, rt = client.shared, client.rt
+    """A pooled (if `pooled_ok`) or new connection, trying servers in the balancer's order.
+
+    Raises UpstreamUnavailable or UpstreamTimeout when no server answered.
+    """
+    shared, rt, upstream = client.shared, client.rt, ex.plan.upstream
     now = trio.current_time()
     last: ConnectFailed | None = None
     timed_out = True
     for server in balancer.order(now):
-        pooled = shared.pool.take(server, ex.upstream.tls, probe=ex.has_body) if pooled_ok else None
+        pooled = (
+            shared.pool.take(server, upstream.tls, probe=ex.plan.has_body) if pooled_ok else None
+        )
         if pooled is not None:
             return pooled
         try:
             stream = await connect(
-                server,
-                rt.config.timeouts.connect,
-                ex.upstream.tls,
-                rt.tls_contexts[ex.upstream.name],
+                server, rt.config.timeouts.connect, upstream.tls, rt.tls_contexts[upstream.name]
             )
         except ConnectFailed as exc:
             last = exc
             ex.rec.server = str(server.address)  # the last one tried, like nginx's $upstream_addr
             timed_out = timed_out and exc.timed_out
             balancer.mark_failed(server, trio.current_time())
-            kind = "connect_timeout" if exc.timed_out else "connect"
-            shared.telemetry.upstream_error(ex.upstream.name, kind)
-            log.warning("upstream %s: %s", ex.upstream.name, exc)
+            kind: ErrorKind = "connect_timeout" if exc.timed_out else "connect"
+            shared.telemetry.upstream_error(upstream.name, kind)
+            log.warning("upstream %s: %s", upstream.name, exc)
             continue
         return new_upstream_conn(server, stream)
-    detail = f"no server of upstream {ex.upstream.name!r} answered ({last})"
-    if timed_out:
-        raise UpstreamTimeout(detail, kind="connect_timeout")
-    raise UpstreamUnavailable(detail, kind="connect")
+    detail = f"no server of upstream {upstream.name!r} answered ({last})"
+    err: ProxyError = (
+        UpstreamTimeout(detail, kind="connect_timeout")
+        if timed_out
+        else UpstreamUnavailable(detail, kind="connect")
+    )
+    err.counted = True
+    raise err
 
 
-async def _exchange_on(client: Client, ex: Exchange, conn: UpstreamConn) -> bool | Switched:
-    """Send the request on `conn` and relay the answer; True if the client may continue."""
-    headers = ex.headers
-    if ex.needs_host:
+async def _exchange_on(client: Client, ex: Exchange, conn: UpstreamConn) -> Outcome:
+    """Send the request on `conn` and relay the answer.
+
+    Raises _Stale when a reused connection fails before any byte of the answer, and the
+    ProxyErrors of the relay.
+    """
+    headers = ex.plan.headers
+    if ex.plan.needs_host:
         # An HTTP/1.0 client may omit Host; the upstream leg is HTTP/1.1 and needs one.
         headers = [(b"Host", str(conn.server.address).encode()), *headers]
-    request = h11.Request(method=ex.request.method, target=ex.target, headers=headers)
+    request = h11.Request(method=ex.method, target=ex.plan.located.target, headers=headers)
     try:
         await conn.http.send(request)
     except STREAM_ERRORS as exc:
         if conn.reused:
             raise _Stale() from exc
         raise UpstreamUnavailable(f"upstream reset: {exc}", kind="reset") from exc
-    if not ex.has_body:
-        client.http.conn.next_event()  # EndOfMessage: h11 knows there is no body.
+    if not ex.plan.has_body:
+        client.http.h11.next_event()  # EndOfMessage: h11 knows there is no body.
         await conn.http.send(h11.EndOfMessage())
         return await _relay_response(client, ex, conn)
     return await _with_body(client, ex, conn)
 
 
-async def _with_body(client: Client, ex: Exchange, conn: UpstreamConn) -> bool | Switched:
+async def _with_body(client: Client, ex: Exchange, conn: UpstreamConn) -> Outcome:
     """Stream the request body while relaying the response: an upstream may answer early."""
-    chunked = any(n == b"Transfer-Encoding" for n, _ in ex.headers)
-    pump = ex.pump = BodyPump(client, conn, ex.rec, chunked)
+    pump = ex.pump = BodyPump(client, conn, ex.rec, ex.plan.body == "chunked")
     failure: BaseException | None = None
-    keep: bool | Switched = False
+    outcome: Outcome = Done.CLOSE
     async with trio.open_nursery() as nursery:
         nursery.start_soon(pump.run, nursery.cancel_scope, name="request body")
         try:
-            keep = await _relay_response(client, ex, conn)
+            outcome = await _relay_response(client, ex, conn)
         except _Stale:
             # Body bytes may already be gone: never replay a request that had one.
             failure = UpstreamUnavailable("upstream closed the connection", kind="reset")
-        except (ProxyError, ClientGone, PeerClosed) as exc:
+        except (ProxyError, ClientGone) as exc:
             failure = exc
         nursery.cancel_scope.cancel()
     if pump.error is not None:
         raise pump.error
     if failure is not None:
         raise failure
-    if isinstance(keep, Switched):
-        return keep
-    return keep and pump.done
+    if outcome is Done.KEEP_ALIVE and not pump.done:
+        return Done.CLOSE
+    return outcome
 
 
 async def _upstream_event(
@@ -422,11 +379,13 @@ async def _upstream_event(
     """The next upstream event, with failures mapped to ProxyErrors.
 
     Whatever is queued for the client is written only when the upstream has nothing more
-    buffered, so a response head and a small body leave in one write.
+    buffered, so a response head and a small body leave in one write. Raises _Stale for a
+    reused connection that closed before answering, UpstreamUnavailable, UpstreamTimeout and
+    ClientGone (while flushing).
     """
     timeout = client.rt.config.timeouts.upstream_response
     try:
-        while (event := conn.http.conn.next_event()) is h11.NEED_DATA:
+        while (event := conn.http.h11.next_event()) is h11.NEED_DATA:
             await _flush(client)
             with trio.CancelScope() as scope:
                 if pump is not None and not pump.finished.is_set():
@@ -439,7 +398,7 @@ async def _upstream_event(
             if scope.cancelled_caught:
                 raise UpstreamTimeout(f"upstream did not respond within {timeout:g}s")
     except (h11.RemoteProtocolError, PeerClosed) as exc:
-        unread, closed = conn.http.conn.trailing_data
+        unread, closed = conn.http.h11.trailing_data
         if conn.reused and not started and not unread:
             raise _Stale() from exc
         if isinstance(exc, PeerClosed) or (closed and not unread):
@@ -452,11 +411,9 @@ async def _upstream_event(
 
 async def _flush(client: Client) -> None:
     """Write what is queued for the client; one that stops reading for `timeouts.idle` goes."""
-    with trio.CancelScope(deadline=trio.current_time() + client.rt.config.timeouts.idle) as scope:
-        try:
-            await client.http.flush()
-        except STREAM_ERRORS as exc:
-            raise ClientGone(str(exc)) from None
+    deadline = trio.current_time() + client.rt.config.timeouts.idle
+    with trio.CancelScope(deadline=deadline) as scope, CLIENT_IO:
+        await client.http.flush()
     if scope.cancelled_caught:
         raise ClientGone("client stopped reading")
 
@@ -467,8 +424,8 @@ async def _to_client(client: Client, event: h11.Event) -> None:
     await _flush(client)
 
 
-async def _relay_response(client: Client, ex: Exchange, conn: UpstreamConn) -> bool | Switched:
-    """Relay the upstream's answer; True if the client connection may continue."""
+async def _relay_response(client: Client, ex: Exchange, conn: UpstreamConn) -> Outcome:
+    """Relay the upstream's answer, or hand over to a tunnel on a valid 101."""
     started = False
     out = client.http
     while True:
@@ -479,33 +436,30 @@ async def _relay_response(client: Client, ex: Exchange, conn: UpstreamConn) -> b
         elif isinstance(event, h11.Response):
             started = True
             ex.rec.status = event.status_code
-            if ex.offer:
+            if ex.plan.offer:
                 _count_upgrade(client, ex, "declined")
-            headers = hdr.response_headers(
-                list(event.headers.raw_items()), _VIA, status=event.status_code
-            )
-            if client.shared.draining or not await _body_sent(ex):
-                headers.append((b"Connection", b"close"))
-            out.queue(
-                h11.Response(status_code=event.status_code, headers=headers, reason=event.reason)
-            )
+            close = client.shared.draining or not await _body_sent(ex)
+            out.queue(_relayed_head(h11.Response, event, close=close))
         elif isinstance(event, h11.EndOfMessage):
             await _to_client(client, h11.EndOfMessage())
-            return _client_reusable(client)
+            return Done.KEEP_ALIVE if _client_reusable(client) else Done.CLOSE
         elif isinstance(event, h11.InformationalResponse):
             if event.status_code == 101:
                 return await _switch(client, ex, conn, event)
-            if out.conn.their_http_version == b"1.1":
-                headers = hdr.response_headers(
-                    list(event.headers.raw_items()), _VIA, status=event.status_code
-                )
-                out.queue(
-                    h11.InformationalResponse(
-                        status_code=event.status_code, headers=headers, reason=event.reason
-                    )
-                )
+            if out.h11.their_http_version == b"1.1":
+                out.queue(_relayed_head(h11.InformationalResponse, event, close=False))
         else:
             raise UpstreamUnavailable("upstream closed mid-response", kind="reset")
+
+
+def _relayed_head(
+    cls: type[_Head], event: h11.Response | h11.InformationalResponse, *, close: bool
+) -> _Head:
+    """The upstream's response head as the client gets it: hop-by-hop gone, Via added."""
+    headers = hdr.response_headers(list(event.headers.raw_items()), _VIA, status=event.status_code)
+    if close:
+        headers.append((b"Connection", b"close"))
+    return cls(status_code=event.status_code, headers=headers, reason=event.reason)
 
 
 async def _body_sent(ex: Exchange) -> bool:
@@ -523,25 +477,28 @@ async def _body_sent(ex: Exchange) -> bool:
 
 
 def _count_upgrade(client: Client, ex: Exchange, result: str) -> None:
-    protocol = hdr.protocol_name(ex.offer[0]).decode("latin-1")
+    protocol = hdr.protocol_name(ex.plan.offer[0]).decode("latin-1")
     client.shared.telemetry.upgrade(ex.rec.route, protocol, result)
 
 
 async def _switch(
     client: Client, ex: Exchange, conn: UpstreamConn, event: h11.InformationalResponse
 ) -> Switched:
-    """Check a 101 and relay it; the returned `Switched` carries what the tunnel needs."""
+    """Check a 101 and relay it; the returned `Switched` carries what the tunnel needs.
+
+    Raises BadSwitch (502) for a 101 that does not answer the offer or came too early.
+    """
     raw = list(event.headers.raw_items())
-    problem = hdr.switch_problem(ex.offer, raw, ex.ws_key)
+    problem = hdr.switch_problem(list(ex.plan.offer), raw, ex.plan.ws_key)
     if problem is None and ex.pump is not None:
         # The upstream may have read the whole body before our pump task read the client's
         # end of it from h11: let the pump finish before judging the request incomplete.
         with trio.move_on_after(client.rt.config.timeouts.upstream_response):
             await ex.pump.finished.wait()
-    if problem is None and client.http.conn.their_state is not _MIGHT_SWITCH:
+    if problem is None and client.http.h11.their_state is not _MIGHT_SWITCH:
         problem = "101 before the request body was complete"
     if problem is not None:
-        if ex.offer:
+        if ex.plan.offer:
             _count_upgrade(client, ex, "rejected")
         raise BadSwitch(problem)
     chosen = hdr.comma_list(raw, b"upgrade")
@@ -555,13 +512,16 @@ async def _switch(
     _count_upgrade(client, ex, "switched")
     rec.duration = time.monotonic() - rec.started
     client.shared.telemetry.exchange_done(rec)
-    rec.kind = "tunnel"  # the HTTP line is written; keep _one_exchange from writing it again
-    tunnel_rec = replace(rec, started=time.monotonic(), duration=0.0, bytes_in=0, bytes_out=0)
+    rec.logged = True
+    tunnel_rec = replace(
+        rec, kind="tunnel", logged=False, started=time.monotonic(), duration=0.0,
+        bytes_in=0, bytes_out=0,
+    )  # fmt: skip
     return Switched(
         client=client.http.stream,
         upstream=conn.stream,
-        client_rest=client.http.conn.trailing_data[0],
-        upstream_rest=conn.http.conn.trailing_data[0],
+        client_rest=client.http.h11.trailing_data[0],
+        upstream_rest=conn.http.h11.trailing_data[0],
         rec=tunnel_rec,
         idle=client.rt.config.timeouts.tunnel_idle,
         telemetry=client.shared.telemetry,
@@ -573,7 +533,7 @@ async def _switch(
 
 async def _send_error(client: Client, err: ProxyError, method: bytes | None) -> bool:
     """Write a short error response if the protocol state still allows one."""
-    conn = client.http.conn
+    conn = client.http.h11
     if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
         return False
     reason = REASONS.get(err.status, b"Error")

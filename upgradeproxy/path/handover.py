@@ -6,8 +6,10 @@ request headers: the HTTP frames that produced it have returned before it runs.
 
 from __future__ import annotations
 
+import enum
 import time
 from dataclasses import dataclass
+from typing import TypeAlias
 
 import trio
 
@@ -16,6 +18,13 @@ from upgradeproxy.path.streams import STREAM_ERRORS, aclose_quietly
 from upgradeproxy.path.tunnel import TunnelStats, run_tunnel
 from upgradeproxy.report.telemetry import ExchangeRecord, Telemetry
 from upgradeproxy.rules.balancer import Balancer
+
+
+class Done(enum.Enum):
+    """How an exchange that did not switch leaves the client connection (h11's sentinels)."""
+
+    KEEP_ALIVE = "keep-alive"  # another request may follow
+    CLOSE = "close"
 
 
 @dataclass(slots=True, eq=False)
@@ -63,3 +72,7 @@ class Switched:
             rec.first_close = stats.first_close
             rec.duration = time.monotonic() - rec.started
             telemetry.tunnel_closed(rec)
+
+
+# What one exchange ends in: the connection goes on, closes, or becomes a tunnel.
+Outcome: TypeAlias = Done | Switched

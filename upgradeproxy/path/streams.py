@@ -9,12 +9,15 @@ from __future__ import annotations
 import contextlib
 import select
 import socket
+from collections.abc import Callable
+from types import TracebackType
 from typing import Final, cast
 
 import h11
 import trio
 
 from upgradeproxy.config.model import Address
+from upgradeproxy.rules.errors import ClientGone
 
 MAX_RECV: Final = 65536
 
@@ -26,6 +29,40 @@ class PeerClosed(Exception):
     """The peer went away (EOF, reset) where the protocol needed more."""
 
 
+ErrorFactory = Callable[[BaseException], BaseException]
+
+
+class ErrorMap:
+    """Translate exceptions at a boundary, first match wins (httpcore's `map_exceptions`).
+
+    A class rather than a generator context manager: it sits on the per-request path.
+    """
+
+    __slots__ = ("_rules",)
+
+    def __init__(self, *rules: tuple[tuple[type[BaseException], ...], ErrorFactory]) -> None:
+        self._rules = rules
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        typ: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None:
+            return
+        for kinds, make in self._rules:
+            if isinstance(exc, kinds):
+                raise make(exc) from exc
+
+
+# Reads and writes on the client's stream: whatever breaks it, the client is gone.
+CLIENT_IO: Final = ErrorMap(((*STREAM_ERRORS, PeerClosed), lambda exc: ClientGone(str(exc))))
+
+
 class HttpStream:
     """One side of the proxy: an `h11.Connection` plus the stream it speaks over.
 
@@ -33,17 +70,17 @@ class HttpStream:
     body chunk) into one write: one syscall instead of two on the hot path.
     """
 
-    __slots__ = ("_out", "conn", "stream")
+    __slots__ = ("_out", "h11", "stream")
 
     def __init__(self, conn: h11.Connection, stream: trio.abc.Stream) -> None:
-        self.conn = conn
+        self.h11 = conn
         self.stream = stream
         self._out: list[bytes] = []
 
     async def next_event(self) -> h11.Event | type[h11.PAUSED]:
         """The next event, reading as needed; h11.RemoteProtocolError propagates."""
         while True:
-            event = self.conn.next_event()
+            event = self.h11.next_event()
             if event is h11.NEED_DATA:
                 await self.receive()
                 continue
@@ -55,7 +92,7 @@ class HttpStream:
             data = await self.stream.receive_some(MAX_RECV)
         except STREAM_ERRORS as exc:
             raise PeerClosed(str(exc)) from exc
-        self.conn.receive_data(cast(bytes, data))  # bytes for sockets; h11 takes either
+        self.h11.receive_data(cast(bytes, data))  # bytes for sockets; h11 takes either
 
     async def send(self, event: h11.Event) -> None:
         """Serialize and write `event` (and anything queued before it)."""
@@ -64,7 +101,7 @@ class HttpStream:
 
     def queue(self, event: h11.Event) -> None:
         """Serialize `event` for the next `flush`."""
-        data = self.conn.send(event)
+        data = self.h11.send(event)
         if data:
             self._out.append(data)
 
@@ -78,7 +115,7 @@ class HttpStream:
             await self.stream.send_all(data)
         except BaseException:
             # An interrupted write (trio.Cancelled included) leaves the peer mid-message.
-            self.conn.send_failed()
+            self.h11.send_failed()
             raise
 
 

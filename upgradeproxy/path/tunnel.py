@@ -17,6 +17,8 @@ from typing import Final, Literal
 
 import trio
 
+from upgradeproxy.path.streams import STREAM_ERRORS
+
 __all__ = ["Direction", "TunnelStats", "run_tunnel"]
 
 Direction = Literal["up", "down"]  # up = client->upstream, down = upstream->client
@@ -24,7 +26,6 @@ OnBytes = Callable[[Direction, int], None]
 Pump = Callable[[], Awaitable[None]]
 
 # What a peer reset, a broken pipe or a stream closed under us looks like; anything else is a bug.
-_STREAM_ERRORS: Final = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 _HAVE_SPLICE: Final = hasattr(os, "splice")
 _SPLICE_FLAGS: Final = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 # A splice loop whose sockets are always ready never reaches a checkpoint on its own; yield after
@@ -179,7 +180,7 @@ async def _direction(tun: _Tunnel, direction: Direction, pump: Pump, dst: trio.a
     """Run one direction to EOF and half-close `dst`; a stream error aborts the whole tunnel."""
     try:
         await pump()
-    except _STREAM_ERRORS:
+    except STREAM_ERRORS:
         tun.failed = True
         tun.finished("error")
         tun.abort_scope.cancel()
@@ -197,7 +198,7 @@ async def _half_close(stream: trio.abc.Stream) -> bool:
     """Send EOF on `stream`; False if it cannot half-close. Failing to is not a tunnel error."""
     if not isinstance(stream, trio.abc.HalfCloseableStream):
         return False
-    with contextlib.suppress(*_STREAM_ERRORS):
+    with contextlib.suppress(*STREAM_ERRORS):
         await stream.send_eof()
     return True
 
@@ -210,7 +211,7 @@ async def _close(stream: trio.abc.Stream, graceful: bool) -> None:
     deadline = trio.current_time() + _CLOSE_GRACE if graceful else -math.inf
     # Shielded so a drain's cancel cannot skip the close; trio's aclose still closes when the
     # scope's own deadline cancels it.
-    with trio.CancelScope(deadline=deadline, shield=True), contextlib.suppress(*_STREAM_ERRORS):
+    with trio.CancelScope(deadline=deadline, shield=True), contextlib.suppress(*STREAM_ERRORS):
         await stream.aclose()
 
 

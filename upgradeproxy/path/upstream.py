@@ -127,7 +127,7 @@ class Pool:
 
     def put(self, conn: UpstreamConn, tls: UpstreamTls | None) -> None:
         """Keep `conn` for reuse if its last exchange ended cleanly; otherwise close it."""
-        h = conn.http.conn
+        h = conn.http.h11
         if h.our_state is not h11.DONE or h.their_state is not h11.DONE:
             _close_nowait(conn)
             return

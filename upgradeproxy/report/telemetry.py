@@ -54,7 +54,8 @@ class ExchangeRecord:
     first_close: str = ""
     error: str = ""
     started: float = field(default_factory=time.monotonic)
-    kind: str = "http"
+    kind: str = "http"  # or "tunnel"
+    logged: bool = False  # the line is written (a 101's HTTP line, before its tunnel runs)
 
     def as_log(self) -> dict[str, object]:
         """The log fields: every field the contract lists, even when empty (so a line always
@@ -72,7 +73,9 @@ _OPTIONAL_FIELDS: Final = frozenset({"protocol", "first_close", "error"})
 
 # `started` is a monotonic clock reading, meaningless outside the process; the formatter
 # stamps each line with wall-clock time instead.
-_LOG_FIELDS: Final = tuple(f.name for f in fields(ExchangeRecord) if f.name != "started")
+_LOG_FIELDS: Final = tuple(
+    f.name for f in fields(ExchangeRecord) if f.name not in ("started", "logged")
+)
 
 
 class _Labelled:

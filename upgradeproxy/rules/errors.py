@@ -6,6 +6,23 @@ when the upstream is to blame) and whether the client connection must close afte
 
 from __future__ import annotations
 
+from typing import Literal
+
+# The `kind` label values: fixed here so metric labels cannot drift between call sites.
+ErrorKind = Literal[
+    "internal",
+    "bad_request",
+    "request_timeout",
+    "no_route",
+    "method_not_allowed",
+    "connect",  # refused or unreachable
+    "connect_timeout",
+    "reset",  # closed or reset before or during the response
+    "protocol",  # a response h11 could not parse
+    "bad_switch",  # a 101 that does not answer the offer
+    "timeout",  # no response within upstream_response
+]
+
 
 class ClientGone(Exception):
     """The client closed or reset; nothing more can be said to it."""
@@ -15,12 +32,15 @@ class ProxyError(Exception):
     """Base: the exchange fails with `status`; `close` ends the client connection."""
 
     status: int = 500
-    kind: str = "internal"
+    kind: ErrorKind = "internal"
     close: bool = False
     upstream_side: bool = False
+    # Connect failures are counted per server tried, where they happen; the error that ends
+    # the exchange after them must not be counted again.
+    counted: bool = False
 
     def __init__(
-        self, detail: str = "", *, status: int | None = None, kind: str | None = None
+        self, detail: str = "", *, status: int | None = None, kind: ErrorKind | None = None
     ) -> None:
         super().__init__(detail or self.__class__.__name__)
         self.detail = detail

@@ -5,8 +5,10 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from upgradeproxy.config.model import Route
+from upgradeproxy.rules.headers import get_all
 
 
 def normalize_host(host: bytes | str | None) -> str | None:
@@ -52,19 +54,26 @@ class Router:
         return None
 
 
-def split_target(
-    method: bytes, target: bytes, headers: Sequence[tuple[bytes, bytes]]
-) -> tuple[bytes | None, str, bytes]:
-    """(authority, path for routing, origin-form target to send) from a request target.
+class Target(NamedTuple):
+    """A request target taken apart; `absolute` when the authority came from the target."""
+
+    authority: bytes | None
+    path: str  # for routing: no query
+    target: bytes  # origin-form, to send upstream
+    absolute: bool = False
+
+
+def split_target(method: bytes, target: bytes, headers: Sequence[tuple[bytes, bytes]]) -> Target:
+    """The authority, routing path and origin-form target of a request.
 
     Raises ValueError for targets and Host fields RFC 9112 §3.2 says to answer with 400.
     """
-    hosts = [v for n, v in headers if n.lower() == b"host"]
+    hosts = get_all(headers, b"host")
     if len(hosts) > 1:
         raise ValueError("more than one Host header")
     authority = hosts[0].strip() if hosts else None
-    lowered = target[:8].lower()
-    if lowered.startswith((b"http://", b"https://")):
+    absolute = target[:8].lower().startswith((b"http://", b"https://"))
+    if absolute:
         # Absolute form: the authority in the target wins over Host (RFC 9112 §3.2.2).
         rest = target[target.index(b"//") + 2 :]
         cut = min((i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0), default=len(rest))
@@ -74,11 +83,11 @@ def split_target(
     elif target == b"*":
         if method != b"OPTIONS":
             raise ValueError("asterisk-form target is only for OPTIONS")
-        return _checked_authority(authority), "*", target
+        return Target(_checked_authority(authority), "*", target)
     elif not target.startswith(b"/"):
         raise ValueError("request target must be origin-form or absolute-form")
     path = target.split(b"?", 1)[0].decode("latin-1")
-    return _checked_authority(authority), path, target
+    return Target(_checked_authority(authority), path, target, absolute)
 
 
 _AUTHORITY_RE = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")

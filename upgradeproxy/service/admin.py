@@ -66,9 +66,9 @@ async def _serve_admin_client(
             if body and method != b"HEAD":
                 http.queue(h11.Data(data=body))
             await http.send(h11.EndOfMessage())
-            if http.conn.our_state is not h11.DONE or http.conn.their_state is not h11.DONE:
+            if http.h11.our_state is not h11.DONE or http.h11.their_state is not h11.DONE:
                 return
-            http.conn.start_next_cycle()
+            http.h11.start_next_cycle()
     except (h11.ProtocolError, PeerClosed, trio.TooSlowError, *STREAM_ERRORS):
         return
     finally:

@@ -1,0 +1,182 @@
+"""Table tests for `upgradeproxy.rules.plan`: a request head in, a plan or the error out."""
+
+from __future__ import annotations
+
+import pytest
+
+from upgradeproxy.config.loader import parse_config
+from upgradeproxy.rules.errors import BadRequest, MethodNotAllowed, NoRoute, ProxyError
+from upgradeproxy.rules.plan import Head, Origin, body_framing, locate, log_fields, plan
+from upgradeproxy.rules.routing import Router
+
+CONFIG = parse_config(
+    """
+listen: [{address: "127.0.0.1:0"}]
+upstreams:
+  chat: {servers: ["127.0.0.1:9000"]}
+  web: {servers: ["127.0.0.1:9001"]}
+routes:
+  - {host: "chat.example.com", path_prefix: "/ws", upstream: chat}
+  - {path_prefix: "/plain", upstream: web, upgrade: []}
+  - {upstream: web}
+trusted_proxies: ["10.0.0.0/8"]
+"""
+)
+ROUTER = Router(CONFIG.routes)
+CLIENT = Origin("192.0.2.7", b"http")
+WS = [
+    (b"Connection", b"Upgrade"),
+    (b"Upgrade", b"websocket"),
+    (b"Sec-WebSocket-Key", b"dGhlIHNhbXBsZSBub25jZQ=="),
+    (b"Sec-WebSocket-Version", b"13"),
+]
+
+
+def head(target: bytes = b"/", headers=(), method: bytes = b"GET", version: bytes = b"1.1"):
+    return Head(method, target, version, list(headers))
+
+
+def make_plan(h: Head, origin: Origin = CLIENT):
+    return plan(h, locate(h, ROUTER), origin, CONFIG)
+
+
+@pytest.mark.parametrize(
+    ("h", "route_label", "path", "target"),
+    [
+        pytest.param(
+            head(b"/ws/x?q=1", [(b"Host", b"chat.example.com")]),
+            "chat.example.com/ws", "/ws/x", b"/ws/x?q=1", id="host-and-prefix",
+        ),
+        pytest.param(
+            head(b"/ws/x", [(b"Host", b"CHAT.example.com:8080")]),
+            "chat.example.com/ws", "/ws/x", b"/ws/x", id="host-case-and-port-ignored",
+        ),
+        pytest.param(
+            head(b"/ws", [(b"Host", b"other.example")]),
+            "*/", "/ws", b"/ws", id="other-host-falls-through",
+        ),
+        pytest.param(
+            head(b"http://chat.example.com/ws?a", [(b"Host", b"other.example")]),
+            "chat.example.com/ws", "/ws", b"/ws?a", id="absolute-form-authority-wins",
+        ),
+    ],
+)  # fmt: skip
+def test_locate_routes_by_host_and_path(h, route_label, path, target):
+    located = locate(h, ROUTER)
+    assert (located.route_label, located.path, located.target) == (route_label, path, target)
+
+
+@pytest.mark.parametrize(
+    ("h", "error", "status"),
+    [
+        pytest.param(head(version=b"2.0", headers=[(b"Host", b"x")]), BadRequest, 400, id="http2"),
+        pytest.param(
+            head(b"x:443", [(b"Host", b"x")], method=b"CONNECT"), MethodNotAllowed, 405,
+            id="connect",
+        ),
+        pytest.param(
+            head(headers=[(b"Host", b"x"), (b"Content-Length", b"1"),
+                          (b"Transfer-Encoding", b"chunked")]),
+            BadRequest, 400, id="cl-and-te",
+        ),
+        pytest.param(
+            head(headers=[(b"Host", b"a"), (b"Host", b"b")]), BadRequest, 400, id="two-hosts"
+        ),
+        pytest.param(head(b"x", [(b"Host", b"x")]), BadRequest, 400, id="relative-target"),
+        pytest.param(
+            head(headers=[(b"Host", b"bad host")]), BadRequest, 400, id="invalid-host"
+        ),
+    ],
+)  # fmt: skip
+def test_locate_rejects(h, error, status):
+    with pytest.raises(error) as caught:
+        locate(h, ROUTER)
+    assert caught.value.status == status
+
+
+def test_no_route_is_404():
+    router = Router(CONFIG.routes[:1])
+    with pytest.raises(NoRoute) as caught:
+        locate(head(b"/ws", [(b"Host", b"elsewhere")]), router)
+    assert caught.value.status == 404
+
+
+def test_websocket_offer_goes_upstream_with_its_key():
+    p = make_plan(head(b"/ws", [(b"Host", b"chat.example.com"), *WS]))
+    assert p.offer == (b"websocket",)
+    assert p.ws_key == b"dGhlIHNhbXBsZSBub25jZQ=="
+    assert (b"Connection", b"upgrade") in p.headers
+    assert (b"Upgrade", b"websocket") in p.headers
+    assert p.upstream.name == "chat"
+    assert p.body == "none"
+    assert not p.needs_host
+
+
+def test_route_without_upgrades_strips_the_offer():
+    p = make_plan(head(b"/plain", [(b"Host", b"h"), *WS]))
+    assert p.offer == ()
+    assert p.ws_key is None
+    names = {n.lower() for n, _ in p.headers}
+    assert b"upgrade" not in names
+    assert b"sec-websocket-key" in names  # end-to-end headers are unchanged
+
+
+def test_malformed_websocket_handshake_is_400():
+    bad = [(n, b"short") if n == b"Sec-WebSocket-Key" else (n, v) for n, v in WS]
+    with pytest.raises(BadRequest, match="WebSocket"):
+        make_plan(head(b"/ws", [(b"Host", b"chat.example.com"), *bad]))
+
+
+def test_absolute_form_replaces_host_header():
+    p = make_plan(head(b"http://chat.example.com/ws", [(b"Host", b"evil.example")]))
+    hosts = [v for n, v in p.headers if n.lower() == b"host"]
+    assert hosts == [b"chat.example.com"]
+
+
+def test_http10_without_host_needs_one_added():
+    p = make_plan(head(b"/", [], version=b"1.0"))
+    assert p.needs_host
+    assert not [v for n, v in p.headers if n.lower() == b"host"]
+
+
+@pytest.mark.parametrize(
+    ("peer", "sent", "xff"),
+    [
+        pytest.param("192.0.2.7", b"1.1.1.1", b"192.0.2.7", id="untrusted-replaced"),
+        pytest.param("10.1.2.3", b"1.1.1.1", b"1.1.1.1, 10.1.2.3", id="trusted-appended"),
+    ],
+)
+def test_forwarded_for_depends_on_trust(peer, sent, xff):
+    h = head(b"/", [(b"Host", b"h"), (b"X-Forwarded-For", sent)])
+    p = make_plan(h, Origin(peer, b"https"))
+    assert [v for n, v in p.headers if n == b"X-Forwarded-For"] == [xff]
+    assert (b"X-Forwarded-Proto", b"https") in p.headers
+
+
+@pytest.mark.parametrize(
+    ("headers", "framing", "body"),
+    [
+        pytest.param([], [], "none", id="no-body"),
+        pytest.param([(b"Content-Length", b"0")], [(b"Content-Length", b"0")], "none", id="cl-0"),
+        pytest.param(
+            [(b"Content-Length", b"5, 5")], [(b"Content-Length", b"5")], "length", id="cl-list"
+        ),
+        pytest.param(
+            [(b"transfer-ENCODING", b"Chunked")],
+            [(b"Transfer-Encoding", b"chunked")], "chunked", id="te-any-case",
+        ),
+    ],
+)  # fmt: skip
+def test_body_framing_is_a_value(headers, framing, body):
+    assert body_framing(headers) == (framing, body)
+
+
+def test_log_fields_known_before_any_check():
+    h = head(b"/a/b?secret=1", [(b"Host", b"a"), (b"Host", b"b")], method=b"POST")
+    assert log_fields(h) == ("POST", "a,b", "/a/b")
+
+
+def test_every_rejection_is_a_proxy_error():
+    for h in (head(version=b"0.9"), head(b"nope", [(b"Host", b"x")])):
+        with pytest.raises(ProxyError):
+            make_plan(h)

@@ -1,0 +1,158 @@
+"""The request plan: from a parsed request head to what goes upstream, or the error that answers.
+
+Pure, like Go's `ProxyRequest{In, Out}` with `Rewrite`: the exchange reads a head with h11,
+hands it here as plain data, and either sends the `Plan` it gets or answers the `ProxyError`.
+Every decision about a request (validation, route, upgrade offer, forwarding headers, body
+framing) is made here once; the I/O code never re-reads a header to decide something.
+
+Two steps, so the access log can name what was known when a later check failed:
+`locate` (request line, Host, route) and `plan` (everything sent upstream).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from upgradeproxy.config.model import Config, Route, Upstream
+from upgradeproxy.rules import headers as hdr
+from upgradeproxy.rules.errors import BadRequest, MethodNotAllowed, NoRoute
+from upgradeproxy.rules.forwarding import Hop, is_trusted, upstream_request_headers
+from upgradeproxy.rules.routing import Router, normalize_host, split_target
+
+BodyFraming = Literal["none", "length", "chunked"]
+_SUPPORTED_VERSIONS: Final = (b"1.0", b"1.1")
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    """A request head as h11 parsed it (names in their arrival case)."""
+
+    method: bytes
+    target: bytes
+    http_version: bytes
+    headers: Sequence[tuple[bytes, bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Who sent the request, as the listener learned it."""
+
+    ip: str  # from the socket, or from a PROXY header
+    proto: bytes  # b"http" or b"https"
+
+
+@dataclass(frozen=True, slots=True)
+class Located:
+    """A head whose request line and Host are valid and which a route matched."""
+
+    route: Route
+    authority: bytes | None  # Host, or the absolute-form target's authority (it wins)
+    path: str  # for routing and the log: no query
+    target: bytes  # origin-form, to send upstream
+    absolute: bool
+
+    @property
+    def route_label(self) -> str:
+        """The route's name in metrics and logs: its host (or `*`) and path prefix."""
+        return route_label(self.route)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Everything the exchange sends upstream and what the answer must prove."""
+
+    located: Located
+    upstream: Upstream
+    headers: list[tuple[bytes, bytes]]  # ready to send, Host included when one is known
+    offer: tuple[bytes, ...]  # protocols offered upstream; () for a plain request
+    ws_key: bytes | None  # the Sec-WebSocket-Key a 101 must answer
+    body: BodyFraming
+    needs_host: bool  # HTTP/1.0 with no Host: the exchange adds the server's address
+
+    @property
+    def route(self) -> Route:
+        return self.located.route
+
+    @property
+    def has_body(self) -> bool:
+        return self.body != "none"
+
+
+def route_label(route: Route) -> str:
+    return f"{route.host or '*'}{route.path_prefix}"
+
+
+def log_fields(head: Head) -> tuple[str, str, str]:
+    """(method, host, path) for the access log, known as soon as the request line parsed."""
+    host = b",".join(hdr.get_all(head.headers, b"host")).decode("latin-1")
+    path = head.target.split(b"?", 1)[0].decode("latin-1")
+    return head.method.decode("latin-1"), host, path
+
+
+def locate(head: Head, router: Router) -> Located:
+    """Check the request line and Host, then route; raises the ProxyError that answers."""
+    if head.http_version not in _SUPPORTED_VERSIONS:
+        raise BadRequest(f"unsupported HTTP version {head.http_version.decode('latin-1')}")
+    if head.method == b"CONNECT":
+        raise MethodNotAllowed("CONNECT is not supported")
+    if problem := hdr.framing_problem(head.headers, head.http_version):
+        raise BadRequest(problem)
+    try:
+        target = split_target(head.method, head.target, head.headers)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+    route = router.match(normalize_host(target.authority), target.path)
+    if route is None:
+        host = (target.authority or b"").decode("latin-1")
+        raise NoRoute(f"no route for {host}{target.path}")
+    return Located(route, target.authority, target.path, target.target, target.absolute)
+
+
+def plan(head: Head, located: Located, origin: Origin, config: Config) -> Plan:
+    """The request to send upstream for a located head; raises BadRequest for a bad handshake."""
+    route = located.route
+    try:
+        offer, ws_key = hdr.upgrade_offer(
+            head.method, head.http_version, head.headers, route.upgrade_tokens
+        )
+    except ValueError as exc:
+        raise BadRequest(f"malformed WebSocket handshake: {exc}") from None
+    framing, body = body_framing(head.headers)
+    hop = Hop(
+        client_ip=origin.ip,
+        proto=origin.proto,
+        host=located.authority,
+        trusted=is_trusted(origin.ip, config.trusted_proxies),
+        http_version=head.http_version,
+    )
+    raw = head.headers
+    if located.absolute:
+        # RFC 9112 §3.2.2: the target's authority replaces Host, as routing used it.
+        raw = [(n, v) for n, v in raw if n.lower() != b"host"]
+    headers = upstream_request_headers(raw, hop, offer, framing)
+    if located.absolute and located.authority is not None:
+        headers.insert(0, (b"Host", located.authority))
+    return Plan(
+        located=located,
+        upstream=config.upstreams[route.upstream],
+        headers=headers,
+        offer=tuple(offer),
+        ws_key=ws_key,
+        body=body,
+        needs_host=located.authority is None,
+    )
+
+
+def body_framing(
+    headers: Sequence[tuple[bytes, bytes]],
+) -> tuple[list[tuple[bytes, bytes]], BodyFraming]:
+    """The framing header to send upstream and the body's framing (h11 validated it)."""
+    if hdr.get_all(headers, b"transfer-encoding"):
+        return [(b"Transfer-Encoding", b"chunked")], "chunked"
+    lengths = hdr.get_all(headers, b"content-length")
+    if lengths:
+        value = lengths[0].split(b",")[0].strip()
+        return [(b"Content-Length", value)], "length" if int(value) > 0 else "none"
+    return [], "none"
