@@ -21,6 +21,9 @@ ErrorKind = Literal[
     "protocol",  # a response h11 could not parse
     "bad_switch",  # a 101 that does not answer the offer
     "timeout",  # no response within upstream_response
+    "unavailable",  # every server of the upstream down or full: 503, no connect attempt
+    "origin",  # an upgrade from an Origin the route does not allow: 403
+    "limited",  # a client address over limits.max_connections_per_ip: 429
 ]
 
 
@@ -97,12 +100,41 @@ class UpstreamTimeout(ProxyError):
     upstream_side = True
 
 
+class NoServerAvailable(ProxyError):
+    """Every server of the upstream is down or full: answered at once, with Retry-After."""
+
+    status = 503
+    kind = "unavailable"
+    upstream_side = True
+
+    def __init__(self, detail: str = "", *, retry_after: int = 1) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+
+class OriginRefused(ProxyError):
+    """An upgrade whose Origin matches none of the route's `allowed_origins`."""
+
+    status = 403
+    kind = "origin"
+
+
+class TooManyConnections(ProxyError):
+    """The client address holds `limits.max_connections_per_ip` connections already."""
+
+    status = 429
+    kind = "limited"
+    close = True
+
+
 REASONS: dict[int, bytes] = {
     200: b"OK",
     400: b"Bad Request",
+    403: b"Forbidden",
     404: b"Not Found",
     405: b"Method Not Allowed",
     408: b"Request Timeout",
+    429: b"Too Many Requests",
     431: b"Request Header Fields Too Large",
     500: b"Internal Server Error",
     501: b"Not Implemented",
