@@ -16,7 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import RawConn, free_port, ok_response, raw_client, read_response, run_cli
+from tests.conftest import (
+    free_port,
+    named,
+    raw_client,
+    read_response,
+    run_cli,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "config" / "upgradeproxy.yaml"
@@ -267,15 +273,6 @@ def wait_listening(port: int, timeout: float = 10) -> None:
         except OSError:
             assert time.monotonic() < deadline, f"nothing listening on {port}"
             time.sleep(0.02)
-
-
-def named(name: bytes) -> Callable[[RawConn], None]:
-    def handler(conn: RawConn) -> None:
-        while True:
-            conn.read_head(timeout=30)
-            conn.send(ok_response(name))
-
-    return handler
 
 
 def get(port: int, path: bytes = b"/hello") -> tuple[int, bytes]:

@@ -13,11 +13,6 @@ from websockets.sync.client import connect
 from tests.conftest import read_response, respond_ok_forever
 
 
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
 @pytest.fixture
 def proxy_cert(ca, tmp_path):
     cert = ca.issue_cert("127.0.0.1", "localhost")

@@ -15,7 +15,6 @@ import struct
 
 import pytest
 import trio
-import trustme
 from trio.testing import (
     assert_checkpoints,
     check_half_closeable_stream,
@@ -160,11 +159,6 @@ class _HeaderFirst(trio.abc.Stream):
 
     async def aclose(self) -> None:
         await self.stream.aclose()
-
-
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
 
 
 @pytest.fixture
