@@ -586,6 +586,18 @@ def status_of(head: bytes) -> int:
     return int(head.split(b" ", 2)[1])
 
 
+def proxy_v2_header(source: str, port: int = 443) -> bytes:
+    """A PROXY protocol v2 header: PROXY command, TCP over IPv4, `source` -> 127.0.0.1:`port`."""
+    addresses = socket.inet_aton(source) + socket.inet_aton("127.0.0.1")
+    return (
+        b"\r\n\r\n\x00\r\nQUIT\n"
+        + bytes([0x21, 0x11])
+        + struct.pack("!H", 12)
+        + addresses
+        + struct.pack("!HH", 40000, port)
+    )
+
+
 def read_to_eof(sock: socket.socket, timeout: float = 5) -> tuple[bytes, bool]:
     """(bytes, closed): everything until EOF/RST, or what came before `timeout` passed."""
     sock.settimeout(timeout)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import socket
 import ssl
-import struct
 
 import pytest
 import trustme
 from websockets.sync.client import connect
 
-from tests.conftest import read_response, respond_ok_forever
+from tests.conftest import proxy_v2_header, read_response, respond_ok_forever
 
 
 @pytest.fixture
@@ -121,12 +120,7 @@ routes: [{{upstream: app}}]
         pytest.param(b"PROXY TCP4 203.0.113.7 127.0.0.1 51000 80\r\n", "203.0.113.7", id="v1-ipv4"),
         pytest.param(b"PROXY TCP6 2001:db8::1 ::1 51000 80\r\n", "2001:db8::1", id="v1-ipv6"),
         pytest.param(
-            b"\r\n\r\n\x00\r\nQUIT\n"
-            + bytes([0x21, 0x11])
-            + struct.pack("!H", 12)
-            + socket.inet_aton("198.51.100.9")
-            + socket.inet_aton("127.0.0.1")
-            + struct.pack("!HH", 40000, 80),
+            proxy_v2_header("198.51.100.9", 80),
             "198.51.100.9",
             id="v2-ipv4",
         ),
@@ -174,22 +168,12 @@ routes: [{{upstream: app}}]
     assert b"X-Forwarded-For: ::1\r\n" in up.accept().heads[0]
 
 
-V2_HEADER_198_51_100_9 = (
-    b"\r\n\r\n\x00\r\nQUIT\n"
-    + bytes([0x21, 0x11])
-    + struct.pack("!H", 12)
-    + socket.inet_aton("198.51.100.9")
-    + socket.inet_aton("127.0.0.1")
-    + struct.pack("!HH", 40000, 443)
-)
-
-
 @pytest.mark.parametrize("together", [False, True], ids=["header-alone", "header-with-hello"])
 @pytest.mark.parametrize(
     ("header", "client_ip"),
     [
         pytest.param(b"PROXY TCP4 203.0.113.7 127.0.0.1 51000 443\r\n", "203.0.113.7", id="v1"),
-        pytest.param(V2_HEADER_198_51_100_9, "198.51.100.9", id="v2"),
+        pytest.param(proxy_v2_header("198.51.100.9"), "198.51.100.9", id="v2"),
     ],
 )
 def test_proxy_protocol_then_tls_then_websocket(

@@ -11,7 +11,6 @@ import contextlib
 import functools
 import socket
 import ssl
-import struct
 
 import pytest
 import trio
@@ -23,6 +22,7 @@ from trio.testing import (
     memory_stream_pair,
 )
 
+from tests.conftest import proxy_v2_header
 from upgradeproxy.config.loader import parse_config
 from upgradeproxy.path.streams import PrefixedStream
 from upgradeproxy.service.server import open_client, server_tls_context
@@ -129,14 +129,7 @@ async def test_send_eof_reaches_the_peer_and_the_prefix_still_reads() -> None:
 # --- PROXY header + TLS, as the server opens a client connection -------------------------
 
 V1 = b"PROXY TCP4 203.0.113.7 127.0.0.1 51000 443\r\n"
-V2 = (
-    b"\r\n\r\n\x00\r\nQUIT\n"
-    + bytes([0x21, 0x11])
-    + struct.pack("!H", 12)
-    + socket.inet_aton("198.51.100.9")
-    + socket.inet_aton("127.0.0.1")
-    + struct.pack("!HH", 40000, 443)
-)
+V2 = proxy_v2_header("198.51.100.9")
 
 
 class _HeaderFirst(trio.abc.Stream):
