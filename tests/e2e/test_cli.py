@@ -16,7 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import RawConn, free_port, ok_response, raw_client, read_response, run_cli
+from tests.conftest import (
+    free_port,
+    named,
+    raw_client,
+    read_response,
+    run_cli,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "config" / "upgradeproxy.yaml"
@@ -269,16 +275,7 @@ def wait_listening(port: int, timeout: float = 10) -> None:
             time.sleep(0.02)
 
 
-def named(name: bytes) -> Callable[[RawConn], None]:
-    def handler(conn: RawConn) -> None:
-        while True:
-            conn.read_head(timeout=30)
-            conn.send(ok_response(name))
-
-    return handler
-
-
-def get(port: int, path: bytes = b"/hello") -> tuple[int, bytes]:
+def get_on_port(port: int, path: bytes = b"/hello") -> tuple[int, bytes]:
     with raw_client(("127.0.0.1", port)) as sock:
         sock.sendall(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
         status, _, body, _ = read_response(sock)
@@ -292,7 +289,7 @@ def test_run_serves_logs_json_and_stops_on_sigterm(tmp_path, raw_upstream, run_p
     config.write_text(config_text(port, up.port))
     proxy = run_proxy(config)
     wait_listening(port)
-    assert get(port) == (200, b"from upstream")
+    assert get_on_port(port) == (200, b"from upstream")
 
     access = proxy.wait_for(lambda line: '"/hello"' in line and '"status"' in line)
     assert proxy.stop() == 0
@@ -317,7 +314,7 @@ def test_no_access_log_silences_only_the_access_log(tmp_path, raw_upstream, run_
     config.write_text(config_text(port, up.port))
     proxy = run_proxy(config, "--no-access-log")
     wait_listening(port)
-    assert get(port) == (200, b"quiet")
+    assert get_on_port(port) == (200, b"quiet")
     assert proxy.stop() == 0
     records = [json.loads(line) for line in proxy.lines if line.strip()]
     assert any(r["msg"] == "listening" for r in records)
@@ -332,7 +329,7 @@ def test_sighup_reloads_new_connections_use_new_config(tmp_path, raw_upstream, r
     config.write_text(config_text(port, first.port))
     proxy = run_proxy(config)
     wait_listening(port)
-    assert get(port) == (200, b"first")
+    assert get_on_port(port) == (200, b"first")
 
     # An established keep-alive connection, opened before the reload.
     established = raw_client(("127.0.0.1", port))
@@ -343,7 +340,7 @@ def test_sighup_reloads_new_connections_use_new_config(tmp_path, raw_upstream, r
     config.write_text(config_text(port, second.port))
     proxy.proc.send_signal(signal.SIGHUP)
     proxy.wait_for(lambda line: "reload" in line.lower(), after=mark)
-    assert get(port) == (200, b"second")
+    assert get_on_port(port) == (200, b"second")
     # Established connections are untouched: still the old config.
     established.sendall(b"GET /still HTTP/1.1\r\nHost: x\r\n\r\n")
     assert read_response(established)[2] == b"first"
@@ -355,6 +352,6 @@ def test_sighup_reloads_new_connections_use_new_config(tmp_path, raw_upstream, r
     proxy.proc.send_signal(signal.SIGHUP)
     rejected = proxy.wait_for(lambda line: "timeouts.idle" in line, after=mark)
     assert json.loads(rejected)["level"] in ("error", "warning")
-    assert get(port) == (200, b"second")
+    assert get_on_port(port) == (200, b"second")
     assert proxy.proc.poll() is None
     assert proxy.stop() == 0

@@ -8,9 +8,7 @@ talks to it over loopback sockets and signals it with `os.kill`, as an operator 
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -30,17 +28,20 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import (
     LOOPBACK,
+    WAIT,
+    WS_ACCEPT,
+    WS_KEY,
     RawConn,
     eventually,
     free_port,
+    http,
     ok_response,
     read_response,
     read_response_head,
     refused,
     respond_ok_forever,
+    scrape,
 )
-
-WAIT = 10.0  # the bound on every wait; tests pass in a fraction of it
 
 Line = dict[str, Any]
 
@@ -161,26 +162,6 @@ def start(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
 # --- clients ---------------------------------------------------------------------------
 
 
-def http(
-    port: int, path: str = "/", *, method: str = "GET", body: bytes = b""
-) -> tuple[int, dict[bytes, bytes], bytes]:
-    """One request on a fresh connection: (status, lower-cased headers, body)."""
-    with socket.create_connection((LOOPBACK, port), timeout=WAIT) as sock:
-        sock.sendall(
-            f"{method} {path} HTTP/1.1\r\nHost: svc.test\r\nConnection: close\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n".encode()
-            + body
-        )
-        status, headers, data, _ = read_response(sock)
-    return status, headers, data
-
-
-WS_KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
-WS_ACCEPT = base64.b64encode(
-    hashlib.sha1(WS_KEY + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()
-)
-
-
 def tunnel_upstream(tag: bytes) -> Callable[[RawConn], None]:
     """An upstream that accepts the WebSocket upgrade, sends `tag`, then echoes until EOF."""
 
@@ -242,13 +223,6 @@ class Tunnel:
 
     def close(self) -> None:
         self.sock.close()
-
-
-def scrape(admin: int) -> dict[str, Any]:
-    """/metrics parsed: family name -> family."""
-    status, _, body = http(admin, "/metrics")
-    assert status == 200
-    return {f.name: f for f in text_string_to_metric_families(body.decode())}
 
 
 def total(families: dict[str, Any], name: str, **labels: str) -> float:

@@ -281,8 +281,8 @@ def _section(
     """Keyword arguments for a flat dataclass section whose keys are all optional."""
     names = [f.name for f in fields(cls)]
     found = c.mapping(node, field, names, what=f"a mapping with some of: {', '.join(names)}")
-    values = {key: read(value, f"{field}.{key}") for key, value in (found or {}).items()}
-    return {key: value for key, value in values.items() if value is not None}
+    parsed = {key: read(value, f"{field}.{key}") for key, value in (found or {}).items()}
+    return {key: value for key, value in parsed.items() if value is not None}
 
 
 def _items(

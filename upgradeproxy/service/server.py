@@ -27,8 +27,10 @@ from upgradeproxy.service.admin import open_admin, serve_admin
 
 log = logging.getLogger("upgradeproxy")
 
-# trio's serve_listeners treats these as "try again shortly" rather than fatal.
-_ACCEPT_RETRY = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED}
+# Out of descriptors or kernel memory: wait and accept again, as trio's serve_listeners does
+# (its ACCEPT_CAPACITY_ERRNOS). SocketListener.accept itself already retries ECONNABORTED,
+# EPERM, EPROTO and the other "that one client is gone" errnos, so they never reach us.
+_ACCEPT_RETRY = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 BACKLOG = 4096
 
 
@@ -263,32 +265,42 @@ class Proxy:
             peer_ip = str(stream.socket.getpeername()[0])
         except OSError:
             return
-        leftover = b""
-        client: trio.abc.Stream = stream
-        head_timeout = rt.config.timeouts.request_header
-        with trio.move_on_after(head_timeout) as scope:
-            if bound.config.proxy_protocol:
-                found = await _read_proxy_header(stream)
-                if found is None:
-                    return
-                peer_ip = found[0] or peer_ip
-                leftover = found[1]
-            if bound.tls is not None:
-                transport = PrefixedStream(stream, leftover) if leftover else stream
-                leftover = b""
-                client = trio.SSLStream(transport, bound.tls, server_side=True)
-                try:
-                    await client.do_handshake()
-                except (*STREAM_ERRORS, ssl.SSLError) as exc:
-                    log.info("%s: TLS handshake failed: %s", peer_ip, exc)
-                    return
-        if scope.cancelled_caught:
+        opened = None
+        with trio.move_on_after(rt.config.timeouts.request_header):
+            opened = await open_client(
+                stream, peer_ip, proxy_protocol=bound.config.proxy_protocol, tls=bound.tls
+            )
+        if opened is None:
             return
-        peer = Peer(peer_ip, bound.tls is not None, leftover)
+        client, peer = opened
         await serve_client(client, peer, rt, self.shared)
 
 
-async def _read_proxy_header(stream: trio.SocketStream) -> tuple[str | None, bytes] | None:
+async def open_client(
+    stream: trio.abc.Stream, peer_ip: str, *, proxy_protocol: bool, tls: ssl.SSLContext | None
+) -> tuple[trio.abc.Stream, Peer] | None:
+    """Peel the PROXY header, then do the TLS handshake: (the HTTP stream, its peer), or None
+    if the connection is to be dropped. Bytes read past a PROXY header are replayed to TLS."""
+    leftover = b""
+    if proxy_protocol:
+        found = await _read_proxy_header(stream)
+        if found is None:
+            return None
+        peer_ip = found[0] or peer_ip
+        leftover = found[1]
+    if tls is None:
+        return stream, Peer(peer_ip, False, leftover)
+    transport = PrefixedStream(stream, leftover) if leftover else stream
+    client = trio.SSLStream(transport, tls, server_side=True)
+    try:
+        await client.do_handshake()
+    except (*STREAM_ERRORS, ssl.SSLError) as exc:
+        log.info("%s: TLS handshake failed: %s", peer_ip, exc)
+        return None
+    return client, Peer(peer_ip, True, b"")
+
+
+async def _read_proxy_header(stream: trio.abc.Stream) -> tuple[str | None, bytes] | None:
     """(client ip or None for LOCAL, bytes after the header), or None if it is not one."""
     buf = b""
     while len(buf) <= MAX_HEADER_BYTES:
