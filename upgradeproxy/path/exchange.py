@@ -129,6 +129,7 @@ async def _one_exchange(client: Client) -> Outcome:
         log.info("%s %s: %s", client.peer_ip, err.status, err.detail)
         if err.upstream_side and not err.counted:
             client.shared.telemetry.upstream_error(rec.upstream, err.kind)
+        client.shared.telemetry.refused(err.kind, rec.route)
         method = rec.method.encode() if rec.method else None
         _drain_buffered_body(client)
         sent = await _send_error(client, err, method)

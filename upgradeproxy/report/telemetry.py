@@ -147,6 +147,16 @@ class Telemetry:
             buckets=DURATION_BUCKETS,
             registry=reg,
         )
+        # Refusals at the edge, by route ("" for a 429 whose request did not route).
+        self._refusals = {
+            kind: _Labelled(Counter(name, doc, ("route",), registry=reg))
+            for kind, name, doc in (
+                ("origin", "upgradeproxy_origin_refusals_total",
+                 "Upgrades refused with 403: their Origin is not in the route's allowed_origins."),
+                ("limited", "upgradeproxy_limit_refusals_total",
+                 "Connections refused with 429 by limits.max_connections_per_ip."),
+            )
+        }  # fmt: skip
 
     # --- hooks called by the exchange code ----------------------------------------------
 
@@ -198,3 +208,8 @@ class Telemetry:
         merged = CollectorRegistry()
         MultiProcessCollector(merged, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
         return generate_latest(merged).decode()
+
+    def refused(self, kind: str, route: str) -> None:
+        """Count a 403 origin or 429 limit refusal (other kinds are not refusals)."""
+        if (counter := self._refusals.get(kind)) is not None:
+            counter.inc(route)
