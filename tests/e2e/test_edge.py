@@ -120,3 +120,56 @@ def test_origin_refusals_are_counted_by_route(make_proxy, ws_upstream):
             assert read_response(sock)[0] == 403
     text = proxy.telemetry.render()
     assert 'upgradeproxy_origin_refusals_total{route="*/ws"} 2.0' in text
+
+
+# --- rule 14: limits.max_connections_per_ip ---------------------------------------------------
+
+
+def limited_request(proxy, extra: bytes = b"") -> tuple[int, dict[bytes, bytes], bool]:
+    """(status, headers, closed after) for a first request on a new connection."""
+    with raw_client(proxy.address) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n%s\r\n" % extra)
+        status, headers, _, rest = read_response(sock)
+        sock.settimeout(WAIT)
+        closed = status == 429 and not rest and sock.recv(1) == b""
+    return status, headers, closed
+
+
+def test_limit_refuses_with_429_then_recovers_after_a_close(make_proxy, ws_upstream, caplog):
+    caplog.set_level(logging.INFO, "upgradeproxy.access")
+    up = ws_upstream()
+    proxy = make_proxy(proxy_yaml(up.port, extra="limits: {max_connections_per_ip: 2}"))
+    # A keep-alive HTTP connection counts as much as a tunnel does.
+    held = raw_client(proxy.address)
+    held.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    read_response(held)  # the websockets upstream answers a plain GET with an error page
+    with connect(proxy.url("/a"), open_timeout=WAIT) as first:
+        status, headers, closed = limited_request(proxy)
+        assert (status, headers[b"connection"], closed) == (429, b"close", True)
+        assert eventually(lambda: any(r["status"] == 429 for r in records(caplog, "http")))
+        refusal = next(r for r in records(caplog, "http") if r["status"] == 429)
+        assert "max_connections_per_ip" in str(refusal["error"])
+        text = proxy.telemetry.render()
+        assert 'upgradeproxy_limit_refusals_total{route="*/"} 1.0' in text
+        first.close()
+        # Recovery: the closed tunnel gives its slot back.
+        assert eventually(lambda: limited_request(proxy)[0] != 429)
+    held.close()
+    assert eventually(lambda: proxy.call(lambda: dict(proxy.proxy.shared.per_ip.counts)) == {})
+
+
+def test_limit_counts_the_client_behind_a_trusted_proxy(make_proxy, raw_upstream):
+    up = raw_upstream(respond_ok_forever)
+    extra = "limits: {max_connections_per_ip: 1}\ntrusted_proxies: ['127.0.0.0/8']"
+    proxy = make_proxy(proxy_yaml(up.port, extra=extra))
+    held = raw_client(proxy.address)
+    try:
+        held.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 198.51.100.7\r\n\r\n")
+        assert read_response(held)[0] == 200
+        assert limited_request(proxy, b"X-Forwarded-For: 198.51.100.7\r\n")[0] == 429
+        assert limited_request(proxy, b"X-Forwarded-For: 198.51.100.8\r\n")[0] == 200
+        # A trusted hop between is skipped: the client is still 198.51.100.7.
+        extra_hop = b"X-Forwarded-For: 198.51.100.7, 127.0.0.9\r\n"
+        assert limited_request(proxy, extra_hop)[0] == 429
+    finally:
+        held.close()

@@ -12,6 +12,7 @@ from upgradeproxy.path.streams import HttpStream
 from upgradeproxy.path.upstream import Pool, client_tls_context
 from upgradeproxy.report.telemetry import Telemetry
 from upgradeproxy.rules.balancer import Balancer
+from upgradeproxy.rules.limits import AddressCounts
 from upgradeproxy.rules.plan import Origin
 from upgradeproxy.rules.routing import Router
 
@@ -45,6 +46,7 @@ class Shared:
     pool: Pool = field(default_factory=Pool)
     draining: bool = False
     idle_waits: set[trio.CancelScope] = field(default_factory=set)
+    per_ip: AddressCounts = field(default_factory=AddressCounts)  # rule 14, this worker
 
 
 @dataclass(slots=True, eq=False)
@@ -56,6 +58,8 @@ class Client:
     rt: Runtime
     shared: Shared
     first: bool = True
+    peer: Peer | None = None
+    admitted: str | None = None  # the address counted against max_connections_per_ip
 
     @property
     def peer_ip(self) -> str:
@@ -69,3 +73,5 @@ class Peer:
     ip: str  # from the socket, or from a PROXY header
     tls: bool
     leftover: bytes = b""  # read past a PROXY header, not yet parsed
+    port: int = 0  # the client's source port, beside `ip`
+    local: tuple[str, int] | None = None  # the proxy's address the client connected to

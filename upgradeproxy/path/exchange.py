@@ -20,6 +20,7 @@ from typing import Final, TypeVar, cast
 import h11
 import trio
 
+from upgradeproxy.path.admission import admit, release
 from upgradeproxy.path.body import BodyPump
 from upgradeproxy.path.context import Client, Peer, Runtime, Shared
 from upgradeproxy.path.handover import Done, Outcome, Switched
@@ -82,26 +83,26 @@ class Exchange:
 
 async def serve_client(stream: trio.abc.Stream, peer: Peer, rt: Runtime, shared: Shared) -> None:
     """Serve requests on one client connection until it closes, errs, drains or switches."""
-    try:
-        switched = await _serve_http(stream, peer, rt, shared)
-        if switched is not None:
-            # The HTTP frames (h11 state, request headers) are gone: an idle tunnel holds
-            # only what `Switched` carries.
-            await switched.run()
-    finally:
-        await aclose_quietly(stream)
-
-
-async def _serve_http(
-    stream: trio.abc.Stream, peer: Peer, rt: Runtime, shared: Shared
-) -> Switched | None:
     conn = h11.Connection(
         h11.SERVER, max_incomplete_event_size=rt.config.limits.max_request_header_bytes
     )
     if peer.leftover:
         conn.receive_data(peer.leftover)
     origin = planning.Origin(peer.ip, b"https" if peer.tls else b"http")
-    client = Client(HttpStream(conn, stream), origin, rt, shared)
+    client = Client(HttpStream(conn, stream), origin, rt, shared, peer=peer)
+    try:
+        switched = await _serve_http(client)
+        if switched is not None:
+            # The HTTP frames (h11 state, request headers) are gone: an idle tunnel holds
+            # only what `Switched` carries.
+            await switched.run()
+    finally:
+        await aclose_quietly(stream)
+        release(client)
+
+
+async def _serve_http(client: Client) -> Switched | None:
+    conn, stream, shared = client.http.h11, client.http.stream, client.shared
     while True:
         outcome = await _one_exchange(client)
         if isinstance(outcome, Switched):
@@ -240,6 +241,8 @@ def _plan(client: Client, request: h11.Request, rec: ExchangeRecord) -> Plan:
         request.method, request.target, request.http_version, list(request.headers.raw_items())
     )
     rec.method, rec.host, rec.path = planning.log_fields(head)
+    if client.first:
+        admit(client, head, rec)
     located = planning.locate(head, client.rt.router)
     rec.host = (located.authority or b"").decode("latin-1")
     rec.path = located.path
