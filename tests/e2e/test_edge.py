@@ -5,6 +5,8 @@ limit (rule 14), tunnel lifetime and spread drain (rule 13), PROXY protocol to s
 from __future__ import annotations
 
 import logging
+import socket
+import time
 
 import pytest
 from websockets.exceptions import InvalidStatus
@@ -15,6 +17,7 @@ from tests.conftest import (
     proxy_yaml,
     raw_client,
     read_response,
+    read_response_head,
     respond_ok_forever,
 )
 
@@ -173,3 +176,53 @@ def test_limit_counts_the_client_behind_a_trusted_proxy(make_proxy, raw_upstream
         assert limited_request(proxy, extra_hop)[0] == 429
     finally:
         held.close()
+
+
+# --- rule 13: tunnel lifetime and spread drain ------------------------------------------------
+
+# The real clock: the proxy runs in its own thread, so wake-ups on a loaded 2-core machine can
+# be late. A tunnel is never closed early (the jitter only adds), so the lower bound allows
+# only the client thread's own wake-up lag after the 101 (10 ms); the upper bound, 1.1 s,
+# gets LATE_MARGIN for the proxy's and the client's wake-ups after the close.
+LATE_MARGIN = 0.4
+
+
+def open_tunnel(proxy) -> tuple[socket.socket, float]:
+    """A raw WebSocket tunnel through `proxy` and the moment its 101 arrived."""
+    sock = raw_client(proxy.address, timeout=WAIT)
+    sock.sendall(ws_request(b"/"))
+    head, rest = read_response_head(sock)
+    switched = time.monotonic()
+    assert head.startswith(b"HTTP/1.1 101 "), head
+    assert not rest
+    return sock, switched
+
+
+def closed_at(sock: socket.socket) -> float:
+    """Read until the proxy closes `sock`; when it did."""
+    while sock.recv(65536):
+        pass
+    return time.monotonic()
+
+
+def test_tunnel_lifetime_closes_between_1_0_and_1_1_s(make_proxy, ws_upstream, caplog):
+    caplog.set_level(logging.INFO, "upgradeproxy.access")
+    up = ws_upstream()
+    proxy = make_proxy(proxy_yaml(up.port, extra="timeouts: {tunnel_max_lifetime: 1}"))
+    tunnels = [open_tunnel(proxy) for _ in range(3)]
+    for sock, switched in tunnels:
+        with sock:
+            sock.settimeout(WAIT)
+            lived = closed_at(sock) - switched
+            assert 1.0 - 0.01 <= lived <= 1.1 + LATE_MARGIN, lived
+    assert eventually(lambda: len(records(caplog, "tunnel")) == 3)
+    assert {r["first_close"] for r in records(caplog, "tunnel")} == {"lifetime"}
+
+
+def test_without_lifetime_a_tunnel_stays_open(make_proxy, ws_upstream):
+    up = ws_upstream()
+    proxy = make_proxy(proxy_yaml(up.port, extra="timeouts: {tunnel_max_lifetime: 0}"))
+    with connect(proxy.url("/"), open_timeout=WAIT) as ws:
+        time.sleep(1.2)
+        ws.send("still here")
+        assert ws.recv(timeout=WAIT) == "still here"

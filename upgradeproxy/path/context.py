@@ -9,6 +9,7 @@ import trio
 
 from upgradeproxy.config.model import Config
 from upgradeproxy.path.streams import HttpStream
+from upgradeproxy.path.tunnel import Ending
 from upgradeproxy.path.upstream import Pool, client_tls_context
 from upgradeproxy.report.telemetry import Telemetry
 from upgradeproxy.rules.balancer import Balancer
@@ -47,6 +48,7 @@ class Shared:
     draining: bool = False
     idle_waits: set[trio.CancelScope] = field(default_factory=set)
     per_ip: AddressCounts = field(default_factory=AddressCounts)  # rule 14, this worker
+    tunnels: set[Ending] = field(default_factory=set)  # open tunnels, for a spread drain
 
 
 @dataclass(slots=True, eq=False)

@@ -529,6 +529,8 @@ async def _switch(
         rec=tunnel_rec,
         idle=client.rt.config.timeouts.tunnel_idle,
         telemetry=client.shared.telemetry,
+        lifetime=client.rt.config.timeouts.tunnel_max_lifetime,
+        tunnels=client.shared.tunnels,
     )
 
 
