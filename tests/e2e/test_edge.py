@@ -226,3 +226,59 @@ def test_without_lifetime_a_tunnel_stays_open(make_proxy, ws_upstream):
         time.sleep(1.2)
         ws.send("still here")
         assert ws.recv(timeout=WAIT) == "still here"
+
+
+def close_times(socks: list[socket.socket], since: float, limit: float) -> list[float]:
+    """Seconds after `since` at which the proxy closed each socket (watched with select)."""
+    import selectors
+
+    found: dict[socket.socket, float] = {}
+    with selectors.DefaultSelector() as sel:
+        for sock in socks:
+            sock.setblocking(False)
+            sel.register(sock, selectors.EVENT_READ)
+        while len(found) < len(socks) and time.monotonic() - since < limit:
+            for key, _ in sel.select(timeout=0.05):
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                try:
+                    data = sock.recv(65536)
+                except ConnectionResetError:
+                    data = b""
+                if not data:
+                    found[sock] = time.monotonic() - since
+                    sel.unregister(sock)
+    assert len(found) == len(socks), f"{len(socks) - len(found)} tunnels still open"
+    return sorted(found.values())
+
+
+@pytest.mark.slow
+def test_spread_drain_closes_tunnels_across_the_window(make_proxy, ws_upstream, caplog):
+    """12 tunnels, `drain: 4`: they close a few at a time over the 4 s, not in one burst."""
+    caplog.set_level(logging.INFO, "upgradeproxy.access")
+    up = ws_upstream()
+    extra = "timeouts: {drain: 4}\ndrain_tunnels: spread"
+    proxy = make_proxy(proxy_yaml(up.port, extra=extra))
+    socks = [open_tunnel(proxy)[0] for _ in range(12)]
+    started = time.monotonic()
+    proxy.drain()
+    times = close_times(socks, started, 4 + LATE_MARGIN + 1)
+    for sock in socks:
+        sock.close()
+    assert len({int(t) for t in times}) >= 3, times  # at least 3 distinct 1-second buckets
+    assert times[-1] - times[0] >= 2.5, times  # evenly over 4 s: the ends are 3.67 s apart
+    assert times[-1] <= 4 + LATE_MARGIN, times
+    assert eventually(lambda: len(records(caplog, "tunnel")) == 12)
+    assert {r["first_close"] for r in records(caplog, "tunnel")} == {"drain"}
+
+
+def test_wait_drain_keeps_tunnels_until_the_window_ends(make_proxy, ws_upstream):
+    up = ws_upstream()
+    proxy = make_proxy(proxy_yaml(up.port, extra="timeouts: {drain: 1}"))
+    socks = [open_tunnel(proxy)[0] for _ in range(4)]
+    started = time.monotonic()
+    proxy.drain()
+    times = close_times(socks, started, 1 + LATE_MARGIN + 1)
+    for sock in socks:
+        sock.close()
+    assert times[0] >= 1.0 - 0.01, times  # none before the drain window ends

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import random
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final, TypeAlias
 
@@ -89,6 +90,15 @@ class Switched:
             rec.first_close = stats.first_close
             rec.duration = time.monotonic() - rec.started
             telemetry.tunnel_closed(rec)
+
+
+def spread_ends(tunnels: Iterable[Ending], now: float, window: float) -> None:
+    """Rule 13, `drain_tunnels: spread`: end `tunnels` at even steps over `window`, one at
+    the middle of each of n equal slices (never at its very end, where the drain's own
+    deadline cancels what is left), so their clients reconnect elsewhere a few at a time."""
+    planned = list(tunnels)
+    for i, ending in enumerate(planned):
+        ending.at(now + window * (i + 0.5) / len(planned), "drain")
 
 
 # What one exchange ends in: the connection goes on, closes, or becomes a tunnel.

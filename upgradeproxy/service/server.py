@@ -16,6 +16,7 @@ import trio
 from upgradeproxy.config.model import Address, Config, Listener
 from upgradeproxy.path.context import Peer, Runtime, Shared
 from upgradeproxy.path.exchange import serve_client
+from upgradeproxy.path.handover import spread_ends
 from upgradeproxy.path.streams import STREAM_ERRORS, PrefixedStream, aclose_quietly, bind_socket
 from upgradeproxy.rules.proxy_protocol import (
     MAX_HEADER_BYTES,
@@ -138,7 +139,10 @@ class Proxy:
     async def _finish_drain(self) -> None:
         for scope in list(self.shared.idle_waits):
             scope.cancel()
-        with trio.move_on_after(self.runtime.config.timeouts.drain):
+        config = self.runtime.config
+        if config.drain_tunnels == "spread":
+            spread_ends(self.shared.tunnels, trio.current_time(), config.timeouts.drain)
+        with trio.move_on_after(config.timeouts.drain):
             while self.active:
                 self._idle = trio.Event()
                 await self._idle.wait()
