@@ -4,8 +4,11 @@ limit (rule 14), tunnel lifetime and spread drain (rule 13), PROXY protocol to s
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import logging
 import socket
+import struct
 import time
 
 import pytest
@@ -13,11 +16,14 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from tests.conftest import (
+    LOOPBACK,
+    RawConn,
     eventually,
     proxy_yaml,
     raw_client,
     read_response,
     read_response_head,
+    recv_exactly,
     respond_ok_forever,
 )
 
@@ -282,3 +288,110 @@ def test_wait_drain_keeps_tunnels_until_the_window_ends(make_proxy, ws_upstream)
     for sock in socks:
         sock.close()
     assert times[0] >= 1.0 - 0.01, times  # none before the drain window ends
+
+
+# --- rule 15: PROXY protocol to servers -------------------------------------------------------
+
+
+def accept_key(key: bytes) -> bytes:
+    return base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+
+
+def read_proxy(conn: RawConn, version: int) -> bytes:
+    """The PROXY header at the start of what `conn` received."""
+    if version == 1:
+        line = b""
+        while not line.endswith(b"\r\n"):
+            line += conn.read_exactly(1)
+        return line
+    fixed = conn.read_exactly(16)
+    return fixed + conn.read_exactly(struct.unpack("!H", fixed[14:16])[0])
+
+
+def expected_header(version: int, src: tuple[str, int], dst: tuple[str, int]) -> bytes:
+    if version == 1:
+        return b"PROXY TCP4 %s %s %d %d\r\n" % (src[0].encode(), dst[0].encode(), src[1], dst[1])
+    addresses = socket.inet_aton(src[0]) + socket.inet_aton(dst[0])
+    return (
+        b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c"
+        + addresses
+        + struct.pack("!HH", *[src[1], dst[1]])
+    )
+
+
+def proxy_then_echo(version: int, headers: list[bytes]):
+    """A raw upstream that records each connection's PROXY header, then switches and echoes."""
+
+    def handle(conn: RawConn) -> None:
+        headers.append(read_proxy(conn, version))
+        head = conn.read_head()
+        key = next(
+            line.split(b":", 1)[1].strip()
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"sec-websocket-key:")
+        )
+        conn.send(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: %s\r\n\r\n" % accept_key(key)
+        )
+        while data := conn.sock.recv(65536):
+            conn.sock.sendall(data)
+
+    return handle
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_tunnel_upstream_reads_the_exact_proxy_header(make_proxy, raw_upstream, version):
+    headers: list[bytes] = []
+    up = raw_upstream(proxy_then_echo(version, headers))
+    proxy = make_proxy(proxy_yaml(up.port, upstream=f"proxy_protocol: v{version}"))
+    sock, _ = open_tunnel(proxy)
+    with sock:
+        source = sock.getsockname()
+        sock.sendall(b"hello")
+        assert recv_exactly(sock, 5) == b"hello"
+    assert headers == [expected_header(version, source, (LOOPBACK, proxy.port))]
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_pooled_connection_is_reused_only_for_the_client_it_named(
+    make_proxy, raw_upstream, version
+):
+    up = raw_upstream()
+    proxy = make_proxy(proxy_yaml(up.port, upstream=f"proxy_protocol: v{version}"))
+    clients = [raw_client(proxy.address), raw_client(proxy.address)]
+    try:
+        for i, sock in enumerate(clients):
+            for _ in range(2):  # keep-alive: the second request reuses the first's connection
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n")
+                conn = up.accept(index=i)
+                if len(conn.heads) == 0:
+                    assert read_proxy(conn, version) == expected_header(
+                        version, sock.getsockname(), (LOOPBACK, proxy.port)
+                    )
+                conn.read_head()
+                conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                assert read_response(sock)[0] == 200
+        # One upstream connection per client, never one client's reused for the other.
+        assert len(up.conns) == 2
+        assert [len(c.heads) for c in up.conns] == [2, 2]
+    finally:
+        for sock in clients:
+            sock.close()
+
+
+def test_proxy_listener_source_is_what_goes_upstream(make_proxy, raw_upstream):
+    headers: list[bytes] = []
+    up = raw_upstream(proxy_then_echo(1, headers))
+    text = proxy_yaml(up.port, upstream="proxy_protocol: v1").replace(
+        'address: "127.0.0.1:0"', 'address: "127.0.0.1:0"\n    proxy_protocol: true'
+    )
+    proxy = make_proxy(text)
+    with raw_client(proxy.address) as sock:
+        sock.sendall(b"PROXY TCP4 203.0.113.5 192.0.2.1 4242 443\r\n")
+        sock.sendall(ws_request(b"/", b"X-Forwarded-For: 6.6.6.6\r\n"))
+        head, _ = read_response_head(sock)
+        assert head.startswith(b"HTTP/1.1 101 ")
+        sock.sendall(b"x")
+        assert recv_exactly(sock, 1) == b"x"
+    assert headers == [b"PROXY TCP4 203.0.113.5 127.0.0.1 4242 %d\r\n" % proxy.port]

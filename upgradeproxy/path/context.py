@@ -62,6 +62,8 @@ class Client:
     first: bool = True
     peer: Peer | None = None
     admitted: str | None = None  # the address counted against max_connections_per_ip
+    # Keep-alive connections whose PROXY header named this client: reused by it alone.
+    own_pool: Pool | None = None
 
     @property
     def peer_ip(self) -> str:

@@ -20,7 +20,7 @@ from typing import Final, TypeVar, cast
 import h11
 import trio
 
-from upgradeproxy.path.admission import admit, release
+from upgradeproxy.path.admission import admit, preamble, release, upstream_pool
 from upgradeproxy.path.body import BodyPump
 from upgradeproxy.path.context import Client, Peer, Runtime, Shared
 from upgradeproxy.path.handover import Done, Outcome, Switched
@@ -284,7 +284,7 @@ def _return_to_pool(client: Client, ex: Exchange, conn: UpstreamConn) -> bool:
     h = conn.http.h11
     if ex.plan.offer or h.our_state is not h11.DONE or h.their_state is not h11.DONE:
         return False
-    client.shared.pool.put(conn, ex.plan.upstream.tls)
+    upstream_pool(client, ex.plan.upstream).put(conn, ex.plan.upstream.tls)
     return True
 
 
@@ -296,18 +296,21 @@ async def _open_upstream(
     Raises UpstreamUnavailable or UpstreamTimeout when no server answered.
     """
     shared, rt, upstream = client.shared, client.rt, ex.plan.upstream
+    pool, header = upstream_pool(client, upstream), preamble(client, upstream)
     now = trio.current_time()
     last: ConnectFailed | None = None
     timed_out = True
     for server in balancer.order(now):
-        pooled = (
-            shared.pool.take(server, upstream.tls, probe=ex.plan.has_body) if pooled_ok else None
-        )
+        pooled = pool.take(server, upstream.tls, probe=ex.plan.has_body) if pooled_ok else None
         if pooled is not None:
             return pooled
         try:
             stream = await connect(
-                server, rt.config.timeouts.connect, upstream.tls, rt.tls_contexts[upstream.name]
+                server,
+                rt.config.timeouts.connect,
+                upstream.tls,
+                rt.tls_contexts[upstream.name],
+                header,
             )
         except ConnectFailed as exc:
             last = exc

@@ -264,7 +264,8 @@ class Proxy:
 
     async def _serve(self, stream: trio.SocketStream, bound: _Bound, rt: Runtime) -> None:
         try:
-            peer_ip = str(stream.socket.getpeername()[0])
+            peer_ip, peer_port = stream.socket.getpeername()[:2]
+            local = stream.socket.getsockname()[:2]
         except OSError:
             return
         leftover = b""
@@ -275,7 +276,7 @@ class Proxy:
                 found = await _read_proxy_header(stream)
                 if found is None:
                     return
-                peer_ip = found[0] or peer_ip
+                peer_ip, peer_port = found[0] or (peer_ip, peer_port)
                 leftover = found[1]
             if bound.tls is not None:
                 transport = PrefixedStream(stream, leftover) if leftover else stream
@@ -288,12 +289,17 @@ class Proxy:
                     return
         if scope.cancelled_caught:
             return
-        peer = Peer(peer_ip, bound.tls is not None, leftover)
+        peer = Peer(
+            str(peer_ip), bound.tls is not None, leftover, int(peer_port), (str(local[0]), local[1])
+        )
         await serve_client(client, peer, rt, self.shared)
 
 
-async def _read_proxy_header(stream: trio.SocketStream) -> tuple[str | None, bytes] | None:
-    """(client ip or None for LOCAL, bytes after the header), or None if it is not one."""
+async def _read_proxy_header(
+    stream: trio.SocketStream,
+) -> tuple[tuple[str, int] | None, bytes] | None:
+    """(client ip and port, or None for LOCAL, bytes after the header), or None if it is not
+    one."""
     buf = b""
     while len(buf) <= MAX_HEADER_BYTES:
         try:
@@ -303,8 +309,7 @@ async def _read_proxy_header(stream: trio.SocketStream) -> tuple[str | None, byt
             return None
         if found is not NEED_MORE:
             header, used = found
-            source = header.source[0] if header.source else None
-            return source, buf[used:]
+            return header.source, buf[used:]
         try:
             data = await stream.receive_some(MAX_HEADER_BYTES)
         except STREAM_ERRORS:
