@@ -395,3 +395,30 @@ def test_proxy_listener_source_is_what_goes_upstream(make_proxy, raw_upstream):
         sock.sendall(b"x")
         assert recv_exactly(sock, 1) == b"x"
     assert headers == [b"PROXY TCP4 203.0.113.5 127.0.0.1 4242 %d\r\n" % proxy.port]
+
+
+# --- metrics ----------------------------------------------------------------------------------
+
+
+def scrape(proxy) -> str:
+    import urllib.request
+
+    host, port = proxy.proxy.admin_address
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=WAIT) as response:
+        return response.read().decode()
+
+
+def test_tunnel_gauge_is_labelled_by_route_and_protocol_on_metrics(make_proxy, ws_upstream):
+    up = ws_upstream()
+    text = proxy_yaml(
+        up.port,
+        route="host: chat.example.com\npath_prefix: /ws",
+        extra='admin: {address: "127.0.0.1:0"}',
+    )
+    proxy = make_proxy(text)
+    sample = 'upgradeproxy_tunnels_active{protocol="websocket",route="chat.example.com/ws"}'
+    with raw_client(proxy.address) as sock:
+        sock.sendall(ws_request(b"/ws/room"))
+        assert read_response_head(sock)[0].startswith(b"HTTP/1.1 101 ")
+        assert eventually(lambda: f"{sample} 1.0" in scrape(proxy))
+    assert eventually(lambda: f"{sample} 0.0" in scrape(proxy))

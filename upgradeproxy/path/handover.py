@@ -52,7 +52,7 @@ class Switched:
         """Splice until both sides are done; the tunnel's log line is written when it closes."""
         telemetry = self.telemetry
         stats = TunnelStats(bytes_up=len(self.client_rest), bytes_down=len(self.upstream_rest))
-        telemetry.tunnel_opened()
+        telemetry.tunnel_opened(self.rec)
         ending = Ending()
         if self.lifetime:
             # Measured from here, once the 101 is on its way to the client.
