@@ -422,3 +422,31 @@ def test_tunnel_gauge_is_labelled_by_route_and_protocol_on_metrics(make_proxy, w
         assert read_response_head(sock)[0].startswith(b"HTTP/1.1 101 ")
         assert eventually(lambda: f"{sample} 1.0" in scrape(proxy))
     assert eventually(lambda: f"{sample} 0.0" in scrape(proxy))
+
+
+def test_check_reports_bad_edge_values_with_file_and_line(tmp_path):
+    from tests.conftest import run_cli
+
+    path = tmp_path / "edge.yaml"
+    path.write_text(
+        proxy_yaml(
+            9000,
+            route='allowed_origins: ["https://chat.example.com/ws", "chat.example.com"]',
+            upstream="proxy_protocol: v3",
+            extra="timeouts: {tunnel_max_lifetime: 500ms}\n"
+            "limits: {max_connections_per_ip: -1}\ndrain_tunnels: later",
+        )
+    )
+    done = run_cli("check", "--config", str(path))
+    assert done.returncode == 1, done
+    lines = [line for line in done.stderr.splitlines() if line.startswith(str(path))]
+    for field in (
+        "routes[0].allowed_origins[0]",
+        "routes[0].allowed_origins[1]",
+        "upstreams.app.proxy_protocol",
+        "timeouts.tunnel_max_lifetime",
+        "limits.max_connections_per_ip",
+        "drain_tunnels",
+    ):
+        assert any(f"{path}:" in line and f": {field}: " in line for line in lines), (field, lines)
+    assert "Traceback" not in done.stderr

@@ -32,7 +32,7 @@ def origin_problem(values: Sequence[bytes], allowed: Sequence[str]) -> str | Non
     except ValueError as exc:
         return f"malformed Origin {shown!r}: {exc}"
     if not any(_matches(entry, scheme, host, port) for entry in allowed):
-        return f"Origin {serialise_origin(scheme, host, port)} is not allowed"
+        return f"Origin {serialise_origin(scheme, host, port)[:200]} is not allowed"
     return None
 
 
