@@ -97,8 +97,8 @@ async def serve_client(stream: trio.abc.Stream, peer: Peer, rt: Runtime, shared:
             # only what `Switched` carries.
             await switched.run()
     finally:
+        release(client)  # first: nothing below may skip it
         await aclose_quietly(stream)
-        release(client)
 
 
 async def _serve_http(client: Client) -> Switched | None:
