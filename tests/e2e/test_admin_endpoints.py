@@ -175,7 +175,7 @@ def test_metrics_follow_known_traffic(spawn, tmp_path, raw_upstream):
     labels = {
         "upgradeproxy_requests_total": {"route", "code"},
         "upgradeproxy_upgrades_total": {"route", "protocol", "result"},
-        "upgradeproxy_tunnels_active": set(),
+        "upgradeproxy_tunnels_active": {"route", "protocol"},
         "upgradeproxy_tunnel_bytes_total": {"direction"},
         "upgradeproxy_upstream_errors_total": {"upstream", "kind"},
     }

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from upgradeproxy.config.loader import parse_config
-from upgradeproxy.rules.errors import BadRequest, MethodNotAllowed, NoRoute, ProxyError
+from upgradeproxy.rules.errors import (
+    BadRequest,
+    MethodNotAllowed,
+    NoRoute,
+    OriginRefused,
+    ProxyError,
+)
 from upgradeproxy.rules.plan import Head, Origin, body_framing, locate, log_fields, plan
 from upgradeproxy.rules.routing import Router
 
@@ -180,3 +186,45 @@ def test_every_rejection_is_a_proxy_error():
     for h in (head(version=b"0.9"), head(b"nope", [(b"Host", b"x")])):
         with pytest.raises(ProxyError):
             make_plan(h)
+
+
+# --- rule 12: allowed_origins --------------------------------------------------------------
+
+ORIGINS = parse_config(
+    """
+listen: [{address: "127.0.0.1:0"}]
+upstreams: {app: {servers: ["127.0.0.1:9000"]}}
+routes:
+  - {path_prefix: "/ws", upstream: app, allowed_origins: ["https://chat.example.com"]}
+  - {path_prefix: "/none", upstream: app, upgrade: [], allowed_origins: []}
+  - {upstream: app}
+"""
+)
+
+
+def origin_plan(target: bytes, extra: list[tuple[bytes, bytes]], ws: bool = True):
+    h = head(target, [(b"Host", b"x"), *(WS if ws else []), *extra])
+    return plan(h, locate(h, Router(ORIGINS.routes)), CLIENT, ORIGINS)
+
+
+@pytest.mark.parametrize(
+    ("target", "extra", "ws", "refused"),
+    [
+        pytest.param(b"/ws", [(b"Origin", b"https://chat.example.com")], True, False, id="allowed"),
+        pytest.param(b"/ws", [(b"Origin", b"https://evil.example")], True, True, id="refused"),
+        pytest.param(b"/ws", [(b"Origin", b"null")], True, True, id="null"),
+        pytest.param(b"/ws", [(b"Origin", b"\x00\xff garbage")], True, True, id="garbage"),
+        pytest.param(b"/ws", [], True, False, id="no-origin-not-a-browser"),
+        pytest.param(b"/ws", [(b"Origin", b"https://evil.example")], False, False, id="plain-http"),
+        pytest.param(b"/none", [(b"Origin", b"https://evil.example")], True, False, id="stripped"),
+        pytest.param(b"/", [(b"Origin", b"https://evil.example")], True, False, id="no-list"),
+    ],
+)
+def test_origin_is_checked_only_on_upgrades_that_go_upstream(target, extra, ws, refused):
+    if refused:
+        with pytest.raises(OriginRefused) as info:
+            origin_plan(target, extra, ws)
+        assert (info.value.status, info.value.kind) == (403, "origin")
+        assert "*/ws" in info.value.detail
+    else:
+        origin_plan(target, extra, ws)

@@ -16,13 +16,14 @@ import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from upgradeproxy.config import values
+from upgradeproxy.config import edge, values
 from upgradeproxy.config.model import (
     DEFAULT_UPGRADE,
     Address,
     Admin,
     Balance,
     Config,
+    DrainTunnels,
     IPNetwork,
     Limits,
     Listener,
@@ -41,6 +42,7 @@ _STR, _INT, _FLOAT, _BOOL = (f"tag:yaml.org,2002:{t}" for t in ("str", "int", "f
 _CONSTRUCTOR = SafeConstructor()
 _TOP_KEYS = (
     "listen", "admin", "workers", "upstreams", "routes", "timeouts", "limits", "trusted_proxies",
+    "drain_tunnels",
 )  # fmt: skip
 _BALANCES: Mapping[str, Balance] = {"round_robin": "round_robin", "least_conn": "least_conn"}
 
@@ -268,10 +270,13 @@ def _build(c: _Checker, root: Node) -> Config | None:
             values.workers,
         )
         or 1,
-        timeouts=Timeouts(**_section(c, top.get("timeouts"), "timeouts", Timeouts, c.timeout)),
-        limits=Limits(**_section(c, top.get("limits"), "limits", Limits, c.positive_int)),
+        timeouts=Timeouts(
+            **_section(c, top.get("timeouts"), "timeouts", Timeouts, partial(_timeout, c))
+        ),
+        limits=Limits(**_section(c, top.get("limits"), "limits", Limits, partial(_limit, c))),
         trusted_proxies=tuple(network for _, _, network in trusted),
         source=c.source,
+        drain_tunnels=_drain_tunnels(c, top.get("drain_tunnels")),
     )
 
 
@@ -373,7 +378,7 @@ def _upstreams(c: _Checker, node: Node | None) -> tuple[dict[str, Upstream], lis
 
 
 def _upstream(c: _Checker, name: str, node: Node, field: str) -> Upstream | None:
-    found = c.mapping(node, field, ("servers", "balance", "tls"), ("servers",))
+    found = c.mapping(node, field, ("servers", "balance", "tls", "proxy_protocol"), ("servers",))
     if found is None:
         return None
     what = "a list of 'host:port' strings or {address:, weight:} items"
@@ -392,7 +397,13 @@ def _upstream(c: _Checker, name: str, node: Node, field: str) -> Upstream | None
     )  # fmt: skip
     if not servers:
         return None
-    return Upstream(name, tuple(s for _, _, s in servers), balance or "round_robin", tls)
+    proxy_protocol = c.scalar(
+        found.get("proxy_protocol"), f"{field}.proxy_protocol", "v1 or v2", (_STR,),
+        values.choice(edge.PROXY_VERSIONS),
+    )  # fmt: skip
+    return Upstream(
+        name, tuple(s for _, _, s in servers), balance or "round_robin", tls, proxy_protocol or 0
+    )
 
 
 def _server(c: _Checker, node: Node, field: str) -> Server | None:
@@ -434,7 +445,8 @@ def _routes(c: _Checker, node: Node | None, names: list[str] | None) -> tuple[Ro
 
 def _route(c: _Checker, node: Node, field: str, names: list[str] | None) -> Route | None:
     mark = len(c.problems)
-    found = c.mapping(node, field, ("host", "path_prefix", "upstream", "upgrade"), ("upstream",))
+    keys = ("host", "path_prefix", "upstream", "upgrade", "allowed_origins")
+    found = c.mapping(node, field, keys, ("upstream",))
     if found is None:
         return None
     upstream = c.text(found.get("upstream"), f"{field}.upstream", "the name of an upstream")
@@ -452,9 +464,10 @@ def _route(c: _Checker, node: Node, field: str, names: list[str] | None) -> Rout
         found.get("path_prefix"), f"{field}.path_prefix", values.PATH_HINT, (_STR,), values.path
     )
     upgrade = _upgrade(c, found.get("upgrade"), f"{field}.upgrade")
+    origins = _origins(c, found.get("allowed_origins"), f"{field}.allowed_origins")
     if upstream is None or len(c.problems) > mark:
         return None
-    return Route(upstream, host, prefix or "/", upgrade)
+    return Route(upstream, host, prefix or "/", upgrade, allowed_origins=origins)
 
 
 def _upgrade(c: _Checker, node: Node | None, field: str) -> tuple[str, ...]:
@@ -465,3 +478,35 @@ def _upgrade(c: _Checker, node: Node | None, field: str) -> tuple[str, ...]:
     items = _items(c, node, field, what, read)
     _no_duplicates(c, items, lambda token: token, field + "[{i}]", "repeats " + field + "[{first}]")
     return tuple(token for _, _, token in items)
+
+
+# --- edge settings (config/edge.py holds the value checks) ---------------------------------
+
+
+def _origins(c: _Checker, node: Node | None, field: str) -> tuple[str, ...] | None:
+    if node is None:
+        return None
+    what = "a list of origins like ['https://chat.example.com']"
+    read = partial(c.scalar, what=edge.ORIGIN_HINT, tags=(_STR,), convert=edge.origin_entry)
+    return tuple(origin for _, _, origin in _items(c, node, field, what, read))
+
+
+def _drain_tunnels(c: _Checker, node: Node | None) -> DrainTunnels:
+    pick = values.choice(edge.DRAIN_TUNNELS)
+    return c.scalar(node, "drain_tunnels", "wait or spread", (_STR,), pick) or "wait"
+
+
+def _timeout(c: _Checker, node: Node, field: str) -> float | None:
+    if field != "timeouts.tunnel_max_lifetime":
+        return c.timeout(node, field)
+
+    def lifetime(value: object) -> float:
+        return edge.tunnel_lifetime(values.parse_duration(value))
+
+    return c.scalar(node, field, values.DURATION_HINT, (_INT, _FLOAT, _STR), lifetime)
+
+
+def _limit(c: _Checker, node: Node, field: str) -> int | None:
+    if field != "limits.max_connections_per_ip":
+        return c.positive_int(node, field)
+    return c.scalar(node, field, "a whole number, 0 or more", (_INT,), edge.non_negative)

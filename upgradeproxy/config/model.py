@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Final, Literal
 
 Balance = Literal["round_robin", "least_conn"]
+DrainTunnels = Literal["wait", "spread"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 DEFAULT_UPGRADE: Final = ("websocket",)
@@ -66,6 +67,7 @@ class Upstream:
     servers: tuple[Server, ...]
     balance: Balance = "round_robin"
     tls: UpstreamTls | None = None
+    proxy_protocol: int = 0  # 0: none; 1 or 2: send a PROXY header of that version (rule 15)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +79,8 @@ class Route:
     path_prefix: str = "/"
     upgrade: tuple[str, ...] = DEFAULT_UPGRADE
     upgrade_tokens: tuple[bytes, ...] = field(init=False, repr=False, compare=False)
+    # Canonical origins (config/edge.py); None: no Origin check (rule 12).
+    allowed_origins: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         # Encoded once here, not on every request.
@@ -93,12 +97,14 @@ class Timeouts:
     idle: float = 75.0
     tunnel_idle: float = 3600.0
     drain: float = 30.0
+    tunnel_max_lifetime: float = 0.0  # 0: none; else closed this long after the 101 (+0-10%)
 
 
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_request_header_bytes: int = 16384
     max_connections: int = 10000
+    max_connections_per_ip: int = 0  # 0: no limit; per worker, by client address (rule 14)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,3 +118,4 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     trusted_proxies: tuple[IPNetwork, ...] = ()
     source: str = "<memory>"
+    drain_tunnels: DrainTunnels = "wait"  # or "spread": close tunnels evenly over the drain

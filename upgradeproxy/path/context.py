@@ -9,9 +9,11 @@ import trio
 
 from upgradeproxy.config.model import Config
 from upgradeproxy.path.streams import HttpStream
+from upgradeproxy.path.tunnel import Ending
 from upgradeproxy.path.upstream import Pool, client_tls_context
 from upgradeproxy.report.telemetry import Telemetry
 from upgradeproxy.rules.balancer import Balancer
+from upgradeproxy.rules.limits import AddressCounts
 from upgradeproxy.rules.plan import Origin
 from upgradeproxy.rules.routing import Router
 
@@ -45,6 +47,8 @@ class Shared:
     pool: Pool = field(default_factory=Pool)
     draining: bool = False
     idle_waits: set[trio.CancelScope] = field(default_factory=set)
+    per_ip: AddressCounts = field(default_factory=AddressCounts)  # rule 14, this worker
+    tunnels: set[Ending] = field(default_factory=set)  # open tunnels, for a spread drain
 
 
 @dataclass(slots=True, eq=False)
@@ -56,6 +60,10 @@ class Client:
     rt: Runtime
     shared: Shared
     first: bool = True
+    peer: Peer | None = None
+    admitted: str | None = None  # the address counted against max_connections_per_ip
+    # Keep-alive connections whose PROXY header named this client: reused by it alone.
+    own_pool: Pool | None = None
 
     @property
     def peer_ip(self) -> str:
@@ -69,3 +77,5 @@ class Peer:
     ip: str  # from the socket, or from a PROXY header
     tls: bool
     leftover: bytes = b""  # read past a PROXY header, not yet parsed
+    port: int = 0  # the client's source port, beside `ip`
+    local: tuple[str, int] | None = None  # the proxy's address the client connected to

@@ -20,6 +20,7 @@ from typing import Final, TypeVar, cast
 import h11
 import trio
 
+from upgradeproxy.path.admission import admit, preamble, release, upstream_pool
 from upgradeproxy.path.body import BodyPump
 from upgradeproxy.path.context import Client, Peer, Runtime, Shared
 from upgradeproxy.path.handover import Done, Outcome, Switched
@@ -82,26 +83,26 @@ class Exchange:
 
 async def serve_client(stream: trio.abc.Stream, peer: Peer, rt: Runtime, shared: Shared) -> None:
     """Serve requests on one client connection until it closes, errs, drains or switches."""
-    try:
-        switched = await _serve_http(stream, peer, rt, shared)
-        if switched is not None:
-            # The HTTP frames (h11 state, request headers) are gone: an idle tunnel holds
-            # only what `Switched` carries.
-            await switched.run()
-    finally:
-        await aclose_quietly(stream)
-
-
-async def _serve_http(
-    stream: trio.abc.Stream, peer: Peer, rt: Runtime, shared: Shared
-) -> Switched | None:
     conn = h11.Connection(
         h11.SERVER, max_incomplete_event_size=rt.config.limits.max_request_header_bytes
     )
     if peer.leftover:
         conn.receive_data(peer.leftover)
     origin = planning.Origin(peer.ip, b"https" if peer.tls else b"http")
-    client = Client(HttpStream(conn, stream), origin, rt, shared)
+    client = Client(HttpStream(conn, stream), origin, rt, shared, peer=peer)
+    try:
+        switched = await _serve_http(client)
+        if switched is not None:
+            # The HTTP frames (h11 state, request headers) are gone: an idle tunnel holds
+            # only what `Switched` carries.
+            await switched.run()
+    finally:
+        release(client)  # first: nothing below may skip it
+        await aclose_quietly(stream)
+
+
+async def _serve_http(client: Client) -> Switched | None:
+    conn, stream, shared = client.http.h11, client.http.stream, client.shared
     while True:
         outcome = await _one_exchange(client)
         if isinstance(outcome, Switched):
@@ -129,6 +130,7 @@ async def _one_exchange(client: Client) -> Outcome:
         log.info("%s %s: %s", client.peer_ip, err.status, err.detail)
         if err.upstream_side and not err.counted:
             client.shared.telemetry.upstream_error(rec.upstream, err.kind)
+        client.shared.telemetry.refused(err.kind, rec.route)
         method = rec.method.encode() if rec.method else None
         _drain_buffered_body(client)
         sent = await _send_error(client, err, method)
@@ -239,6 +241,8 @@ def _plan(client: Client, request: h11.Request, rec: ExchangeRecord) -> Plan:
         request.method, request.target, request.http_version, list(request.headers.raw_items())
     )
     rec.method, rec.host, rec.path = planning.log_fields(head)
+    if client.first:
+        admit(client, head, rec)
     located = planning.locate(head, client.rt.router)
     rec.host = (located.authority or b"").decode("latin-1")
     rec.path = located.path
@@ -280,7 +284,7 @@ def _return_to_pool(client: Client, ex: Exchange, conn: UpstreamConn) -> bool:
     h = conn.http.h11
     if ex.plan.offer or h.our_state is not h11.DONE or h.their_state is not h11.DONE:
         return False
-    client.shared.pool.put(conn, ex.plan.upstream.tls)
+    upstream_pool(client, ex.plan.upstream).put(conn, ex.plan.upstream.tls)
     return True
 
 
@@ -292,18 +296,21 @@ async def _open_upstream(
     Raises UpstreamUnavailable or UpstreamTimeout when no server answered.
     """
     shared, rt, upstream = client.shared, client.rt, ex.plan.upstream
+    pool, header = upstream_pool(client, upstream), preamble(client, upstream)
     now = trio.current_time()
     last: ConnectFailed | None = None
     timed_out = True
     for server in balancer.order(now):
-        pooled = (
-            shared.pool.take(server, upstream.tls, probe=ex.plan.has_body) if pooled_ok else None
-        )
+        pooled = pool.take(server, upstream.tls, probe=ex.plan.has_body) if pooled_ok else None
         if pooled is not None:
             return pooled
         try:
             stream = await connect(
-                server, rt.config.timeouts.connect, upstream.tls, rt.tls_contexts[upstream.name]
+                server,
+                rt.config.timeouts.connect,
+                upstream.tls,
+                rt.tls_contexts[upstream.name],
+                header,
             )
         except ConnectFailed as exc:
             last = exc
@@ -525,6 +532,8 @@ async def _switch(
         rec=tunnel_rec,
         idle=client.rt.config.timeouts.tunnel_idle,
         telemetry=client.shared.telemetry,
+        lifetime=client.rt.config.timeouts.tunnel_max_lifetime,
+        tunnels=client.shared.tunnels,
     )
 
 

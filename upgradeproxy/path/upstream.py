@@ -57,13 +57,26 @@ def client_tls_context(tls: UpstreamTls) -> ssl.SSLContext:
 
 
 async def connect(
-    server: Server, timeout: float, tls: UpstreamTls | None, tls_ctx: ssl.SSLContext | None
+    server: Server,
+    timeout: float,
+    tls: UpstreamTls | None,
+    tls_ctx: ssl.SSLContext | None,
+    preamble: bytes = b"",
 ) -> trio.abc.Stream:
-    """TCP (+TLS) connect to `server` within `timeout` seconds, or raise ConnectFailed."""
+    """TCP (+TLS) connect to `server` within `timeout` seconds, or raise ConnectFailed.
+
+    `preamble` (a PROXY header, rule 15) is the first thing sent, before any TLS handshake.
+    """
     addr = server.address
     try:
         with trio.fail_after(timeout):
             stream: trio.abc.Stream = await _open_tcp(addr.host, addr.port)
+            if preamble:
+                try:
+                    await stream.send_all(preamble)
+                except BaseException:
+                    await aclose_quietly(stream)
+                    raise
             if tls is not None and tls_ctx is not None:
                 tls_stream = trio.SSLStream(
                     stream,

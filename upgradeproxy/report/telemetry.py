@@ -137,16 +137,29 @@ class Telemetry:
         # livesum: the open tunnels of live workers; a dead worker's are dropped with its file.
         self._tunnels_active = Gauge(
             "upgradeproxy_tunnels_active",
-            "Upgraded tunnels open now.",
+            "Upgraded tunnels open now, by route and protocol.",
+            ("route", "protocol"),
             registry=reg,
             multiprocess_mode="livesum",
         )
+        # Bounded like _Labelled's: routes from the config, protocols each route allows.
+        self._tunnel_gauges: dict[tuple[str, str], Gauge] = {}
         self._duration = Histogram(
             "upgradeproxy_request_duration_seconds",
             "Time from a request head to the end of its response (to the 101 for upgrades).",
             buckets=DURATION_BUCKETS,
             registry=reg,
         )
+        # Refusals at the edge, by route ("" for a 429 whose request did not route).
+        self._refusals = {
+            kind: _Labelled(Counter(name, doc, ("route",), registry=reg))
+            for kind, name, doc in (
+                ("origin", "upgradeproxy_origin_refusals_total",
+                 "Upgrades refused with 403: their Origin is not in the route's allowed_origins."),
+                ("limited", "upgradeproxy_limit_refusals_total",
+                 "Connections refused with 429 by limits.max_connections_per_ip."),
+            )
+        }  # fmt: skip
 
     # --- hooks called by the exchange code ----------------------------------------------
 
@@ -163,15 +176,25 @@ class Telemetry:
     def upstream_error(self, upstream: str, kind: str) -> None:
         self._upstream_errors.inc(upstream, kind)
 
-    def tunnel_opened(self) -> None:
-        self._tunnels_active.inc()
+    def tunnel_opened(self, rec: ExchangeRecord | None = None) -> None:
+        """Count an open tunnel under its record's route and protocol (the same at close)."""
+        self._tunnel_gauge(rec).inc()
+
+    def declare_routes(self, routes: list[tuple[str, tuple[str, ...]]]) -> None:
+        """Show `tunnels_active 0` for every (route, allowed protocol) before any tunnel opens,
+        so a scrape sees the series from the start, as it did before the labels came."""
+        for route, protocols in routes:
+            for protocol in protocols:
+                name = protocol.split("/")[0].strip().lower()
+                if (route, name) not in self._tunnel_gauges:
+                    self._tunnel_gauges[route, name] = self._tunnels_active.labels(route, name)
 
     def tunnel_moved(self, direction: str, n: int) -> None:
         self._tunnel_bytes[direction].inc(n)
 
     def tunnel_closed(self, rec: ExchangeRecord) -> None:
         """Count a closed tunnel and write its access-log line."""
-        self._tunnels_active.dec()
+        self._tunnel_gauge(rec).dec()
         if access_log.isEnabledFor(logging.INFO):
             access_log.info("tunnel", extra={"record": rec.as_log()})
 
@@ -179,8 +202,8 @@ class Telemetry:
 
     @property
     def tunnels_active(self) -> int:
-        """Tunnels open in this process."""
-        return int(self._sample("upgradeproxy_tunnels_active", {}))
+        """Tunnels open in this process, every route and protocol."""
+        return int(sum(s.value for m in self._tunnels_active.collect() for s in m.samples))
 
     @property
     def tunnel_bytes(self) -> dict[str, int]:
@@ -198,3 +221,19 @@ class Telemetry:
         merged = CollectorRegistry()
         MultiProcessCollector(merged, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
         return generate_latest(merged).decode()
+
+    def refused(self, kind: str, route: str) -> None:
+        """Count a 403 origin or 429 limit refusal (other kinds are not refusals)."""
+        if (counter := self._refusals.get(kind)) is not None:
+            counter.inc(route)
+
+    def _tunnel_gauge(self, rec: ExchangeRecord | None) -> Gauge:
+        """The tunnels_active child for a tunnel's route and protocol name (no version)."""
+        route = rec.route if rec is not None else ""
+        protocol = rec.protocol.split(",")[0].split("/")[0].strip().lower() if rec else ""
+        child = self._tunnel_gauges.get((route, protocol))
+        if child is None:
+            child = self._tunnel_gauges[route, protocol] = self._tunnels_active.labels(
+                route, protocol
+            )
+        return child

@@ -17,8 +17,9 @@ from typing import Final, Literal
 
 from upgradeproxy.config.model import Config, Route, Upstream
 from upgradeproxy.rules import headers as hdr
-from upgradeproxy.rules.errors import BadRequest, MethodNotAllowed, NoRoute
+from upgradeproxy.rules.errors import BadRequest, MethodNotAllowed, NoRoute, OriginRefused
 from upgradeproxy.rules.forwarding import Hop, is_trusted, upstream_request_headers
+from upgradeproxy.rules.origins import origin_problem
 from upgradeproxy.rules.routing import Router, normalize_host, split_target
 
 BodyFraming = Literal["none", "length", "chunked"]
@@ -119,6 +120,11 @@ def plan(head: Head, located: Located, origin: Origin, config: Config) -> Plan:
         )
     except ValueError as exc:
         raise BadRequest(f"malformed WebSocket handshake: {exc}") from None
+    if offer and route.allowed_origins is not None:
+        # Rule 12: only what would go upstream as an upgrade; a stripped offer is plain HTTP.
+        problem = origin_problem(hdr.get_all(head.headers, b"origin"), route.allowed_origins)
+        if problem is not None:
+            raise OriginRefused(f"{problem} on route {route_label(route)}")
     framing, body = body_framing(head.headers)
     hop = Hop(
         client_ip=origin.ip,

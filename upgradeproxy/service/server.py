@@ -16,7 +16,9 @@ import trio
 from upgradeproxy.config.model import Address, Config, Listener
 from upgradeproxy.path.context import Peer, Runtime, Shared
 from upgradeproxy.path.exchange import serve_client
+from upgradeproxy.path.handover import spread_ends
 from upgradeproxy.path.streams import STREAM_ERRORS, PrefixedStream, aclose_quietly, bind_socket
+from upgradeproxy.rules.plan import route_label
 from upgradeproxy.rules.proxy_protocol import (
     MAX_HEADER_BYTES,
     NEED_MORE,
@@ -71,6 +73,7 @@ class Proxy:
     ) -> None:
         self.runtime = Runtime.build(config)
         self.shared = shared or Shared()
+        self.shared.telemetry.declare_routes(_route_protocols(config))
         self.limiter = trio.CapacityLimiter(config.limits.max_connections)
         # Fixed for the process: every socket sharing a port must set SO_REUSEPORT, so a worker
         # keeps it even after a reload to `workers: 1` (which only a restart applies).
@@ -140,7 +143,10 @@ class Proxy:
     async def _finish_drain(self) -> None:
         for scope in list(self.shared.idle_waits):
             scope.cancel()
-        with trio.move_on_after(self.runtime.config.timeouts.drain):
+        config = self.runtime.config
+        if config.drain_tunnels == "spread":
+            spread_ends(self.shared.tunnels, trio.current_time(), config.timeouts.drain)
+        with trio.move_on_after(config.timeouts.drain):
             while self.active:
                 self._idle = trio.Event()
                 await self._idle.wait()
@@ -158,6 +164,7 @@ class Proxy:
         if self.draining:
             raise RuntimeError("cannot reload while draining")
         runtime = Runtime.build(config)
+        self.shared.telemetry.declare_routes(_route_protocols(config))
         wanted = {listener.address: listener for listener in config.listeners}
         tls = {address: server_tls_context(listener) for address, listener in wanted.items()}
         new = [address for address in wanted if address not in self.bound]
@@ -262,13 +269,19 @@ class Proxy:
 
     async def _serve(self, stream: trio.SocketStream, bound: _Bound, rt: Runtime) -> None:
         try:
-            peer_ip = str(stream.socket.getpeername()[0])
+            peer_ip, peer_port = stream.socket.getpeername()[:2]
+            local = stream.socket.getsockname()[:2]
         except OSError:
             return
         opened = None
         with trio.move_on_after(rt.config.timeouts.request_header):
             opened = await open_client(
-                stream, peer_ip, proxy_protocol=bound.config.proxy_protocol, tls=bound.tls
+                stream,
+                str(peer_ip),
+                proxy_protocol=bound.config.proxy_protocol,
+                tls=bound.tls,
+                port=int(peer_port),
+                local=(str(local[0]), int(local[1])),
             )
         if opened is None:
             return
@@ -276,8 +289,18 @@ class Proxy:
         await serve_client(client, peer, rt, self.shared)
 
 
+def _route_protocols(config: Config) -> list[tuple[str, tuple[str, ...]]]:
+    return [(route_label(r), r.upgrade) for r in config.routes]
+
+
 async def open_client(
-    stream: trio.abc.Stream, peer_ip: str, *, proxy_protocol: bool, tls: ssl.SSLContext | None
+    stream: trio.abc.Stream,
+    peer_ip: str,
+    *,
+    proxy_protocol: bool,
+    tls: ssl.SSLContext | None,
+    port: int = 0,
+    local: tuple[str, int] | None = None,
 ) -> tuple[trio.abc.Stream, Peer] | None:
     """Peel the PROXY header, then do the TLS handshake: (the HTTP stream, its peer), or None
     if the connection is to be dropped. Bytes read past a PROXY header are replayed to TLS."""
@@ -286,10 +309,10 @@ async def open_client(
         found = await _read_proxy_header(stream)
         if found is None:
             return None
-        peer_ip = found[0] or peer_ip
+        peer_ip, port = found[0] or (peer_ip, port)
         leftover = found[1]
     if tls is None:
-        return stream, Peer(peer_ip, False, leftover)
+        return stream, Peer(peer_ip, False, leftover, port, local)
     transport = PrefixedStream(stream, leftover) if leftover else stream
     client = trio.SSLStream(transport, tls, server_side=True)
     try:
@@ -297,11 +320,14 @@ async def open_client(
     except (*STREAM_ERRORS, ssl.SSLError) as exc:
         log.info("%s: TLS handshake failed: %s", peer_ip, exc)
         return None
-    return client, Peer(peer_ip, True, b"")
+    return client, Peer(peer_ip, True, b"", port, local)
 
 
-async def _read_proxy_header(stream: trio.abc.Stream) -> tuple[str | None, bytes] | None:
-    """(client ip or None for LOCAL, bytes after the header), or None if it is not one."""
+async def _read_proxy_header(
+    stream: trio.abc.Stream,
+) -> tuple[tuple[str, int] | None, bytes] | None:
+    """(client ip and port, or None for LOCAL, bytes after the header), or None if it is not
+    one."""
     buf = b""
     while len(buf) <= MAX_HEADER_BYTES:
         try:
@@ -311,8 +337,7 @@ async def _read_proxy_header(stream: trio.abc.Stream) -> tuple[str | None, bytes
             return None
         if found is not NEED_MORE:
             header, used = found
-            source = header.source[0] if header.source else None
-            return source, buf[used:]
+            return header.source, buf[used:]
         try:
             data = await stream.receive_some(MAX_HEADER_BYTES)
         except STREAM_ERRORS:
