@@ -11,6 +11,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+import yaml
 
 from upgradeproxy.config.loader import load_config
 
@@ -110,3 +111,22 @@ def test_systemd_unit_waits_longer_than_the_drain_and_signals_the_main_process()
     drain = load_config(str(ROOT / "config/upgradeproxy.yaml")).timeouts.drain
     assert int(settings["TimeoutStopSec"]) > drain
     assert settings["KillMode"] == "mixed"
+
+
+def test_prometheus_jobs_scrape_the_example_admin_port_and_the_pod_annotations() -> None:
+    jobs = {
+        job["job_name"]: job
+        for job in yaml.safe_load((ROOT / "deploy/prometheus.yml").read_text())["scrape_configs"]
+    }
+    admin = load_config(str(ROOT / "config/upgradeproxy.yaml")).admin
+    assert admin is not None
+    assert jobs["upgradeproxy"]["static_configs"][0]["targets"] == [str(admin.address)]
+    read = {
+        label.removeprefix("__meta_kubernetes_pod_annotation_")
+        for rule in jobs["kubernetes-pods"]["relabel_configs"]
+        for label in rule["source_labels"]
+        if label.startswith("__meta_kubernetes_pod_annotation_")
+    }
+    # prometheus.io/scrape, /port and /path, as Prometheus spells annotation names; the
+    # Deployments carry them (tests/unit/test_kubernetes.py checks their values).
+    assert read == {"prometheus_io_scrape", "prometheus_io_port", "prometheus_io_path"}
