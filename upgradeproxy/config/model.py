@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import Final, Literal
 
 Balance = Literal["round_robin", "least_conn"]
+TlsVersion = Literal["TLSv1.2", "TLSv1.3"]
+ClientAuth = Literal["request", "require"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 DEFAULT_UPGRADE: Final = ("websocket",)
@@ -28,9 +30,25 @@ class Address:
 
 
 @dataclass(frozen=True, slots=True)
-class ListenerTls:
+class TlsCertificate:
+    """One certificate of a listener; `names` (lower-case, `*.` wildcards) select it by SNI."""
+
     cert: str
     key: str
+    names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerTls:
+    """`cert`/`key` are the default pair; `certificates` lists every pair, the default first."""
+
+    cert: str
+    key: str
+    min_version: TlsVersion = "TLSv1.2"
+    ciphers: str | None = None  # OpenSSL cipher string (TLS 1.2 and below)
+    certificates: tuple[TlsCertificate, ...] = ()
+    client_ca: str | None = None
+    client_auth: ClientAuth | None = None  # set whenever client_ca is
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +76,8 @@ class UpstreamTls:
     verify: bool = True
     ca: str | None = None
     server_name: str | None = None
+    cert: str | None = None  # a client certificate presented to the upstream (with `key`)
+    key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +122,11 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True)
+class AccessLog:
+    query: bool = False  # off: WebSocket URLs often carry tokens in the query
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listeners: tuple[Listener, ...]
     upstreams: dict[str, Upstream]
@@ -112,3 +137,6 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     trusted_proxies: tuple[IPNetwork, ...] = ()
     source: str = "<memory>"
+    access_log: AccessLog = field(default_factory=AccessLog)
+    request_id: bool = True  # pass a trusted X-Request-ID through, else set a fresh one
+    warnings: tuple[str, ...] = ()  # `file:line: field: why` lines that do not stop a start

@@ -69,3 +69,4 @@ class Peer:
     ip: str  # from the socket, or from a PROXY header
     tls: bool
     leftover: bytes = b""  # read past a PROXY header, not yet parsed
+    client_cert: str | None = None  # the verified TLS client certificate's subject
