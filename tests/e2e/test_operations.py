@@ -347,12 +347,16 @@ def test_access_log_json_lines_for_an_exchange_and_a_tunnel(start, raw_upstream)
     tunnel.close()
 
     exchange = proc.wait_log("http", method="POST")[0]
-    assert exchange | {"time": None, "duration": None} == {
+    measured = {"time": None, "duration": None, "upstream_connect": None,
+                "upstream_header": None, "request_id": None, "user_agent": None}  # fmt: skip
+    assert exchange | measured == {
         "time": None, "level": "info", "logger": "upgradeproxy.access", "msg": "http",
         "client": LOOPBACK, "method": "POST", "host": "svc.test", "path": "/http/form",
         "route": "*/http", "upstream": "web", "server": f"{LOOPBACK}:{web.port}",
-        "status": 200, "bytes_in": 5, "bytes_out": 9, "duration": None, "kind": "http",
+        "status": 200, "bytes_in": 5, "bytes_out": 9, "kind": "http", **measured,
     }  # fmt: skip
+    assert re.fullmatch(r"[0-9a-f]{32}", exchange["request_id"])
+    assert 0 <= exchange["upstream_connect"] <= exchange["upstream_header"]
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", exchange["time"])
     assert isinstance(exchange["duration"], float)
     closed = proc.wait_log("tunnel")[0]

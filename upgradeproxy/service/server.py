@@ -243,6 +243,8 @@ class Proxy:
                 # one needs. At max_connections the client waits in the kernel backlog.
                 await trio.lowlevel.wait_readable(bound.listener.socket)
                 token = object()
+                if not self.limiter.available_tokens:
+                    self.shared.telemetry.connection_limited()  # a client waits in the backlog
                 await self.limiter.acquire_on_behalf_of(token)
                 try:
                     stream = await bound.listener.accept()
@@ -263,6 +265,7 @@ class Proxy:
 
     async def _handle(self, stream: trio.SocketStream, bound: _Bound, token: object) -> None:
         rt = self.runtime
+        self.shared.telemetry.connection_opened()
         try:
             await self._serve(stream, bound, rt)
         except Exception:
@@ -271,6 +274,7 @@ class Proxy:
         finally:
             await aclose_quietly(stream)
             self.limiter.release_on_behalf_of(token)
+            self.shared.telemetry.connection_closed()
             self.active -= 1
             if not self.active:
                 self._idle.set()
