@@ -603,6 +603,11 @@ def test_killed_worker_is_replaced_and_totals_survive(start, raw_upstream):
     # Enough that both workers hold some (all on one: a 2**-19 chance).
     tunnels = [Tunnel(port, "/ws") for _ in range(20)]
     assert eventually(lambda: total(scrape(admin), "upgradeproxy_tunnels_active") == 20)
+    assert eventually(lambda: total(scrape(admin), "upgradeproxy_connections_active") == 20)
+    # process_* per live worker, labelled with its pid (issue 11).
+    memory = scrape(admin)["process_resident_memory_bytes"].samples
+    assert {s.labels["pid"] for s in memory} == {str(pid) for pid in pids.values()}
+    assert all(s.value > 0 for s in memory)
 
     os.kill(pids[0], signal.SIGKILL)
     proc.wait_log("worker died: replacing it", worker=0)
@@ -616,6 +621,11 @@ def test_killed_worker_is_replaced_and_totals_survive(start, raw_upstream):
     for i in range(10):
         assert http(port, f"/after{i}")[0] == 200
     assert eventually(lambda: total(scrape(admin), "upgradeproxy_tunnels_active") == len(alive))
+    # Gauges count live workers only; counters keep what the dead one counted (below).
+    active = "upgradeproxy_connections_active"
+    assert eventually(lambda: total(scrape(admin), active) == len(alive))
+    memory = scrape(admin)["process_resident_memory_bytes"].samples
+    assert {s.labels["pid"] for s in memory} == {str(pids[1]), str(fresh)}
     expected = 10 + len(tunnels) + 10  # the 101s count as exchanges too
     assert eventually(lambda: total(scrape(admin), "upgradeproxy_requests_total") == expected)
 
