@@ -17,6 +17,7 @@ import h11
 import trio
 
 from upgradeproxy.config.model import Server, UpstreamTls
+from upgradeproxy.config.tls_files import no_password
 from upgradeproxy.path.streams import STREAM_ERRORS, HttpStream, aclose_quietly, looks_closed
 
 MAX_IDLE_PER_SERVER: Final = 256
@@ -49,6 +50,8 @@ class UpstreamConn:
 def client_tls_context(tls: UpstreamTls) -> ssl.SSLContext:
     """An SSL context for talking to an upstream; built once per config, not per connection."""
     ctx = ssl.create_default_context(cafile=tls.ca)
+    if tls.cert and tls.key:  # a client certificate for upstreams that verify their clients
+        ctx.load_cert_chain(tls.cert, tls.key, password=no_password)
     if not tls.verify:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
