@@ -150,3 +150,23 @@ def test_a_client_sent_certificate_subject_never_reaches_the_upstream(
     proxy = make_proxy(proxy_yaml(up.port, extra="trusted_proxies: ['127.0.0.1']"))
     get(proxy.address, extra=b"X-Client-Cert-Subject: CN=admin\r\n")
     assert header_values(up.accept().heads[0], b"X-Client-Cert-Subject") == []
+
+
+@pytest.mark.parametrize(
+    ("sent", "status"),
+    [
+        (b"GET /big HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n", 431),
+        (b"GET /big HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * 20000, 431),  # head never ends
+        (b"GET /big HTTP/1.1\r\nHost: a\r\n", 408),  # too slow
+    ],
+    ids=["whole-head-too-large", "incomplete-head-too-large", "head-too-slow"],
+)
+def test_rejected_heads_log_their_request_line(make_proxy, logs, sent, status):
+    proxy = make_proxy(proxy_yaml(1, extra="timeouts: {request_header: 0.3}"))
+    with raw_client(proxy.address) as sock:
+        sock.sendall(sent)
+        assert read_response(sock)[0] == status
+    assert eventually(lambda: access_lines(logs))
+    (line,) = access_lines(logs)
+    assert (line["method"], line["path"], line["status"]) == ("GET", "/big", status)
+    assert HEX32.fullmatch(line["request_id"].encode())

@@ -33,7 +33,8 @@ class Runtime:
             router=Router(config.routes),
             balancers={n: Balancer(u.servers, u.balance) for n, u in config.upstreams.items()},
             tls_contexts={
-                n: client_tls_context(u.tls) if u.tls else None for n, u in config.upstreams.items()
+                n: client_tls_context(u.tls, f"upstreams.{n}.tls") if u.tls else None
+                for n, u in config.upstreams.items()
             },
         )
 

@@ -140,10 +140,9 @@ def request_id(
     """The request's id: a trusted peer's X-Request-ID as is, else a fresh one from `new`."""
     if not config.request_id:
         return None
-    if is_trusted(origin.ip, config.trusted_proxies):
-        found = hdr.get_all(headers, b"x-request-id")
-        if found and found[0]:
-            return found[0]
+    found = hdr.get_all(headers, b"x-request-id")
+    if found and found[0] and is_trusted(origin.ip, config.trusted_proxies):
+        return found[0]
     return new()
 
 

@@ -49,12 +49,12 @@ def _context(tls: ListenerTls, cert: TlsCertificate, field: str) -> ssl.SSLConte
         ctx.load_cert_chain(cert.cert, cert.key, password=no_password)
     except OSError as exc:  # ssl.SSLError included: files changed since the config loaded
         which, why = pair_problem(cert.cert, cert.key) or ("cert", f"{cert.cert}: {exc}")
-        raise OSError(exc.errno or 0, f"{field}.{which}: {why}") from exc
+        raise OSError(f"{field}.{which}: {why}") from exc
     if tls.client_ca and tls.client_auth:
         try:
             ctx.load_verify_locations(cafile=tls.client_ca)
         except OSError as exc:
-            raise OSError(exc.errno or 0, f"{field}.client_ca: {tls.client_ca}: {exc}") from exc
+            raise OSError(f"{field}.client_ca: {tls.client_ca}: {exc}") from exc
         ctx.verify_mode = _VERIFY[tls.client_auth]
     ctx.set_alpn_protocols(["http/1.1"])
     return ctx
