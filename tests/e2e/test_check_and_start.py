@@ -5,13 +5,25 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import trustme
 
-from tests.conftest import LOOPBACK, free_port, run_cli
+from tests.conftest import (
+    LOOPBACK,
+    RawUpstream,
+    free_port,
+    raw_client,
+    read_response,
+    respond_ok_forever,
+    run_cli,
+)
 
 
 def env() -> dict[str, str]:
@@ -106,3 +118,37 @@ def test_address_in_use_names_the_field(tmp_path: Path, which: str) -> None:
     (line,) = [json.loads(x) for x in ran.stderr.splitlines() if "cannot start" in x]
     field = "listen[1].address" if which == "listen" else "admin.address"
     assert line["msg"] == f"cannot start: {field} 127.0.0.1:{port}: address already in use"
+
+
+def test_log_level_warning_drops_info_lines_but_keeps_the_access_log(tmp_path: Path) -> None:
+    up = RawUpstream(respond_ok_forever)
+    port = free_port()
+    path = tmp_path / "proxy.yaml"
+    path.write_text(
+        f"listen:\n  - address: '127.0.0.1:{port}'\n"
+        f"upstreams:\n  app:\n    servers: ['127.0.0.1:{up.port}']\nroutes:\n  - upstream: app\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "upgradeproxy", "run", "--config", str(path),
+         "--log-format", "json", "--log-level", "warning"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(),
+    )  # fmt: skip
+    try:
+        for _ in range(100):
+            try:
+                sock = raw_client((LOOPBACK, port))
+                break
+            except OSError:
+                time.sleep(0.05)
+        with sock:
+            sock.sendall(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+            assert read_response(sock)[0] == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+        up.close()
+    assert proc.returncode == 0
+    assert out == b""
+    lines = [json.loads(line) for line in err.decode().splitlines()]
+    assert [line["msg"] for line in lines] == ["http"]  # no "listening", no "draining"
+    assert lines[0]["path"] == "/x"
