@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from tests.conftest import LOOPBACK, proxy_yaml, read_response, respond_ok_forever
+from tests.conftest import LOOPBACK, eventually, proxy_yaml, read_response, respond_ok_forever
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +156,11 @@ def test_client_auth_require(client_auth_proxy, ca, caplog):
     head = up.accept().heads[0]
     (subject,) = [line for line in head.split(b"\r\n") if line.startswith(b"X-Client-Cert-Subject")]
     assert subject.startswith(b"X-Client-Cert-Subject: CN=alice,")
-    (line,) = [r.record for r in caplog.records if r.name == "upgradeproxy.access"]
+    def access() -> list[dict]:
+        return [r.record for r in caplog.records if r.name == "upgradeproxy.access"]
+
+    assert eventually(access)  # written just after the response
+    (line,) = access()
     assert line["client_cert"] == subject.split(b": ", 1)[1].decode()
 
 
