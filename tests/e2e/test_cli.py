@@ -92,17 +92,36 @@ def test_check_reports_every_problem(tmp_path):
     assert "Traceback" not in output
 
 
-def test_problems_are_on_stderr_and_on_a_separate_stdout(tmp_path):
-    """`check` and `run` print the same problem lines, on stderr (where errors go) and, when
-    stdout is another file, there too: a script reading either stream sees every problem."""
+def test_check_problems_are_on_stderr_and_on_a_separate_stdout(tmp_path):
+    """`check` prints plain problem lines on stderr (where errors go) and, when stdout is
+    another file, there too: a script reading either stream sees every problem."""
     bad = tmp_path / "bad.yaml"
     bad.write_text(BAD_CONFIG)
-    for command, code in (("check", 1), ("run", 2)):
-        result = run_cli(command, "--config", str(bad), env=env_without_config())
-        assert result.returncode == code
-        assert result.stdout == result.stderr
-        assert problem_lines(result.stderr, bad) == result.stderr.splitlines()
-        assert len(result.stderr.splitlines()) >= 4
+    result = run_cli("check", "--config", str(bad), env=env_without_config())
+    assert result.returncode == 1
+    assert result.stdout == result.stderr
+    assert problem_lines(result.stderr, bad) == result.stderr.splitlines()
+    assert len(result.stderr.splitlines()) >= 4
+
+
+@pytest.mark.parametrize("log_format", ["json", "text"])
+def test_run_problems_are_log_lines_on_stderr_only(tmp_path, log_format):
+    """Issue 11: `run` writes its config problems in the chosen log format, on stderr only."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BAD_CONFIG)
+    result = run_cli(
+        "run", "--config", str(bad), "--log-format", log_format, env=env_without_config()
+    )
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) >= 4
+    if log_format == "json":
+        messages = [json.loads(line)["msg"] for line in lines]
+        assert {json.loads(line)["level"] for line in lines} == {"error"}
+    else:
+        messages = [re.sub(r"^\S+ error +upgradeproxy: ", "", line) for line in lines]
+    assert problem_lines("\n".join(messages), bad) == messages
 
 
 def test_check_typo_suggests_the_nearest_key(tmp_path):
@@ -134,11 +153,14 @@ def test_run_invalid_config_exits_2_with_the_same_messages(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(BAD_CONFIG)
     checked = run_cli("check", "--config", str(bad), env=env_without_config())
-    ran = run_cli("run", "--config", str(bad), timeout=20, env=env_without_config())
+    ran = run_cli(
+        "run", "--config", str(bad), "--log-format", "json", timeout=20, env=env_without_config()
+    )
     assert ran.returncode == 2
-    assert_every_problem(ran.stdout + ran.stderr, bad)
-    check_problems = problem_lines(checked.stdout + checked.stderr, bad)
-    run_problems = problem_lines(ran.stdout + ran.stderr, bad)
+    messages = "\n".join(json.loads(line)["msg"] for line in ran.stderr.splitlines())
+    assert_every_problem(messages, bad)
+    check_problems = problem_lines(checked.stdout, bad)
+    run_problems = problem_lines(messages, bad)
     assert check_problems
     assert sorted(run_problems) == sorted(check_problems)
     assert "listening" not in ran.stderr

@@ -321,12 +321,16 @@ def test_access_log_json_lines_for_an_exchange_and_a_tunnel(start, raw_upstream)
     tunnel.close()
 
     exchange = proc.wait_log("http", method="POST")[0]
-    assert exchange | {"time": None, "duration": None} == {
+    measured = {"time": None, "duration": None, "upstream_connect": None,
+                "upstream_header": None, "request_id": None, "user_agent": None}  # fmt: skip
+    assert exchange | measured == {
         "time": None, "level": "info", "logger": "upgradeproxy.access", "msg": "http",
         "client": LOOPBACK, "method": "POST", "host": "svc.test", "path": "/http/form",
         "route": "*/http", "upstream": "web", "server": f"{LOOPBACK}:{web.port}",
-        "status": 200, "bytes_in": 5, "bytes_out": 9, "duration": None, "kind": "http",
+        "status": 200, "bytes_in": 5, "bytes_out": 9, "kind": "http", **measured,
     }  # fmt: skip
+    assert re.fullmatch(r"[0-9a-f]{32}", exchange["request_id"])
+    assert 0 <= exchange["upstream_connect"] <= exchange["upstream_header"]
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", exchange["time"])
     assert isinstance(exchange["duration"], float)
     closed = proc.wait_log("tunnel")[0]
@@ -573,6 +577,11 @@ def test_killed_worker_is_replaced_and_totals_survive(start, raw_upstream):
     # Enough that both workers hold some (all on one: a 2**-19 chance).
     tunnels = [Tunnel(port, "/ws") for _ in range(20)]
     assert eventually(lambda: total(scrape(admin), "upgradeproxy_tunnels_active") == 20)
+    assert eventually(lambda: total(scrape(admin), "upgradeproxy_connections_active") == 20)
+    # process_* per live worker, labelled with its pid (issue 11).
+    memory = scrape(admin)["process_resident_memory_bytes"].samples
+    assert {s.labels["pid"] for s in memory} == {str(pid) for pid in pids.values()}
+    assert all(s.value > 0 for s in memory)
 
     os.kill(pids[0], signal.SIGKILL)
     proc.wait_log("worker died: replacing it", worker=0)
@@ -586,6 +595,11 @@ def test_killed_worker_is_replaced_and_totals_survive(start, raw_upstream):
     for i in range(10):
         assert http(port, f"/after{i}")[0] == 200
     assert eventually(lambda: total(scrape(admin), "upgradeproxy_tunnels_active") == len(alive))
+    # Gauges count live workers only; counters keep what the dead one counted (below).
+    active = "upgradeproxy_connections_active"
+    assert eventually(lambda: total(scrape(admin), active) == len(alive))
+    memory = scrape(admin)["process_resident_memory_bytes"].samples
+    assert {s.labels["pid"] for s in memory} == {str(pids[1]), str(fresh)}
     expected = 10 + len(tunnels) + 10  # the 101s count as exchanges too
     assert eventually(lambda: total(scrape(admin), "upgradeproxy_requests_total") == expected)
 

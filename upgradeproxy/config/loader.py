@@ -16,7 +16,8 @@ import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from upgradeproxy.config import edge, values
+from upgradeproxy.config import edge, operations, values
+from upgradeproxy.config import tls as _tls
 from upgradeproxy.config.model import (
     DEFAULT_UPGRADE,
     Address,
@@ -27,12 +28,10 @@ from upgradeproxy.config.model import (
     IPNetwork,
     Limits,
     Listener,
-    ListenerTls,
     Route,
     Server,
     Timeouts,
     Upstream,
-    UpstreamTls,
 )
 from upgradeproxy.config.values import parse_address
 
@@ -43,6 +42,7 @@ _CONSTRUCTOR = SafeConstructor()
 _TOP_KEYS = (
     "listen", "admin", "workers", "upstreams", "routes", "timeouts", "limits", "trusted_proxies",
     "drain_tunnels",
+    *operations.TOP_KEYS,
 )  # fmt: skip
 _BALANCES: Mapping[str, Balance] = {"round_robin": "round_robin", "least_conn": "least_conn"}
 
@@ -89,7 +89,8 @@ def parse_config(text: str, source: str = "<string>", *, base_dir: str | None = 
     root = checker.compose(text)
     config = None if root is None else _build(checker, root)
     if checker.problems or config is None:
-        raise ConfigError(sorted(checker.problems, key=lambda p: p.line or 0))
+        found = checker.problems + checker.warnings
+        raise ConfigError(sorted(found, key=lambda p: p.line or 0))
     return config
 
 
@@ -122,6 +123,12 @@ class _Checker:
         self.source = source
         self.base_dir = base_dir
         self.problems: list[ConfigProblem] = []
+        self.warnings: list[ConfigProblem] = []  # reported, but the config still loads
+        self.listener_addresses: list[Address] = []  # also of listeners with problems
+
+    def warn(self, node: Node | None, field: str, why: str) -> None:
+        line = None if node is None else node.start_mark.line + 1
+        self.warnings.append(ConfigProblem(self.source, line, field, f"warning: {why}"))
 
     def report(self, node: Node | None, field: str, why: str) -> None:
         line = None if node is None else node.start_mark.line + 1
@@ -257,6 +264,7 @@ def _build(c: _Checker, root: Node) -> Config | None:
     trusted: list[tuple[int, Node, IPNetwork]] = _items(
         c, top.get("trusted_proxies"), "trusted_proxies", what, read
     )
+    access_log, request_id = operations.settings(c, top)
     return Config(
         listeners=listeners,
         upstreams=upstreams,
@@ -277,6 +285,9 @@ def _build(c: _Checker, root: Node) -> Config | None:
         trusted_proxies=tuple(network for _, _, network in trusted),
         source=c.source,
         drain_tunnels=_drain_tunnels(c, top.get("drain_tunnels")),
+        access_log=access_log,
+        request_id=request_id,
+        warnings=tuple(str(w) for w in c.warnings),
     )
 
 
@@ -334,23 +345,13 @@ def _listener(c: _Checker, node: Node, field: str) -> Listener | None:
     if found is None:
         return None
     address = c.address(found.get("address"), f"{field}.address", listener=True)
-    tls = _listener_tls(c, found.get("tls"), f"{field}.tls")
+    if address is not None:
+        c.listener_addresses.append(address)
+    tls = _tls.listener_tls(c, found.get("tls"), f"{field}.tls")
     proxy_protocol = c.boolean(found.get("proxy_protocol"), f"{field}.proxy_protocol", False)
     if address is None or len(c.problems) > mark:
         return None
     return Listener(address, tls, proxy_protocol)
-
-
-def _listener_tls(c: _Checker, node: Node | None, field: str) -> ListenerTls | None:
-    if isinstance(node, ScalarNode) and node.tag == _BOOL and not _scalar(node):
-        return None  # `tls: false` reads naturally as "no TLS here".
-    what = "a mapping with 'cert' and 'key' files"
-    found = c.mapping(node, field, ("cert", "key"), ("cert", "key"), what)
-    if found is None:
-        return None
-    cert = c.file(found.get("cert"), f"{field}.cert")
-    key = c.file(found.get("key"), f"{field}.key")
-    return ListenerTls(cert, key) if cert and key else None
 
 
 def _admin(c: _Checker, node: Node | None, listeners: Sequence[Listener]) -> Admin | None:
@@ -358,7 +359,8 @@ def _admin(c: _Checker, node: Node | None, listeners: Sequence[Listener]) -> Adm
     address = c.address(found.get("address"), "admin.address", listener=True)
     if address is None:
         return None
-    if address.port and address in {listener.address for listener in listeners}:
+    # Listeners with other problems count too: every problem is reported in one run.
+    if address.port and address in {*c.listener_addresses, *(lsn.address for lsn in listeners)}:
         c.report(found["address"], "admin.address", f"{address} is also a listener's address")
     return Admin(address)
 
@@ -389,7 +391,7 @@ def _upstream(c: _Checker, name: str, node: Node, field: str) -> Upstream | None
         found.get("balance"), f"{field}.balance", "round_robin or least_conn", (_STR,),
         values.choice(_BALANCES),
     )  # fmt: skip
-    tls = _upstream_tls(c, found.get("tls"), f"{field}.tls")
+    tls = _tls.upstream_tls(c, found.get("tls"), f"{field}.tls")
     # The balancer and the pool key servers by address: a repeat would be one server twice.
     _no_duplicates(
         c, servers, lambda server: server.address,
@@ -414,22 +416,6 @@ def _server(c: _Checker, node: Node, field: str) -> Server | None:
     address = c.address(found.get("address"), f"{field}.address")
     weight = c.positive_int(found.get("weight"), f"{field}.weight") or 1
     return None if address is None else Server(address, weight)
-
-
-def _upstream_tls(c: _Checker, node: Node | None, field: str) -> UpstreamTls | None:
-    if isinstance(node, ScalarNode) and node.tag == _BOOL:
-        return UpstreamTls() if _scalar(node) else None
-    what = "false, true, or a mapping {verify:, ca:, server_name:}"
-    found = c.mapping(node, field, ("verify", "ca", "server_name"), what=what)
-    if found is None:
-        return None
-    return UpstreamTls(
-        verify=c.boolean(found.get("verify"), f"{field}.verify", True),
-        ca=c.file(found.get("ca"), f"{field}.ca"),
-        server_name=c.scalar(
-            found.get("server_name"), f"{field}.server_name", values.HOST_HINT, (_STR,), values.host
-        ),
-    )
 
 
 def _routes(c: _Checker, node: Node | None, names: list[str] | None) -> tuple[Route, ...]:

@@ -12,6 +12,8 @@ from typing import Final, Literal
 
 Balance = Literal["round_robin", "least_conn"]
 DrainTunnels = Literal["wait", "spread"]
+TlsVersion = Literal["TLSv1.2", "TLSv1.3"]
+ClientAuth = Literal["request", "require"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 DEFAULT_UPGRADE: Final = ("websocket",)
@@ -29,9 +31,25 @@ class Address:
 
 
 @dataclass(frozen=True, slots=True)
-class ListenerTls:
+class TlsCertificate:
+    """One certificate of a listener; `names` (lower-case, `*.` wildcards) select it by SNI."""
+
     cert: str
     key: str
+    names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerTls:
+    """`cert`/`key` are the default pair; `certificates` lists every pair, the default first."""
+
+    cert: str
+    key: str
+    min_version: TlsVersion = "TLSv1.2"
+    ciphers: str | None = None  # OpenSSL cipher string (TLS 1.2 and below)
+    certificates: tuple[TlsCertificate, ...] = ()
+    client_ca: str | None = None
+    client_auth: ClientAuth | None = None  # set whenever client_ca is
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +77,8 @@ class UpstreamTls:
     verify: bool = True
     ca: str | None = None
     server_name: str | None = None
+    cert: str | None = None  # a client certificate presented to the upstream (with `key`)
+    key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +128,11 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True)
+class AccessLog:
+    query: bool = False  # off: WebSocket URLs often carry tokens in the query
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listeners: tuple[Listener, ...]
     upstreams: dict[str, Upstream]
@@ -119,3 +144,6 @@ class Config:
     trusted_proxies: tuple[IPNetwork, ...] = ()
     source: str = "<memory>"
     drain_tunnels: DrainTunnels = "wait"  # or "spread": close tunnels evenly over the drain
+    access_log: AccessLog = field(default_factory=AccessLog)
+    request_id: bool = True  # pass a trusted X-Request-ID through, else set a fresh one
+    warnings: tuple[str, ...] = ()  # `file:line: field: why` lines that do not stop a start

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import ssl
 from dataclasses import dataclass, field
 
@@ -34,7 +35,8 @@ class Runtime:
             router=Router(config.routes),
             balancers={n: Balancer(u.servers, u.balance) for n, u in config.upstreams.items()},
             tls_contexts={
-                n: client_tls_context(u.tls) if u.tls else None for n, u in config.upstreams.items()
+                n: client_tls_context(u.tls, f"upstreams.{n}.tls") if u.tls else None
+                for n, u in config.upstreams.items()
             },
         )
 
@@ -79,3 +81,9 @@ class Peer:
     leftover: bytes = b""  # read past a PROXY header, not yet parsed
     port: int = 0  # the client's source port, beside `ip`
     local: tuple[str, int] | None = None  # the proxy's address the client connected to
+    client_cert: str | None = None  # the verified TLS client certificate's subject
+
+
+def new_request_id() -> bytes:
+    """A fresh X-Request-ID: 16 random bytes in hex (about 1 us, a fifth of uuid4's cost)."""
+    return os.urandom(16).hex().encode()

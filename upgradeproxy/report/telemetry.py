@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 from typing import Final
 
@@ -19,16 +21,37 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 access_log = logging.getLogger("upgradeproxy.access")
 
 MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
 DURATION_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 DIRECTIONS: Final = ("up", "down")  # up = client -> upstream, down = upstream -> client
+CONNECT_BUCKETS: Final = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+)
+HEADER_BUCKETS: Final = (*DURATION_BUCKETS, 30.0, 60.0)
+# A live worker's gauge file; `mark_process_dead` removes it when the worker exits.
+_LIVE_FILE: Final = re.compile(r"gauge_livesum_([0-9]+)\.db")
 
 # Multiprocess mode has no `*_created` series; drop them here too so both modes expose the
 # same families (and each new label set costs no extra clock read).
@@ -56,20 +79,27 @@ class ExchangeRecord:
     started: float = field(default_factory=time.monotonic)
     kind: str = "http"  # or "tunnel"
     logged: bool = False  # the line is written (a 101's HTTP line, before its tunnel runs)
+    query: str | None = None  # only with `access_log: {query: true}`
+    upstream_connect: float | None = None  # seconds; 0 on a pooled connection
+    upstream_header: float | None = None  # seconds from that connect to the response head
+    request_id: str = ""
+    user_agent: str = ""
+    client_cert: str = ""  # the verified TLS client certificate's subject
 
     def as_log(self) -> dict[str, object]:
         """The log fields: every field the contract lists, even when empty (so a line always
-        has the same keys); `protocol`, `first_close` and `error` only where they apply."""
+        has the same keys); `protocol`, `first_close`, `error` and `client_cert` only where
+        they apply, `query` only when configured, upstream timings only when one was used."""
         out: dict[str, object] = {}
         for name in _LOG_FIELDS:
             value = getattr(self, name)
-            if value != "" or name not in _OPTIONAL_FIELDS:
-                out[name] = value
-        out["duration"] = round(self.duration, 6)
+            if value is None or (value == "" and name in _OPTIONAL_FIELDS):
+                continue
+            out[name] = round(value, 6) if isinstance(value, float) else value
         return out
 
 
-_OPTIONAL_FIELDS: Final = frozenset({"protocol", "first_close", "error"})
+_OPTIONAL_FIELDS: Final = frozenset({"protocol", "first_close", "error", "client_cert"})
 
 # `started` is a monotonic clock reading, meaningless outside the process; the formatter
 # stamps each line with wall-clock time instead.
@@ -160,6 +190,29 @@ class Telemetry:
                  "Connections refused with 429 by limits.max_connections_per_ip."),
             )
         }  # fmt: skip
+        self._connections_active = Gauge(
+            "upgradeproxy_connections_active",
+            "Client connections open now (TLS handshakes and tunnels included).",
+            registry=reg,
+            multiprocess_mode="livesum",
+        )
+        self._connections_limited = Counter(
+            "upgradeproxy_connections_limited_total",
+            "Times limits.max_connections was reached and a waiting client had to stay queued.",
+            registry=reg,
+        )
+        self._connect_seconds = _LabelledHistogram(Histogram(
+            "upgradeproxy_upstream_connect_seconds",
+            "TCP (+TLS) connect time to an upstream server, new connections only.",
+            ("upstream",), buckets=CONNECT_BUCKETS, registry=reg,
+        ))  # fmt: skip
+        self._header_seconds = _LabelledHistogram(Histogram(
+            "upgradeproxy_upstream_header_seconds",
+            "From the start of an upstream connect (or pool pick) to the response head.",
+            ("upstream",), buckets=HEADER_BUCKETS, registry=reg,
+        ))  # fmt: skip
+        if self.multiprocess_dir is None:
+            ProcessCollector(registry=reg)  # process_*: memory, CPU, descriptors of this process
 
     # --- hooks called by the exchange code ----------------------------------------------
 
@@ -220,6 +273,7 @@ class Telemetry:
             return generate_latest(self.registry).decode()
         merged = CollectorRegistry()
         MultiProcessCollector(merged, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
+        merged.register(WorkerProcesses(self.multiprocess_dir))
         return generate_latest(merged).decode()
 
     def refused(self, kind: str, route: str) -> None:
@@ -237,3 +291,68 @@ class Telemetry:
                 route, protocol
             )
         return child
+    # --- connection and upstream-timing hooks (issue 11) ----------------------------------
+
+    def connection_opened(self) -> None:
+        self._connections_active.inc()
+
+    def connection_closed(self) -> None:
+        self._connections_active.dec()
+
+    def connection_limited(self) -> None:
+        self._connections_limited.inc()
+
+    def upstream_connected(self, upstream: str, seconds: float) -> None:
+        self._connect_seconds.observe(upstream, seconds)
+
+    def upstream_header(self, upstream: str, seconds: float) -> None:
+        self._header_seconds.observe(upstream, seconds)
+
+
+class _LabelledHistogram:
+    """A histogram by upstream whose children are looked up once (see `_Labelled`)."""
+
+    __slots__ = ("children", "metric")
+
+    def __init__(self, metric: Histogram) -> None:
+        self.metric = metric
+        self.children: dict[str, Histogram] = {}
+
+    def observe(self, label: str, value: float) -> None:
+        child = self.children.get(label)
+        if child is None:
+            child = self.children[label] = self.metric.labels(label)
+        child.observe(value)
+
+
+class WorkerProcesses(Collector):
+    """`process_*` of every live worker, labelled `pid`, read from /proc at scrape time.
+
+    prometheus-client's multiprocess collector has no process metrics, and one worker cannot
+    report another's from its own counters; /proc is readable for processes of our user.
+    A worker is live while its `gauge_livesum_PID.db` file exists (the supervisor removes it).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def collect(self) -> Iterable[Metric]:
+        try:
+            names = os.listdir(self.path)
+        except OSError:
+            return []
+        pids = sorted(int(m[1]) for name in names if (m := _LIVE_FILE.fullmatch(name)))
+        families: dict[str, Metric] = {}
+        for pid in pids:
+            for metric in ProcessCollector(pid=_constant(pid), registry=None).collect():
+                family = families.setdefault(
+                    metric.name, Metric(metric.name, metric.documentation, metric.type)
+                )
+                for sample in metric.samples:
+                    labels = {**sample.labels, "pid": str(pid)}
+                    family.add_sample(sample.name, labels, sample.value)
+        return list(families.values())
+
+
+def _constant(pid: int) -> Callable[[], int]:
+    return lambda: pid

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import trio
@@ -26,6 +28,7 @@ from upgradeproxy.rules.proxy_protocol import (
     parse_proxy_header,
 )
 from upgradeproxy.service.admin import open_admin, serve_admin
+from upgradeproxy.service.tls import client_subject, server_tls_context
 
 log = logging.getLogger("upgradeproxy")
 
@@ -41,13 +44,14 @@ def _close_all(socks: list[trio.socket.SocketType]) -> None:
         sock.close()
 
 
-def server_tls_context(listener: Listener) -> ssl.SSLContext | None:
-    if listener.tls is None:
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(listener.tls.cert, listener.tls.key)
-    ctx.set_alpn_protocols(["http/1.1"])
-    return ctx
+def _contexts(listeners: Sequence[Listener]) -> list[ssl.SSLContext | None]:
+    return [server_tls_context(lsn.tls, f"listen[{i}].tls") for i, lsn in enumerate(listeners)]
+
+
+def start_error(exc: OSError, field: str, address: Address) -> OSError:
+    """`exc` as a start error naming the config field: `admin.address 1.2.3.4:9: ...`."""
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    return OSError(exc.errno, f"{field} {address}: {reason[:1].lower()}{reason[1:]}")
 
 
 @dataclass(slots=True)
@@ -112,7 +116,7 @@ class Proxy:
             self._services = services
             admin = self.runtime.config.admin
             if admin is not None:
-                listener = await open_admin(admin.address, reuse_port=self.reuse_port)
+                listener = await self._open_admin(admin.address)
                 self._start_admin(admin.address, listener)
             try:
                 await self._serve_until_drained(task_status)
@@ -127,7 +131,7 @@ class Proxy:
             async with trio.open_nursery() as accepts:
                 self._accepts = accepts
                 listeners = self.runtime.config.listeners
-                tls = [server_tls_context(listener) for listener in listeners]
+                tls = _contexts(listeners)
                 socks = await self._bind_all([listener.address for listener in listeners])
                 for listener, sock, context in zip(listeners, socks, tls, strict=True):
                     self._listen(listener, sock, context)
@@ -166,15 +170,15 @@ class Proxy:
         runtime = Runtime.build(config)
         self.shared.telemetry.declare_routes(_route_protocols(config))
         wanted = {listener.address: listener for listener in config.listeners}
-        tls = {address: server_tls_context(listener) for address, listener in wanted.items()}
+        tls = dict(zip(wanted, _contexts(config.listeners), strict=True))
         new = [address for address in wanted if address not in self.bound]
-        socks = await self._bind_all(new)
+        socks = await self._bind_all(new, config)
         wanted_admin = config.admin.address if config.admin else None
         admin_moved = wanted_admin != (self._admin.address if self._admin else None)
         admin = None
         try:
             if admin_moved and wanted_admin is not None:
-                admin = (wanted_admin, await open_admin(wanted_admin, reuse_port=self.reuse_port))
+                admin = (wanted_admin, await self._open_admin(wanted_admin))
             if self.draining:  # a drain began while we were binding
                 raise RuntimeError("cannot reload while draining")
         except BaseException:
@@ -208,12 +212,25 @@ class Proxy:
         with scope:
             await serve_admin(listener, lambda: not self.draining, self.shared.telemetry.render)
 
-    async def _bind_all(self, addresses: list[Address]) -> list[trio.socket.SocketType]:
+    async def _open_admin(self, address: Address) -> trio.SocketListener:
+        try:
+            return await open_admin(address, reuse_port=self.reuse_port)
+        except OSError as exc:
+            raise start_error(exc, "admin.address", address) from exc
+
+    async def _bind_all(
+        self, addresses: list[Address], config: Config | None = None
+    ) -> list[trio.socket.SocketType]:
         """One bound socket per address, or none at all (and the error) if one fails."""
+        listeners = (config or self.runtime.config).listeners
+        fields = {lsn.address: f"listen[{i}].address" for i, lsn in enumerate(listeners)}
         socks: list[trio.socket.SocketType] = []
         try:
             for address in addresses:
-                socks.append(await bind_socket(address, reuse_port=self.reuse_port))
+                try:
+                    socks.append(await bind_socket(address, reuse_port=self.reuse_port))
+                except OSError as exc:
+                    raise start_error(exc, fields.get(address, "listen"), address) from exc
         except BaseException:
             _close_all(socks)
             raise
@@ -235,6 +252,8 @@ class Proxy:
                 # one needs. At max_connections the client waits in the kernel backlog.
                 await trio.lowlevel.wait_readable(bound.listener.socket)
                 token = object()
+                if not self.limiter.available_tokens:
+                    self.shared.telemetry.connection_limited()  # a client waits in the backlog
                 await self.limiter.acquire_on_behalf_of(token)
                 try:
                     stream = await bound.listener.accept()
@@ -255,6 +274,7 @@ class Proxy:
 
     async def _handle(self, stream: trio.SocketStream, bound: _Bound, token: object) -> None:
         rt = self.runtime
+        self.shared.telemetry.connection_opened()
         try:
             await self._serve(stream, bound, rt)
         except Exception:
@@ -263,6 +283,7 @@ class Proxy:
         finally:
             await aclose_quietly(stream)
             self.limiter.release_on_behalf_of(token)
+            self.shared.telemetry.connection_closed()
             self.active -= 1
             if not self.active:
                 self._idle.set()
@@ -320,7 +341,8 @@ async def open_client(
     except (*STREAM_ERRORS, ssl.SSLError) as exc:
         log.info("%s: TLS handshake failed: %s", peer_ip, exc)
         return None
-    return client, Peer(peer_ip, True, b"", port, local)
+    subject = client_subject(client.getpeercert())
+    return client, Peer(peer_ip, True, b"", port, local, subject)
 
 
 async def _read_proxy_header(
