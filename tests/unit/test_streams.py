@@ -25,7 +25,8 @@ from trio.testing import (
 from tests.conftest import proxy_v2_header
 from upgradeproxy.config.loader import parse_config
 from upgradeproxy.path.streams import PrefixedStream
-from upgradeproxy.service.server import open_client, server_tls_context
+from upgradeproxy.service.server import open_client
+from upgradeproxy.service.tls import server_tls_context
 
 # --- PrefixedStream alone ----------------------------------------------------------------
 
@@ -168,7 +169,7 @@ listen:
 upstreams: {{app: {{servers: ["127.0.0.1:1"]}}}}
 routes: [{{upstream: app}}]
 """)
-    ctx = server_tls_context(config.listeners[0])
+    ctx = server_tls_context(config.listeners[0].tls)
     assert ctx is not None
     return ctx
 
