@@ -33,6 +33,7 @@ from upgradeproxy.config.model import (
     Upstream,
     UpstreamTls,
 )
+from upgradeproxy.config.pool import POOL_KEYS, pool_settings
 from upgradeproxy.config.values import parse_address
 
 T = TypeVar("T")
@@ -42,7 +43,9 @@ _CONSTRUCTOR = SafeConstructor()
 _TOP_KEYS = (
     "listen", "admin", "workers", "upstreams", "routes", "timeouts", "limits", "trusted_proxies",
 )  # fmt: skip
-_BALANCES: Mapping[str, Balance] = {"round_robin": "round_robin", "least_conn": "least_conn"}
+_BALANCES: Mapping[str, Balance] = {
+    "round_robin": "round_robin", "least_conn": "least_conn", "hash": "hash",
+}  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -373,7 +376,7 @@ def _upstreams(c: _Checker, node: Node | None) -> tuple[dict[str, Upstream], lis
 
 
 def _upstream(c: _Checker, name: str, node: Node, field: str) -> Upstream | None:
-    found = c.mapping(node, field, ("servers", "balance", "tls"), ("servers",))
+    found = c.mapping(node, field, ("servers", "balance", "tls", *POOL_KEYS), ("servers",))
     if found is None:
         return None
     what = "a list of 'host:port' strings or {address:, weight:} items"
@@ -381,7 +384,7 @@ def _upstream(c: _Checker, name: str, node: Node, field: str) -> Upstream | None
         c, found.get("servers"), f"{field}.servers", what, partial(_server, c), "server"
     )
     balance = c.scalar(
-        found.get("balance"), f"{field}.balance", "round_robin or least_conn", (_STR,),
+        found.get("balance"), f"{field}.balance", "round_robin, least_conn or hash", (_STR,),
         values.choice(_BALANCES),
     )  # fmt: skip
     tls = _upstream_tls(c, found.get("tls"), f"{field}.tls")
@@ -390,9 +393,9 @@ def _upstream(c: _Checker, name: str, node: Node, field: str) -> Upstream | None
         c, servers, lambda server: server.address,
         f"{field}.servers[{{i}}]", "same address as servers[{first}] (use weight instead)",
     )  # fmt: skip
-    if not servers:
-        return None
-    return Upstream(name, tuple(s for _, _, s in servers), balance or "round_robin", tls)
+    base = Upstream(name, tuple(s for _, _, s in servers), balance or "round_robin", tls)
+    upstream = pool_settings(c, found, field, base, balance)
+    return upstream if servers else None
 
 
 def _server(c: _Checker, node: Node, field: str) -> Server | None:

@@ -14,6 +14,7 @@ from upgradeproxy.report.telemetry import Telemetry
 from upgradeproxy.rules.balancer import Balancer
 from upgradeproxy.rules.plan import Origin
 from upgradeproxy.rules.routing import Router
+from upgradeproxy.rules.servers import ServerBook
 
 
 @dataclass(slots=True)
@@ -26,11 +27,17 @@ class Runtime:
     tls_contexts: dict[str, ssl.SSLContext | None]
 
     @classmethod
-    def build(cls, config: Config) -> Runtime:
+    def build(cls, config: Config, book: ServerBook | None = None, now: float = 0.0) -> Runtime:
+        """`book` carries server counts and health across reloads (rule 11); `now` starts
+        the slow_start ramp of servers a reload adds."""
+        book = book if book is not None else ServerBook()
+        book.sync(config, now)
         return cls(
             config=config,
             router=Router(config.routes),
-            balancers={n: Balancer(u.servers, u.balance) for n, u in config.upstreams.items()},
+            balancers={
+                n: Balancer.for_upstream(u, book.upstreams[n]) for n, u in config.upstreams.items()
+            },
             tls_contexts={
                 n: client_tls_context(u.tls) if u.tls else None for n, u in config.upstreams.items()
             },
@@ -45,6 +52,7 @@ class Shared:
     pool: Pool = field(default_factory=Pool)
     draining: bool = False
     idle_waits: set[trio.CancelScope] = field(default_factory=set)
+    book: ServerBook = field(default_factory=ServerBook)
 
 
 @dataclass(slots=True, eq=False)

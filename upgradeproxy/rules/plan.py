@@ -17,6 +17,7 @@ from typing import Final, Literal
 
 from upgradeproxy.config.model import Config, Route, Upstream
 from upgradeproxy.rules import headers as hdr
+from upgradeproxy.rules import sticky
 from upgradeproxy.rules.errors import BadRequest, MethodNotAllowed, NoRoute
 from upgradeproxy.rules.forwarding import Hop, is_trusted, upstream_request_headers
 from upgradeproxy.rules.routing import Router, normalize_host, split_target
@@ -70,6 +71,8 @@ class Plan:
     ws_key: bytes | None  # the Sec-WebSocket-Key a 101 must answer
     body: BodyFraming
     needs_host: bool  # HTTP/1.0 with no Host: the exchange adds the server's address
+    balance_key: bytes | None = None  # what `balance: hash` hashes; None: round robin
+    pin: str | None = None  # the sticky cookie's value the client sent, if any
 
     @property
     def route(self) -> Route:
@@ -134,15 +137,35 @@ def plan(head: Head, located: Located, origin: Origin, config: Config) -> Plan:
     headers = upstream_request_headers(raw, hop, offer, framing)
     if located.absolute and located.authority is not None:
         headers.insert(0, (b"Host", located.authority))
+    upstream = config.upstreams[route.upstream]
+    key, pin, headers = sticky_inputs(upstream, head, origin, headers)
     return Plan(
         located=located,
-        upstream=config.upstreams[route.upstream],
+        upstream=upstream,
         headers=headers,
         offer=tuple(offer),
         ws_key=ws_key,
         body=body,
         needs_host=located.authority is None,
+        balance_key=key,
+        pin=pin,
     )
+
+
+def sticky_inputs(
+    upstream: Upstream, head: Head, origin: Origin, headers: list[tuple[bytes, bytes]]
+) -> tuple[bytes | None, str | None, list[tuple[bytes, bytes]]]:
+    """(hash key, sticky cookie value, headers without that cookie) for rule 9."""
+    key = None
+    if upstream.hash_key is not None:
+        key = sticky.balance_key(upstream.hash_key, head.headers, head.target, origin.ip)
+    pin = None
+    if upstream.sticky_cookie is not None:
+        name = upstream.sticky_cookie.encode()
+        value = sticky.cookie(head.headers, name)
+        pin = None if value is None else value.decode("latin-1")
+        headers = sticky.without_cookie(headers, name)
+    return key, pin, headers
 
 
 def body_framing(
