@@ -30,9 +30,14 @@ def header(head: bytes, name: bytes) -> bytes | None:
     return None
 
 
-def accept_for(head: bytes) -> bytes:
+def switching(head: bytes) -> bytes:
+    """A correct 101 head answering the WebSocket handshake in `head`."""
     key = header(head, b"sec-websocket-key") or b""
-    return base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
+    accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
+    return (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+    )
 
 
 class Backend:
@@ -65,11 +70,7 @@ class Backend:
             with self._lock:
                 self.requests.append(head)
             if (header(head, b"upgrade") or b"").lower() == b"websocket":
-                conn.send(
-                    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                    b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept_for(head) + b"\r\n\r\n"
-                    + self.name.encode() + b"\n"
-                )  # fmt: skip
+                conn.send(switching(head) + self.name.encode() + b"\n")
                 conn.sock.settimeout(60)
                 while data := conn.sock.recv(65536):
                     conn.send(data)
@@ -81,10 +82,7 @@ class Backend:
         mode = self.health
         upgrade = header(head, b"upgrade") is not None
         if mode == "ok" and upgrade:
-            conn.send(
-                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept_for(head) + b"\r\n\r\n"
-            )
+            conn.send(switching(head))
             conn.read_until_close(timeout=5)
         elif mode in ("ok", "no-101"):
             conn.send(ok_response(b"healthy", b"Connection: close\r\n"))
@@ -128,7 +126,8 @@ def served_by(address: tuple[str, int], path: str = "/", extra: bytes = b"", **k
 
 
 class Tunnel:
-    """A WebSocket upgrade through the proxy: `status`, `headers` and (on 101) the backend's name."""
+    """A WebSocket upgrade through the proxy: `status`, `headers`, and on a 101 `server`, the
+    backend's name."""
 
     def __init__(self, address: tuple[str, int], path: str = "/ws", extra: bytes = b"") -> None:
         self.sock = socket.create_connection(address, timeout=10)

@@ -38,8 +38,10 @@ def three(raw_upstream) -> list[Backend]:
 
 
 KINDS = [
-    pytest.param("header:X-User", lambda k: ("/", b"X-User: %s\r\n" % k.encode(), None), id="header"),
-    pytest.param("cookie:sid", lambda k: ("/", b"Cookie: t=1; sid=%s\r\n" % k.encode(), None), id="cookie"),
+    pytest.param("header:X-User", lambda k: ("/", b"X-User: " + k.encode() + b"\r\n", None),
+                 id="header"),
+    pytest.param("cookie:sid", lambda k: ("/", b"Cookie: t=1; sid=" + k.encode() + b"\r\n", None),
+                 id="cookie"),
     pytest.param("query:room", lambda k: (f"/ws?x=1&room={k}", b"", None), id="query"),
     pytest.param("client_ip", lambda k: ("/", b"", f"127.0.0.{10 + int(k[1:])}"), id="client-ip"),
 ]  # fmt: skip
@@ -155,10 +157,12 @@ def test_sticky_cookie_is_secure_on_a_tls_listener(make_proxy, three, tmp_path):
     proxy = make_proxy(pool_yaml(three, "sticky_cookie: upx", listen))
     ctx = ssl.create_default_context()
     ca.configure_trust(ctx)
-    with socket.create_connection(proxy.address, timeout=10) as raw:
-        with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
-            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            status, headers, _, _ = read_response(sock)
+    with (
+        socket.create_connection(proxy.address, timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname="127.0.0.1") as sock,
+    ):
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        status, headers, _, _ = read_response(sock)
     assert status == 200
     assert headers[b"set-cookie"].endswith(b"; Path=/; HttpOnly; SameSite=Lax; Secure")
 
