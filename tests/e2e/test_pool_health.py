@@ -249,3 +249,41 @@ def test_upstreams_endpoint_and_gauges(make_proxy, two):
     wait_tunnels(proxy, 0)
     text = metrics(proxy.proxy.admin_address[1])
     assert f'upgradeproxy_upstream_tunnels{{server="{a.address}",upstream="app"}} 0.0' in text
+
+
+def test_down_servers_keys_go_to_the_next_and_come_back(make_proxy, raw_upstream):
+    three = [Backend(raw_upstream, n) for n in "abc"]
+    b = three[1]
+    check = "{path: /healthz, interval: 0.05, timeout: 0.5, healthy_after: 1, unhealthy_after: 1}"
+    proxy = make_proxy(
+        pool_yaml(three, f"balance: hash\nhash_key: 'query:k'\nhealth_check: {check}")
+    )
+
+    def mapping() -> dict[int, str]:
+        return {i: served_by(proxy.address, f"/?k={i}") for i in range(60)}
+
+    before = mapping()
+    assert "b" in before.values()
+    b.health = "fail"
+    assert eventually(lambda: not healthy(proxy, b))
+    during = mapping()
+    assert "b" not in during.values()
+    assert all(during[i] == before[i] for i in before if before[i] != "b")
+    b.health = "ok"
+    assert eventually(lambda: healthy(proxy, b))
+    assert mapping() == before
+
+
+def test_sticky_cookie_to_a_down_server_is_replaced(make_proxy, two):
+    b = two[1]
+    check = "{path: /healthz, interval: 0.05, timeout: 0.5, healthy_after: 1, unhealthy_after: 1}"
+    proxy = make_proxy(pool_yaml(two, f"sticky_cookie: upx\nhealth_check: {check}"))
+    cookies = {}
+    while len(cookies) < 2:  # round robin gives each server its turn
+        _, headers, body = get(proxy.address)
+        cookies[body.decode()] = headers[b"set-cookie"].split(b";")[0]
+    b.health = "fail"
+    assert eventually(lambda: not healthy(proxy, b))
+    status, headers, body = get(proxy.address, "/", b"Cookie: " + cookies["b"] + b"\r\n")
+    assert (status, body) == (200, b"a")
+    assert headers[b"set-cookie"].split(b";")[0] == cookies["a"]

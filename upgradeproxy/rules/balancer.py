@@ -91,6 +91,7 @@ class Balancer:
             Ring([(str(s.address), s.weight) for s in servers]) if policy == "hash" else None
         )
         self._tokens = {server_token(name, p.server.address): p for p in self._peers}
+        self._token_of = {p.server: token for token, p in self._tokens.items()}
         self._weights: tuple[int, float, float] | None = None  # (version, W, ramping until)
 
     @classmethod
@@ -140,8 +141,8 @@ class Balancer:
             # Like nginx when every server is refusing: rotate over them rather than give up.
             yield from (p.server for p in self._rank(failed))
             return
-        failed.sort(key=lambda p: (p.failed_until, p.index))
-        yield from (p.server for p in self._rank(healthy) + failed)
+        yield from (p.server for p in self._rank(healthy))
+        yield from (p.server for p in sorted(failed, key=lambda p: (p.failed_until, p.index)))
 
     def _ring_order(
         self, key: bytes, now: float | None, tunnel: bool, skip: _Peer | None
@@ -165,7 +166,7 @@ class Balancer:
 
     def token(self, server: Server) -> str:
         """The sticky cookie value that names `server`."""
-        return next(t for t, p in self._tokens.items() if p.server == server)
+        return self._token_of[server]
 
     def set_cookie(self, server: Server, pin: str | None, *, secure: bool) -> list[Header]:
         """The Set-Cookie to send when `server` answers a request that was pinned to `pin`:
@@ -233,8 +234,9 @@ class Balancer:
         self._weights = (version, total, ramping if self.slow_start else float("-inf"))
         return total
 
-    def _rank(self, peers: list[_Peer]) -> list[_Peer]:
-        """Pick one of `peers` by the policy, then list the others in the policy's order."""
+    def _rank(self, peers: list[_Peer]) -> Iterator[_Peer]:
+        """Pick one of `peers` by the policy (O(N), like nginx's), then, only if asked for
+        (the pick refused), the others in the policy's order."""
         if self.policy == "least_conn":
             least = min(peers, key=_LOAD_KEY)
             chosen = _smooth_pick([p for p in peers if _compare_load(p, least) == 0])
@@ -242,7 +244,8 @@ class Balancer:
         else:  # round_robin, and hash for a request without its key
             chosen = _smooth_pick(peers)
             key = _ROUND_ROBIN_KEY
-        return [chosen, *sorted((p for p in peers if p is not chosen), key=key)]
+        yield chosen
+        yield from sorted((p for p in peers if p is not chosen), key=key)
 
 
 def no_server_available(upstream: Upstream) -> NoServerAvailable:
