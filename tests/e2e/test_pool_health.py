@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import collections
 import logging
+import signal
 import ssl
 import time
 
 import pytest
 import trustme
 
-from tests.conftest import eventually
+from tests.conftest import LOOPBACK, eventually, free_port
 from tests.e2e.pool_peers import Backend, Tunnel, admin_json, get, metrics, served_by, wait_tunnels
+from tests.e2e.test_operations import ProxyProcess
 from upgradeproxy.config.loader import parse_config
 
 FAST_CHECK = "{path: /healthz, interval: 0.05, timeout: 0.5, healthy_after: 2, unhealthy_after: 2}"
@@ -287,3 +289,33 @@ def test_sticky_cookie_to_a_down_server_is_replaced(make_proxy, two):
     status, headers, body = get(proxy.address, "/", b"Cookie: " + cookies["b"] + b"\r\n")
     assert (status, body) == (200, b"a")
     assert headers[b"set-cookie"].split(b";")[0] == cookies["a"]
+
+
+def test_least_conn_counts_survive_a_real_sighup(tmp_path, two):
+    """The issue's case against `upgradeproxy run`, reloaded by the signal itself."""
+    port, admin = free_port(), free_port()
+    yaml = pool_yaml(two, "balance: least_conn")
+    yaml = yaml.replace('"127.0.0.1:0"', f'"127.0.0.1:{port}"', 1)
+    yaml = yaml.replace('"127.0.0.1:0"', f'"127.0.0.1:{admin}"', 1)
+    path = tmp_path / "pool.yaml"
+    path.write_text(yaml)
+    proc = ProxyProcess(path)
+    tunnels: list[Tunnel] = []
+    try:
+        proc.wait_log("listening")
+        tunnels = [Tunnel((LOOPBACK, port)) for _ in range(6)]
+        assert collections.Counter(t.server for t in tunnels) == {"a": 3, "b": 3}
+        for t in [t for t in tunnels if t.server == "a"]:
+            t.close()
+        assert eventually(
+            lambda: [s["tunnels"] for s in admin_json(admin)["app"]["servers"]] == [0, 3]
+        )
+        proc.rewrite(yaml.replace("drain: 1", "drain: 2"))
+        proc.kill(signal.SIGHUP)
+        proc.wait_log("reloaded")
+        tunnels += [Tunnel((LOOPBACK, port)) for _ in range(3)]
+        assert [t.server for t in tunnels[6:]] == ["a", "a", "a"]
+    finally:
+        for t in tunnels:
+            t.close()
+        proc.close()
