@@ -121,7 +121,12 @@ async def _probe(
 ) -> None:
     check = upstream.health_check
     assert check is not None
-    why = await check_server(server, check, upstream.tls, tls_ctx)
+    try:
+        why = await check_server(server, check, upstream.tls, tls_ctx)
+    except Exception as exc:
+        # A bug must cost one check, never the service nursery (and with it the proxy).
+        log.exception("health check of %s failed unexpectedly", server.address)
+        why = f"check failed: {type(exc).__name__}"
     entry = state.servers[server.address]
     entry.last_check = CheckResult(why is None, why or "ok", time.time())
     health = observe(entry.health, why is None, check.healthy_after, check.unhealthy_after)
