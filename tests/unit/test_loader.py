@@ -356,7 +356,7 @@ PROBLEMS = [
         UPSTREAM + "    balance: random\n",
         "upstreams.chat.balance",
         4,
-        "(expected one of: round_robin, least_conn)",
+        "(expected one of: round_robin, least_conn, hash)",
     ),
     (UPSTREAM + "    tls: 'on'\n", "upstreams.chat.tls", 4, "expected false, true, or a mapping"),
     (

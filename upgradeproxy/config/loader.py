@@ -33,6 +33,7 @@ from upgradeproxy.config.model import (
     Timeouts,
     Upstream,
 )
+from upgradeproxy.config.pool import POOL_KEYS, pool_settings
 from upgradeproxy.config.values import parse_address
 
 T = TypeVar("T")
@@ -44,7 +45,9 @@ _TOP_KEYS = (
     "drain_tunnels",
     *operations.TOP_KEYS,
 )  # fmt: skip
-_BALANCES: Mapping[str, Balance] = {"round_robin": "round_robin", "least_conn": "least_conn"}
+_BALANCES: Mapping[str, Balance] = {
+    "round_robin": "round_robin", "least_conn": "least_conn", "hash": "hash",
+}  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -380,7 +383,9 @@ def _upstreams(c: _Checker, node: Node | None) -> tuple[dict[str, Upstream], lis
 
 
 def _upstream(c: _Checker, name: str, node: Node, field: str) -> Upstream | None:
-    found = c.mapping(node, field, ("servers", "balance", "tls", "proxy_protocol"), ("servers",))
+    found = c.mapping(
+        node, field, ("servers", "balance", "tls", "proxy_protocol", *POOL_KEYS), ("servers",)
+    )
     if found is None:
         return None
     what = "a list of 'host:port' strings or {address:, weight:} items"
@@ -388,7 +393,7 @@ def _upstream(c: _Checker, name: str, node: Node, field: str) -> Upstream | None
         c, found.get("servers"), f"{field}.servers", what, partial(_server, c), "server"
     )
     balance = c.scalar(
-        found.get("balance"), f"{field}.balance", "round_robin or least_conn", (_STR,),
+        found.get("balance"), f"{field}.balance", "round_robin, least_conn or hash", (_STR,),
         values.choice(_BALANCES),
     )  # fmt: skip
     tls = _tls.upstream_tls(c, found.get("tls"), f"{field}.tls")
@@ -397,15 +402,15 @@ def _upstream(c: _Checker, name: str, node: Node, field: str) -> Upstream | None
         c, servers, lambda server: server.address,
         f"{field}.servers[{{i}}]", "same address as servers[{first}] (use weight instead)",
     )  # fmt: skip
-    if not servers:
-        return None
     proxy_protocol = c.scalar(
         found.get("proxy_protocol"), f"{field}.proxy_protocol", "v1 or v2", (_STR,),
         values.choice(edge.PROXY_VERSIONS),
     )  # fmt: skip
-    return Upstream(
+    base = Upstream(
         name, tuple(s for _, _, s in servers), balance or "round_robin", tls, proxy_protocol or 0
     )
+    upstream = pool_settings(c, found, field, base, balance)
+    return upstream if servers else None
 
 
 def _server(c: _Checker, node: Node, field: str) -> Server | None:

@@ -10,7 +10,8 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
-Balance = Literal["round_robin", "least_conn"]
+Balance = Literal["round_robin", "least_conn", "hash"]
+HashKeyKind = Literal["client_ip", "header", "cookie", "query"]
 DrainTunnels = Literal["wait", "spread"]
 TlsVersion = Literal["TLSv1.2", "TLSv1.3"]
 ClientAuth = Literal["request", "require"]
@@ -82,12 +83,40 @@ class UpstreamTls:
 
 
 @dataclass(frozen=True, slots=True)
+class HashKey:
+    """What `balance: hash` hashes: the client address, or a header, cookie or query value."""
+
+    kind: HashKeyKind
+    name: str = ""  # a header name lower-cased; cookie and query names as written
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.name}" if self.name else self.kind
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    """Active checks of every server of an upstream; durations in seconds."""
+
+    path: str = "/"
+    upgrade: str | None = None  # "websocket": a real handshake, healthy only on a verified 101
+    interval: float = 5.0
+    timeout: float = 2.0
+    healthy_after: int = 2
+    unhealthy_after: int = 3
+
+
+@dataclass(frozen=True, slots=True)
 class Upstream:
     name: str
     servers: tuple[Server, ...]
     balance: Balance = "round_robin"
     tls: UpstreamTls | None = None
     proxy_protocol: int = 0  # 0: none; 1 or 2: send a PROXY header of that version (rule 15)
+    hash_key: HashKey | None = None
+    sticky_cookie: str | None = None
+    max_tunnels: int = 0  # per server; 0: no cap
+    slow_start: float = 0.0  # seconds; 0: a server takes its full weight at once
+    health_check: HealthCheck | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,7 @@ from upgradeproxy.rules.balancer import Balancer
 from upgradeproxy.rules.limits import AddressCounts
 from upgradeproxy.rules.plan import Origin
 from upgradeproxy.rules.routing import Router
+from upgradeproxy.rules.servers import ServerBook
 
 
 @dataclass(slots=True)
@@ -29,11 +30,17 @@ class Runtime:
     tls_contexts: dict[str, ssl.SSLContext | None]
 
     @classmethod
-    def build(cls, config: Config) -> Runtime:
+    def build(cls, config: Config, book: ServerBook | None = None, now: float = 0.0) -> Runtime:
+        """`book` carries server counts and health across reloads (rule 11); `now` starts
+        the slow_start ramp of servers a reload adds."""
+        book = book if book is not None else ServerBook()
+        book.sync(config, now)
         return cls(
             config=config,
             router=Router(config.routes),
-            balancers={n: Balancer(u.servers, u.balance) for n, u in config.upstreams.items()},
+            balancers={
+                n: Balancer.for_upstream(u, book.upstreams[n]) for n, u in config.upstreams.items()
+            },
             tls_contexts={
                 n: client_tls_context(u.tls, f"upstreams.{n}.tls") if u.tls else None
                 for n, u in config.upstreams.items()
@@ -51,6 +58,7 @@ class Shared:
     idle_waits: set[trio.CancelScope] = field(default_factory=set)
     per_ip: AddressCounts = field(default_factory=AddressCounts)  # rule 14, this worker
     tunnels: set[Ending] = field(default_factory=set)  # open tunnels, for a spread drain
+    book: ServerBook = field(default_factory=ServerBook)
 
 
 @dataclass(slots=True, eq=False)

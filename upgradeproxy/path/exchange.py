@@ -14,7 +14,7 @@ import contextlib
 import logging
 import re
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Final, TypeVar, cast
 
 import h11
@@ -42,13 +42,14 @@ from upgradeproxy.path.upstream import (
 from upgradeproxy.report.telemetry import ExchangeRecord
 from upgradeproxy.rules import headers as hdr
 from upgradeproxy.rules import plan as planning
-from upgradeproxy.rules.balancer import Balancer
+from upgradeproxy.rules.balancer import Balancer, no_server_available
 from upgradeproxy.rules.errors import (
     REASONS,
     BadRequest,
     BadSwitch,
     ClientGone,
     ErrorKind,
+    NoServerAvailable,
     ProxyError,
     RequestTimeout,
     UpstreamTimeout,
@@ -80,6 +81,7 @@ class Exchange:
     rec: ExchangeRecord
     pump: BodyPump | None = None  # set while a request body is being streamed
     upstream_started: float = 0.0  # monotonic: this attempt's connect (or pool pick) began
+    extra: list[tuple[bytes, bytes]] = field(default_factory=list)  # on the response head
 
 
 async def serve_client(stream: trio.abc.Stream, peer: Peer, rt: Runtime, shared: Shared) -> None:
@@ -274,6 +276,9 @@ async def _handle(client: Client, request: h11.Request, rec: ExchangeRecord) -> 
         conn = await _open_upstream(client, ex, balancer, pooled_ok=not attempt)
         rec.server = str(conn.server.address)
         balancer.acquire(conn.server)
+        ex.extra = balancer.set_cookie(
+            conn.server, ex.plan.pin, secure=client.origin.proto == b"https"
+        )
         outcome: Outcome = Done.CLOSE
         try:
             outcome = await _exchange_on(client, ex, conn)
@@ -313,9 +318,14 @@ async def _open_upstream(
     now = trio.current_time()
     last: ConnectFailed | None = None
     timed_out = True
-    for server in balancer.order(now):
+    plan = ex.plan
+    tried = False
+    for server in balancer.candidates(
+        now, key=plan.balance_key, tunnel=bool(plan.offer), pin=plan.pin
+    ):
+        tried = True
         ex.upstream_started = time.monotonic()
-        pooled = pool.take(server, upstream.tls, probe=ex.plan.has_body) if pooled_ok else None
+        pooled = pool.take(server, upstream.tls, probe=plan.has_body) if pooled_ok else None
         if pooled is not None:
             ex.rec.upstream_connect = 0.0
             return pooled
@@ -339,6 +349,8 @@ async def _open_upstream(
         ex.rec.upstream_connect = time.monotonic() - ex.upstream_started
         shared.telemetry.upstream_connected(upstream.name, ex.rec.upstream_connect)
         return new_upstream_conn(server, stream)
+    if not tried:
+        raise no_server_available(upstream)
     detail = f"no server of upstream {upstream.name!r} answered ({last})"
     err: ProxyError = (
         UpstreamTimeout(detail, kind="connect_timeout")
@@ -464,7 +476,11 @@ async def _relay_response(client: Client, ex: Exchange, conn: UpstreamConn) -> O
             if ex.plan.offer:
                 _count_upgrade(client, ex, "declined")
             close = client.shared.draining or not await _body_sent(ex)
-            out.queue(_relayed_head(h11.Response, event, close=close, rid=ex.plan.request_id))
+            out.queue(
+                _relayed_head(
+                    h11.Response, event, close=close, rid=ex.plan.request_id, extra=ex.extra
+                )
+            )
         elif isinstance(event, h11.EndOfMessage):
             await _to_client(client, h11.EndOfMessage())
             return Done.KEEP_ALIVE if _client_reusable(client) else Done.CLOSE
@@ -483,10 +499,13 @@ def _relayed_head(
     *,
     close: bool,
     rid: bytes | None,
+    extra: list[tuple[bytes, bytes]] | None = None,
 ) -> _Head:
-    """The upstream's response head as the client gets it: hop-by-hop gone, Via added."""
+    """The upstream's response head as the client gets it: hop-by-hop gone, Via (and `extra`,
+    a sticky cookie) added."""
     headers = hdr.response_headers(list(event.headers.raw_items()), _VIA, status=event.status_code)
     headers = planning.with_request_id(headers, rid)
+    headers.extend(extra or ())
     if close:
         headers.append((b"Connection", b"close"))
     return cls(status_code=event.status_code, headers=headers, reason=event.reason)
@@ -541,7 +560,8 @@ async def _switch(
         raise BadSwitch(problem)
     chosen = hdr.comma_list(raw, b"upgrade")
     headers = planning.with_request_id(
-        hdr.response_headers(raw, _VIA, switched_to=chosen, status=101), ex.plan.request_id
+        hdr.response_headers(raw, _VIA, switched_to=chosen, status=101) + ex.extra,
+        ex.plan.request_id,
     )
     await _to_client(
         client, h11.InformationalResponse(status_code=101, headers=headers, reason=event.reason)
@@ -590,6 +610,8 @@ async def _send_error(
     ]
     if rec.request_id:
         headers.append((planning.REQUEST_ID, rec.request_id.encode("latin-1")))
+    if isinstance(err, NoServerAvailable):
+        headers.append((b"Retry-After", str(err.retry_after).encode()))
     if err.close or conn.their_state not in (h11.DONE, _MIGHT_SWITCH):
         # Say so when the connection will close: the request was not read to its end.
         headers.append((b"Connection", b"close"))

@@ -60,6 +60,7 @@ class Switched:
             ending.at(trio.current_time() + self.lifetime * late, "lifetime")
         if self.tunnels is not None:
             self.tunnels.add(ending)
+        self._count_tunnel(opened=True)
         try:
             # Bytes behind the 101 head go first to the client; early client bytes only now.
             if self.upstream_rest:
@@ -84,12 +85,30 @@ class Switched:
                 self.tunnels.discard(ending)
             await aclose_quietly(self.upstream)
             if self.release is not None:
-                self.release[0].release(self.release[1])
+                balancer, server = self.release
+                balancer.release_tunnel(server)
+                telemetry.upstream_tunnels(
+                    self.rec.upstream, self.rec.server, balancer.tunnels(server)
+                )
             rec = self.rec
             rec.bytes_in, rec.bytes_out = stats.bytes_up, stats.bytes_down
             rec.first_close = stats.first_close
             rec.duration = time.monotonic() - rec.started
             telemetry.tunnel_closed(rec)
+
+    def _count_tunnel(self, *, opened: bool) -> None:
+        """Count this tunnel on its server (max_tunnels, /upstreams and the per-server gauge);
+        the balancer counted it as a request until now, and releases both counts at the end."""
+        if self.release is None:
+            return
+        balancer, server = self.release
+        if opened:
+            balancer.hold_tunnel(server)
+        else:
+            balancer.release_tunnel(server)
+        self.telemetry.upstream_tunnels(
+            self.rec.upstream, self.rec.server, balancer.tunnels(server)
+        )
 
 
 def spread_ends(tunnels: Iterable[Ending], now: float, window: float) -> None:

@@ -213,6 +213,22 @@ class Telemetry:
         ))  # fmt: skip
         if self.multiprocess_dir is None:
             ProcessCollector(registry=reg)  # process_*: memory, CPU, descriptors of this process
+        # livemin: a server is reported healthy only if every live worker's checks say so.
+        self._upstream_healthy = Gauge(
+            "upgradeproxy_upstream_healthy",
+            "1 while a server passes its health checks (or has none), else 0.",
+            ("upstream", "server"),
+            registry=reg,
+            multiprocess_mode="livemin",
+        )
+        self._upstream_tunnels = Gauge(
+            "upgradeproxy_upstream_tunnels",
+            "Tunnels open now, by upstream and server.",
+            ("upstream", "server"),
+            registry=reg,
+            multiprocess_mode="livesum",
+        )
+        self._server_gauges: dict[tuple[str, str, str], Gauge] = {}
 
     # --- hooks called by the exchange code ----------------------------------------------
 
@@ -307,6 +323,22 @@ class Telemetry:
 
     def upstream_header(self, upstream: str, seconds: float) -> None:
         self._header_seconds.observe(upstream, seconds)
+
+
+    # --- per-server gauges (interface.md admin additions) ---------------------------------
+
+    def upstream_healthy(self, upstream: str, server: str, healthy: bool) -> None:
+        self._server_gauge(self._upstream_healthy, "h", upstream, server).set(int(healthy))
+
+    def upstream_tunnels(self, upstream: str, server: str, open_now: int) -> None:
+        self._server_gauge(self._upstream_tunnels, "t", upstream, server).set(open_now)
+
+    def _server_gauge(self, family: Gauge, tag: str, upstream: str, server: str) -> Gauge:
+        """A labelled child looked up once (`labels()` takes a lock)."""
+        child = self._server_gauges.get((tag, upstream, server))
+        if child is None:
+            child = self._server_gauges[tag, upstream, server] = family.labels(upstream, server)
+        return child
 
 
 class _LabelledHistogram:

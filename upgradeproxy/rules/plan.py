@@ -18,6 +18,7 @@ from typing import Final, Literal
 
 from upgradeproxy.config.model import Config, Route, Upstream
 from upgradeproxy.rules import headers as hdr
+from upgradeproxy.rules import sticky
 from upgradeproxy.rules.errors import BadRequest, MethodNotAllowed, NoRoute, OriginRefused
 from upgradeproxy.rules.forwarding import Hop, is_trusted, upstream_request_headers
 from upgradeproxy.rules.origins import origin_problem
@@ -79,6 +80,8 @@ class Plan:
     body: BodyFraming
     needs_host: bool  # HTTP/1.0 with no Host: the exchange adds the server's address
     request_id: bytes | None = None  # sent upstream and on the response; None: turned off
+    balance_key: bytes | None = None  # what `balance: hash` hashes; None: round robin
+    pin: str | None = None  # the sticky cookie's value the client sent, if any
 
     @property
     def route(self) -> Route:
@@ -197,20 +200,40 @@ def plan(
         headers.append((REQUEST_ID, rid))
     if origin.client_cert is not None:
         headers.append((CLIENT_CERT, origin.client_cert.encode()))
+    upstream = config.upstreams[route.upstream]
+    key, pin, headers = sticky_inputs(upstream, head, origin, headers)
     return Plan(
         located=located,
-        upstream=config.upstreams[route.upstream],
+        upstream=upstream,
         headers=headers,
         offer=tuple(offer),
         ws_key=ws_key,
         body=body,
         needs_host=located.authority is None,
         request_id=rid,
+        balance_key=key,
+        pin=pin,
     )
 
 
 def _has_ours(headers: Sequence[tuple[bytes, bytes]]) -> bool:
     return any(n.lower() == b"x-client-cert-subject" for n, _ in headers)
+
+
+def sticky_inputs(
+    upstream: Upstream, head: Head, origin: Origin, headers: list[tuple[bytes, bytes]]
+) -> tuple[bytes | None, str | None, list[tuple[bytes, bytes]]]:
+    """(hash key, sticky cookie value, headers without that cookie) for rule 9."""
+    key = None
+    if upstream.hash_key is not None:
+        key = sticky.balance_key(upstream.hash_key, head.headers, head.target, origin.ip)
+    pin = None
+    if upstream.sticky_cookie is not None:
+        name = upstream.sticky_cookie.encode()
+        value = sticky.cookie(head.headers, name)
+        pin = None if value is None else value.decode("latin-1")
+        headers = sticky.without_cookie(headers, name)
+    return key, pin, headers
 
 
 def body_framing(

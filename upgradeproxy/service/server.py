@@ -7,6 +7,7 @@ hands back, so a caller (the CLI, a test) can read bound addresses, reload and d
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import ssl
@@ -19,6 +20,7 @@ from upgradeproxy.config.model import Address, Config, Listener
 from upgradeproxy.path.context import Peer, Runtime, Shared
 from upgradeproxy.path.exchange import serve_client
 from upgradeproxy.path.handover import spread_ends
+from upgradeproxy.path.prober import Probers
 from upgradeproxy.path.streams import STREAM_ERRORS, PrefixedStream, aclose_quietly, bind_socket
 from upgradeproxy.rules.plan import route_label
 from upgradeproxy.rules.proxy_protocol import (
@@ -27,6 +29,7 @@ from upgradeproxy.rules.proxy_protocol import (
     ProxyProtocolError,
     parse_proxy_header,
 )
+from upgradeproxy.rules.servers import describe
 from upgradeproxy.service.admin import open_admin, serve_admin
 from upgradeproxy.service.tls import client_subject, server_tls_context
 
@@ -75,8 +78,9 @@ class Proxy:
     def __init__(
         self, config: Config, shared: Shared | None = None, *, reuse_port: bool | None = None
     ) -> None:
-        self.runtime = Runtime.build(config)
         self.shared = shared or Shared()
+        self.runtime = Runtime.build(config, self.shared.book)
+        self.probers = Probers()
         self.shared.telemetry.declare_routes(_route_protocols(config))
         self.limiter = trio.CapacityLimiter(config.limits.max_connections)
         # Fixed for the process: every socket sharing a port must set SO_REUSEPORT, so a worker
@@ -114,6 +118,7 @@ class Proxy:
         """Serve until drained; `task_status.started(self)` once every listener is bound."""
         async with trio.open_nursery() as services:
             self._services = services
+            self.probers.sync(services, self.runtime, self.shared)
             admin = self.runtime.config.admin
             if admin is not None:
                 listener = await self._open_admin(admin.address)
@@ -167,7 +172,7 @@ class Proxy:
         """
         if self.draining:
             raise RuntimeError("cannot reload while draining")
-        runtime = Runtime.build(config)
+        runtime = Runtime.build(config, self.shared.book, trio.current_time())
         self.shared.telemetry.declare_routes(_route_protocols(config))
         wanted = {listener.address: listener for listener in config.listeners}
         tls = dict(zip(wanted, _contexts(config.listeners), strict=True))
@@ -188,6 +193,8 @@ class Proxy:
             raise
         # Commit. Nothing below waits, so no connection ever sees half a reload.
         self.runtime = runtime
+        if self._services is not None:
+            self.probers.sync(self._services, runtime, self.shared)
         self.limiter.total_tokens = config.limits.max_connections
         for address in [a for a in self.bound if a not in wanted]:
             self.bound.pop(address).scope.cancel()
@@ -210,7 +217,13 @@ class Proxy:
 
     async def _serve_admin(self, listener: trio.SocketListener, scope: trio.CancelScope) -> None:
         with scope:
-            await serve_admin(listener, lambda: not self.draining, self.shared.telemetry.render)
+            await serve_admin(
+                listener, lambda: not self.draining, self.shared.telemetry.render, self._upstreams
+            )
+
+    def _upstreams(self) -> str:
+        """The /upstreams document (interface.md admin additions)."""
+        return json.dumps(describe(self.runtime.config, self.shared.book), indent=1) + "\n"
 
     async def _open_admin(self, address: Address) -> trio.SocketListener:
         try:
