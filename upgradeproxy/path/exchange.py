@@ -291,8 +291,10 @@ def _framing(raw: list[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, bytes]],
         return [(b"Transfer-Encoding", b"chunked")], True
     lengths = hdr.get_all(raw, b"content-length")
     if lengths:
-        value = lengths[0].split(b",")[0].strip()
-        return [(b"Content-Length", value)], int(value) > 0
+        # Canonical digits: "0002" is valid, but an upstream that caps the digit count
+        # (a 64-bit parser) must not read a different length than h11 did.
+        length = int(lengths[0].split(b",")[0])
+        return [(b"Content-Length", b"%d" % length)], length > 0
     return [], False
 
 
