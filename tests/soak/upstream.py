@@ -68,8 +68,8 @@ class Upstream:
         return [c.tunnel for c in self.conns if c.tunnel is not None]
 
     async def reset_tunnel(self, rng: random.Random) -> str | None:
-        """Reset one live echo tunnel (chosen by `rng`); its id, or None if there is none."""
-        live = [c for c in self.conns if c.tunnel is not None and c.tunnel.startswith("ws")]
+        """Reset one live short echo tunnel (long ones are cut only by the restart); its id."""
+        live = [c for c in self.conns if c.tunnel is not None and c.tunnel.startswith("ws-short")]
         if not live:
             return None
         conn = rng.choice(live)
