@@ -18,7 +18,10 @@ if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
     .venv/bin/python -m pip install -q --upgrade pip
 fi
-.venv/bin/python -m pip install -q -e '.[test]' || .venv/bin/python -m pip install -q -e . pytest pytest-trio hypothesis
+# Reuse a .venv that already has what the harness needs; install the test extra otherwise.
+if ! .venv/bin/python -c 'import upgradeproxy, hypothesis, h11, trio' 2>/dev/null; then
+    .venv/bin/python -m pip install -q -e '.[test]'
+fi
 
 work=".fuzz-work"  # what libFuzzer finds interesting; kept between runs, never committed
 mkdir -p "$work"
