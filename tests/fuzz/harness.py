@@ -1,9 +1,9 @@
 """The fuzz harness: bytes from a client into `serve_client`, checked against the invariant.
 
-One input is served twice: once with the client half-closing after its bytes, once with the
-client going quiet (so the timeouts must end it). The client is an in-memory stream; the
-upstream is a recording in-memory peer that `connect` is pointed at; a virtual clock
-(trio.testing.MockClock, autojump) makes every timeout instant.
+One input is served twice: once in one write with the client half-closing after it, once
+in two writes with the client then going quiet (so the timeouts must end it). The client is
+an in-memory stream; the upstream is a recording in-memory peer that `connect` is pointed
+at; a virtual clock (trio.testing.MockClock, autojump) makes every timeout instant.
 
 The invariant, on every input:
 - `serve_client` returns; nothing escapes it (an exception here is a crash);
@@ -139,7 +139,13 @@ async def _serve(data: bytes, eof: bool) -> Outcome:
 
         async def write_client() -> None:
             try:
-                await client.send_all(data)
+                if eof:
+                    await client.send_all(data)
+                else:
+                    # In two reads, so heads and chunk lines are also parsed across a split.
+                    await client.send_all(data[: len(data) // 2])
+                    await trio.sleep(0.01)
+                    await client.send_all(data[len(data) // 2 :])
                 if eof:
                     await client.send_eof()
             except (trio.BrokenResourceError, trio.ClosedResourceError):
