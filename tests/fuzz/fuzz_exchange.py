@@ -1,7 +1,7 @@
 """Coverage-guided fuzzing of the client side of an exchange with atheris (libFuzzer).
 
     python -m tests.fuzz.fuzz_exchange WORKDIR tests/fuzz/corpus -max_total_time=60 \\
-        -artifact_prefix=tests/fuzz/corpus/crash-
+        -artifact_prefix=tests/fuzz/corpus/
 
 libFuzzer writes the inputs it finds interesting to WORKDIR (the first directory) and a
 crashing input to the artifact prefix, so a crash becomes a corpus file that

@@ -105,13 +105,12 @@ async def _fake_upstream(stream: trio.testing.MemoryStream | Any, record: bytear
 
 
 def _ws_key(head: bytes) -> bytes | None:
-    """The Sec-WebSocket-Key of a head offering websocket, else None."""
-    if b"upgrade: websocket" not in head.lower():
+    """The Sec-WebSocket-Key of a head whose Upgrade field offers websocket, else None."""
+    fields = [line.split(b":", 1) for line in head.split(b"\r\n")[1:] if b":" in line]
+    named = {name.strip().lower(): value.strip() for name, value in fields}
+    if b"websocket" not in named.get(b"upgrade", b"").lower():
         return None
-    for line in head.split(b"\r\n"):
-        if line.lower().startswith(b"sec-websocket-key:"):
-            return line[18:].strip()
-    return None
+    return named.get(b"sec-websocket-key")
 
 
 async def _serve(data: bytes, eof: bool) -> Outcome:

@@ -29,7 +29,7 @@ if .venv/bin/python -c 'import atheris' 2>/dev/null; then
     echo "fuzz: atheris for ${seconds}s (corpus: tests/fuzz/corpus + $work)"
     exec .venv/bin/python -m tests.fuzz.fuzz_exchange "$work" tests/fuzz/corpus \
         -max_total_time="$seconds" -timeout=30 -rss_limit_mb=2048 \
-        -artifact_prefix=tests/fuzz/corpus/crash- -print_final_stats=1
+        -artifact_prefix=tests/fuzz/corpus/ -print_final_stats=1
 fi
 echo "fuzz: atheris is not installed here; hypothesis for ${seconds}s"
 exec .venv/bin/python -c "

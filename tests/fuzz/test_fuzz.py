@@ -107,7 +107,7 @@ def test_fuzzing_the_client_side_finds_nothing() -> None:
         run = subprocess.run(
             [sys.executable, "-m", "tests.fuzz.fuzz_exchange", work, str(CORPUS),
              f"-max_total_time={int(FUZZ_SECONDS)}", "-timeout=30", "-rss_limit_mb=2048",
-             f"-artifact_prefix={CORPUS}/crash-", "-print_final_stats=1"],
+             f"-artifact_prefix={CORPUS}/", "-print_final_stats=1"],
             cwd=ROOT, capture_output=True, text=True, timeout=FUZZ_SECONDS + 120, check=False,
         )  # fmt: skip
     assert run.returncode == 0, (
