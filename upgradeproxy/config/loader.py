@@ -7,20 +7,25 @@ problem can name the line of the offending key or value.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import fields
 from functools import partial
 from typing import TypeVar
 
-import yaml
-from yaml.constructor import SafeConstructor
-from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from yaml.nodes import MappingNode, Node
 
 from upgradeproxy.config import edge, operations, values
 from upgradeproxy.config import tls as _tls
+from upgradeproxy.config.checker import (
+    FLOAT,
+    INT,
+    STR,
+    Checker,
+    ConfigError,
+    ConfigProblem,
+)
 from upgradeproxy.config.model import (
     DEFAULT_UPGRADE,
-    Address,
     Admin,
     Balance,
     Config,
@@ -34,12 +39,11 @@ from upgradeproxy.config.model import (
     Upstream,
 )
 from upgradeproxy.config.pool import POOL_KEYS, pool_settings
-from upgradeproxy.config.values import parse_address
+
+__all__ = ["ConfigError", "ConfigProblem", "load_config", "parse_config"]
 
 T = TypeVar("T")
 
-_STR, _INT, _FLOAT, _BOOL = (f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool"))
-_CONSTRUCTOR = SafeConstructor()
 _TOP_KEYS = (
     "listen", "admin", "workers", "upstreams", "routes", "timeouts", "limits", "trusted_proxies",
     "drain_tunnels",
@@ -48,28 +52,6 @@ _TOP_KEYS = (
 _BALANCES: Mapping[str, Balance] = {
     "round_robin": "round_robin", "least_conn": "least_conn", "hash": "hash",
 }  # fmt: skip
-
-
-@dataclass(frozen=True, slots=True)
-class ConfigProblem:
-    """One thing wrong with a config file; `line` is 1-based, None when no line applies."""
-
-    file: str
-    line: int | None
-    field: str
-    why: str
-
-    def __str__(self) -> str:
-        where = self.file if self.line is None else f"{self.file}:{self.line}"
-        return f"{where}: {self.field}: {self.why}" if self.field else f"{where}: {self.why}"
-
-
-class ConfigError(Exception):
-    """A config that failed validation; `problems` holds every problem found."""
-
-    def __init__(self, problems: Iterable[ConfigProblem]) -> None:
-        self.problems = tuple(problems)
-        super().__init__("\n".join(str(p) for p in self.problems))
 
 
 def load_config(path: str) -> Config:
@@ -88,7 +70,7 @@ def load_config(path: str) -> Config:
 
 def parse_config(text: str, source: str = "<string>", *, base_dir: str | None = None) -> Config:
     """Validate YAML `text`; relative TLS files resolve against `base_dir` (default: the cwd)."""
-    checker = _Checker(source, os.getcwd() if base_dir is None else base_dir)
+    checker = Checker(source, os.getcwd() if base_dir is None else base_dir)
     root = checker.compose(text)
     config = None if root is None else _build(checker, root)
     if checker.problems or config is None:
@@ -97,165 +79,7 @@ def parse_config(text: str, source: str = "<string>", *, base_dir: str | None = 
     return config
 
 
-def _join(field: str, key: str) -> str:
-    return f"{field}.{key}" if field else key
-
-
-def _scalar(node: ScalarNode) -> object:
-    build = SafeConstructor.yaml_constructors.get(node.tag)
-    try:
-        return build(_CONSTRUCTOR, node) if build else node.value
-    except yaml.YAMLError:
-        return node.value
-
-
-def _found(node: Node) -> str:
-    if isinstance(node, MappingNode):
-        return "a mapping" if node.value else "an empty mapping"
-    if isinstance(node, SequenceNode):
-        return "a list" if node.value else "an empty list"
-    if node.tag.startswith("!"):
-        return f"a value tagged {node.tag}"
-    return values.show(_scalar(node)) if isinstance(node, ScalarNode) else "an unknown node"
-
-
-class _Checker:
-    """Collects problems while reading nodes; readers return None for absent or bad values."""
-
-    def __init__(self, source: str, base_dir: str) -> None:
-        self.source = source
-        self.base_dir = base_dir
-        self.problems: list[ConfigProblem] = []
-        self.warnings: list[ConfigProblem] = []  # reported, but the config still loads
-        self.listener_addresses: list[Address] = []  # also of listeners with problems
-
-    def warn(self, node: Node | None, field: str, why: str) -> None:
-        line = None if node is None else node.start_mark.line + 1
-        self.warnings.append(ConfigProblem(self.source, line, field, f"warning: {why}"))
-
-    def report(self, node: Node | None, field: str, why: str) -> None:
-        line = None if node is None else node.start_mark.line + 1
-        self.problems.append(ConfigProblem(self.source, line, field, why))
-
-    def compose(self, text: str) -> Node | None:
-        try:
-            root: Node | None = yaml.compose(text, Loader=yaml.SafeLoader)
-        except yaml.MarkedYAMLError as exc:
-            mark = exc.problem_mark or exc.context_mark
-            where = f" at column {mark.column + 1}" if mark else ""
-            context = f" ({exc.context})" if exc.context else ""
-            line = None if mark is None else mark.line + 1
-            why = f"invalid YAML: {exc.problem}{where}{context}"
-            self.problems.append(ConfigProblem(self.source, line, "", why))
-            return None
-        except yaml.YAMLError as exc:  # Reader errors (bad characters) carry no line mark.
-            why = "invalid YAML: " + " ".join(str(exc).split())  # One problem, one line.
-            self.problems.append(ConfigProblem(self.source, None, "", why))
-            return None
-        if root is None:
-            why = "the file is empty; expected at least 'listen', 'upstreams' and 'routes'"
-            self.problems.append(ConfigProblem(self.source, None, "", why))
-        return root
-
-    def entries(self, node: Node | None, field: str, what: str) -> list[tuple[str, Node, Node]]:
-        """String-keyed pairs of a mapping; reports non-mappings, odd keys and duplicates."""
-        if node is not None and not isinstance(node, MappingNode):
-            self.report(node, field, f"expected {what}, found {_found(node)}")
-        if not isinstance(node, MappingNode):
-            return []
-        seen: dict[str, Node] = {}
-        pairs: list[tuple[str, Node, Node]] = []
-        for key_node, value_node in node.value:
-            if not (isinstance(key_node, ScalarNode) and key_node.tag == _STR):
-                why = f"expected a name as key, found {_found(key_node)} (quote it)"
-                self.report(key_node, field, why)
-            elif (key := str(key_node.value)) in seen:
-                # YAML itself would silently keep only the last one.
-                first = seen[key].start_mark.line + 1
-                self.report(key_node, _join(field, key), f"duplicate key (first at line {first})")
-            else:
-                seen[key] = key_node
-                pairs.append((key, key_node, value_node))
-        return pairs
-
-    def mapping(
-        self, node: Node | None, field: str, allowed: Sequence[str],
-        required: Sequence[str] = (), what: str = "a mapping",
-    ) -> dict[str, Node] | None:  # fmt: skip
-        """The known keys of a mapping; reports unknown keys and missing required ones."""
-        pairs = self.entries(node, field, what)
-        if not isinstance(node, MappingNode):
-            return None
-        found: dict[str, Node] = {}
-        for key, key_node, value_node in pairs:
-            if key in allowed:
-                found[key] = value_node
-            else:
-                why = f"unknown key {key!r}{values.suggest(key, allowed)}"
-                self.report(key_node, _join(field, key), why)
-        for key in required:
-            if key not in found:
-                # A missing top-level key has no line worth pointing at.
-                self.report(node if field else None, _join(field, key), "required but missing")
-        return found
-
-    def sequence(self, node: Node | None, field: str, what: str) -> list[Node] | None:
-        if node is None or isinstance(node, SequenceNode):
-            return None if node is None else list(node.value)
-        self.report(node, field, f"expected {what}, found {_found(node)}")
-        return None
-
-    def scalar(
-        self, node: Node | None, field: str, what: str, tags: Sequence[str],
-        convert: Callable[[object], T],
-    ) -> T | None:  # fmt: skip
-        """`convert` applied to a scalar with one of `tags`; its ValueError becomes the why."""
-        if node is None:
-            return None
-        if isinstance(node, ScalarNode) and node.tag in tags:
-            try:
-                return convert(_scalar(node))
-            except ValueError as exc:
-                why = str(exc)
-        else:
-            why = f"expected {what}, found {_found(node)}"
-        self.report(node, field, why)
-        return None
-
-    def text(self, node: Node | None, field: str, what: str) -> str | None:
-        return self.scalar(node, field, what, (_STR,), str)
-
-    def boolean(self, node: Node | None, field: str, default: bool) -> bool:
-        value = self.scalar(node, field, "true or false", (_BOOL,), bool)
-        return default if value is None else value
-
-    def positive_int(self, node: Node | None, field: str) -> int | None:
-        return self.scalar(node, field, "a positive whole number", (_INT,), values.positive)
-
-    def timeout(self, node: Node | None, field: str) -> float | None:
-        return self.scalar(node, field, values.DURATION_HINT, (_INT, _FLOAT, _STR), values.timeout)
-
-    def address(self, node: Node | None, field: str, *, listener: bool = False) -> Address | None:
-        parse = parse_address if listener else values.upstream_address
-        return self.scalar(node, field, values.ADDRESS_HINT, (_STR,), lambda v: parse(str(v)))
-
-    def file(self, node: Node | None, field: str) -> str | None:
-        return self.scalar(node, field, "a file path", (_STR,), self._readable_file)
-
-    def _readable_file(self, value: object) -> str:
-        path = os.path.normpath(os.path.join(self.base_dir, os.path.expanduser(str(value))))
-        if not value:
-            raise ValueError("expected a file path, found an empty string")
-        if not os.path.isfile(path):
-            raise ValueError(
-                f"not a file: {path}" if os.path.exists(path) else f"no such file: {path}"
-            )
-        if not os.access(path, os.R_OK):
-            raise ValueError(f"file is not readable: {path}")
-        return path
-
-
-def _build(c: _Checker, root: Node) -> Config | None:
+def _build(c: Checker, root: Node) -> Config | None:
     what = "a mapping of settings like 'listen:', 'upstreams:' and 'routes:'"
     top = c.mapping(root, "", _TOP_KEYS, ("listen", "upstreams", "routes"), what)
     if top is None:
@@ -263,7 +87,7 @@ def _build(c: _Checker, root: Node) -> Config | None:
     listeners = _listeners(c, top.get("listen"))
     upstreams, names = _upstreams(c, top.get("upstreams"))
     what = "a list of CIDRs like '10.0.0.0/8' or IP addresses"
-    read = partial(c.scalar, what=values.NETWORK_HINT, tags=(_STR,), convert=values.network)
+    read = partial(c.scalar, what=values.NETWORK_HINT, tags=(STR,), convert=values.network)
     trusted: list[tuple[int, Node, IPNetwork]] = _items(
         c, top.get("trusted_proxies"), "trusted_proxies", what, read
     )
@@ -277,7 +101,7 @@ def _build(c: _Checker, root: Node) -> Config | None:
             top.get("workers"),
             "workers",
             f"a whole number from 1 to {values.MAX_WORKERS}",
-            (_INT,),
+            (INT,),
             values.workers,
         )
         or 1,
@@ -295,7 +119,7 @@ def _build(c: _Checker, root: Node) -> Config | None:
 
 
 def _section(
-    c: _Checker, node: Node | None, field: str, cls: type, read: Callable[[Node, str], T | None]
+    c: Checker, node: Node | None, field: str, cls: type, read: Callable[[Node, str], T | None]
 ) -> dict[str, T]:
     """Keyword arguments for a flat dataclass section whose keys are all optional."""
     names = [f.name for f in fields(cls)]
@@ -305,7 +129,7 @@ def _section(
 
 
 def _items(
-    c: _Checker,
+    c: Checker,
     node: Node | None,
     field: str,
     what: str,
@@ -321,7 +145,7 @@ def _items(
 
 
 def _no_duplicates(
-    c: _Checker, items: list[tuple[int, Node, T]], key: Callable[[T], object], path: str, why: str
+    c: Checker, items: list[tuple[int, Node, T]], key: Callable[[T], object], path: str, why: str
 ) -> None:
     """Report items whose key (unless None) repeats an earlier one's; see `_listeners`."""
     seen: dict[object, int] = {}
@@ -331,7 +155,7 @@ def _no_duplicates(
             c.report(node, path.format(i=i), why.format(i=i, first=first))
 
 
-def _listeners(c: _Checker, node: Node | None) -> tuple[Listener, ...]:
+def _listeners(c: Checker, node: Node | None) -> tuple[Listener, ...]:
     what = "a list of listeners like '- address: 127.0.0.1:8080'"
     items = _items(c, node, "listen", what, partial(_listener, c), "listener")
     # Port 0 binds a fresh ephemeral port each time, so it never collides.
@@ -342,7 +166,7 @@ def _listeners(c: _Checker, node: Node | None) -> tuple[Listener, ...]:
     return tuple(listener for _, _, listener in items)
 
 
-def _listener(c: _Checker, node: Node, field: str) -> Listener | None:
+def _listener(c: Checker, node: Node, field: str) -> Listener | None:
     mark = len(c.problems)
     found = c.mapping(node, field, ("address", "tls", "proxy_protocol"), ("address",))
     if found is None:
@@ -357,7 +181,7 @@ def _listener(c: _Checker, node: Node, field: str) -> Listener | None:
     return Listener(address, tls, proxy_protocol)
 
 
-def _admin(c: _Checker, node: Node | None, listeners: Sequence[Listener]) -> Admin | None:
+def _admin(c: Checker, node: Node | None, listeners: Sequence[Listener]) -> Admin | None:
     found = c.mapping(node, "admin", ("address",), ("address",)) or {}
     address = c.address(found.get("address"), "admin.address", listener=True)
     if address is None:
@@ -368,7 +192,7 @@ def _admin(c: _Checker, node: Node | None, listeners: Sequence[Listener]) -> Adm
     return Admin(address)
 
 
-def _upstreams(c: _Checker, node: Node | None) -> tuple[dict[str, Upstream], list[str] | None]:
+def _upstreams(c: Checker, node: Node | None) -> tuple[dict[str, Upstream], list[str] | None]:
     """The good upstreams, and every declared name (None when there are none to check against)."""
     pairs = c.entries(node, "upstreams", "a mapping of upstream names to their settings")
     if isinstance(node, MappingNode) and not pairs:
@@ -382,7 +206,7 @@ def _upstreams(c: _Checker, node: Node | None) -> tuple[dict[str, Upstream], lis
     return upstreams, [name for name, _, _ in pairs] or None
 
 
-def _upstream(c: _Checker, name: str, node: Node, field: str) -> Upstream | None:
+def _upstream(c: Checker, name: str, node: Node, field: str) -> Upstream | None:
     found = c.mapping(
         node, field, ("servers", "balance", "tls", "proxy_protocol", *POOL_KEYS), ("servers",)
     )
@@ -393,7 +217,7 @@ def _upstream(c: _Checker, name: str, node: Node, field: str) -> Upstream | None
         c, found.get("servers"), f"{field}.servers", what, partial(_server, c), "server"
     )
     balance = c.scalar(
-        found.get("balance"), f"{field}.balance", "round_robin, least_conn or hash", (_STR,),
+        found.get("balance"), f"{field}.balance", "round_robin, least_conn or hash", (STR,),
         values.choice(_BALANCES),
     )  # fmt: skip
     tls = _tls.upstream_tls(c, found.get("tls"), f"{field}.tls")
@@ -403,7 +227,7 @@ def _upstream(c: _Checker, name: str, node: Node, field: str) -> Upstream | None
         f"{field}.servers[{{i}}]", "same address as servers[{first}] (use weight instead)",
     )  # fmt: skip
     proxy_protocol = c.scalar(
-        found.get("proxy_protocol"), f"{field}.proxy_protocol", "v1 or v2", (_STR,),
+        found.get("proxy_protocol"), f"{field}.proxy_protocol", "v1 or v2", (STR,),
         values.choice(edge.PROXY_VERSIONS),
     )  # fmt: skip
     base = Upstream(
@@ -413,7 +237,7 @@ def _upstream(c: _Checker, name: str, node: Node, field: str) -> Upstream | None
     return upstream if servers else None
 
 
-def _server(c: _Checker, node: Node, field: str) -> Server | None:
+def _server(c: Checker, node: Node, field: str) -> Server | None:
     if not isinstance(node, MappingNode):
         address = c.address(node, field)
         return None if address is None else Server(address)
@@ -423,7 +247,7 @@ def _server(c: _Checker, node: Node, field: str) -> Server | None:
     return None if address is None else Server(address, weight)
 
 
-def _routes(c: _Checker, node: Node | None, names: list[str] | None) -> tuple[Route, ...]:
+def _routes(c: Checker, node: Node | None, names: list[str] | None) -> tuple[Route, ...]:
     what = "a list of routes like '- upstream: NAME'"
     items = _items(c, node, "routes", what, partial(_route, c, names=names), "route")
     # First match wins, so a later route with the same host and prefix can never be chosen.
@@ -434,7 +258,7 @@ def _routes(c: _Checker, node: Node | None, names: list[str] | None) -> tuple[Ro
     return tuple(route for _, _, route in items)
 
 
-def _route(c: _Checker, node: Node, field: str, names: list[str] | None) -> Route | None:
+def _route(c: Checker, node: Node, field: str, names: list[str] | None) -> Route | None:
     mark = len(c.problems)
     keys = ("host", "path_prefix", "upstream", "upgrade", "allowed_origins")
     found = c.mapping(node, field, keys, ("upstream",))
@@ -448,11 +272,11 @@ def _route(c: _Checker, node: Node, field: str, names: list[str] | None) -> Rout
         found.get("host"),
         f"{field}.host",
         values.WILDCARD_HINT,
-        (_STR,),
+        (STR,),
         partial(values.host, wildcard=True),
     )
     prefix = c.scalar(
-        found.get("path_prefix"), f"{field}.path_prefix", values.PATH_HINT, (_STR,), values.path
+        found.get("path_prefix"), f"{field}.path_prefix", values.PATH_HINT, (STR,), values.path
     )
     upgrade = _upgrade(c, found.get("upgrade"), f"{field}.upgrade")
     origins = _origins(c, found.get("allowed_origins"), f"{field}.allowed_origins")
@@ -461,11 +285,11 @@ def _route(c: _Checker, node: Node, field: str, names: list[str] | None) -> Rout
     return Route(upstream, host, prefix or "/", upgrade, allowed_origins=origins)
 
 
-def _upgrade(c: _Checker, node: Node | None, field: str) -> tuple[str, ...]:
+def _upgrade(c: Checker, node: Node | None, field: str) -> tuple[str, ...]:
     if node is None:
         return DEFAULT_UPGRADE
     what = "a list of protocols like ['websocket'] ([] for none)"
-    read = partial(c.scalar, what=values.PROTOCOL_HINT, tags=(_STR,), convert=values.protocol)
+    read = partial(c.scalar, what=values.PROTOCOL_HINT, tags=(STR,), convert=values.protocol)
     items = _items(c, node, field, what, read)
     _no_duplicates(c, items, lambda token: token, field + "[{i}]", "repeats " + field + "[{first}]")
     return tuple(token for _, _, token in items)
@@ -474,30 +298,30 @@ def _upgrade(c: _Checker, node: Node | None, field: str) -> tuple[str, ...]:
 # --- edge settings (config/edge.py holds the value checks) ---------------------------------
 
 
-def _origins(c: _Checker, node: Node | None, field: str) -> tuple[str, ...] | None:
+def _origins(c: Checker, node: Node | None, field: str) -> tuple[str, ...] | None:
     if node is None:
         return None
     what = "a list of origins like ['https://chat.example.com']"
-    read = partial(c.scalar, what=edge.ORIGIN_HINT, tags=(_STR,), convert=edge.origin_entry)
+    read = partial(c.scalar, what=edge.ORIGIN_HINT, tags=(STR,), convert=edge.origin_entry)
     return tuple(origin for _, _, origin in _items(c, node, field, what, read))
 
 
-def _drain_tunnels(c: _Checker, node: Node | None) -> DrainTunnels:
+def _drain_tunnels(c: Checker, node: Node | None) -> DrainTunnels:
     pick = values.choice(edge.DRAIN_TUNNELS)
-    return c.scalar(node, "drain_tunnels", "wait or spread", (_STR,), pick) or "wait"
+    return c.scalar(node, "drain_tunnels", "wait or spread", (STR,), pick) or "wait"
 
 
-def _timeout(c: _Checker, node: Node, field: str) -> float | None:
+def _timeout(c: Checker, node: Node, field: str) -> float | None:
     if field != "timeouts.tunnel_max_lifetime":
         return c.timeout(node, field)
 
     def lifetime(value: object) -> float:
         return edge.tunnel_lifetime(values.parse_duration(value))
 
-    return c.scalar(node, field, values.DURATION_HINT, (_INT, _FLOAT, _STR), lifetime)
+    return c.scalar(node, field, values.DURATION_HINT, (INT, FLOAT, STR), lifetime)
 
 
-def _limit(c: _Checker, node: Node, field: str) -> int | None:
+def _limit(c: Checker, node: Node, field: str) -> int | None:
     if field != "limits.max_connections_per_ip":
         return c.positive_int(node, field)
-    return c.scalar(node, field, "a whole number, 0 or more", (_INT,), edge.non_negative)
+    return c.scalar(node, field, "a whole number, 0 or more", (INT,), edge.non_negative)

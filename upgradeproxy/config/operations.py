@@ -10,12 +10,12 @@ from yaml.nodes import Node
 from upgradeproxy.config.model import AccessLog
 
 if TYPE_CHECKING:
-    from upgradeproxy.config.loader import _Checker
+    from upgradeproxy.config.checker import Checker
 
 TOP_KEYS: Final = ("access_log", "request_id")
 
 
-def settings(c: _Checker, top: Mapping[str, Node]) -> tuple[AccessLog, bool]:
+def settings(c: Checker, top: Mapping[str, Node]) -> tuple[AccessLog, bool]:
     """The access-log options and the request-id switch."""
     found = c.mapping(top.get("access_log"), "access_log", ("query",), what="a mapping {query:}")
     query = c.boolean((found or {}).get("query"), "access_log.query", False)

@@ -16,10 +16,10 @@ from upgradeproxy.config import values
 from upgradeproxy.config.model import Balance, HashKey, HashKeyKind, HealthCheck, Upstream
 
 if TYPE_CHECKING:
-    from upgradeproxy.config.loader import _Checker
+    from upgradeproxy.config.checker import Checker
 
 POOL_KEYS: Final = ("hash_key", "sticky_cookie", "max_tunnels", "slow_start", "health_check")
-_STR, _INT, _FLOAT = (f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float"))
+STR, INT, FLOAT = (f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float"))
 _HEALTH_KEYS: Final = (
     "path", "upgrade", "interval", "timeout", "healthy_after", "unhealthy_after",
 )  # fmt: skip
@@ -59,23 +59,23 @@ def _websocket(value: object) -> str:
 
 
 def pool_settings(
-    c: _Checker, found: dict[str, Node], field: str, base: Upstream, balance: Balance | None
+    c: Checker, found: dict[str, Node], field: str, base: Upstream, balance: Balance | None
 ) -> Upstream:
     """`base` with the pool keys present in `found`; reports every bad value."""
     key_node = found.get("hash_key")
-    key = c.scalar(key_node, f"{field}.hash_key", HASH_KEY_HINT, (_STR,), hash_key)
+    key = c.scalar(key_node, f"{field}.hash_key", HASH_KEY_HINT, (STR,), hash_key)
     if balance == "hash" and key_node is None:
         c.report(found.get("balance"), f"{field}.balance", "balance: hash needs a hash_key")
     elif key_node is not None and balance != "hash":
         why = f"hash_key only applies to balance: hash (balance is {balance or 'round_robin'})"
         c.report(key_node, f"{field}.hash_key", why)
     sticky = c.scalar(
-        found.get("sticky_cookie"), f"{field}.sticky_cookie", "a cookie name", (_STR,), cookie_name
+        found.get("sticky_cookie"), f"{field}.sticky_cookie", "a cookie name", (STR,), cookie_name
     )
     cap = c.positive_int(found.get("max_tunnels"), f"{field}.max_tunnels")
     ramp = c.scalar(
         found.get("slow_start"), f"{field}.slow_start", values.DURATION_HINT,
-        (_INT, _FLOAT, _STR), values.parse_duration,
+        (INT, FLOAT, STR), values.parse_duration,
     )  # fmt: skip
     return replace(
         base,
@@ -87,7 +87,7 @@ def pool_settings(
     )
 
 
-def _health_check(c: _Checker, node: Node | None, field: str) -> HealthCheck | None:
+def _health_check(c: Checker, node: Node | None, field: str) -> HealthCheck | None:
     if node is None:
         return None
     what = f"a mapping with some of: {', '.join(_HEALTH_KEYS)}"
@@ -95,8 +95,8 @@ def _health_check(c: _Checker, node: Node | None, field: str) -> HealthCheck | N
     if found is None:
         return None
     mark = len(c.problems)
-    path = c.scalar(found.get("path"), f"{field}.path", values.PATH_HINT, (_STR,), values.path)
-    upgrade = c.scalar(found.get("upgrade"), f"{field}.upgrade", "websocket", (_STR,), _websocket)
+    path = c.scalar(found.get("path"), f"{field}.path", values.PATH_HINT, (STR,), values.path)
+    upgrade = c.scalar(found.get("upgrade"), f"{field}.upgrade", "websocket", (STR,), _websocket)
     interval = c.timeout(found.get("interval"), f"{field}.interval")
     timeout = c.timeout(found.get("timeout"), f"{field}.timeout")
     up = c.positive_int(found.get("healthy_after"), f"{field}.healthy_after")

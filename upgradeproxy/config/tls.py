@@ -22,9 +22,9 @@ from upgradeproxy.config.model import (
 )
 
 if TYPE_CHECKING:
-    from upgradeproxy.config.loader import _Checker
+    from upgradeproxy.config.checker import Checker
 
-_STR, _BOOL = "tag:yaml.org,2002:str", "tag:yaml.org,2002:bool"
+STR, BOOL = "tag:yaml.org,2002:str", "tag:yaml.org,2002:bool"
 _VERSIONS: Final[Mapping[str, TlsVersion]] = {"TLSv1.2": "TLSv1.2", "TLSv1.3": "TLSv1.3"}
 _CLIENT_AUTH: Final[Mapping[str, ClientAuth]] = {"request": "request", "require": "require"}
 _LISTENER_KEYS: Final = (
@@ -33,13 +33,13 @@ _LISTENER_KEYS: Final = (
 
 
 def _is_false(node: Node | None) -> bool:
-    return isinstance(node, ScalarNode) and node.tag == _BOOL and node.value.lower() in (
+    return isinstance(node, ScalarNode) and node.tag == BOOL and node.value.lower() in (
         "false", "no", "off",
     )  # fmt: skip
 
 
 def pair(
-    c: _Checker, found: Mapping[str, Node], field: str, *, required: bool
+    c: Checker, found: Mapping[str, Node], field: str, *, required: bool
 ) -> tuple[str, str] | None:
     """The `cert`/`key` files of a mapping, loaded together; reports what would fail."""
     if required or "cert" in found or "key" in found:
@@ -62,7 +62,7 @@ def pair(
     return cert, key
 
 
-def ca_file(c: _Checker, node: Node | None, field: str) -> str | None:
+def ca_file(c: Checker, node: Node | None, field: str) -> str | None:
     path = c.file(node, field)
     if path is not None and (problem := tls_files.ca_problem(path)):
         c.report(node, field, problem)
@@ -70,7 +70,7 @@ def ca_file(c: _Checker, node: Node | None, field: str) -> str | None:
     return path
 
 
-def listener_tls(c: _Checker, node: Node | None, field: str) -> ListenerTls | None:
+def listener_tls(c: Checker, node: Node | None, field: str) -> ListenerTls | None:
     if _is_false(node):
         return None  # `tls: false` reads naturally as "no TLS here".
     what = "a mapping with 'cert' and 'key' files (or 'certificates')"
@@ -87,7 +87,7 @@ def listener_tls(c: _Checker, node: Node | None, field: str) -> ListenerTls | No
         why = "give either 'cert' and 'key' or 'certificates', not both"
         c.report(found["certificates"], f"{field}.certificates", why)
     version = c.scalar(
-        found.get("min_version"), f"{field}.min_version", "TLSv1.2 or TLSv1.3", (_STR,),
+        found.get("min_version"), f"{field}.min_version", "TLSv1.2 or TLSv1.3", (STR,),
         values.choice(_VERSIONS),
     )  # fmt: skip
     ciphers = c.text(found.get("ciphers"), f"{field}.ciphers", "an OpenSSL cipher string")
@@ -95,7 +95,7 @@ def listener_tls(c: _Checker, node: Node | None, field: str) -> ListenerTls | No
         c.report(found["ciphers"], f"{field}.ciphers", problem)
     client_ca = ca_file(c, found.get("client_ca"), f"{field}.client_ca")
     auth = c.scalar(
-        found.get("client_auth"), f"{field}.client_auth", "request or require", (_STR,),
+        found.get("client_auth"), f"{field}.client_auth", "request or require", (STR,),
         values.choice(_CLIENT_AUTH),
     )  # fmt: skip
     if "client_auth" in found and "client_ca" not in found:
@@ -117,7 +117,7 @@ def _names_of(cert: str) -> tuple[str, ...]:
     return () if info is None else info.dns_names
 
 
-def _certificates(c: _Checker, node: Node | None, field: str) -> list[TlsCertificate]:
+def _certificates(c: Checker, node: Node | None, field: str) -> list[TlsCertificate]:
     items = c.sequence(node, field, "a list of {cert:, key:, names:} items")
     if items == []:
         c.report(node, field, "expected at least one certificate, found an empty list")
@@ -133,20 +133,20 @@ def _certificates(c: _Checker, node: Node | None, field: str) -> list[TlsCertifi
     return out
 
 
-def _names(c: _Checker, node: Node | None, field: str) -> tuple[str, ...] | None:
+def _names(c: Checker, node: Node | None, field: str) -> tuple[str, ...] | None:
     if node is None:
         return ()
     if not isinstance(node, SequenceNode) or not node.value:
         c.report(node, field, "expected a list of host names like ['chat.example.com']")
         return None
     read = partial(values.host, wildcard=True)
-    names = [c.scalar(n, f"{field}[{i}]", values.WILDCARD_HINT, (_STR,), read)
+    names = [c.scalar(n, f"{field}[{i}]", values.WILDCARD_HINT, (STR,), read)
              for i, n in enumerate(node.value)]  # fmt: skip
     return None if None in names else tuple(n for n in names if n is not None)
 
 
-def upstream_tls(c: _Checker, node: Node | None, field: str) -> UpstreamTls | None:
-    if isinstance(node, ScalarNode) and node.tag == _BOOL:
+def upstream_tls(c: Checker, node: Node | None, field: str) -> UpstreamTls | None:
+    if isinstance(node, ScalarNode) and node.tag == BOOL:
         return None if _is_false(node) else UpstreamTls()
     what = "false, true, or a mapping {verify:, ca:, server_name:, cert:, key:}"
     keys = ("verify", "ca", "server_name", "cert", "key")
@@ -158,7 +158,7 @@ def upstream_tls(c: _Checker, node: Node | None, field: str) -> UpstreamTls | No
         verify=c.boolean(found.get("verify"), f"{field}.verify", True),
         ca=ca_file(c, found.get("ca"), f"{field}.ca"),
         server_name=c.scalar(
-            found.get("server_name"), f"{field}.server_name", values.HOST_HINT, (_STR,), values.host
+            found.get("server_name"), f"{field}.server_name", values.HOST_HINT, (STR,), values.host
         ),
         cert=client[0] if client else None,
         key=client[1] if client else None,

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import time
 from dataclasses import dataclass, field, replace
-from typing import Final, TypeVar, cast
+from typing import Final, TypeVar
 
 import h11
 import trio
@@ -24,9 +23,10 @@ from upgradeproxy.path.admission import admit, preamble, release, upstream_pool
 from upgradeproxy.path.body import BodyPump
 from upgradeproxy.path.context import Client, Peer, Runtime, Shared, new_request_id
 from upgradeproxy.path.handover import Done, Outcome, Switched
+from upgradeproxy.path.reply import MIGHT_SWITCH, VIA, send_error
+from upgradeproxy.path.request import read_request
 from upgradeproxy.path.streams import (
     CLIENT_IO,
-    MAX_RECV,
     STREAM_ERRORS,
     HttpStream,
     PeerClosed,
@@ -44,27 +44,18 @@ from upgradeproxy.rules import headers as hdr
 from upgradeproxy.rules import plan as planning
 from upgradeproxy.rules.balancer import Balancer, no_server_available
 from upgradeproxy.rules.errors import (
-    REASONS,
-    BadRequest,
     BadSwitch,
     ClientGone,
     ErrorKind,
-    NoServerAvailable,
     ProxyError,
-    RequestTimeout,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from upgradeproxy.rules.forwarding import via_value
 from upgradeproxy.rules.plan import Plan
 
 log = logging.getLogger("upgradeproxy")
 
-_VIA = via_value(b"1.1")
-_MIGHT_SWITCH: Final = h11.MIGHT_SWITCH_PROTOCOL  # type: ignore[attr-defined]
-_CLOSE_ON_ERROR = (h11.LocalProtocolError, *STREAM_ERRORS)
 _PUMP_GRACE: Final = 0.05
-_HEAD_END: Final = re.compile(rb"\n\r?\n")
 _Head = TypeVar("_Head", h11.Response, h11.InformationalResponse)
 
 
@@ -122,7 +113,7 @@ async def _one_exchange(client: Client) -> Outcome:
     """Handle one request: the connection goes on, closes, or becomes the returned tunnel."""
     rec = ExchangeRecord(client=client.peer_ip, client_cert=client.origin.client_cert or "")
     try:
-        request = await _read_request(client, rec)
+        request = await read_request(client, rec)
         if request is None:
             return Done.CLOSE
         rec.started = time.monotonic()
@@ -140,7 +131,7 @@ async def _one_exchange(client: Client) -> Outcome:
             rec.request_id = new_request_id().decode()
         method = rec.method.encode() if rec.method else None
         _drain_buffered_body(client)
-        sent = await _send_error(client, err, method, rec)
+        sent = await send_error(client, err, method, rec)
         return (
             Done.KEEP_ALIVE if sent and not err.close and _client_reusable(client) else Done.CLOSE
         )
@@ -167,80 +158,6 @@ def _drain_buffered_body(client: Client) -> None:
 def _client_reusable(client: Client) -> bool:
     conn = client.http.h11
     return conn.our_state is h11.DONE and conn.their_state is h11.DONE
-
-
-# --- reading the request -------------------------------------------------------------
-
-
-async def _read_request(client: Client, rec: ExchangeRecord) -> h11.Request | None:
-    """The next request head, or None when the client closed or idled out between requests.
-
-    Raises BadRequest (400/431), RequestTimeout and ClientGone.
-    """
-    conn = client.http.h11
-    timeouts = client.rt.config.timeouts
-    started = client.first or bool(conn.trailing_data[0])
-    deadline = trio.current_time() + (timeouts.request_header if started else timeouts.idle)
-    head = _check_raw_head(conn, client.rt.config.limits.max_request_header_bytes)
-    while True:
-        try:
-            event = conn.next_event()
-        except h11.RemoteProtocolError as exc:
-            # h11 took the head out of its buffer: the log's method and path come from ours.
-            rec.method, rec.path = planning.request_line(head)
-            raise BadRequest(str(exc), status=exc.error_status_hint) from None
-        if isinstance(event, h11.Request):
-            return event
-        if event is not h11.NEED_DATA:
-            return None  # ConnectionClosed
-        data = await _receive_until(client, deadline, started)
-        if data is None:
-            return None
-        if not started and data:
-            started = True
-            deadline = trio.current_time() + timeouts.request_header
-        conn.receive_data(data)
-        if data:
-            head = _check_raw_head(conn, client.rt.config.limits.max_request_header_bytes)
-
-
-async def _receive_until(client: Client, deadline: float, started: bool) -> bytes | None:
-    """One read before `deadline`; None if an idle keep-alive wait ran out (close quietly).
-
-    Raises RequestTimeout when a started head runs out of time, ClientGone on a broken stream.
-    """
-    with trio.CancelScope(deadline=deadline) as scope:
-        if not started:
-            client.shared.idle_waits.add(scope)
-        try:
-            with CLIENT_IO:
-                return cast(bytes, await client.http.stream.receive_some(MAX_RECV))
-        finally:
-            client.shared.idle_waits.discard(scope)
-    if started:
-        raise RequestTimeout("request head not received in time")
-    return None
-
-
-def _check_raw_head(conn: h11.Connection, limit: int) -> bytes:
-    """Reject what h11 would accept before it parses the head: obs-fold, an oversized head.
-
-    h11 enforces its size limit only on an incomplete head; one that arrives whole in a
-    single read would slip through, so the complete head is measured here too. Returns the
-    complete head (b"" if there is none yet).
-    """
-    if conn.their_state is not h11.IDLE:
-        return b""
-    buf = conn.trailing_data[0]
-    found = _HEAD_END.search(buf)  # where h11 ends a head too, bare LFs included
-    if found is None:
-        return b""
-    end = found.start()
-    if end > limit:
-        raise BadRequest("request head too large", status=431)
-    if problem := hdr.raw_head_problem(buf[:end]):
-        raise BadRequest(problem)
-    return buf[: found.end()]
 
 
 # --- forwarding ----------------------------------------------------------------------
@@ -503,7 +420,7 @@ def _relayed_head(
 ) -> _Head:
     """The upstream's response head as the client gets it: hop-by-hop gone, Via (and `extra`,
     a sticky cookie) added."""
-    headers = hdr.response_headers(list(event.headers.raw_items()), _VIA, status=event.status_code)
+    headers = hdr.response_headers(list(event.headers.raw_items()), VIA, status=event.status_code)
     headers = planning.with_request_id(headers, rid)
     headers.extend(extra or ())
     if close:
@@ -552,7 +469,7 @@ async def _switch(
         # end of it from h11: let the pump finish before judging the request incomplete.
         with trio.move_on_after(client.rt.config.timeouts.upstream_response):
             await ex.pump.finished.wait()
-    if problem is None and client.http.h11.their_state is not _MIGHT_SWITCH:
+    if problem is None and client.http.h11.their_state is not MIGHT_SWITCH:
         problem = "101 before the request body was complete"
     if problem is not None:
         if ex.plan.offer:
@@ -560,7 +477,7 @@ async def _switch(
         raise BadSwitch(problem)
     chosen = hdr.comma_list(raw, b"upgrade")
     headers = planning.with_request_id(
-        hdr.response_headers(raw, _VIA, switched_to=chosen, status=101) + ex.extra,
+        hdr.response_headers(raw, VIA, switched_to=chosen, status=101) + ex.extra,
         ex.plan.request_id,
     )
     await _to_client(
@@ -588,43 +505,3 @@ async def _switch(
         lifetime=client.rt.config.timeouts.tunnel_max_lifetime,
         tunnels=client.shared.tunnels,
     )
-
-
-# --- error responses -----------------------------------------------------------------
-
-
-async def _send_error(
-    client: Client, err: ProxyError, method: bytes | None, rec: ExchangeRecord
-) -> bool:
-    """Write a short error response if the protocol state still allows one; its body bytes
-    count in `rec.bytes_out` (what the proxy itself wrote)."""
-    conn = client.http.h11
-    if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-        return False
-    reason = REASONS.get(err.status, b"Error")
-    body = b"" if method == b"HEAD" else b"%d %s\n" % (err.status, reason)
-    headers = [
-        (b"Content-Type", b"text/plain; charset=utf-8"),
-        (b"Content-Length", str(len(body)).encode()),
-        (b"Via", _VIA),
-    ]
-    if rec.request_id:
-        headers.append((planning.REQUEST_ID, rec.request_id.encode("latin-1")))
-    if isinstance(err, NoServerAvailable):
-        headers.append((b"Retry-After", str(err.retry_after).encode()))
-    if err.close or conn.their_state not in (h11.DONE, _MIGHT_SWITCH):
-        # Say so when the connection will close: the request was not read to its end.
-        headers.append((b"Connection", b"close"))
-    try:
-        with trio.move_on_after(5):
-            await client.http.send(
-                h11.Response(status_code=err.status, headers=headers, reason=reason)
-            )
-            if body:
-                await client.http.send(h11.Data(data=body))
-                rec.bytes_out += len(body)
-            await client.http.send(h11.EndOfMessage())
-            return True
-    except _CLOSE_ON_ERROR:
-        pass
-    return False
