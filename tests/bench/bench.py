@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import http.client
 import json
@@ -43,7 +44,7 @@ from report import Figure, Goal, Row, Run
 
 HERE: Final = Path(__file__).resolve().parent
 RESULTS: Final = HERE / "results"
-TESTS: Final = ("throughput", "rtt", "handshakes", "rss", "http", "scaling")
+TESTS: Final = ("throughput", "rtt", "handshakes", "rss", "http", "scaling", "tunnel_sweep")
 PROFILED: Final = ("handshakes", "http", "rtt", "tunnel_up", "tunnel_down")
 MB: Final = 1e6  # throughput is in MB/s, 10^6 bytes per second
 
@@ -92,6 +93,7 @@ class Results:
     figures: dict[str, Figure] = field(default_factory=dict)
     scaling: dict[str, Figure] = field(default_factory=dict)
     scaling_note: str = ""
+    sweep: dict[str, Figure] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
 
@@ -106,9 +108,16 @@ def rotation(items: list[targets.Target], rep: int) -> list[targets.Target]:
 
 
 class Bench:
-    def __init__(self, plan: Plan, tmp: Path, peers: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        tmp: Path,
+        peers: tuple[str, ...] = (),
+        variants: tuple[targets.Variant, ...] = (),
+    ) -> None:
         self.plan = plan
         self.peers = peers
+        self.variants = variants
         self.tmp = tmp
         self.procs = Processes()
         self.results = Results()
@@ -122,6 +131,7 @@ class Bench:
     def start(self) -> None:
         names = ("ws", "http", "nginx", "nginx_http", "upgradeproxy", "upgradeproxy_w2")
         names += ("haproxy", "mitmproxy", "mitmproxy_http")
+        names += tuple(v.name for v in self.variants)
         self.ports = dict(zip(names, free_ports(len(names)), strict=True))
         p = self.ports
         log(f"temp dir {self.tmp}; starting upstreams, nginx and upgradeproxy")
@@ -161,6 +171,13 @@ class Bench:
             self.targets.insert(
                 at, targets.Target("mitmproxy", p["mitmproxy"], p["mitmproxy_http"], mitm)
             )
+        for v in self.variants:
+            port = p[v.name]
+            proc = targets.start_upgradeproxy(
+                self.procs, self.tmp, v.name, port, p["ws"], p["http"], 1, v
+            )
+            self.targets.append(targets.Target(v.name, port, port, proc))
+            report.TARGETS.append(v.name)
         for target in self.targets:
             self.sanity_check(target)
 
@@ -215,6 +232,47 @@ class Bench:
                     per_mb = _per_op(win, size / MB)
                     fig.runs[target.name].append(Run(rate, win.result, per_op=per_mb))
                     log(f"  {fig.label} rep {rep + 1} {target.name}: {rate:,.0f}")
+
+    # --- 1b. tunnel conditions ----------------------------------------------------------
+
+    # (direction, MiB moved, bytes per write of the sender, placement)
+    SWEEP: Final = (
+        ("up", 16, 1 << 20, "unpinned"),
+        ("up", 256, 1 << 20, "unpinned"),
+        ("up", 256, 65536, "unpinned"),
+        ("up", 256, 16384, "unpinned"),
+        ("up", 256, 4096, "unpinned"),
+        ("up", 256, 1 << 20, "split"),
+        ("up", 256, 1 << 20, "shared"),
+        ("down", 16, 1 << 20, "unpinned"),
+        ("down", 256, 1 << 20, "unpinned"),
+        ("down", 256, 65536, "unpinned"),
+        ("down", 256, 16384, "unpinned"),
+        ("down", 256, 4096, "unpinned"),
+        ("down", 256, 1 << 20, "split"),
+        ("down", 256, 1 << 20, "shared"),
+    )
+
+    def tunnel_sweep(self) -> None:
+        """Tunnel MB/s and proxy CPU per MB over transfer sizes, write sizes and placements:
+        where the tunnel ratio to nginx comes from (issue 13). Interleaved, `tunnel_reps`."""
+        group = [t for t in self.targets if t.name != "mitmproxy"]
+        for direction, mib, write, where in self.SWEEP:
+            move = loadgen.upload if direction == "up" else loadgen.download
+            key = f"{direction}, {mib} MiB, {_size(write)} writes, {where}"
+            fig = Figure(key, "MB/s", True)
+            self.results.sweep[key] = fig
+            size = mib << 20
+            placement = contextlib.nullcontext() if where == "unpinned" else self.pinned(where)  # type: ignore[arg-type]
+            with placement:
+                for rep in range(max(self.plan.tunnel_reps, 3)):
+                    for target in rotation(group, rep):
+                        win = self.window(target, self.ws_upstream, in_process=True)
+                        seconds = move(target.port, size, win.clock, write)
+                        rate = size / seconds / MB
+                        run = Run(rate, win.result, per_op=_per_op(win, size / MB))
+                        fig.runs[target.name].append(run)
+            log(f"  {key}: " + ", ".join(f"{t.name} {fig.median(t.name) or 0:,.0f}" for t in group))
 
     # --- 2. round trips ----------------------------------------------------------------
 
@@ -499,6 +557,10 @@ class Bench:
         return Run(_percentile(sorted(samples), 50) / 1e3, {}, "µs p50 round trip")
 
 
+def _size(n: int) -> str:
+    return f"{n >> 20} MiB" if n >= 1 << 20 else f"{n >> 10} KiB"
+
+
 def _per_op(win: CpuWindow, ops: float) -> float | None:
     """The proxy's CPU µs per operation over the window (None for direct: no proxy)."""
     if "proxy" not in win.used or ops <= 0:
@@ -570,7 +632,7 @@ def render(plan: Plan, results: Results, info: dict[str, str], quick: bool) -> s
         fig = figs[key]
         direct = fig.median("direct")
         values: dict[str, float | None] = {"direct": None}
-        for t in report.PROXIES:
+        for t in report.proxies():
             m = fig.median(t)
             values[t] = m - direct if m is not None and direct is not None else None
         ratio = report.ratio(values["upgradeproxy"], values["nginx"])
@@ -584,7 +646,7 @@ def render(plan: Plan, results: Results, info: dict[str, str], quick: bool) -> s
             return
         fig = figs[key]
         values: dict[str, float | None] = {"direct": None}
-        for t in report.PROXIES:
+        for t in report.proxies():
             rate, busy = fig.median(t), fig.cpu(t).get("proxy", 0.0)
             values[t] = rate / (busy / 100) if rate is not None and busy > 0 else None
         rows.append(
@@ -650,6 +712,35 @@ def render(plan: Plan, results: Results, info: dict[str, str], quick: bool) -> s
             report.per_op_table(per_op),
             "",
         ]
+    if results.sweep:
+        names = [t for t in report.TARGETS if any(f.median(t) for f in results.sweep.values())]
+        proxies = [t for t in names if t != "direct"]
+        others = [t for t in proxies if t != "nginx"]
+        lines += [
+            "### Tunnel by transfer size, write size and placement (MB/s; proxy CPU µs per MB)",
+            "",
+            "Writes: bytes per sendfile call of the sender (the client up, the upstream down). "
+            "unpinned: the scheduler places every process; split: the proxies on the last CPU, "
+            "client and upstream on the first; shared: everything on the first CPU.",
+            "",
+            "| condition | "
+            + " | ".join(f"{t} MB/s" for t in names)
+            + " | "
+            + " | ".join(f"{t} ÷ nginx" for t in others)
+            + " | "
+            + " | ".join(f"{t} µs/MB" for t in proxies)
+            + " |",
+            "|---|" + "---:|" * (len(names) + len(others) + len(proxies)),
+        ]
+        for key, fig in results.sweep.items():
+            rates = [report.cell(fig.median(t), report.fmt_int) for t in names]
+            ratios = [
+                report.cell(report.ratio(fig.median(t), fig.median("nginx")), report.fmt_ratio)
+                for t in others
+            ]
+            cpu = [report.cell(fig.per_op(t), report.fmt_1) for t in proxies]
+            lines.append(f"| {key} | {' | '.join(rates + ratios + cpu)} |")
+        lines.append("")
     lines += ["### `workers: N` scaling (upgradeproxy)", ""]
     if results.scaling:
         lines += [
@@ -720,6 +811,7 @@ def to_json(plan: Plan, results: Results, info: dict[str, str]) -> str:
             "figures": {k: fig_json(v) for k, v in results.figures.items()},
             "scaling": {k: fig_json(v) for k, v in results.scaling.items()},
             "scaling_note": results.scaling_note,
+            "sweep": {k: fig_json(v) for k, v in results.sweep.items()},
             "notes": results.notes,
         },
         indent=2,
@@ -782,6 +874,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="haproxy,mitmproxy",
         help="comma-separated peers to measure beside nginx: haproxy, mitmproxy, or none",
     )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=PYTHON[@VAR=VALUE]",
+        help="also run upgradeproxy with another interpreter/venv (e.g. a compiled build), "
+        "from that venv's parent directory, with an optional environment variable; repeatable",
+    )
+    parser.add_argument(
+        "--reps", type=int, default=None, help="repetitions of each test (overrides the plan)"
+    )
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        help="seconds per handshake and wrk run (overrides the plan)",
+    )
+    parser.add_argument(
+        "--tunnel-mib", type=int, default=None, help="MiB per tunnel transfer (overrides the plan)"
+    )
     parser.add_argument("--keep-temp", action="store_true", help="keep configs and logs")
     args = parser.parse_args(argv)
     default = "handshakes,http" if args.profile else ",".join(TESTS)
@@ -798,10 +910,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     plan = Plan.quick() if args.quick else Plan()
+    if args.reps is not None:
+        plan = dataclasses.replace(
+            plan,
+            tunnel_reps=args.reps,
+            hs_reps=args.reps,
+            http_reps=args.reps,
+            scaling_reps=args.reps,
+            rtt_chunks=args.reps,
+        )
+    if args.seconds is not None:
+        plan = dataclasses.replace(plan, hs_seconds=args.seconds, http_seconds=args.seconds)
+    if args.tunnel_mib is not None:
+        plan = dataclasses.replace(plan, tunnel_bytes=args.tunnel_mib << 20)
     raise_nofile(targets.NOFILE)
     RESULTS.mkdir(exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="upgradeproxy-bench-"))
-    bench = Bench(plan, tmp, args.peers)
+    variants = tuple(targets.Variant.parse(v) for v in args.variant)
+    bench = Bench(plan, tmp, args.peers, variants)
     failed = True
     started = time.monotonic()
     try:
@@ -821,6 +947,7 @@ def main(argv: list[str] | None = None) -> int:
                 "rss": bench.rss,
                 "http": bench.http,
                 "scaling": bench.scaling,
+                "tunnel_sweep": bench.tunnel_sweep,
             }
             for name in TESTS:
                 if name in args.tests:

@@ -167,7 +167,14 @@ class Processes:
 
     started: list[Managed] = field(default_factory=list)
 
-    def start(self, name: str, argv: Sequence[str], log: Path, cwd: Path | None = None) -> Managed:
+    def start(
+        self,
+        name: str,
+        argv: Sequence[str],
+        log: Path,
+        cwd: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> Managed:
         out: IO[bytes] = log.open("wb")
         try:
             popen = subprocess.Popen(
@@ -176,6 +183,7 @@ class Processes:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=cwd,
+                env=env,
                 start_new_session=True,  # own process group: a signal to it reaches workers
             )
         finally:

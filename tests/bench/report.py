@@ -8,8 +8,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
-TARGETS: Final = ("direct", "nginx", "haproxy", "mitmproxy", "upgradeproxy")
-PROXIES: Final = TARGETS[1:]
+# Column order; bench.py appends the upgradeproxy variants (`--variant`) it runs.
+TARGETS: Final = ["direct", "nginx", "haproxy", "mitmproxy", "upgradeproxy"]
+
+
+def proxies() -> list[str]:
+    return TARGETS[1:]
 
 
 @dataclass
@@ -121,7 +125,7 @@ def table(rows: list[Row]) -> str:
 def per_op_table(rows: list[tuple[str, Figure]]) -> str:
     """Proxy CPU per operation for each proxy, and each one's ratio to nginx (lower is less
     CPU). Per operation, not per second: far less sensitive to other load on the machine."""
-    names = [t for t in PROXIES if any(fig.per_op(t) is not None for _, fig in rows)]
+    names = [t for t in proxies() if any(fig.per_op(t) is not None for _, fig in rows)]
     others = [t for t in names if t != "nginx"]
     out = [
         f"| proxy CPU per operation | {' | '.join(names)} | "

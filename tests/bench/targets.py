@@ -190,15 +190,49 @@ def start_nginx(procs: Processes, tmp: Path, name: str, conf: str, port: int) ->
     return proc
 
 
+@dataclass(frozen=True)
+class Variant:
+    """upgradeproxy from another venv (a compiled build, another h11), as an extra target."""
+
+    name: str
+    python: str
+    env: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def parse(cls, spec: str) -> Variant:
+        """`NAME=PYTHON[@VAR=VALUE]`, e.g. `mypyc=/tmp/build/.venv/bin/python@H11_MYPYC=1`."""
+        name, _, rest = spec.partition("=")
+        python, _, env = rest.partition("@")
+        if not name or not python:
+            raise ValueError(f"--variant {spec!r}: expected NAME=PYTHON[@VAR=VALUE]")
+        pairs = tuple(tuple(e.split("=", 1)) for e in env.split(",") if "=" in e)
+        return cls(f"upgradeproxy[{name}]", python, pairs)  # type: ignore[arg-type]
+
+    @property
+    def cwd(self) -> Path:
+        """The venv's parent: the source tree a compiled build was made in."""
+        return Path(self.python).absolute().parent.parent.parent
+
+
 def start_upgradeproxy(
-    procs: Processes, tmp: Path, name: str, port: int, ws_port: int, http_port: int, workers: int
+    procs: Processes,
+    tmp: Path,
+    name: str,
+    port: int,
+    ws_port: int,
+    http_port: int,
+    workers: int,
+    variant: Variant | None = None,
 ) -> Managed:
     path = tmp / f"{name}.yaml"
     path.write_text(upgradeproxy_conf(port, ws_port, http_port, workers))
-    argv = [sys.executable, "-m", "upgradeproxy", "run", "--config", str(path)]
+    python = variant.python if variant else sys.executable
+    argv = [python, "-m", "upgradeproxy", "run", "--config", str(path)]
     # nginx runs with `access_log off`; so does upgradeproxy, for a like-for-like comparison.
     argv += ["--log-format", "json", "--no-access-log"]
-    proc = procs.start(name, argv, tmp / f"{name}.log", cwd=REPO)
+    cwd = variant.cwd if variant else REPO
+    env = {**os.environ, **dict(variant.env)} if variant else None
+    proc = procs.start(name, argv, tmp / f"{name}.log", cwd=cwd, env=env)
     wait_for_port(port, proc)
     return proc
 
