@@ -15,7 +15,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass, replace
-from typing import Final, TypeVar, cast
+from typing import Final, TypeVar
 
 import h11
 import trio
@@ -25,7 +25,6 @@ from upgradeproxy.path.context import Client, Peer, Runtime, Shared
 from upgradeproxy.path.handover import Done, Outcome, Switched
 from upgradeproxy.path.streams import (
     CLIENT_IO,
-    MAX_RECV,
     STREAM_ERRORS,
     HttpStream,
     PeerClosed,
@@ -203,7 +202,7 @@ async def _receive_until(client: Client, deadline: float, started: bool) -> byte
             client.shared.idle_waits.add(scope)
         try:
             with CLIENT_IO:
-                return cast(bytes, await client.http.stream.receive_some(MAX_RECV))
+                return await client.http.receive_some()
         finally:
             client.shared.idle_waits.discard(scope)
     if started:

@@ -70,12 +70,14 @@ class HttpStream:
     body chunk) into one write: one syscall instead of two on the hot path.
     """
 
-    __slots__ = ("_out", "h11", "stream")
+    __slots__ = ("_out", "_sock", "h11", "stream")
 
     def __init__(self, conn: h11.Connection, stream: trio.abc.Stream) -> None:
         self.h11 = conn
         self.stream = stream
         self._out: list[bytes] = []
+        # A plain TCP stream is read and written on its socket directly (see receive_some).
+        self._sock = _stdlib_socket(stream)
 
     async def next_event(self) -> h11.Event | type[h11.PAUSED]:
         """The next event, reading as needed; h11.RemoteProtocolError propagates."""
@@ -89,10 +91,42 @@ class HttpStream:
     async def receive(self) -> None:
         """Read once from the stream into h11 (b"" on EOF, so h11 sees the close)."""
         try:
-            data = await self.stream.receive_some(MAX_RECV)
+            data = await self.receive_some()
         except STREAM_ERRORS as exc:
             raise PeerClosed(str(exc)) from exc
-        self.h11.receive_data(cast(bytes, data))  # bytes for sockets; h11 takes either
+        self.h11.receive_data(data)
+
+    async def receive_some(self) -> bytes:
+        """Up to MAX_RECV bytes (b"" on EOF); raises STREAM_ERRORS.
+
+        On a plain socket: the non-blocking recv first, an epoll wait only on EAGAIN. trio's
+        SocketStream does the same but then always yields to the scheduler (a checkpoint,
+        an extra trip through the run loop per call); here a call that did not have to wait
+        is a cancel point but not a schedule point: every request still waits for its
+        upstream's answer, which schedules.
+        """
+        sock = self._sock
+        if sock is None:
+            return cast(bytes, await self.stream.receive_some(MAX_RECV))
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            try:
+                return sock.recv(MAX_RECV)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(sock)
+
+    async def _send_all(self, data: bytes) -> None:
+        sock = self._sock
+        if sock is None:
+            await self.stream.send_all(data)
+            return
+        await trio.lowlevel.checkpoint_if_cancelled()
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[sock.send(view) :]
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(sock)
 
     async def send(self, event: h11.Event) -> None:
         """Serialize and write `event` (and anything queued before it)."""
@@ -112,7 +146,7 @@ class HttpStream:
         data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
         self._out.clear()
         try:
-            await self.stream.send_all(data)
+            await self._send_all(data)
         except BaseException:
             # An interrupted write (trio.Cancelled included) leaves the peer mid-message.
             self.h11.send_failed()
@@ -148,6 +182,14 @@ class PrefixedStream(trio.abc.HalfCloseableStream):
 
     async def aclose(self) -> None:
         await self.stream.aclose()
+
+
+def _stdlib_socket(stream: trio.abc.Stream) -> socket.socket | None:
+    """The stdlib socket of a plain trio SocketStream (non-blocking already), else None."""
+    if type(stream) is not trio.SocketStream:
+        return None
+    sock: socket.socket | None = getattr(stream.socket, "_sock", None)
+    return sock
 
 
 def raw_socket(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
