@@ -197,6 +197,10 @@ async def _receive_until(client: Client, deadline: float, started: bool) -> byte
 
     Raises RequestTimeout when a started head runs out of time, ClientGone on a broken stream.
     """
+    with CLIENT_IO:
+        data = client.http.try_receive_some()  # no scope when the bytes are already there
+    if data is not None:
+        return data
     with trio.CancelScope(deadline=deadline) as scope:
         if not started:
             client.shared.idle_waits.add(scope)
@@ -386,6 +390,8 @@ async def _upstream_event(
     try:
         while (event := conn.http.h11.next_event()) is h11.NEED_DATA:
             await _flush(client)
+            if conn.http.try_receive():
+                continue  # no scope when the answer is already there
             with trio.CancelScope() as scope:
                 if pump is not None and not pump.finished.is_set():
                     pump.response_wait = scope  # the pump starts the clock when it is done
@@ -410,6 +416,9 @@ async def _upstream_event(
 
 async def _flush(client: Client) -> None:
     """Write what is queued for the client; one that stops reading for `timeouts.idle` goes."""
+    with CLIENT_IO:
+        if client.http.try_flush():
+            return  # all of it left at once: no scope needed
     deadline = trio.current_time() + client.rt.config.timeouts.idle
     with trio.CancelScope(deadline=deadline) as scope, CLIENT_IO:
         await client.http.flush()

@@ -115,6 +115,50 @@ class HttpStream:
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(sock)
 
+    def try_receive_some(self) -> bytes | None:
+        """What a non-blocking read gives now (b"" on EOF), None if it would block or this
+        is not a plain socket; raises OSError. Lets a caller skip a cancel scope."""
+        sock = self._sock
+        if sock is None:
+            return None
+        try:
+            return sock.recv(MAX_RECV)
+        except BlockingIOError:
+            return None
+
+    def try_receive(self) -> bool:
+        """`try_receive_some` into h11: True if it read (or saw EOF); raises PeerClosed."""
+        try:
+            data = self.try_receive_some()
+        except OSError as exc:
+            raise PeerClosed(str(exc)) from exc
+        if data is None:
+            return False
+        self.h11.receive_data(data)
+        return True
+
+    def try_flush(self) -> bool:
+        """Write what is queued without waiting: True if all of it left (what did not is
+        kept for `flush`); raises OSError, after poisoning the h11 state as `flush` does."""
+        if not self._out:
+            return True
+        sock = self._sock
+        if sock is None:
+            return False
+        data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
+        self._out.clear()
+        try:
+            sent = sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except BaseException:
+            self.h11.send_failed()
+            raise
+        if sent < len(data):
+            self._out.append(data[sent:])
+            return False
+        return True
+
     async def _send_all(self, data: bytes) -> None:
         sock = self._sock
         if sock is None:
