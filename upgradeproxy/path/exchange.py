@@ -338,7 +338,11 @@ async def _exchange_on(client: Client, ex: Exchange, conn: UpstreamConn) -> Outc
     if ex.plan.needs_host:
         # An HTTP/1.0 client may omit Host; the upstream leg is HTTP/1.1 and needs one.
         headers = [(b"Host", str(conn.server.address).encode()), *headers]
-    request = h11.Request(method=ex.method, target=ex.plan.located.target, headers=headers)
+    # _parsed: h11 skips its per-header regexes. Every header here is one h11 parsed from the
+    # client or one the plan made from such values and constants (X-Forwarded-*, Via).
+    request = h11.Request(
+        method=ex.method, target=ex.plan.located.target, headers=headers, _parsed=True
+    )
     try:
         await conn.http.send(request)
     except STREAM_ERRORS as exc:
@@ -467,7 +471,8 @@ def _relayed_head(
     headers = hdr.response_headers(list(event.headers.raw_items()), _VIA, status=event.status_code)
     if close:
         headers.append((b"Connection", b"close"))
-    return cls(status_code=event.status_code, headers=headers, reason=event.reason)
+    # _parsed: the upstream's headers, as h11 parsed them, plus constants (see _exchange_on).
+    return cls(status_code=event.status_code, headers=headers, reason=event.reason, _parsed=True)
 
 
 async def _body_sent(ex: Exchange) -> bool:
@@ -512,7 +517,10 @@ async def _switch(
     chosen = hdr.comma_list(raw, b"upgrade")
     headers = hdr.response_headers(raw, _VIA, switched_to=chosen, status=101)
     await _to_client(
-        client, h11.InformationalResponse(status_code=101, headers=headers, reason=event.reason)
+        client,
+        h11.InformationalResponse(
+            status_code=101, headers=headers, reason=event.reason, _parsed=True
+        ),
     )
     rec = ex.rec
     rec.status = 101
