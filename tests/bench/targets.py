@@ -210,7 +210,11 @@ class Variant:
 
     @property
     def cwd(self) -> Path:
-        """The venv's parent: the source tree a compiled build was made in."""
+        """PYTHONPATH if the variant sets one (another source tree, same venv), else the
+        venv's parent: the source tree a compiled build was made in."""
+        env = dict(self.env)
+        if "PYTHONPATH" in env:
+            return Path(env["PYTHONPATH"])
         return Path(self.python).absolute().parent.parent.parent
 
 
