@@ -46,6 +46,17 @@ def test_get_all(headers, name, expected):
     assert hdr.get_all(headers, name) == expected
 
 
+@pytest.mark.parametrize("name", [b"x-a", b"x-b", b"x-c", b"host"])
+def test_indexed_headers_answer_like_a_plain_list(name):
+    plain = [(b"X-A", b"1"), (b"Host", b"h"), (b"x-a", b"2"), (b"X-B", b"3")]
+    indexed = hdr.Indexed(plain)
+    assert indexed == plain
+    assert hdr.get_all(indexed, name) == hdr.get_all(plain, name)
+    # A caller may change what it got without changing the index.
+    hdr.get_all(indexed, name).append(b"extra")
+    assert hdr.get_all(indexed, name) == hdr.get_all(plain, name)
+
+
 @pytest.mark.parametrize(
     ("headers", "expected"),
     [

@@ -239,7 +239,10 @@ def _check_raw_head(conn: h11.Connection, limit: int) -> None:
 def _plan(client: Client, request: h11.Request, rec: ExchangeRecord) -> Plan:
     """The pure plan for `request`, noting in `rec` what is known before each check."""
     head = planning.Head(
-        request.method, request.target, request.http_version, list(request.headers.raw_items())
+        request.method,
+        request.target,
+        request.http_version,
+        hdr.Indexed(request.headers.raw_items()),
     )
     rec.method, rec.host, rec.path = planning.log_fields(head)
     located = planning.locate(head, client.rt.router)
@@ -468,7 +471,8 @@ def _relayed_head(
     cls: type[_Head], event: h11.Response | h11.InformationalResponse, *, close: bool
 ) -> _Head:
     """The upstream's response head as the client gets it: hop-by-hop gone, Via added."""
-    headers = hdr.response_headers(list(event.headers.raw_items()), _VIA, status=event.status_code)
+    raw = hdr.Indexed(event.headers.raw_items())
+    headers = hdr.response_headers(raw, _VIA, status=event.status_code)
     if close:
         headers.append((b"Connection", b"close"))
     # _parsed: the upstream's headers, as h11 parsed them, plus constants (see _exchange_on).
@@ -501,7 +505,7 @@ async def _switch(
 
     Raises BadSwitch (502) for a 101 that does not answer the offer or came too early.
     """
-    raw = list(event.headers.raw_items())
+    raw = hdr.Indexed(event.headers.raw_items())
     problem = hdr.switch_problem(list(ex.plan.offer), raw, ex.plan.ws_key)
     if problem is None and ex.pump is not None:
         # The upstream may have read the whole body before our pump task read the client's

@@ -43,8 +43,29 @@ _TOKEN: Final = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _PROTOCOL_RE: Final = re.compile(_TOKEN + rb"(?:/" + _TOKEN + rb")?")
 
 
+class Indexed(list[tuple[bytes, bytes]]):
+    """Headers that are read, never changed: the first lookup indexes them by lower-cased
+    name, so the rules of one request make one pass over them instead of one per lookup."""
+
+    __slots__ = ("_by_name",)
+
+    def __init__(self, items: Iterable[tuple[bytes, bytes]] = ()) -> None:
+        super().__init__(items)
+        self._by_name: dict[bytes, list[bytes]] | None = None
+
+    def by_name(self) -> dict[bytes, list[bytes]]:
+        if self._by_name is None:
+            index: dict[bytes, list[bytes]] = {}
+            for n, v in self:
+                index.setdefault(n.lower(), []).append(v)
+            self._by_name = index
+        return self._by_name
+
+
 def get_all(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
     """Every value of `name` (lower-case), in order."""
+    if type(headers) is Indexed:
+        return list(headers.by_name().get(name, ()))
     return [v for n, v in headers if n.lower() == name]
 
 
