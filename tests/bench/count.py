@@ -41,7 +41,6 @@ import wire
 from procs import Managed, Processes, free_ports
 
 HERE: Final = Path(__file__).resolve().parent
-REPO: Final = HERE.parent.parent
 GET: Final = b"GET /http HTTP/1.1\r\nHost: bench.local\r\nUser-Agent: count\r\nAccept: */*\r\n\r\n"
 
 
@@ -203,7 +202,11 @@ def start_proxy(procs: Processes, tmp: Path, ws: int, http: int) -> tuple[Manage
     path.write_text(config_text(port, ws, http))
     argv = [sys.executable, "-m", "upgradeproxy", "run", "--config", str(path)]
     argv += ["--log-format", "json", "--no-access-log"]
-    proc = procs.start("upgradeproxy", argv, tmp / "upgradeproxy.log", cwd=REPO)
+    import upgradeproxy
+
+    # The source tree this interpreter imports (PYTHONPATH=... counts another checkout).
+    source = Path(upgradeproxy.__file__).resolve().parent.parent
+    proc = procs.start("upgradeproxy", argv, tmp / "upgradeproxy.log", cwd=source)
     from procs import wait_for_port
 
     wait_for_port(port, proc)
