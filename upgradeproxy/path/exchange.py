@@ -111,6 +111,10 @@ async def _serve_http(
             return None
         conn.start_next_cycle()
         client.first = False
+        # Reads and writes that need not wait no longer yield (streams.HttpStream): one
+        # schedule point per exchange, so a client pipelining requests to a fast upstream
+        # cannot hold the run loop for a whole burst.
+        await trio.lowlevel.checkpoint()
 
 
 async def _one_exchange(client: Client) -> Outcome:
