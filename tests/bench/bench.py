@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import http.client
 import json
@@ -43,7 +44,7 @@ from report import Figure, Goal, Row, Run
 
 HERE: Final = Path(__file__).resolve().parent
 RESULTS: Final = HERE / "results"
-TESTS: Final = ("throughput", "rtt", "handshakes", "rss", "http", "scaling")
+TESTS: Final = ("throughput", "rtt", "handshakes", "rss", "http", "scaling", "tunnel_sweep")
 PROFILED: Final = ("handshakes", "http", "rtt", "tunnel_up", "tunnel_down")
 MB: Final = 1e6  # throughput is in MB/s, 10^6 bytes per second
 
@@ -92,6 +93,7 @@ class Results:
     figures: dict[str, Figure] = field(default_factory=dict)
     scaling: dict[str, Figure] = field(default_factory=dict)
     scaling_note: str = ""
+    sweep: dict[str, Figure] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
 
@@ -106,8 +108,16 @@ def rotation(items: list[targets.Target], rep: int) -> list[targets.Target]:
 
 
 class Bench:
-    def __init__(self, plan: Plan, tmp: Path) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        tmp: Path,
+        peers: tuple[str, ...] = (),
+        variants: tuple[targets.Variant, ...] = (),
+    ) -> None:
         self.plan = plan
+        self.peers = peers
+        self.variants = variants
         self.tmp = tmp
         self.procs = Processes()
         self.results = Results()
@@ -120,6 +130,8 @@ class Bench:
 
     def start(self) -> None:
         names = ("ws", "http", "nginx", "nginx_http", "upgradeproxy", "upgradeproxy_w2")
+        names += ("haproxy", "mitmproxy", "mitmproxy_http")
+        names += tuple(v.name for v in self.variants)
         self.ports = dict(zip(names, free_ports(len(names)), strict=True))
         p = self.ports
         log(f"temp dir {self.tmp}; starting upstreams, nginx and upgradeproxy")
@@ -148,6 +160,24 @@ class Bench:
             targets.Target("nginx", p["nginx"], p["nginx"], nginx),
             targets.Target("upgradeproxy", p["upgradeproxy"], p["upgradeproxy"], proxy),
         ]
+        if "haproxy" in self.peers:
+            ha = targets.start_haproxy(self.procs, self.tmp, p["haproxy"], p["ws"], p["http"])
+            self.targets.insert(2, targets.Target("haproxy", p["haproxy"], p["haproxy"], ha))
+        if "mitmproxy" in self.peers:
+            mitm = targets.start_mitmproxy(
+                self.procs, self.tmp, p["mitmproxy"], p["mitmproxy_http"], p["ws"], p["http"]
+            )
+            at = len(self.targets) - 1
+            self.targets.insert(
+                at, targets.Target("mitmproxy", p["mitmproxy"], p["mitmproxy_http"], mitm)
+            )
+        for v in self.variants:
+            port = p[v.name]
+            proc = targets.start_upgradeproxy(
+                self.procs, self.tmp, v.name, port, p["ws"], p["http"], 1, v
+            )
+            self.targets.append(targets.Target(v.name, port, port, proc))
+            report.TARGETS.append(v.name)
         for target in self.targets:
             self.sanity_check(target)
 
@@ -199,8 +229,50 @@ class Bench:
                     win = self.window(target, self.ws_upstream, in_process=True)
                     seconds = move(target.port, size, win.clock)
                     rate = size / seconds / MB
-                    fig.runs[target.name].append(Run(rate, win.result))
+                    per_mb = _per_op(win, size / MB)
+                    fig.runs[target.name].append(Run(rate, win.result, per_op=per_mb))
                     log(f"  {fig.label} rep {rep + 1} {target.name}: {rate:,.0f}")
+
+    # --- 1b. tunnel conditions ----------------------------------------------------------
+
+    # (direction, MiB moved, bytes per write of the sender, placement)
+    SWEEP: Final = (
+        ("up", 16, 1 << 20, "unpinned"),
+        ("up", 256, 1 << 20, "unpinned"),
+        ("up", 256, 65536, "unpinned"),
+        ("up", 256, 16384, "unpinned"),
+        ("up", 256, 4096, "unpinned"),
+        ("up", 256, 1 << 20, "split"),
+        ("up", 256, 1 << 20, "shared"),
+        ("down", 16, 1 << 20, "unpinned"),
+        ("down", 256, 1 << 20, "unpinned"),
+        ("down", 256, 65536, "unpinned"),
+        ("down", 256, 16384, "unpinned"),
+        ("down", 256, 4096, "unpinned"),
+        ("down", 256, 1 << 20, "split"),
+        ("down", 256, 1 << 20, "shared"),
+    )
+
+    def tunnel_sweep(self) -> None:
+        """Tunnel MB/s and proxy CPU per MB over transfer sizes, write sizes and placements:
+        where the tunnel ratio to nginx comes from (issue 13). Interleaved, `tunnel_reps`."""
+        group = [t for t in self.targets if t.name != "mitmproxy"]
+        for direction, mib, write, where in self.SWEEP:
+            move = loadgen.upload if direction == "up" else loadgen.download
+            key = f"{direction}, {mib} MiB, {_size(write)} writes, {where}"
+            fig = Figure(key, "MB/s", True)
+            self.results.sweep[key] = fig
+            size = mib << 20
+            placement = contextlib.nullcontext() if where == "unpinned" else self.pinned(where)  # type: ignore[arg-type]
+            with placement:
+                for rep in range(max(self.plan.tunnel_reps, 3)):
+                    for target in rotation(group, rep):
+                        win = self.window(target, self.ws_upstream, in_process=True)
+                        seconds = move(target.port, size, win.clock, write)
+                        rate = size / seconds / MB
+                        run = Run(rate, win.result, per_op=_per_op(win, size / MB))
+                        fig.runs[target.name].append(run)
+            log(f"  {key}: " + ", ".join(f"{t.name} {fig.median(t.name) or 0:,.0f}" for t in group))
 
     # --- 2. round trips ----------------------------------------------------------------
 
@@ -217,24 +289,29 @@ class Bench:
             self.results.figures[f"{key}_p50"] = p50
             self.results.figures[f"{key}_p99"] = p99
             with self.pinned(mode):
-                samples, cpu = self.rtt_series()
+                samples, cpu, ops = self.rtt_series()
             for target in self.targets:
                 ns = sorted(samples[target.name])
                 roles = cpu[target.name]
                 mean_cpu = {r: statistics.fmean(c.get(r, 0.0) for c in roles) for r in roles[0]}
-                p50.runs[target.name].append(Run(_percentile(ns, 50) / 1e3, mean_cpu))
+                mean_op = statistics.median(ops[target.name]) if ops[target.name] else None
+                p50.runs[target.name].append(Run(_percentile(ns, 50) / 1e3, mean_cpu, "", mean_op))
                 p99.runs[target.name].append(Run(_percentile(ns, 99) / 1e3, mean_cpu))
                 log(
                     f"  round trip ({where}) {target.name}: p50 {_percentile(ns, 50) / 1e3:.1f}"
                     f" µs, p99 {_percentile(ns, 99) / 1e3:.1f} µs over {len(ns)}"
                 )
 
-    def rtt_series(self) -> tuple[dict[str, list[int]], dict[str, list[dict[str, float]]]]:
-        """`rtt_count` round trips per target in interleaved chunks: (samples, CPU per chunk)."""
+    def rtt_series(
+        self,
+    ) -> tuple[dict[str, list[int]], dict[str, list[dict[str, float]]], dict[str, list[float]]]:
+        """`rtt_count` round trips per target in interleaved chunks: (samples, CPU per chunk,
+        proxy CPU µs per round trip per chunk)."""
         plan = self.plan
         per_chunk = plan.rtt_count // plan.rtt_chunks
         samples: dict[str, list[int]] = {t.name: [] for t in self.targets}
         cpu: dict[str, list[dict[str, float]]] = {t.name: [] for t in self.targets}
+        ops: dict[str, list[float]] = {t.name: [] for t in self.targets}
         for chunk in range(plan.rtt_chunks):
             for target in rotation(self.targets, chunk):
                 win = self.window(target, self.ws_upstream, in_process=True)
@@ -242,7 +319,10 @@ class Bench:
                     got = loadgen.round_trips(target.port, per_chunk, plan.rtt_warmup)
                 samples[target.name].extend(got)
                 cpu[target.name].append(win.result)
-        return samples, cpu
+                per = _per_op(win, per_chunk + plan.rtt_warmup)
+                if per is not None:
+                    ops[target.name].append(per)
+        return samples, cpu, ops
 
     @contextlib.contextmanager
     def pinned(self, mode: Literal["shared", "split"]) -> Iterator[None]:
@@ -303,7 +383,7 @@ class Bench:
             self.results.notes.append(f"handshakes via {target.name}: {errors:.0f} failed cycles")
         if not ok:
             raise RuntimeError(f"handshakes via {target.name}: none succeeded")
-        return Run(ok / elapsed, win.result, "handshakes/s")
+        return Run(ok / elapsed, win.result, "handshakes/s", _per_op(win, ok))
 
     def handshakes(self) -> None:
         fig = Figure("upgrade handshakes/s (64 clients)", "/s", True)
@@ -361,7 +441,9 @@ class Bench:
         problems = [m.group(0) for m in (bad, errs) if m is not None]
         if problems:
             self.results.notes.append(f"wrk via {target.name}: {'; '.join(problems)}")
-        return Run(float(found.group(1)), win.result, "req/s")
+        done = re.search(r"(\d+) requests in", out.stdout)
+        per = _per_op(win, int(done.group(1))) if done else None
+        return Run(float(found.group(1)), win.result, "req/s", per)
 
     def http(self) -> None:
         fig = Figure(f"plain HTTP keep-alive req/s (wrk -t1 -c{self.plan.http_conns})", "/s", True)
@@ -475,6 +557,17 @@ class Bench:
         return Run(_percentile(sorted(samples), 50) / 1e3, {}, "µs p50 round trip")
 
 
+def _size(n: int) -> str:
+    return f"{n >> 20} MiB" if n >= 1 << 20 else f"{n >> 10} KiB"
+
+
+def _per_op(win: CpuWindow, ops: float) -> float | None:
+    """The proxy's CPU µs per operation over the window (None for direct: no proxy)."""
+    if "proxy" not in win.used or ops <= 0:
+        return None
+    return win.used["proxy"] / ops * 1e6
+
+
 def _percentile(sorted_values: list[int], pct: float) -> float:
     if not sorted_values:
         return float("nan")
@@ -507,6 +600,7 @@ def machine() -> dict[str, str]:
         "nginx": targets.nginx_version(),
         "wrk": wrk,
         "upgradeproxy": __version__,
+        "peers": ", ".join(targets.peer_version(p) for p in ("haproxy", "mitmproxy")),
     }
 
 
@@ -538,7 +632,7 @@ def render(plan: Plan, results: Results, info: dict[str, str], quick: bool) -> s
         fig = figs[key]
         direct = fig.median("direct")
         values: dict[str, float | None] = {"direct": None}
-        for t in ("nginx", "upgradeproxy"):
+        for t in report.proxies():
             m = fig.median(t)
             values[t] = m - direct if m is not None and direct is not None else None
         ratio = report.ratio(values["upgradeproxy"], values["nginx"])
@@ -552,7 +646,7 @@ def render(plan: Plan, results: Results, info: dict[str, str], quick: bool) -> s
             return
         fig = figs[key]
         values: dict[str, float | None] = {"direct": None}
-        for t in ("nginx", "upgradeproxy"):
+        for t in report.proxies():
             rate, busy = fig.median(t), fig.cpu(t).get("proxy", 0.0)
             values[t] = rate / (busy / 100) if rate is not None and busy > 0 else None
         rows.append(
@@ -587,7 +681,7 @@ def render(plan: Plan, results: Results, info: dict[str, str], quick: bool) -> s
         f"- date: {info['date']}",
         f"- machine: {info['cpu']}, {info['kernel']}",
         f"- software: Python {info['python']}, {info['nginx']}, {info['wrk']}, "
-        f"upgradeproxy {info['upgradeproxy']}",
+        f"upgradeproxy {info['upgradeproxy']}; peers: {info.get('peers', '')}",
         f"- sizes: tunnel {plan.tunnel_bytes / (1 << 20):,.0f} MiB x {plan.tunnel_reps} "
         f"(median); {plan.rtt_count:,} round trips of 32 B in {plan.rtt_chunks} interleaved "
         f"chunks; handshakes {plan.hs_clients} clients x {plan.hs_seconds:g} s x {plan.hs_reps} "
@@ -597,14 +691,77 @@ def render(plan: Plan, results: Results, info: dict[str, str], quick: bool) -> s
         report.table(rows),
         "",
     ]
+    per_op = [
+        (label, figs[key])
+        for key, label in (
+            ("handshakes", "µs per upgrade handshake"),
+            ("http", "µs per plain HTTP request"),
+            ("rtt_p50", "µs per 32 B round trip (all on one CPU)"),
+            ("tunnel_up", "µs per MB, tunnel client→upstream"),
+            ("tunnel_down", "µs per MB, tunnel upstream→client"),
+        )
+        if key in figs
+    ]
+    if per_op:
+        lines += [
+            "### Proxy CPU per operation (median of the runs; lower is better)",
+            "",
+            "The proxy's CPU seconds over each measured window (all its threads and processes, "
+            "from schedstat) divided by the operations it completed in that window.",
+            "",
+            report.per_op_table(per_op),
+            "",
+        ]
+    if results.sweep:
+        names = [t for t in report.TARGETS if any(f.median(t) for f in results.sweep.values())]
+        proxies = [t for t in names if t != "direct"]
+        others = [t for t in proxies if t != "nginx"]
+        lines += [
+            "### Tunnel by transfer size, write size and placement (MB/s; proxy CPU µs per MB)",
+            "",
+            "Writes: bytes per sendfile call of the sender (the client up, the upstream down). "
+            "unpinned: the scheduler places every process; split: the proxies on the last CPU, "
+            "client and upstream on the first; shared: everything on the first CPU.",
+            "",
+            "| condition | "
+            + " | ".join(f"{t} MB/s" for t in names)
+            + " | "
+            + " | ".join(f"{t} ÷ nginx" for t in others)
+            + " | "
+            + " | ".join(f"{t} µs/MB" for t in proxies)
+            + " |",
+            "|---|" + "---:|" * (len(names) + len(others) + len(proxies)),
+        ]
+        for key, fig in results.sweep.items():
+            rates = [report.cell(fig.median(t), report.fmt_int) for t in names]
+            ratios = [
+                report.cell(report.ratio(fig.median(t), fig.median("nginx")), report.fmt_ratio)
+                for t in others
+            ]
+            cpu = [report.cell(fig.per_op(t), report.fmt_1) for t in proxies]
+            lines.append(f"| {key} | {' | '.join(rates + ratios + cpu)} |")
+        lines.append("")
     lines += ["### `workers: N` scaling (upgradeproxy)", ""]
     if results.scaling:
-        lines += ["| figure | N=1 | N=2 | N=2 ÷ N=1 |", "|---|---:|---:|---:|"]
+        lines += [
+            "| figure | N=1 | N=2 | N=2 ÷ N=1 | proxy CPU N=1 | proxy CPU N=2 |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
         for fig in results.scaling.values():
             a, b = fig.median("N=1"), fig.median("N=2")
             cells = [report.cell(v, report.fmt_int) for v in (a, b)]
             cells.append(report.cell(report.ratio(b, a), report.fmt_ratio))
+            cells += [f"{fig.cpu(k).get('proxy', 0.0):.0f}%" for k in ("N=1", "N=2")]
             lines.append(f"| {fig.label} | {' | '.join(cells)} |")
+        for fig in results.scaling.values():
+            # Per core-second of proxy CPU: what each worker count gets out of the CPU it uses.
+            a, b = (fig.per_op(k) for k in ("N=1", "N=2"))
+            rates = [1e6 / v if v else None for v in (a, b)]
+            cells = [report.cell(v, report.fmt_int) for v in rates]
+            cells.append(report.cell(report.ratio(rates[1], rates[0]), report.fmt_ratio))
+            cells += [report.cell(v, report.fmt_1) + " µs" for v in (a, b)]
+            label = f"{fig.label} per proxy core-second (and CPU per op)"
+            lines.append(f"| {label} | {' | '.join(cells)} |")
         lines += ["", results.scaling_note]
     else:
         lines.append(results.scaling_note or "not run")
@@ -654,6 +811,7 @@ def to_json(plan: Plan, results: Results, info: dict[str, str]) -> str:
             "figures": {k: fig_json(v) for k, v in results.figures.items()},
             "scaling": {k: fig_json(v) for k, v in results.scaling.items()},
             "scaling_note": results.scaling_note,
+            "sweep": {k: fig_json(v) for k, v in results.sweep.items()},
             "notes": results.notes,
         },
         indent=2,
@@ -711,9 +869,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="instead of the comparison: py-spy on upgradeproxy during a load",
     )
+    parser.add_argument(
+        "--peers",
+        default="haproxy,mitmproxy",
+        help="comma-separated peers to measure beside nginx: haproxy, mitmproxy, or none",
+    )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=PYTHON[@VAR=VALUE]",
+        help="also run upgradeproxy with another interpreter/venv (e.g. a compiled build), "
+        "from that venv's parent directory, with an optional environment variable; repeatable",
+    )
+    parser.add_argument(
+        "--reps", type=int, default=None, help="repetitions of each test (overrides the plan)"
+    )
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        help="seconds per handshake and wrk run (overrides the plan)",
+    )
+    parser.add_argument(
+        "--tunnel-mib", type=int, default=None, help="MiB per tunnel transfer (overrides the plan)"
+    )
     parser.add_argument("--keep-temp", action="store_true", help="keep configs and logs")
     args = parser.parse_args(argv)
-    default = "handshakes,http" if args.profile else ",".join(TESTS)
+    # The tunnel sweep is ~14 conditions x reps x targets: asked for, never by default.
+    default = (
+        "handshakes,http" if args.profile else ",".join(t for t in TESTS if t != "tunnel_sweep")
+    )
+    args.peers = tuple(p.strip() for p in args.peers.split(",") if p.strip() not in ("", "none"))
+    if set(args.peers) - {"haproxy", "mitmproxy"}:
+        parser.error(f"unknown peers: {args.peers}")
     args.tests = [t.strip() for t in (args.tests or default).split(",") if t.strip()]
     unknown = set(args.tests) - set(PROFILED if args.profile else TESTS)
     if unknown:
@@ -724,10 +913,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     plan = Plan.quick() if args.quick else Plan()
+    if args.reps is not None:
+        plan = dataclasses.replace(
+            plan,
+            tunnel_reps=args.reps,
+            hs_reps=args.reps,
+            http_reps=args.reps,
+            scaling_reps=args.reps,
+            rtt_chunks=args.reps,
+        )
+    if args.seconds is not None:
+        plan = dataclasses.replace(plan, hs_seconds=args.seconds, http_seconds=args.seconds)
+    if args.tunnel_mib is not None:
+        plan = dataclasses.replace(plan, tunnel_bytes=args.tunnel_mib << 20)
     raise_nofile(targets.NOFILE)
     RESULTS.mkdir(exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="upgradeproxy-bench-"))
-    bench = Bench(plan, tmp)
+    variants = tuple(targets.Variant.parse(v) for v in args.variant)
+    bench = Bench(plan, tmp, args.peers, variants)
     failed = True
     started = time.monotonic()
     try:
@@ -747,6 +950,7 @@ def main(argv: list[str] | None = None) -> int:
                 "rss": bench.rss,
                 "http": bench.http,
                 "scaling": bench.scaling,
+                "tunnel_sweep": bench.tunnel_sweep,
             }
             for name in TESTS:
                 if name in args.tests:

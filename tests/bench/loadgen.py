@@ -90,8 +90,11 @@ def _source_file() -> int:
     return fd
 
 
-def upload(port: int, nbytes: int, clock: Callable[[str], None]) -> float:
+def upload(port: int, nbytes: int, clock: Callable[[str], None], write: int = BULK) -> float:
     """Send `nbytes` through a tunnel to /sink; seconds from first byte to the sink's count.
+
+    `write`: bytes per sendfile call (1 MiB by default; smaller is like a client that writes
+    one WebSocket message at a time).
 
     No half-close: nginx would take the client's FIN as the end of both directions.
 
@@ -110,7 +113,7 @@ def upload(port: int, nbytes: int, clock: Callable[[str], None]) -> float:
             offset = sent % SOURCE_FILE_SIZE
             # sendfile: the payload goes page cache -> socket without a copy through Python.
             sent += os.sendfile(
-                sock.fileno(), src, offset, min(BULK, nbytes - sent, SOURCE_FILE_SIZE - offset)
+                sock.fileno(), src, offset, min(write, nbytes - sent, SOURCE_FILE_SIZE - offset)
             )
         reply = b""
         while len(reply) < 8:
@@ -129,10 +132,13 @@ def upload(port: int, nbytes: int, clock: Callable[[str], None]) -> float:
         sock.close()
 
 
-def download(port: int, nbytes: int, clock: Callable[[str], None]) -> float:
-    """Receive `nbytes` through a tunnel from /source; seconds from the 101 to the last byte."""
+def download(port: int, nbytes: int, clock: Callable[[str], None], write: int = BULK) -> float:
+    """Receive `nbytes` through a tunnel from /source; seconds from the 101 to the last byte.
+
+    `write`: bytes per sendfile call of the upstream.
+    """
     clock("start")
-    sock, rest = open_tunnel(port, f"{wire.PATH_SOURCE}?n={nbytes}")
+    sock, rest = open_tunnel(port, f"{wire.PATH_SOURCE}?n={nbytes}&w={write}")
     started = time.perf_counter()
     pipe_r, pipe_w = os.pipe2(os.O_CLOEXEC)
     devnull = os.open(os.devnull, os.O_WRONLY)

@@ -167,7 +167,14 @@ class Processes:
 
     started: list[Managed] = field(default_factory=list)
 
-    def start(self, name: str, argv: Sequence[str], log: Path, cwd: Path | None = None) -> Managed:
+    def start(
+        self,
+        name: str,
+        argv: Sequence[str],
+        log: Path,
+        cwd: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> Managed:
         out: IO[bytes] = log.open("wb")
         try:
             popen = subprocess.Popen(
@@ -176,6 +183,7 @@ class Processes:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=cwd,
+                env=env,
                 start_new_session=True,  # own process group: a signal to it reaches workers
             )
         finally:
@@ -218,6 +226,8 @@ class CpuWindow:
     _start: dict[str, float] = field(default_factory=dict)
     _wall: float = 0.0
     result: dict[str, float] = field(default_factory=dict)
+    used: dict[str, float] = field(default_factory=dict)  # CPU seconds per role, not %
+    seconds: float = 0.0  # the window's wall time
 
     def _snapshot(self) -> dict[str, float]:
         snap = {name: cpu_seconds(proc.pids()) for name, proc in self.watched.items()}
@@ -232,7 +242,9 @@ class CpuWindow:
     def end(self) -> None:
         wall = max(time.monotonic() - self._wall, 1e-9)
         now = self._snapshot()
-        self.result = {k: 100.0 * (now[k] - self._start[k]) / wall for k in now}
+        self.used = {k: now[k] - self._start[k] for k in now}
+        self.seconds = wall
+        self.result = {k: 100.0 * self.used[k] / wall for k in now}
         # /proc/stat counts in clock ticks: over a short window it can read past the machine.
         cores = len(os.sched_getaffinity(0))
         self.result["machine"] = min(self.result["machine"], 100.0 * cores)

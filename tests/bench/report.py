@@ -8,7 +8,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
-TARGETS: Final = ("direct", "nginx", "upgradeproxy")
+# Column order; bench.py appends the upgradeproxy variants (`--variant`) it runs.
+TARGETS: Final = ["direct", "nginx", "haproxy", "mitmproxy", "upgradeproxy"]
+
+
+def proxies() -> list[str]:
+    return TARGETS[1:]
 
 
 @dataclass
@@ -18,6 +23,9 @@ class Run:
     value: float
     cpu: dict[str, float]
     unit: str = ""
+    # The proxy's CPU per operation (µs per handshake, request, round trip or MB), from its
+    # CPU seconds over the window divided by the operations completed in it.
+    per_op: float | None = None
 
 
 @dataclass
@@ -32,6 +40,11 @@ class Figure:
 
     def median(self, target: str) -> float | None:
         values = [r.value for r in self.runs.get(target, [])]
+        return statistics.median(values) if values else None
+
+    def per_op(self, target: str) -> float | None:
+        """Median of the runs' proxy CPU per operation."""
+        values = [r.per_op for r in self.runs.get(target, []) if r.per_op is not None]
         return statistics.median(values) if values else None
 
     def cpu(self, target: str) -> dict[str, float]:
@@ -87,20 +100,44 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
+def present(rows: list[Row]) -> list[str]:
+    """The targets with a value in at least one row, in TARGETS order (peers are optional)."""
+    return [t for t in TARGETS if any(row.values.get(t) is not None for row in rows)]
+
+
 def table(rows: list[Row]) -> str:
+    names = present(rows)
     out = [
-        "| figure | direct | nginx | upgradeproxy | upgradeproxy ÷ nginx | target | result |",
-        "|---|---:|---:|---:|---:|---|---|",
+        f"| figure | {' | '.join(names)} | upgradeproxy ÷ nginx | target | result |",
+        "|---|" + "---:|" * (len(names) + 1) + "---|---|",
     ]
     for row in rows:
         v = row.values
         out.append(
-            f"| {row.label} | {cell(v.get('direct'), row.fmt)} | {cell(v.get('nginx'), row.fmt)}"
-            f" | {cell(v.get('upgradeproxy'), row.fmt)} | "
+            f"| {row.label} | {' | '.join(cell(v.get(t), row.fmt) for t in names)} | "
             f"{cell(row.ratio, fmt_ratio)} | "
             f"{row.goal.text if row.goal else ''} | "
             f"{row.goal.check(row.ratio) if row.goal else ''} |"
         )
+    return "\n".join(out)
+
+
+def per_op_table(rows: list[tuple[str, Figure]]) -> str:
+    """Proxy CPU per operation for each proxy, and each one's ratio to nginx (lower is less
+    CPU). Per operation, not per second: far less sensitive to other load on the machine."""
+    names = [t for t in proxies() if any(fig.per_op(t) is not None for _, fig in rows)]
+    others = [t for t in names if t != "nginx"]
+    out = [
+        f"| proxy CPU per operation | {' | '.join(names)} | "
+        + " | ".join(f"{t} ÷ nginx" for t in others)
+        + " |",
+        "|---|" + "---:|" * (len(names) + len(others)),
+    ]
+    for label, fig in rows:
+        values = {t: fig.per_op(t) for t in names}
+        ratios = [cell(ratio(values[t], values.get("nginx")), fmt_ratio) for t in others]
+        cells = [cell(values[t], fmt_1) for t in names]
+        out.append(f"| {label} | {' | '.join(cells + ratios)} |")
     return "\n".join(out)
 
 

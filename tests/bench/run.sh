@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The benchmark of issue 5 in one command: upgradeproxy vs nginx vs direct, on loopback.
-# Installs what it needs (Debian's nginx and wrk; websockets, and py-spy for --profile, into
+# Installs what it needs (Debian's nginx, wrk and haproxy; mitmproxy into a venv of its own
+# under ~/.cache/upgradeproxy-bench; websockets, and py-spy for --profile, into
 # the project's .venv, or the active virtualenv), then runs tests/bench/bench.py with the
 # arguments given here. Not part of the default test run (pytest never collects it).
 #
@@ -8,6 +9,7 @@
 #   bash tests/bench/run.sh --quick             # smoke run with small counts, < 60 s
 #   bash tests/bench/run.sh --tests rtt,http    # a subset (throughput,rtt,handshakes,rss,http,scaling)
 #   bash tests/bench/run.sh --profile           # py-spy on upgradeproxy (same as profile.sh)
+#   bash tests/bench/run.sh --peers none        # without the HAProxy and mitmproxy peers
 #
 # Results: printed, and written to tests/bench/results/latest.{md,json} (quick.{md,json}).
 set -euo pipefail
@@ -16,6 +18,13 @@ cd "$(dirname "$0")/../.."
 missing=()
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+case " $* " in
+    *" --peers none "*|*" --peers=none "*) peers=0 ;;
+    *) peers=1 ;;
+esac
+if [ "$peers" = 1 ]; then
+    command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
+fi
 if [ ${#missing[@]} -gt 0 ]; then
     sudo=""
     [ "$(id -u)" = 0 ] || sudo="sudo"
@@ -34,6 +43,13 @@ else
 fi
 "$py" -c 'import upgradeproxy' 2>/dev/null || "$py" -m pip install -q -e .
 "$py" -c 'import websockets' 2>/dev/null || "$py" -m pip install -q 'websockets>=13'
+# mitmproxy pins many dependencies: its own venv in the user's cache, never the project's.
+mitm_venv="${XDG_CACHE_HOME:-$HOME/.cache}/upgradeproxy-bench/mitmproxy-venv"
+if [ "$peers" = 1 ] && [ ! -x "$mitm_venv/bin/mitmdump" ]; then
+    echo "run.sh: installing mitmproxy into $mitm_venv" >&2
+    python3 -m venv "$mitm_venv"
+    "$mitm_venv/bin/python" -m pip install -q mitmproxy
+fi
 case " $* " in
     *" --profile "*)
         [ -x "$(dirname "$py")/py-spy" ] || command -v py-spy >/dev/null 2>&1 \

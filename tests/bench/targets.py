@@ -4,13 +4,17 @@
 - an nginx serving `return 200 "ok"` as the plain-HTTP upstream (its own instance, so the
   nginx under test does not also pay for the upstream's work);
 - nginx as a reverse proxy, one worker, configured like upgradeproxy;
-- upgradeproxy itself, `workers: 1` (and `workers: 2` for the scaling test).
+- upgradeproxy itself, `workers: 1` (and `workers: 2` for the scaling test);
+- the peers (optional, `--peers`): HAProxy (one thread, 64 KiB buffers, keep-alive on both
+  sides) and mitmproxy (reverse mode, `websocket=false` so a tunnel is a byte relay; installed
+  into its own venv by run.sh, see `mitmdump_binary`).
 
 "direct" is the upstream itself, without a proxy in between.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -186,15 +190,53 @@ def start_nginx(procs: Processes, tmp: Path, name: str, conf: str, port: int) ->
     return proc
 
 
+@dataclass(frozen=True)
+class Variant:
+    """upgradeproxy from another venv (a compiled build, another h11), as an extra target."""
+
+    name: str
+    python: str
+    env: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def parse(cls, spec: str) -> Variant:
+        """`NAME=PYTHON[@VAR=VALUE]`, e.g. `mypyc=/tmp/build/.venv/bin/python@H11_MYPYC=1`."""
+        name, _, rest = spec.partition("=")
+        python, _, env = rest.partition("@")
+        if not name or not python:
+            raise ValueError(f"--variant {spec!r}: expected NAME=PYTHON[@VAR=VALUE]")
+        pairs = tuple(tuple(e.split("=", 1)) for e in env.split(",") if "=" in e)
+        return cls(f"upgradeproxy[{name}]", python, pairs)  # type: ignore[arg-type]
+
+    @property
+    def cwd(self) -> Path:
+        """PYTHONPATH if the variant sets one (another source tree, same venv), else the
+        venv's parent: the source tree a compiled build was made in."""
+        env = dict(self.env)
+        if "PYTHONPATH" in env:
+            return Path(env["PYTHONPATH"])
+        return Path(self.python).absolute().parent.parent.parent
+
+
 def start_upgradeproxy(
-    procs: Processes, tmp: Path, name: str, port: int, ws_port: int, http_port: int, workers: int
+    procs: Processes,
+    tmp: Path,
+    name: str,
+    port: int,
+    ws_port: int,
+    http_port: int,
+    workers: int,
+    variant: Variant | None = None,
 ) -> Managed:
     path = tmp / f"{name}.yaml"
     path.write_text(upgradeproxy_conf(port, ws_port, http_port, workers))
-    argv = [sys.executable, "-m", "upgradeproxy", "run", "--config", str(path)]
+    python = variant.python if variant else sys.executable
+    argv = [python, "-m", "upgradeproxy", "run", "--config", str(path)]
     # nginx runs with `access_log off`; so does upgradeproxy, for a like-for-like comparison.
     argv += ["--log-format", "json", "--no-access-log"]
-    proc = procs.start(name, argv, tmp / f"{name}.log", cwd=REPO)
+    cwd = variant.cwd if variant else REPO
+    env = {**os.environ, **dict(variant.env)} if variant else None
+    proc = procs.start(name, argv, tmp / f"{name}.log", cwd=cwd, env=env)
     wait_for_port(port, proc)
     return proc
 
@@ -217,6 +259,109 @@ def listening_sockets(port: int) -> int:
         if fields[1] == wanted and fields[3] == "0A":  # 0A = TCP_LISTEN
             count += 1
     return count
+
+
+# --- the peers: HAProxy and mitmproxy ---------------------------------------------------
+
+# mitmproxy pins many dependencies: run.sh installs it into a venv of its own here, never
+# into the project's.
+PEER_VENV: Final = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+MITM_VENV: Final = PEER_VENV / "upgradeproxy-bench" / "mitmproxy-venv"
+
+
+def haproxy_binary() -> str:
+    found = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin")
+    if not found:
+        raise RuntimeError("haproxy not found: run tests/bench/run.sh, which installs it")
+    return found
+
+
+def mitmdump_binary() -> str:
+    found = MITM_VENV / "bin" / "mitmdump"
+    if not found.exists():
+        raise RuntimeError(f"{found} not found: run tests/bench/run.sh, which installs it")
+    return str(found)
+
+
+def haproxy_conf(tmp: Path, port: int, ws_port: int, http_port: int) -> str:
+    """HAProxy doing nginx's work: one thread, 64 KiB buffers, keep-alive on both sides
+    (the default http-keep-alive mode; no http-server-close), the same X-Forwarded-* headers,
+    no log, nginx's timeouts (75 s keep-alive, 3600 s tunnel)."""
+    import resource
+
+    # HAProxy refuses to start when 2 x maxconn fds exceed the hard limit.
+    maxconn = min(NOFILE // 2, (resource.getrlimit(resource.RLIMIT_NOFILE)[1] - 200) // 2)
+    return f"""\
+global
+    nbthread 1
+    maxconn {maxconn}
+    tune.bufsize 65536
+    pidfile {tmp}/haproxy.pid
+defaults
+    mode http
+    option http-keep-alive
+    timeout connect 5s
+    timeout client 75s
+    timeout server 75s
+    timeout http-request 75s
+    timeout http-keep-alive 75s
+    timeout tunnel 3600s
+frontend fe
+    bind 127.0.0.1:{port} backlog 4096
+    maxconn {maxconn}
+    option forwardfor
+    http-request set-header X-Forwarded-Proto http
+    http-request set-header X-Forwarded-Host %[req.hdr(host)]
+    use_backend be_http if {{ path_beg /http }}
+    default_backend be_ws
+backend be_ws
+    http-reuse always
+    server ws 127.0.0.1:{ws_port}
+backend be_http
+    http-reuse always
+    server http 127.0.0.1:{http_port}
+"""
+
+
+def start_haproxy(procs: Processes, tmp: Path, port: int, ws_port: int, http_port: int) -> Managed:
+    path = tmp / "haproxy.cfg"
+    path.write_text(haproxy_conf(tmp, port, ws_port, http_port))
+    # -db: foreground, one process (no master-worker), like nginx's single worker.
+    proc = procs.start("haproxy", [haproxy_binary(), "-db", "-f", str(path)], tmp / "haproxy.log")
+    wait_for_port(port, proc)
+    return proc
+
+
+def start_mitmproxy(
+    procs: Processes, tmp: Path, port: int, http_port: int, ws_port: int, http_upstream: int
+) -> Managed:
+    """mitmdump in reverse mode on two ports (WebSocket paths, /http), one process.
+
+    `websocket=false`: after the 101 mitmproxy relays bytes instead of parsing frames, the
+    work upgradeproxy does. No flow is kept or printed (`flow_detail=0`, `-q`).
+    """
+    argv = [mitmdump_binary(), "-q", "--listen-host", "127.0.0.1"]
+    argv += ["--mode", f"reverse:http://127.0.0.1:{ws_port}@{port}"]
+    argv += ["--mode", f"reverse:http://127.0.0.1:{http_upstream}@{http_port}"]
+    argv += ["--set", "websocket=false", "--set", "flow_detail=0"]
+    argv += ["--set", "keep_host_header=true", "--set", f"confdir={tmp}/mitmproxy"]
+    proc = procs.start("mitmproxy", argv, tmp / "mitmproxy.log")
+    wait_for_port(port, proc, timeout=30.0)
+    wait_for_port(http_port, proc, timeout=30.0)
+    return proc
+
+
+def peer_version(name: str) -> str:
+    import subprocess
+
+    with contextlib.suppress(RuntimeError, OSError, subprocess.SubprocessError):
+        if name == "haproxy":
+            out = subprocess.run([haproxy_binary(), "-v"], capture_output=True, text=True)
+            return out.stdout.split("\n")[0].split(" - ")[0].strip()
+        if name == "mitmproxy":
+            out = subprocess.run([mitmdump_binary(), "--version"], capture_output=True, text=True)
+            return out.stdout.split("\n")[0].strip()
+    return f"{name} (version unknown)"
 
 
 def nginx_version() -> str:

@@ -42,7 +42,7 @@ HEAD, ECHO, DRAIN, SINK, SOURCE = range(5)
 class Conn:
     """One accepted connection and where it is in its short life."""
 
-    __slots__ = ("buf", "count", "fd", "phase", "pipe", "sock", "todo")
+    __slots__ = ("buf", "count", "fd", "phase", "pipe", "sock", "todo", "write")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -52,6 +52,7 @@ class Conn:
         self.count = 0  # SINK: bytes swallowed; SOURCE: bytes sent
         self.todo = 0  # SINK: bytes still expected; SOURCE: bytes still to send
         self.pipe: tuple[int, int] | None = None
+        self.write = BULK  # SOURCE: bytes per sendfile call (/source?n=N&w=W)
 
 
 class Server:
@@ -153,11 +154,13 @@ class Server:
         elif route == wire.PATH_SINK:
             conn.phase = SINK
             conn.count = len(rest)
-            conn.todo = int(query.removeprefix("n=")) - len(rest)
+            conn.todo = _query(query)["n"] - len(rest)
             conn.pipe = _pipe()
         elif route == wire.PATH_SOURCE:
             conn.phase = SOURCE
-            conn.todo = int(query.removeprefix("n="))
+            args = _query(query)
+            conn.todo = args["n"]
+            conn.write = args.get("w", BULK)
             self.ep.modify(conn.fd, _WRITE)
         else:  # /hs and anything else: hold the tunnel open until the peer closes it
             conn.phase = DRAIN
@@ -218,7 +221,7 @@ class Server:
     def _on_source(self, conn: Conn, events: int) -> None:
         while conn.todo:
             offset = conn.count % SOURCE_FILE_SIZE
-            size = min(BULK, conn.todo, SOURCE_FILE_SIZE - offset)
+            size = min(conn.write, conn.todo, SOURCE_FILE_SIZE - offset)
             try:
                 sent = os.sendfile(conn.fd, self.source_fd, offset, size)
             except BlockingIOError:
@@ -228,6 +231,11 @@ class Server:
         conn.sock.shutdown(socket.SHUT_WR)
         conn.phase = DRAIN
         self.ep.modify(conn.fd, _READ)
+
+
+def _query(query: str) -> dict[str, int]:
+    """`n=1024&w=4096` -> {"n": 1024, "w": 4096}."""
+    return {k: int(v) for k, _, v in (p.partition("=") for p in query.split("&") if p)}
 
 
 def _parse_head(head: bytes) -> tuple[str, bytes | None]:

@@ -472,9 +472,14 @@ def test_retry_after_stale_pooled_connections_goes_to_a_fresh_one(make_proxy, ra
     dead one from the pool.
     """
     release = threading.Event()
+    both_here = threading.Barrier(2)
 
     def answer_once_then_close(conn: RawConn) -> None:
         conn.read_head()
+        # Answer only once both requests are here: a proxy that finished the first exchange
+        # before reading the second would otherwise reuse this connection for it, and the
+        # second request would wait on an upstream that never answers it.
+        both_here.wait(10)
         conn.send(ok_response(b"first"))  # keep-alive by default: the proxy pools it
         release.wait(10)
         conn.close()  # the upstream "restarts": every idle connection goes away

@@ -107,6 +107,10 @@ async def _serve_http(client: Client) -> Switched | None:
             return None
         conn.start_next_cycle()
         client.first = False
+        # Reads and writes that need not wait no longer yield (streams.HttpStream): one
+        # schedule point per exchange, so a client pipelining requests to a fast upstream
+        # cannot hold the run loop for a whole burst.
+        await trio.lowlevel.checkpoint()
 
 
 async def _one_exchange(client: Client) -> Outcome:
@@ -288,7 +292,11 @@ async def _exchange_on(client: Client, ex: Exchange, conn: UpstreamConn) -> Outc
     if ex.plan.needs_host:
         # An HTTP/1.0 client may omit Host; the upstream leg is HTTP/1.1 and needs one.
         headers = [(b"Host", str(conn.server.address).encode()), *headers]
-    request = h11.Request(method=ex.method, target=ex.plan.located.target, headers=headers)
+    # _parsed: h11 skips its per-header regexes. Every header here is one h11 parsed from the
+    # client or one the plan made from such values and constants (X-Forwarded-*, Via).
+    request = h11.Request(
+        method=ex.method, target=ex.plan.located.target, headers=headers, _parsed=True
+    )
     try:
         await conn.http.send(request)
     except STREAM_ERRORS as exc:
@@ -340,6 +348,8 @@ async def _upstream_event(
     try:
         while (event := conn.http.h11.next_event()) is h11.NEED_DATA:
             await _flush(client)
+            if conn.http.try_receive():
+                continue  # no scope when the answer is already there
             with trio.CancelScope() as scope:
                 if pump is not None and not pump.finished.is_set():
                     pump.response_wait = scope  # the pump starts the clock when it is done
@@ -364,6 +374,9 @@ async def _upstream_event(
 
 async def _flush(client: Client) -> None:
     """Write what is queued for the client; one that stops reading for `timeouts.idle` goes."""
+    with CLIENT_IO:
+        if client.http.try_flush():
+            return  # all of it left at once: no scope needed
     deadline = trio.current_time() + client.rt.config.timeouts.idle
     with trio.CancelScope(deadline=deadline) as scope, CLIENT_IO:
         await client.http.flush()
@@ -425,7 +438,8 @@ def _relayed_head(
     headers.extend(extra or ())
     if close:
         headers.append((b"Connection", b"close"))
-    return cls(status_code=event.status_code, headers=headers, reason=event.reason)
+    # _parsed: the upstream's headers, as h11 parsed them, plus constants (see _exchange_on).
+    return cls(status_code=event.status_code, headers=headers, reason=event.reason, _parsed=True)
 
 
 async def _body_sent(ex: Exchange) -> bool:
@@ -481,7 +495,10 @@ async def _switch(
         ex.plan.request_id,
     )
     await _to_client(
-        client, h11.InformationalResponse(status_code=101, headers=headers, reason=event.reason)
+        client,
+        h11.InformationalResponse(
+            status_code=101, headers=headers, reason=event.reason, _parsed=True
+        ),
     )
     rec = ex.rec
     rec.status = 101

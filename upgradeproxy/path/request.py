@@ -8,13 +8,13 @@ the first byte of a head to its end.
 from __future__ import annotations
 
 import re
-from typing import Final, cast
+from typing import Final
 
 import h11
 import trio
 
 from upgradeproxy.path.context import Client
-from upgradeproxy.path.streams import CLIENT_IO, MAX_RECV
+from upgradeproxy.path.streams import CLIENT_IO
 from upgradeproxy.report.telemetry import ExchangeRecord
 from upgradeproxy.rules import headers as hdr
 from upgradeproxy.rules import plan as planning
@@ -60,12 +60,16 @@ async def _receive_until(client: Client, deadline: float, started: bool) -> byte
 
     Raises RequestTimeout when a started head runs out of time, ClientGone on a broken stream.
     """
+    with CLIENT_IO:
+        data = client.http.try_receive_some()  # no scope when the bytes are already there
+    if data is not None:
+        return data
     with trio.CancelScope(deadline=deadline) as scope:
         if not started:
             client.shared.idle_waits.add(scope)
         try:
             with CLIENT_IO:
-                return cast(bytes, await client.http.stream.receive_some(MAX_RECV))
+                return await client.http.receive_some()
         finally:
             client.shared.idle_waits.discard(scope)
     if started:

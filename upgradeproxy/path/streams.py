@@ -71,12 +71,14 @@ class HttpStream:
     body chunk) into one write: one syscall instead of two on the hot path.
     """
 
-    __slots__ = ("_out", "h11", "stream")
+    __slots__ = ("_out", "_sock", "h11", "stream")
 
     def __init__(self, conn: h11.Connection, stream: trio.abc.Stream) -> None:
         self.h11 = conn
         self.stream = stream
         self._out: list[bytes] = []
+        # A plain TCP stream is read and written on its socket directly (see receive_some).
+        self._sock = _stdlib_socket(stream)
 
     async def next_event(self) -> h11.Event | type[h11.PAUSED]:
         """The next event, reading as needed; h11.RemoteProtocolError propagates."""
@@ -90,10 +92,86 @@ class HttpStream:
     async def receive(self) -> None:
         """Read once from the stream into h11 (b"" on EOF, so h11 sees the close)."""
         try:
-            data = await self.stream.receive_some(MAX_RECV)
+            data = await self.receive_some()
         except STREAM_ERRORS as exc:
             raise PeerClosed(str(exc)) from exc
-        self.h11.receive_data(cast(bytes, data))  # bytes for sockets; h11 takes either
+        self.h11.receive_data(data)
+
+    async def receive_some(self) -> bytes:
+        """Up to MAX_RECV bytes (b"" on EOF); raises STREAM_ERRORS.
+
+        On a plain socket: the non-blocking recv first, an epoll wait only on EAGAIN. trio's
+        SocketStream does the same but then always yields to the scheduler (a checkpoint,
+        an extra trip through the run loop per call); here a call that did not have to wait
+        is a cancel point but not a schedule point: every request still waits for its
+        upstream's answer, which schedules.
+        """
+        sock = self._sock
+        if sock is None:
+            return cast(bytes, await self.stream.receive_some(MAX_RECV))
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            try:
+                return sock.recv(MAX_RECV)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(sock)
+
+    def try_receive_some(self) -> bytes | None:
+        """What a non-blocking read gives now (b"" on EOF), None if it would block or this
+        is not a plain socket; raises OSError. Lets a caller skip a cancel scope."""
+        sock = self._sock
+        if sock is None:
+            return None
+        try:
+            return sock.recv(MAX_RECV)
+        except BlockingIOError:
+            return None
+
+    def try_receive(self) -> bool:
+        """`try_receive_some` into h11: True if it read (or saw EOF); raises PeerClosed."""
+        try:
+            data = self.try_receive_some()
+        except OSError as exc:
+            raise PeerClosed(str(exc)) from exc
+        if data is None:
+            return False
+        self.h11.receive_data(data)
+        return True
+
+    def try_flush(self) -> bool:
+        """Write what is queued without waiting: True if all of it left (what did not is
+        kept for `flush`); raises OSError, after poisoning the h11 state as `flush` does."""
+        if not self._out:
+            return True
+        sock = self._sock
+        if sock is None:
+            return False
+        data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
+        self._out.clear()
+        try:
+            sent = sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except BaseException:
+            self.h11.send_failed()
+            raise
+        if sent < len(data):
+            self._out.append(data[sent:])
+            return False
+        return True
+
+    async def _send_all(self, data: bytes) -> None:
+        sock = self._sock
+        if sock is None:
+            await self.stream.send_all(data)
+            return
+        await trio.lowlevel.checkpoint_if_cancelled()
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[sock.send(view) :]
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(sock)
 
     async def send(self, event: h11.Event) -> None:
         """Serialize and write `event` (and anything queued before it)."""
@@ -113,7 +191,7 @@ class HttpStream:
         data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
         self._out.clear()
         try:
-            await self.stream.send_all(data)
+            await self._send_all(data)
         except BaseException:
             # An interrupted write (trio.Cancelled included) leaves the peer mid-message.
             self.h11.send_failed()
@@ -154,6 +232,14 @@ class PrefixedStream(trio.abc.HalfCloseableStream):
     async def aclose(self) -> None:
         self._prefix = b""  # a closed stream replays nothing: receive_some raises Closed
         await self.stream.aclose()
+
+
+def _stdlib_socket(stream: trio.abc.Stream) -> socket.socket | None:
+    """The stdlib socket of a plain trio SocketStream (non-blocking already), else None."""
+    if type(stream) is not trio.SocketStream:
+        return None
+    sock: socket.socket | None = getattr(stream.socket, "_sock", None)
+    return sock
 
 
 def raw_socket(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
