@@ -223,6 +223,11 @@ class _Checker:
     def timeout(self, node: Node | None, field: str) -> float | None:
         return self.scalar(node, field, values.DURATION_HINT, (_INT, _FLOAT, _STR), values.timeout)
 
+    def duration(self, node: Node | None, field: str) -> float | None:
+        """A `timeouts.*` value: above zero, except the delays where 0 means none."""
+        convert = values.delay if field in values.ZERO_ALLOWED else values.timeout
+        return self.scalar(node, field, values.DURATION_HINT, (_INT, _FLOAT, _STR), convert)
+
     def address(self, node: Node | None, field: str, *, listener: bool = False) -> Address | None:
         parse = parse_address if listener else values.upstream_address
         return self.scalar(node, field, values.ADDRESS_HINT, (_STR,), lambda v: parse(str(v)))
@@ -268,7 +273,7 @@ def _build(c: _Checker, root: Node) -> Config | None:
             values.workers,
         )
         or 1,
-        timeouts=Timeouts(**_section(c, top.get("timeouts"), "timeouts", Timeouts, c.timeout)),
+        timeouts=Timeouts(**_section(c, top.get("timeouts"), "timeouts", Timeouts, c.duration)),
         limits=Limits(**_section(c, top.get("limits"), "limits", Limits, c.positive_int)),
         trusted_proxies=tuple(network for _, _, network in trusted),
         source=c.source,

@@ -93,6 +93,8 @@ class Timeouts:
     idle: float = 75.0
     tunnel_idle: float = 3600.0
     drain: float = 30.0
+    drain_delay: float = 0.0  # listeners keep accepting this long after /readyz turns 503
+    upgrade_grace: float = 3600.0  # an old generation's connections get this long after SIGUSR2
 
 
 @dataclass(frozen=True, slots=True)

@@ -174,3 +174,14 @@ def network(value: object) -> IPNetwork:
         return ipaddress.ip_network(str(value), strict=False)
     except ValueError:
         raise ValueError(f"expected {NETWORK_HINT}, found {show(value)}") from None
+
+
+# Durations where 0 means "none" (no delay, no grace); every other timeout must be above 0.
+ZERO_ALLOWED = frozenset({"timeouts.drain_delay", "timeouts.upgrade_grace"})
+
+
+def delay(value: object) -> float:
+    """A duration that may be 0; a negative number gets its own message, not the generic one."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
+        raise ValueError(f"expected a duration of 0 or more (0 turns it off), found {show(value)}")
+    return parse_duration(value)

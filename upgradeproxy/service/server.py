@@ -128,6 +128,12 @@ class Proxy:
                     self._listen(listener, sock, context)
                 task_status.started(self)
                 await self._drain.wait()
+                # /readyz is 503 already: a load balancer polling it stops sending clients
+                # before the listeners close (until then, new clients are still served).
+                delay = self.runtime.config.timeouts.drain_delay
+                if delay > 0:
+                    log.info("drain: accepting for drain_delay", extra={"seconds": delay})
+                    await trio.sleep(delay)
                 accepts.cancel_scope.cancel()
             # Closed now rather than at exit: new clients are refused at once instead of
             # waiting in a backlog that nobody will read.
