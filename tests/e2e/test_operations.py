@@ -671,12 +671,14 @@ def test_worker_signalled_directly_and_by_the_parent_drains_once(start, raw_upst
     assert proc.wait_exit() == 0
 
 
-def test_worker_that_cannot_start_stops_the_group(start, raw_upstream, tmp_path):
-    """A port held without SO_REUSEPORT: workers cannot bind, the parent exits 1."""
+def test_port_in_use_with_workers_exits_1_before_any_worker_starts(start, raw_upstream, tmp_path):
+    """A port held without SO_REUSEPORT: the parent, which binds the listeners for its
+    workers, cannot bind it and exits 1 naming the address; no worker is started."""
     web = raw_upstream(respond_ok_forever)
     with socket.create_server((LOOPBACK, 0)) as holder:
         port = holder.getsockname()[1]
         text = proxy_config([port], {"web": web.port}, [("/", "web")], extra="workers: 2")
         proc = start(text, ready=False)
         assert proc.wait_exit() == 1
-    proc.wait_log("worker could not start: stopping")
+    proc.wait_log(f"cannot start: cannot listen on {LOOPBACK}:{port}: Address already in use")
+    assert not proc.matching(lambda line: line["msg"] == "worker ready")

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import errno
 import logging
+import socket
 import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import trio
@@ -59,13 +61,19 @@ class _AdminBound:
     address: Address  # as configured: what a reload compares
     bound: tuple[str, int]  # as bound: port 0 resolved
     scope: trio.CancelScope
+    fd: int = -1  # what a SIGUSR2 hands to the next generation
 
 
 class Proxy:
     """A running proxy: listeners, the current runtime, and its connections."""
 
     def __init__(
-        self, config: Config, shared: Shared | None = None, *, reuse_port: bool | None = None
+        self,
+        config: Config,
+        shared: Shared | None = None,
+        *,
+        reuse_port: bool | None = None,
+        sockets: Mapping[str, socket.socket] | None = None,
     ) -> None:
         self.runtime = Runtime.build(config)
         self.shared = shared or Shared()
@@ -81,6 +89,12 @@ class Proxy:
         self._accepts: trio.Nursery | None = None
         self._conns: trio.Nursery | None = None
         self._admin: _AdminBound | None = None
+        # Listening sockets bound by someone else (a previous generation, the supervisor,
+        # systemd), by configured address: used instead of binding that address anew.
+        self._handed: dict[str, socket.socket] = dict(sockets or {})
+        self.retiring = False  # a new generation took the sockets over: finish and exit
+        self._deadline: float | None = None  # when the drain cuts what is left
+        self._finish: trio.CancelScope | None = None
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -101,14 +115,37 @@ class Proxy:
         self.shared.draining = True
         self._drain.set()
 
+    def retire(self, grace: float) -> None:
+        """A new generation accepts on our sockets: stop accepting at once (the admin listener
+        too) and give open tunnels and in-flight requests `grace` seconds."""
+        self.retiring = True
+        self._deadline = trio.current_time() + grace
+        if self._admin is not None:
+            self._admin.scope.cancel()  # its socket stays open in the new generation
+            self._admin = None
+        self.drain()
+
+    def cut_to_drain(self) -> None:
+        """A stop during a change: what is left gets at most `timeouts.drain` from now."""
+        cut = trio.current_time() + self.runtime.config.timeouts.drain
+        self._deadline = cut if self._deadline is None else min(self._deadline, cut)
+        if self._finish is not None:
+            self._finish.deadline = self._deadline
+
+    def handover_fds(self) -> dict[str, int]:
+        """Configured address -> descriptor of every listening socket, the admin one included."""
+        fds = {str(a): b.listener.socket.fileno() for a, b in self.bound.items()}
+        if self._admin is not None and self._admin.fd >= 0:
+            fds[str(self._admin.address)] = self._admin.fd
+        return fds
+
     async def run(self, *, task_status: trio.TaskStatus[Proxy] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until drained; `task_status.started(self)` once every listener is bound."""
         async with trio.open_nursery() as services:
             self._services = services
             admin = self.runtime.config.admin
             if admin is not None:
-                listener = await open_admin(admin.address, reuse_port=self.reuse_port)
-                self._start_admin(admin.address, listener)
+                self._start_admin(admin.address, await self._open_admin(admin.address))
             try:
                 await self._serve_until_drained(task_status)
             finally:
@@ -126,11 +163,12 @@ class Proxy:
                 socks = await self._bind_all([listener.address for listener in listeners])
                 for listener, sock, context in zip(listeners, socks, tls, strict=True):
                     self._listen(listener, sock, context)
+                self._close_unclaimed()
                 task_status.started(self)
                 await self._drain.wait()
                 # /readyz is 503 already: a load balancer polling it stops sending clients
                 # before the listeners close (until then, new clients are still served).
-                delay = self.runtime.config.timeouts.drain_delay
+                delay = 0 if self.retiring else self.runtime.config.timeouts.drain_delay
                 if delay > 0:
                     log.info("drain: accepting for drain_delay", extra={"seconds": delay})
                     await trio.sleep(delay)
@@ -141,10 +179,19 @@ class Proxy:
             await self._finish_drain()
             conns.cancel_scope.cancel()
 
+    def _close_unclaimed(self) -> None:
+        """Handed-down sockets the config no longer names: closing them is what it asks."""
+        for address, sock in self._handed.items():
+            log.info("handed-down socket not in the config: closed", extra={"address": address})
+            sock.close()
+        self._handed.clear()
+
     async def _finish_drain(self) -> None:
         for scope in list(self.shared.idle_waits):
             scope.cancel()
-        with trio.move_on_after(self.runtime.config.timeouts.drain):
+        if self._deadline is None:
+            self._deadline = trio.current_time() + self.runtime.config.timeouts.drain
+        with trio.CancelScope(deadline=self._deadline) as self._finish:
             while self.active:
                 self._idle = trio.Event()
                 await self._idle.wait()
@@ -171,7 +218,7 @@ class Proxy:
         admin = None
         try:
             if admin_moved and wanted_admin is not None:
-                admin = (wanted_admin, await open_admin(wanted_admin, reuse_port=self.reuse_port))
+                admin = (wanted_admin, await self._open_admin(wanted_admin))
             if self.draining:  # a drain began while we were binding
                 raise RuntimeError("cannot reload while draining")
         except BaseException:
@@ -195,9 +242,18 @@ class Proxy:
             if admin is not None:
                 self._start_admin(*admin)
 
+    async def _open_admin(self, address: Address) -> trio.SocketListener:
+        handed = self._handed.pop(str(address), None)
+        if handed is None:
+            return await open_admin(address, reuse_port=self.reuse_port)
+        sock = trio.socket.from_stdlib_socket(handed)
+        sock.listen(128)
+        return trio.SocketListener(sock)
+
     def _start_admin(self, address: Address, listener: trio.SocketListener) -> None:
         scope = trio.CancelScope()
-        self._admin = _AdminBound(address, listener.socket.getsockname()[:2], scope)
+        sock = listener.socket
+        self._admin = _AdminBound(address, sock.getsockname()[:2], scope, sock.fileno())
         assert self._services is not None
         self._services.start_soon(self._serve_admin, listener, scope, name=f"admin {address}")
 
@@ -210,7 +266,11 @@ class Proxy:
         socks: list[trio.socket.SocketType] = []
         try:
             for address in addresses:
-                socks.append(await bind_socket(address, reuse_port=self.reuse_port))
+                handed = self._handed.pop(str(address), None)
+                if handed is not None:
+                    socks.append(trio.socket.from_stdlib_socket(handed))
+                else:
+                    socks.append(await bind_socket(address, reuse_port=self.reuse_port))
         except BaseException:
             _close_all(socks)
             raise

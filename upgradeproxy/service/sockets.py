@@ -1,0 +1,180 @@
+"""Listening sockets a process did not bind itself, and the systemd notification socket.
+
+A listening socket that closes resets every connection still waiting in its queue, so a
+restart that drops nothing must keep the *same* sockets open across processes: the previous
+generation (or the `workers` supervisor) passes its file descriptors down, named in
+$UPGRADEPROXY_FDS as JSON `{"<configured address>": fd}`; systemd socket activation passes
+them as $LISTEN_FDS descriptors from 3, matched here to the config by their bound address.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import logging
+import os
+import socket
+from collections.abc import Iterable, Mapping
+from typing import Final
+
+from upgradeproxy.config.model import Address, Config
+
+log = logging.getLogger("upgradeproxy.service.sockets")
+
+ENV_FDS: Final = "UPGRADEPROXY_FDS"
+LISTEN_FDS_START: Final = 3  # SD_LISTEN_FDS_START
+BACKLOG: Final = 4096
+
+Sockets = dict[str, socket.socket]  # configured address (str(Address)) -> listening socket
+
+
+def fds_env(fds: Mapping[str, int]) -> dict[str, str]:
+    """The environment that hands `fds` (address -> descriptor) to a child process."""
+    return {ENV_FDS: json.dumps(dict(fds))}
+
+
+def handed_sockets() -> Sockets:
+    """The sockets our parent handed down in $UPGRADEPROXY_FDS (the variable is removed)."""
+    text = os.environ.pop(ENV_FDS, None)
+    if not text:
+        return {}
+    found: Sockets = {}
+    for address, fd in json.loads(text).items():
+        try:
+            found[address] = socket.socket(fileno=int(fd))
+        except OSError as exc:
+            log.warning("handed-down socket unusable: %s", exc, extra={"address": address})
+    return found
+
+
+def systemd_sockets(config: Config) -> Sockets:
+    """$LISTEN_FDS sockets (when $LISTEN_PID is us) matched to the config's listeners and
+    admin address by bound IP and port. One that matches nothing is logged and closed; a
+    configured address that no descriptor matches is bound as usual."""
+    pid, count = os.environ.pop("LISTEN_PID", None), os.environ.pop("LISTEN_FDS", None)
+    os.environ.pop("LISTEN_FDNAMES", None)  # children must not take them for theirs
+    if pid is None or count is None or not pid.isdigit() or int(pid) != os.getpid():
+        return {}
+    wanted = _resolved(config)
+    found: Sockets = {}
+    for fd in range(LISTEN_FDS_START, LISTEN_FDS_START + int(count or 0)):
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as exc:
+            log.warning("LISTEN_FDS: not a socket, ignored", extra={"fd": fd, "error": str(exc)})
+            continue
+        name = _key(sock) if sock.type == socket.SOCK_STREAM else None
+        address = wanted.pop(name, None) if name is not None else None
+        if address is None:
+            log.warning(
+                "LISTEN_FDS: socket matches no listener in the config: closed",
+                extra={"fd": fd, "bound": str(sock.getsockname())},
+            )
+            sock.close()
+            continue
+        log.info("LISTEN_FDS: socket activation", extra={"fd": fd, "address": address})
+        found[address] = sock
+    return found
+
+
+def _key(sock: socket.socket) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int] | None:
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    host, port = sock.getsockname()[:2]
+    return ipaddress.ip_address(host), port
+
+
+def _resolved(config: Config) -> dict[object, str]:
+    """(ip, port) -> configured address, for every listener and the admin address."""
+    addresses = [listener.address for listener in config.listeners]
+    addresses += [config.admin.address] if config.admin else []
+    keys: dict[object, str] = {}
+    for address in addresses:
+        try:
+            infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
+        except OSError:
+            continue
+        for info in infos:
+            keys.setdefault((ipaddress.ip_address(info[4][0]), address.port), str(address))
+    return keys
+
+
+def inherited_sockets(config: Config) -> Sockets:
+    """Every listening socket this process was given: by its parent first, then by systemd."""
+    return {**systemd_sockets(config), **handed_sockets()}
+
+
+def bind_listening(address: Address, *, reuse_port: bool) -> socket.socket:
+    """A bound, listening stdlib socket (blocking bind: only at start and on SIGUSR2)."""
+    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port and hasattr(socket, "SO_REUSEPORT"):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((address.host, address.port))
+        sock.listen(BACKLOG)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from exc
+    return sock
+
+
+def config_addresses(config: Config) -> list[Address]:
+    """Every address the config listens on, the admin one last."""
+    return [listener.address for listener in config.listeners] + (
+        [config.admin.address] if config.admin else []
+    )
+
+
+def close_all(socks: Iterable[socket.socket]) -> None:
+    for sock in socks:
+        sock.close()
+
+
+def sd_notify(state: str) -> None:
+    """Tell systemd `state` (READY=1, MAINPID=..., STOPPING=1) when $NOTIFY_SOCKET is set."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    target = "\0" + path[1:] if path.startswith("@") else path  # abstract namespace
+    with (
+        contextlib.suppress(OSError),
+        socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock,
+    ):
+        sock.connect(target)
+        sock.sendall(state.encode())
+
+
+Owned = dict[str, list[socket.socket]]  # configured address -> one socket per worker slot
+
+
+def own_sockets(config: Config, slots: int, given: Sockets, current: Owned | None = None) -> Owned:
+    """The `workers` supervisor's sockets for `config`: those it has (`current`), those it was
+    given (one, shared by every slot), else `slots` SO_REUSEPORT sockets bound here, so the
+    kernel spreads connections over the workers as when each bound its own. All or none."""
+    current = current or {}
+    owned: Owned = {}
+    fresh: list[socket.socket] = []
+    try:
+        for address in config_addresses(config):
+            key = str(address)
+            if key in current:
+                owned[key] = current[key]
+            elif key in given:
+                owned[key] = [given.pop(key)]
+            else:
+                first = bind_listening(address, reuse_port=True)
+                fresh.append(first)
+                port = first.getsockname()[1]  # port 0: every slot on the port the first got
+                for _ in range(slots - 1):
+                    fresh.append(bind_listening(Address(address.host, port), reuse_port=True))
+                owned[key] = fresh[-slots:]
+    except BaseException:
+        close_all(fresh)
+        raise
+    close_all(given.values())  # given for an address the config does not name
+    return owned
