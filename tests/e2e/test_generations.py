@@ -6,11 +6,21 @@ Real processes on loopback: `python -m upgradeproxy run` signalled with `os.kill
 
 from __future__ import annotations
 
+import os
 import signal
+import threading
+import time
 
 from tests.conftest import eventually, free_port, refused, respond_ok_forever
 from tests.e2e import test_operations
-from tests.e2e.test_operations import WAIT, http, proxy_config
+from tests.e2e.test_operations import (
+    WAIT,
+    ProxyProcess,
+    Tunnel,
+    http,
+    proxy_config,
+    tunnel_upstream,
+)
 
 start = test_operations.start  # the fixture: `start(config_text, workers=1)`
 
@@ -37,3 +47,97 @@ def test_drain_delay_keeps_accepting_while_readyz_is_503(start, raw_upstream):
     proc.wait_log("drain: accepting for drain_delay", seconds=3)
     assert eventually(lambda: refused(port), timeout=WAIT)
     assert proc.wait_exit() == 0
+
+
+# --- SIGUSR2 -----------------------------------------------------------------------------
+
+
+class ClientLoop:
+    """Fresh connections in a loop on a thread, bounded in count and time: an HTTP request,
+    a short WebSocket handshake (one echo, then closed) and an admin /healthz. Every failure
+    (refused, reset, wrong answer) is kept."""
+
+    def __init__(self, port: int, admin: int) -> None:
+        self.port, self.admin = port, admin
+        self.rounds = 0
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + 4 * WAIT
+        while not self._stop.is_set() and time.monotonic() < deadline and self.rounds < 3000:
+            try:
+                assert http(self.port, "/web")[::2] == (200, b"ok")
+                tunnel = Tunnel(self.port, "/chat")
+                assert tunnel.echo(b"hello") == b"hello"
+                tunnel.close()
+                assert http(self.admin, "/healthz")[0] == 200
+            except (OSError, AssertionError, EOFError) as exc:
+                self.errors.append(repr(exc))
+            self.rounds += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(WAIT)
+
+
+def gone(pid: int) -> bool:
+    """The process has exited (a zombie nobody reaped counts as exited)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def upgrade_config(port: int, admin: int, web: int, chat: int, extra: str = "") -> str:
+    return proxy_config(
+        [port], {"web": web, "chat": chat}, [("/chat", "chat"), ("/", "web")],
+        admin=admin, extra=extra,
+    )  # fmt: skip
+
+
+def served_by(proc: ProxyProcess, since: int) -> set[int]:
+    """The pids in the access-log lines logged after the first `since` lines."""
+    with proc._changed:
+        lines = proc.lines[since:]
+    return {line["pid"] for line in lines if line.get("msg") in ("http", "tunnel")}
+
+
+def test_sigusr2_with_one_worker_hands_the_sockets_to_a_new_process(start, raw_upstream):
+    """workers: 1: a new process (new pid) takes over the listening and admin sockets. A
+    client loop throughout sees no refusal or reset, tunnels opened before keep passing
+    bytes, new connections go to the new pid, and the old one exits with its last tunnel."""
+    web, chat = raw_upstream(respond_ok_forever), raw_upstream(tunnel_upstream(b"A"))
+    port, admin = free_port(), free_port()
+    proc = start(upgrade_config(port, admin, web.port, chat.port))
+    old = proc.popen.pid
+    before = [Tunnel(port, "/chat") for _ in range(3)]
+    loop = ClientLoop(port, admin)
+    assert eventually(lambda: loop.rounds >= 5)
+    proc.kill(signal.SIGUSR2)
+    retired = proc.wait_log("upgrade: new process accepts; retiring")[0]
+    new = retired["new_pid"]
+    assert new != old
+    rounds = loop.rounds
+    assert eventually(lambda: loop.rounds >= rounds + 2)  # what the old one took has ended
+    mark, rounds = len(proc.lines), loop.rounds
+    assert eventually(lambda: loop.rounds >= rounds + 10)
+    loop.stop()
+    assert loop.errors == [], loop.errors[:5]
+    assert served_by(proc, mark) == {new}
+    assert proc.popen.poll() is None  # still finishing the tunnels it has
+    for i, tunnel in enumerate(before):
+        assert tunnel.echo(b"still here") == b"still here"
+        tunnel.close()
+        if i < len(before) - 1:
+            assert proc.popen.poll() is None
+    assert proc.wait_exit() == 0
+    assert http(port, "/web")[0] == 200
+    assert http(admin, "/readyz")[0] == 200
+    os.kill(new, signal.SIGTERM)
+    assert eventually(lambda: gone(new))
+    assert refused(port)
+    assert refused(admin)

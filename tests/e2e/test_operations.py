@@ -21,7 +21,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,13 +69,14 @@ def proxy_config(
 class ProxyProcess:
     """`upgradeproxy run` in its own process group, its JSON log lines collected as they come."""
 
-    def __init__(self, config: Path) -> None:
+    def __init__(self, config: Path, prefix: Sequence[str] = (), **popen: Any) -> None:
+        """`prefix` goes before the command (a wrapper); `popen` adds Popen arguments."""
         self.config = config
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "upgradeproxy", "run", "--config", str(config),
+            [*prefix, sys.executable, "-m", "upgradeproxy", "run", "--config", str(config),
              "--log-format", "json"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            start_new_session=True,
+            start_new_session=True, **popen,
         )  # fmt: skip
         self.lines: list[Line] = []
         self._eof = False

@@ -140,13 +140,13 @@ class Generations:
         finally:
             theirs.close()
         link = self.next = Link(ours)
-        log.info("upgrade: new process started", extra={"pid": proc.pid})
+        log.info("upgrade: new process started", extra={"new_pid": proc.pid})
         word = None
         with trio.move_on_after(READY_TIMEOUT):
             word = await link.receive()
         if word != b"ready":
             log.error("upgrade failed: the new process did not start; this one keeps serving",
-                      extra={"pid": proc.pid})  # fmt: skip
+                      extra={"new_pid": proc.pid})  # fmt: skip
             with contextlib.suppress(OSError):
                 proc.kill()
             await proc.wait()
@@ -155,7 +155,7 @@ class Generations:
             return
         grace = self.proxy.runtime.config.timeouts.upgrade_grace
         if not self.proxy.draining:  # a stop during the start was passed on already
-            extra = {"pid": proc.pid, "grace": grace}
+            extra = {"new_pid": proc.pid, "grace": grace}
             log.info("upgrade: new process accepts; retiring", extra=extra)
             self.proxy.retire(grace)
         while (word := await link.receive()) is not None:

@@ -12,6 +12,7 @@ import socket
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import cast
 
 import trio
 
@@ -62,6 +63,35 @@ class _AdminBound:
     bound: tuple[str, int]  # as bound: port 0 resolved
     scope: trio.CancelScope
     fd: int = -1  # what a SIGUSR2 hands to the next generation
+    listener: _Stoppable | None = None
+
+
+class _Stoppable(trio.abc.Listener[trio.SocketStream]):
+    """A listener that can stop accepting without cancelling the connections it accepted
+    (the admin server's, when a new generation takes its socket over)."""
+
+    def __init__(self, listener: trio.SocketListener) -> None:
+        self.listener = listener
+        self.stopped = False
+        self._accepting: trio.CancelScope | None = None
+
+    async def accept(self) -> trio.SocketStream:
+        if not self.stopped:
+            # A cancelled accept has accepted nothing: trio's accept is atomic.
+            with trio.CancelScope() as self._accepting:
+                return await self.listener.accept()
+        # Closed here, not in stop(): closing under a waiting accept would raise in it.
+        self.listener.socket.close()  # our copy: the socket stays open in the new generation
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    def stop(self) -> None:
+        self.stopped = True
+        if self._accepting is not None:
+            self._accepting.cancel()
+
+    async def aclose(self) -> None:
+        await aclose_quietly(self.listener)
 
 
 class Proxy:
@@ -120,8 +150,8 @@ class Proxy:
         too) and give open tunnels and in-flight requests `grace` seconds."""
         self.retiring = True
         self._deadline = trio.current_time() + grace
-        if self._admin is not None:
-            self._admin.scope.cancel()  # its socket stays open in the new generation
+        if self._admin is not None and self._admin.listener is not None:
+            self._admin.listener.stop()  # a request in progress still gets its answer
             self._admin = None
         self.drain()
 
@@ -253,13 +283,21 @@ class Proxy:
     def _start_admin(self, address: Address, listener: trio.SocketListener) -> None:
         scope = trio.CancelScope()
         sock = listener.socket
-        self._admin = _AdminBound(address, sock.getsockname()[:2], scope, sock.fileno())
+        stoppable = _Stoppable(listener)
+        self._admin = _AdminBound(
+            address, sock.getsockname()[:2], scope, sock.fileno(), stoppable
+        )
         assert self._services is not None
-        self._services.start_soon(self._serve_admin, listener, scope, name=f"admin {address}")
+        self._services.start_soon(self._serve_admin, stoppable, scope, name=f"admin {address}")
 
-    async def _serve_admin(self, listener: trio.SocketListener, scope: trio.CancelScope) -> None:
+    async def _serve_admin(self, listener: _Stoppable, scope: trio.CancelScope) -> None:
         with scope:
-            await serve_admin(listener, lambda: not self.draining, self.shared.telemetry.render)
+            # serve_admin only accepts and closes: any trio Listener of SocketStreams will do.
+            await serve_admin(
+                cast(trio.SocketListener, listener),
+                lambda: not self.draining,
+                self.shared.telemetry.render,
+            )
 
     async def _bind_all(self, addresses: list[Address]) -> list[trio.socket.SocketType]:
         """One bound socket per address, or none at all (and the error) if one fails."""
