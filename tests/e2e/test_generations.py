@@ -11,6 +11,8 @@ import signal
 import threading
 import time
 
+import pytest
+
 from tests.conftest import eventually, free_port, refused, respond_ok_forever
 from tests.e2e import test_operations
 from tests.e2e.test_operations import (
@@ -141,3 +143,92 @@ def test_sigusr2_with_one_worker_hands_the_sockets_to_a_new_process(start, raw_u
     assert eventually(lambda: gone(new))
     assert refused(port)
     assert refused(admin)
+
+
+def test_sigusr2_with_two_workers_starts_a_new_generation_on_the_same_sockets(
+    start, raw_upstream
+):
+    """workers: 2: two new workers (new pids) accept on the parent's sockets before the old
+    ones stop; no client is refused or reset; each old worker keeps its tunnels and exits
+    when they are closed; the parent stays and drains the new generation on SIGTERM."""
+    web, chat = raw_upstream(respond_ok_forever), raw_upstream(tunnel_upstream(b"A"))
+    port, admin = free_port(), free_port()
+    proc = start(upgrade_config(port, admin, web.port, chat.port, "workers: 2"), workers=2)
+    old = {line["pid"] for line in proc.wait_log("worker ready", count=2)}
+    # Enough that both old workers hold some (all on one: a 2**-11 chance).
+    before = [Tunnel(port, "/chat") for _ in range(12)]
+    loop = ClientLoop(port, admin)
+    assert eventually(lambda: loop.rounds >= 5)
+    proc.kill(signal.SIGUSR2)
+    proc.wait_log("upgrade: new generation ready, retiring the old one", generation=1)
+    new = {line["pid"] for line in proc.wait_log("worker ready", generation=1, count=2)}
+    assert not new & old
+    proc.wait_log("retiring: a new generation accepts", count=2)
+    rounds = loop.rounds
+    assert eventually(lambda: loop.rounds >= rounds + 2)
+    mark, rounds = len(proc.lines), loop.rounds
+    assert eventually(lambda: loop.rounds >= rounds + 10)
+    loop.stop()
+    assert loop.errors == [], loop.errors[:5]
+    assert served_by(proc, mark) <= new
+    holders = {line["pid"] for line in proc.lines[:mark] if line.get("msg") == "http"
+               and line.get("status") == 101 and line["pid"] in old}  # fmt: skip
+    assert holders == old
+    assert all(not gone(pid) for pid in holders)  # each keeps serving its tunnels
+    for tunnel in before:
+        assert tunnel.echo(b"still here") == b"still here"
+        tunnel.close()
+    for pid in old:
+        proc.wait_log("worker exited", pid=pid, exit_code=0)
+    assert http(port, "/web")[0] == 200
+    assert proc.popen.poll() is None
+    proc.kill(signal.SIGTERM)
+    assert proc.wait_exit() == 0
+    assert all(gone(pid) for pid in new)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signalled", ["old", "new"])
+def test_sigterm_during_an_upgrade_drains_both_generations(start, raw_upstream, signalled):
+    """workers: 1, SIGTERM to either process once the new one accepts: both drain, so the
+    listener closes and tunnels on both sides get `timeouts.drain`, not `upgrade_grace`."""
+    web, chat = raw_upstream(respond_ok_forever), raw_upstream(tunnel_upstream(b"A"))
+    port, admin = free_port(), free_port()
+    extra = "timeouts: {drain: 2, upgrade_grace: 600}"
+    proc = start(upgrade_config(port, admin, web.port, chat.port, extra))
+    on_old = Tunnel(port, "/chat")
+    proc.kill(signal.SIGUSR2)
+    new = proc.wait_log("upgrade: new process accepts; retiring")[0]["new_pid"]
+    on_new = Tunnel(port, "/chat")
+    assert eventually(lambda: any(line.get("pid") == new for line in proc.lines
+                                  if line.get("msg") == "http"))  # fmt: skip
+    signalled_at = time.monotonic()
+    os.kill(proc.popen.pid if signalled == "old" else new, signal.SIGTERM)
+    assert eventually(lambda: refused(port))
+    for tunnel in (on_old, on_new):
+        assert tunnel.closed_by_peer()
+    assert 2.0 <= time.monotonic() - signalled_at < WAIT  # the drain deadline, not the grace
+    assert proc.wait_exit() == 0
+    assert eventually(lambda: gone(new))
+    assert not proc.matching(lambda line: line["msg"] == "stopping now")
+
+
+@pytest.mark.slow
+def test_sigterm_during_an_upgrade_with_workers_drains_both_generations(start, raw_upstream):
+    """workers: 2, SIGTERM to the parent after the new generation took over: the retiring
+    workers cut their grace to `timeouts.drain`, the new ones drain; the parent exits 0."""
+    web, chat = raw_upstream(respond_ok_forever), raw_upstream(tunnel_upstream(b"A"))
+    port, admin = free_port(), free_port()
+    extra = "workers: 2\ntimeouts: {drain: 2, upgrade_grace: 600}"
+    proc = start(upgrade_config(port, admin, web.port, chat.port, extra), workers=2)
+    old = [Tunnel(port, "/chat") for _ in range(4)]
+    proc.kill(signal.SIGUSR2)
+    proc.wait_log("retiring: a new generation accepts", count=2)
+    new = [Tunnel(port, "/chat") for _ in range(4)]
+    signalled_at = time.monotonic()
+    proc.kill(signal.SIGTERM)
+    assert eventually(lambda: refused(port))
+    for tunnel in old + new:
+        assert tunnel.closed_by_peer()
+    assert 2.0 <= time.monotonic() - signalled_at < WAIT
+    assert proc.wait_exit() == 0
