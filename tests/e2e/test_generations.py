@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 import time
 
 import pytest
 
-from tests.conftest import eventually, free_port, refused, respond_ok_forever
+from tests.conftest import LOOPBACK, eventually, free_port, refused, respond_ok_forever
 from tests.e2e import test_operations
 from tests.e2e.test_operations import (
     WAIT,
@@ -232,3 +233,88 @@ def test_sigterm_during_an_upgrade_with_workers_drains_both_generations(start, r
         assert tunnel.closed_by_peer()
     assert 2.0 <= time.monotonic() - signalled_at < WAIT
     assert proc.wait_exit() == 0
+
+
+# --- systemd: socket activation and notification -----------------------------------------
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_listen_fds_sockets_are_used_as_listeners(tmp_path, raw_upstream, workers):
+    """LISTEN_FDS=2 with LISTEN_PID = the proxy's pid: fd 3 (bound by the test, which keeps
+    its copy, so the proxy could not bind that port itself) serves the listener with its
+    address; fd 4 matches no listener and is closed; a listener without an fd is bound."""
+    web = raw_upstream(respond_ok_forever)
+    activated = socket.create_server((LOOPBACK, 0))
+    stray = socket.create_server((LOOPBACK, 0))
+    port, own = activated.getsockname()[1], free_port()
+    path = tmp_path / "proxy.yaml"
+    extra = f"workers: {workers}"
+    path.write_text(proxy_config([port, own], {"web": web.port}, [("/", "web")], extra=extra))
+
+    def onto_3_and_4() -> None:  # in the child, before exec
+        os.dup2(activated.fileno(), 3)
+        os.dup2(stray.fileno(), 4)
+
+    proc = ProxyProcess(
+        path,
+        prefix=["sh", "-c", 'LISTEN_PID=$$ exec "$@"', "sh"],
+        env={**os.environ, "LISTEN_FDS": "2"},
+        preexec_fn=onto_3_and_4,
+        close_fds=False,
+    )
+    try:
+        proc.wait_log("listening", count=workers)
+        proc.wait_log("LISTEN_FDS: socket activation", fd=3, address=f"{LOOPBACK}:{port}")
+        proc.wait_log("LISTEN_FDS: socket matches no listener in the config: closed", fd=4)
+        assert http(port, "/activated")[0] == 200
+        assert http(own, "/own")[0] == 200
+        proc.kill(signal.SIGTERM)
+        assert proc.wait_exit() == 0
+        # systemd (here the test) still holds the socket: clients wait for the next start.
+        with socket.create_connection((LOOPBACK, port), timeout=WAIT):
+            pass
+    finally:
+        proc.close()
+        activated.close()
+        stray.close()
+
+
+def test_systemd_hears_ready_and_the_new_main_pid_after_sigusr2(start, raw_upstream, tmp_path):
+    """With $NOTIFY_SOCKET (Type=notify): READY=1 once listening; after SIGUSR2 the new
+    process reports MAINPID=<its pid>, so systemd follows it and not the exiting one."""
+    web = raw_upstream(respond_ok_forever)
+    port = free_port()
+    path = tmp_path / "proxy.yaml"
+    path.write_text(proxy_config([port], {"web": web.port}, [("/", "web")]))
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(WAIT)
+    proc = ProxyProcess(path, env={**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")})
+    try:
+        assert notify.recv(4096) == b"READY=1"
+        proc.kill(signal.SIGUSR2)
+        new = proc.wait_log("upgrade: new process accepts; retiring")[0]["new_pid"]
+        assert notify.recv(4096) == f"MAINPID={new}\nREADY=1".encode()
+        assert proc.wait_exit() == 0  # nothing open: the old one exits at once
+        assert http(port, "/")[0] == 200
+    finally:
+        proc.close()
+        notify.close()
+
+
+def test_failed_upgrade_keeps_the_old_process_serving(start, raw_upstream):
+    """SIGUSR2 with an invalid file on disk: the new process exits, the old one logs it and
+    keeps accepting (and can be upgraded later)."""
+    web = raw_upstream(respond_ok_forever)
+    port = free_port()
+    good = proxy_config([port], {"web": web.port}, [("/", "web")])
+    proc = start(good)
+    proc.rewrite(good + "bogus: 1\n")
+    proc.kill(signal.SIGUSR2)
+    proc.wait_log("upgrade failed: the new process did not start; this one keeps serving")
+    assert http(port, "/")[0] == 200
+    proc.rewrite(good)
+    proc.kill(signal.SIGUSR2)
+    proc.wait_log("upgrade: new process accepts; retiring")
+    assert proc.wait_exit() == 0
+    assert http(port, "/")[0] == 200
