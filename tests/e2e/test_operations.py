@@ -353,6 +353,7 @@ def test_access_log_json_lines_for_an_exchange_and_a_tunnel(start, raw_upstream)
         "client": LOOPBACK, "method": "POST", "host": "svc.test", "path": "/http/form",
         "route": "*/http", "upstream": "web", "server": f"{LOOPBACK}:{web.port}",
         "status": 200, "bytes_in": 5, "bytes_out": 9, "duration": None, "kind": "http",
+        "pid": proc.popen.pid,
     }  # fmt: skip
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", exchange["time"])
     assert isinstance(exchange["duration"], float)
