@@ -36,4 +36,41 @@ def test_sidecar_config_map_is_valid_and_matches_probes() -> None:
     assert proxy["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert proxy["livenessProbe"]["httpGet"]["path"] == "/healthz"
     # SIGKILL must not come before open tunnels had their drain time.
-    assert pod["terminationGracePeriodSeconds"] > config.timeouts.drain
+    timeouts = config.timeouts
+    assert pod["terminationGracePeriodSeconds"] > timeouts.drain_delay + timeouts.drain
+    # The proxy still accepts until the probe has seen 503 enough times to take it out.
+    probe = proxy["readinessProbe"]
+    assert timeouts.drain_delay > probe["periodSeconds"] * probe["failureThreshold"]
+
+
+def _unit(name: str) -> dict[str, list[str]]:
+    """A systemd unit file as key -> values (a key may repeat), sections flattened."""
+    found: dict[str, list[str]] = {}
+    for line in (ROOT / "deploy" / "systemd" / name).read_text().splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            key, value = line.split("=", 1)
+            found.setdefault(key.strip(), []).append(value.strip())
+    return found
+
+
+def test_systemd_service_follows_the_new_pid_and_outlasts_the_drain() -> None:
+    """Type=notify + NotifyAccess=all (the new process of a SIGUSR2 reports MAINPID), reload
+    is SIGHUP to the main pid, and the stop timeout covers the example config's drain."""
+    unit = _unit("upgradeproxy.service")
+    assert unit["Type"] == ["notify"]
+    assert unit["NotifyAccess"] == ["all"]
+    assert unit["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    timeouts = load_config(str(ROOT / "config" / "upgradeproxy.yaml")).timeouts
+    assert int(unit["TimeoutStopSec"][0]) > timeouts.drain_delay + timeouts.drain
+
+
+def test_systemd_socket_unit_listens_where_the_example_config_does() -> None:
+    """Every ListenStream matches a listener or the admin address of the example config, so
+    socket activation hands each one over (an unmatched socket would be closed)."""
+    config = load_config(str(ROOT / "config" / "upgradeproxy.yaml"))
+    addresses = {str(listener.address) for listener in config.listeners}
+    addresses |= {str(config.admin.address)} if config.admin else set()
+    unit = _unit("upgradeproxy.socket")
+    assert set(unit["ListenStream"]) == addresses
+    assert unit["Accept"] == ["no"]
+    assert unit["Service"] == ["upgradeproxy.service"]
