@@ -14,7 +14,14 @@ import time
 
 import pytest
 
-from tests.conftest import LOOPBACK, eventually, free_port, refused, respond_ok_forever
+from tests.conftest import (
+    LOOPBACK,
+    eventually,
+    free_port,
+    read_response,
+    refused,
+    respond_ok_forever,
+)
 from tests.e2e import test_operations
 from tests.e2e.test_operations import (
     WAIT,
@@ -318,3 +325,37 @@ def test_failed_upgrade_keeps_the_old_process_serving(start, raw_upstream):
     proc.wait_log("upgrade: new process accepts; retiring")
     assert proc.wait_exit() == 0
     assert http(port, "/")[0] == 200
+
+
+# --- the parent owns the sockets ---------------------------------------------------------
+
+
+def test_clients_queued_on_a_dead_workers_socket_are_served_by_its_replacement(
+    start, raw_upstream
+):
+    """workers: 2, worker 0 stopped (SIGSTOP) while clients connect, then SIGKILLed: the
+    clients queued on its socket are not reset (the parent still holds the socket); its
+    replacement accepts and serves them."""
+    web = raw_upstream(respond_ok_forever)
+    port = free_port()
+    proc = start(proxy_config([port], {"web": web.port}, [("/", "web")], extra="workers: 2"),
+                 workers=2)  # fmt: skip
+    pids = {line["worker"]: line["pid"] for line in proc.wait_log("worker ready", count=2)}
+    os.kill(pids[0], signal.SIGSTOP)
+    clients = []
+    try:
+        for i in range(16):  # all on worker 1's socket: a 2**-16 chance
+            sock = socket.create_connection((LOOPBACK, port), timeout=WAIT)
+            sock.sendall(f"GET /{i} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n".encode())
+            clients.append(sock)
+        time.sleep(0.2)  # worker 1 takes its share; worker 0's share waits in its queue
+    finally:
+        os.kill(pids[0], signal.SIGKILL)
+    fresh = proc.wait_for(
+        lambda line: line["msg"] == "worker ready" and line["worker"] == 0
+        and line["pid"] != pids[0]
+    )[0]["pid"]  # fmt: skip
+    for sock in clients:
+        with sock:
+            assert read_response(sock)[0] == 200
+    assert fresh in served_by(proc, 0)  # the queued ones waited for the replacement
