@@ -153,9 +153,7 @@ def test_sigusr2_with_one_worker_hands_the_sockets_to_a_new_process(start, raw_u
     assert refused(admin)
 
 
-def test_sigusr2_with_two_workers_starts_a_new_generation_on_the_same_sockets(
-    start, raw_upstream
-):
+def test_sigusr2_with_two_workers_starts_a_new_generation_on_the_same_sockets(start, raw_upstream):
     """workers: 2: two new workers (new pids) accept on the parent's sockets before the old
     ones stop; no client is refused or reset; each old worker keeps its tunnels and exits
     when they are closed; the parent stays and drains the new generation on SIGTERM."""
@@ -330,9 +328,7 @@ def test_failed_upgrade_keeps_the_old_process_serving(start, raw_upstream):
 # --- the parent owns the sockets ---------------------------------------------------------
 
 
-def test_clients_queued_on_a_dead_workers_socket_are_served_by_its_replacement(
-    start, raw_upstream
-):
+def test_clients_queued_on_a_dead_workers_socket_are_served_by_its_replacement(start, raw_upstream):
     """workers: 2, worker 0 stopped (SIGSTOP) while clients connect, then SIGKILLed: the
     clients queued on its socket are not reset (the parent still holds the socket); its
     replacement accepts and serves them."""

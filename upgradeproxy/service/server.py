@@ -27,6 +27,7 @@ from upgradeproxy.rules.proxy_protocol import (
     parse_proxy_header,
 )
 from upgradeproxy.service.admin import open_admin, serve_admin
+from upgradeproxy.service.sockets import StoppableListener
 
 log = logging.getLogger("upgradeproxy")
 
@@ -63,35 +64,7 @@ class _AdminBound:
     bound: tuple[str, int]  # as bound: port 0 resolved
     scope: trio.CancelScope
     fd: int = -1  # what a SIGUSR2 hands to the next generation
-    listener: _Stoppable | None = None
-
-
-class _Stoppable(trio.abc.Listener[trio.SocketStream]):
-    """A listener that can stop accepting without cancelling the connections it accepted
-    (the admin server's, when a new generation takes its socket over)."""
-
-    def __init__(self, listener: trio.SocketListener) -> None:
-        self.listener = listener
-        self.stopped = False
-        self._accepting: trio.CancelScope | None = None
-
-    async def accept(self) -> trio.SocketStream:
-        if not self.stopped:
-            # A cancelled accept has accepted nothing: trio's accept is atomic.
-            with trio.CancelScope() as self._accepting:
-                return await self.listener.accept()
-        # Closed here, not in stop(): closing under a waiting accept would raise in it.
-        self.listener.socket.close()  # our copy: the socket stays open in the new generation
-        await trio.sleep_forever()
-        raise AssertionError("unreachable")
-
-    def stop(self) -> None:
-        self.stopped = True
-        if self._accepting is not None:
-            self._accepting.cancel()
-
-    async def aclose(self) -> None:
-        await aclose_quietly(self.listener)
+    listener: StoppableListener | None = None
 
 
 class Proxy:
@@ -283,14 +256,12 @@ class Proxy:
     def _start_admin(self, address: Address, listener: trio.SocketListener) -> None:
         scope = trio.CancelScope()
         sock = listener.socket
-        stoppable = _Stoppable(listener)
-        self._admin = _AdminBound(
-            address, sock.getsockname()[:2], scope, sock.fileno(), stoppable
-        )
+        stoppable = StoppableListener(listener)
+        self._admin = _AdminBound(address, sock.getsockname()[:2], scope, sock.fileno(), stoppable)
         assert self._services is not None
         self._services.start_soon(self._serve_admin, stoppable, scope, name=f"admin {address}")
 
-    async def _serve_admin(self, listener: _Stoppable, scope: trio.CancelScope) -> None:
+    async def _serve_admin(self, listener: StoppableListener, scope: trio.CancelScope) -> None:
         with scope:
             # serve_admin only accepts and closes: any trio Listener of SocketStreams will do.
             await serve_admin(

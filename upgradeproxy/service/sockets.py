@@ -18,7 +18,10 @@ import socket
 from collections.abc import Iterable, Mapping
 from typing import Final
 
+import trio
+
 from upgradeproxy.config.model import Address, Config
+from upgradeproxy.path.streams import aclose_quietly
 
 log = logging.getLogger("upgradeproxy.service.sockets")
 
@@ -178,3 +181,31 @@ def own_sockets(config: Config, slots: int, given: Sockets, current: Owned | Non
         raise
     close_all(given.values())  # given for an address the config does not name
     return owned
+
+
+class StoppableListener(trio.abc.Listener[trio.SocketStream]):
+    """A listener that can stop accepting without cancelling the connections it accepted
+    (the admin server's, when a new generation takes its socket over)."""
+
+    def __init__(self, listener: trio.SocketListener) -> None:
+        self.listener = listener
+        self.stopped = False
+        self._accepting: trio.CancelScope | None = None
+
+    async def accept(self) -> trio.SocketStream:
+        if not self.stopped:
+            # A cancelled accept has accepted nothing: trio's accept is atomic.
+            with trio.CancelScope() as self._accepting:
+                return await self.listener.accept()
+        # Closed here, not in stop(): closing under a waiting accept would raise in it.
+        self.listener.socket.close()  # our copy: the socket stays open in the new generation
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    def stop(self) -> None:
+        self.stopped = True
+        if self._accepting is not None:
+            self._accepting.cancel()
+
+    async def aclose(self) -> None:
+        await aclose_quietly(self.listener)
