@@ -202,7 +202,7 @@ async def run_with_signals(
         async with trio.open_nursery() as nursery:
             await nursery.start(_serve_then_stop, proxy, nursery.cancel_scope)
             listening = [str(Address(h, p)) for h, p in proxy.addresses]  # [::1]:8080 for IPv6
-            log.info("listening", extra={"addresses": listening, "pid": os.getpid()})
+            log.info("listening", extra={"addresses": listening})
             handler = _Signals(proxy, path, nursery, role, generations)
             nursery.start_soon(handler.run, signals)
             if role is not None:

@@ -120,7 +120,7 @@ class Generations:
     async def upgrade(self) -> None:
         """SIGUSR2: start the next generation on our sockets; retire once it accepts."""
         if self.upgrading or self.proxy.draining or self.launch is None:
-            why = "one in progress" if self.upgrading else "draining"
+            why = "draining" if self.proxy.draining else "one in progress"
             log.warning("upgrade ignored: %s", why if self.launch else "no config file")
             return
         self.upgrading = True
@@ -145,13 +145,13 @@ class Generations:
         with trio.move_on_after(READY_TIMEOUT):
             word = await link.receive()
         if word != b"ready":
-            log.error("upgrade failed: the new process did not start; this one keeps serving",
-                      extra={"new_pid": proc.pid})  # fmt: skip
             with contextlib.suppress(OSError):
                 proc.kill()
             await proc.wait()
             link.close()
-            self.next, self.upgrading = None, False
+            self.next, self.upgrading = None, False  # before the log: a new SIGUSR2 may follow it
+            log.error("upgrade failed: the new process did not start; this one keeps serving",
+                      extra={"new_pid": proc.pid})  # fmt: skip
             return
         grace = self.proxy.runtime.config.timeouts.upgrade_grace
         if not self.proxy.draining:  # a stop during the start was passed on already
