@@ -145,7 +145,7 @@ class Supervisor:
 
     async def _upgrade(self) -> None:
         """SIGUSR2: start a new generation on our sockets; once it is ready, retire the old."""
-        if self.stopping or self.upgrading:
+        if self.stopping or self.upgrading or not self.current.done.is_set():
             log.warning("upgrade ignored: %s", "draining" if self.stopping else "one in progress")
             return
         try:
