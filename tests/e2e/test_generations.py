@@ -355,3 +355,34 @@ def test_clients_queued_on_a_dead_workers_socket_are_served_by_its_replacement(s
         with sock:
             assert read_response(sock)[0] == 200
     assert fresh in served_by(proc, 0)  # the queued ones waited for the replacement
+
+
+def test_rejected_upgrades_with_workers_leave_the_old_generation_serving(start, raw_upstream):
+    """workers: 2: SIGUSR2 with an invalid file, then with a new listener whose port is held
+    by someone else: each is logged and nothing changes; a good file then upgrades."""
+    web = raw_upstream(respond_ok_forever)
+    port = free_port()
+    good = proxy_config([port], {"web": web.port}, [("/", "web")], extra="workers: 2")
+    proc = start(good, workers=2)
+    old = {line["pid"] for line in proc.wait_log("worker ready", count=2)}
+    proc.rewrite(good + "bogus: 1\n")
+    proc.kill(signal.SIGUSR2)
+    proc.wait_for(
+        lambda line: line["msg"].startswith("upgrade rejected: ") and "bogus" in line["msg"]
+    )
+    with socket.create_server((LOOPBACK, 0)) as holder:
+        held = holder.getsockname()[1]
+        proc.rewrite(
+            proxy_config([port, held], {"web": web.port}, [("/", "web")], extra="workers: 2")
+        )
+        proc.kill(signal.SIGUSR2)
+        proc.wait_log(f"upgrade failed: cannot listen on {LOOPBACK}:{held}: Address already in use")
+    assert http(port, "/")[0] == 200
+    assert not proc.matching(lambda line: line["msg"] == "retiring: a new generation accepts")
+    proc.rewrite(good)
+    proc.kill(signal.SIGUSR2)
+    new = {line["pid"] for line in proc.wait_log("worker ready", generation=1, count=2)}
+    for pid in old:
+        proc.wait_log("worker exited", pid=pid, exit_code=0)
+    assert not new & old
+    assert http(port, "/")[0] == 200

@@ -169,7 +169,8 @@ class Supervisor:
         self._start(new)
         await new.done.wait()
         self.upgrading = False
-        if self.stopping:
+        if self.stopping:  # stop() closed `sockets`; the ones only the old file named too
+            close_all(s for key, socks in previous.items() if key not in sockets for s in socks)
             return
         if new.failed:
             log.error("upgrade failed: a new worker could not start; the old generation serves")
