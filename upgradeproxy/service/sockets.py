@@ -21,7 +21,7 @@ from typing import Final
 import trio
 
 from upgradeproxy.config.model import Address, Config
-from upgradeproxy.path.streams import aclose_quietly
+from upgradeproxy.path.streams import aclose_quietly, cannot_listen, listening_socket
 
 log = logging.getLogger("upgradeproxy.service.sockets")
 
@@ -110,19 +110,13 @@ def inherited_sockets(config: Config) -> Sockets:
 
 def bind_listening(address: Address, *, reuse_port: bool) -> socket.socket:
     """A bound, listening stdlib socket (blocking bind: only at start and on SIGUSR2)."""
-    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = listening_socket(address, reuse_port=reuse_port)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port and hasattr(socket, "SO_REUSEPORT"):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((address.host, address.port))
         sock.listen(BACKLOG)
     except OSError as exc:
         sock.close()
-        raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from exc
+        raise cannot_listen(address, exc) from exc
     return sock
 
 
