@@ -386,3 +386,22 @@ def test_rejected_upgrades_with_workers_leave_the_old_generation_serving(start, 
         proc.wait_log("worker exited", pid=pid, exit_code=0)
     assert not new & old
     assert http(port, "/")[0] == 200
+
+
+@pytest.mark.slow
+def test_sigterm_before_the_new_process_is_ready_drains_both(start, raw_upstream):
+    """workers: 1, SIGTERM right after SIGUSR2 (the new process still starting): the old one
+    drains, and the new one drains as soon as it runs; both exit, the port is closed."""
+    web, chat = raw_upstream(respond_ok_forever), raw_upstream(tunnel_upstream(b"A"))
+    port, admin = free_port(), free_port()
+    proc = start(upgrade_config(port, admin, web.port, chat.port, "timeouts: {drain: 2}"))
+    tunnel = Tunnel(port, "/chat")
+    proc.kill(signal.SIGUSR2)
+    new = proc.wait_log("upgrade: new process started")[0]["new_pid"]
+    proc.kill(signal.SIGTERM)
+    proc.wait_log("draining: the previous generation was told to stop", pid=new)
+    assert tunnel.closed_by_peer()
+    assert proc.wait_exit() == 0
+    assert eventually(lambda: gone(new))
+    assert refused(port)
+    assert not proc.matching(lambda line: line["msg"] == "upgrade: new process accepts; retiring")
