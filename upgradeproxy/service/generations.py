@@ -161,3 +161,4 @@ class Generations:
         while (word := await link.receive()) is not None:
             if word == b"drain":
                 self.proxy.cut_to_drain()
+        log.warning("upgrade: the new process exited", extra={"new_pid": proc.pid})
