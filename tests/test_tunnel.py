@@ -15,7 +15,7 @@ import pytest
 import trio
 import trio.testing
 
-from upgradeproxy.path.tunnel import Direction, TunnelStats, run_tunnel
+from upgradeproxy.path.tunnel import Direction, Ending, TunnelStats, run_tunnel
 
 MiB = 1 << 20
 GUARD = 30  # seconds: no test may hang longer than this
@@ -465,3 +465,39 @@ async def test_on_bytes_exception_closes_streams() -> None:
     assert stats.first_close == "error"
     assert await client.receive_some(1) == b""
     assert await upstream.receive_some(2) == b"x"
+
+
+# --- planned ends: lifetime and spread drain (rule 13) ---------------------------------------
+
+
+@pytest.mark.parametrize("busy", [False, True], ids=["quiet", "busy"])
+async def test_ending_closes_a_tunnel_when_due_with_its_reason(rig: Rig, busy: bool) -> None:
+    """Both paths end at an `Ending`'s deadline, quiet or moving bytes, and report its reason."""
+    ending = Ending()
+    with trio.fail_after(GUARD):
+        async with trio.open_nursery() as nursery:
+            ending.at(trio.current_time() + 0.3, "lifetime")
+            rig.start(nursery, ending=ending)
+            if busy:
+                for _ in range(5):
+                    await rig.client.send_all(b"x" * 1000)
+                    assert await read_exact(rig.upstream, 1000) == b"x" * 1000
+            await read_to_eof(rig.client)  # returns at the EOF the end sends
+            assert await rig.upstream.receive_some(1) == b""
+            await rig.done.wait()
+    assert rig.stats.first_close == "lifetime"
+    assert rig.stats.duration >= 0.3
+
+
+async def test_ending_can_be_brought_forward_while_running(rig: Rig) -> None:
+    """A drain moves a running tunnel's end earlier; a later plan does not postpone it."""
+    ending = Ending()
+    with trio.fail_after(GUARD):
+        async with trio.open_nursery() as nursery:
+            ending.at(trio.current_time() + GUARD, "lifetime")
+            rig.start(nursery, ending=ending)
+            await trio.sleep(0.05)
+            ending.at(trio.current_time() + 0.1, "drain")
+            ending.at(trio.current_time() + GUARD, "lifetime")
+            await rig.done.wait()
+    assert rig.stats.first_close == "drain"

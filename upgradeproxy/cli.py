@@ -24,7 +24,7 @@ from typing import Final, TextIO
 import trio
 
 from upgradeproxy import __version__
-from upgradeproxy.config.loader import ConfigError, load_config
+from upgradeproxy.config.loader import ConfigError, ConfigProblem, load_config
 from upgradeproxy.config.model import Address, Config
 from upgradeproxy.report.logs import resolve_format, setup_logging
 from upgradeproxy.rules.errors import os_error_behind
@@ -36,6 +36,20 @@ from upgradeproxy.service.workers import WORKERS_NEED_RESTART, supervise
 log = logging.getLogger("upgradeproxy")
 
 ENV_CONFIG = "UPGRADEPROXY_CONFIG"
+ENV_LOG_LEVEL = "UPGRADEPROXY_LOG_LEVEL"  # how workers inherit --log-level, too
+LOG_LEVELS: Final = {"debug": logging.DEBUG, "info": logging.INFO,
+                     "warning": logging.WARNING, "error": logging.ERROR}  # fmt: skip
+
+
+def _add_log_level(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument(
+        "--log-level",
+        choices=tuple(LOG_LEVELS),
+        default=os.environ.get(ENV_LOG_LEVEL) if os.environ.get(ENV_LOG_LEVEL) in LOG_LEVELS
+        else "info",
+        help=f"lowest level logged (default: ${ENV_LOG_LEVEL} or info); access-log lines "
+        "are governed by --no-access-log only",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_false",
         help="do not write access-log lines (other logs still go to stderr)",
     )
+    _add_log_level(run)
     run.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     run.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     run.add_argument("--takeover-fd", type=int, default=None, help=argparse.SUPPRESS)
@@ -87,6 +102,7 @@ def _parser() -> argparse.ArgumentParser:
         help="proxy port (default 8080, or any free port if 8080 is taken; 0 picks one)",
     )
     demo.add_argument("--log-format", choices=("json", "text"), default=None)
+    _add_log_level(demo)
     return parser
 
 
@@ -109,6 +125,8 @@ def _check(args: argparse.Namespace) -> int:
         _print_problems(err)
         return 1
     routes = len(config.routes)
+    for warning in config.warnings:
+        print(warning)
     print(
         f"{path}: ok ({len(config.listeners)} listener(s), {len(config.upstreams)} "
         f"upstream(s), {routes} route(s))"
@@ -126,6 +144,12 @@ def _print_problems(err: ConfigError) -> None:
         print(text, flush=True)
 
 
+def _log_problems(problems: Sequence[ConfigProblem], prefix: str = "") -> None:
+    for problem in problems:
+        level = logging.WARNING if problem.why.startswith("warning: ") else logging.ERROR
+        log.log(level, "%s%s", prefix, problem)
+
+
 def _same_file(a: TextIO, b: TextIO) -> bool:
     try:
         sa, sb = os.fstat(a.fileno()), os.fstat(b.fileno())
@@ -136,21 +160,25 @@ def _same_file(a: TextIO, b: TextIO) -> bool:
 
 def _run(args: argparse.Namespace) -> int:
     worker: int | None = args.worker
-    setup_logging(args.log_format, static=None if worker is None else {"worker": worker})
-    if not args.access_log:
-        # Telemetry checks this level before building a record, so off costs nothing.
-        logging.getLogger("upgradeproxy.access").setLevel(logging.WARNING)
+    static = None if worker is None else {"worker": worker}
+    setup_logging(args.log_format, LOG_LEVELS[args.log_level], static=static)
+    os.environ[ENV_LOG_LEVEL] = args.log_level  # workers and new generations inherit it
+    # Telemetry checks this level before building a record, so off costs nothing; on, it
+    # does not depend on --log-level.
+    access = logging.getLogger("upgradeproxy.access")
+    access.setLevel(logging.INFO if args.access_log else logging.WARNING)
     path = _config_path(args)
     if path is None:
-        print(
-            f"upgradeproxy run: no config: pass --config FILE or set ${ENV_CONFIG}", file=sys.stderr
-        )
+        log.error("no config: pass --config FILE or set $%s", ENV_CONFIG)
         return 2
     try:
         config = load_config(path)
     except ConfigError as err:
-        _print_problems(err)
+        # In the chosen log format, on stderr only (`check` prints plain lines).
+        _log_problems(err.problems)
         return 2
+    for warning in config.warnings:
+        log.warning(warning)
     log_format = resolve_format(args.log_format)
     if config.workers > 1 and worker is None:
         if args.takeover_fd is None:
@@ -159,7 +187,7 @@ def _run(args: argparse.Namespace) -> int:
     # Every line of a serving process names it: across a SIGUSR2, two generations (or two
     # workers of one slot) write to the same stream.
     tags = {"pid": os.getpid(), **({} if worker is None else {"worker": worker})}
-    setup_logging(args.log_format, static=tags)
+    setup_logging(args.log_format, LOG_LEVELS[args.log_level], static=tags)
     role = None if worker is None else WorkerRole(worker, args.ready_fd, os.getppid())
     launch = Launch(path, log_format, args.access_log)
     try:
@@ -168,7 +196,7 @@ def _run(args: argparse.Namespace) -> int:
         reason = os_error_behind(exc)
         if reason is None:
             raise
-        log.error("cannot start: %s", reason)
+        log.error("cannot start: %s", reason.strerror or reason)
         return 1
     return 0
 
@@ -298,9 +326,10 @@ async def _reload(proxy: Proxy, path: str | None, *, lone: bool) -> None:
     try:
         config = load_config(path)
     except ConfigError as err:
-        for problem in err.problems:
-            log.error("reload rejected: %s", problem)
+        _log_problems(err.problems, "reload rejected: ")
         return
+    for warning in config.warnings:
+        log.warning(warning)
     if lone and config.workers != 1:
         # The supervisor logs this for its workers; a lone process says it itself.
         log.warning(WORKERS_NEED_RESTART, 1, config.workers)

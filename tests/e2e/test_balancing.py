@@ -12,16 +12,15 @@ import threading
 import time
 
 from tests.conftest import (
+    WS_GUID,
     RawConn,
     RawUpstream,
     free_port,
+    get,
     ok_response,
     raw_client,
-    read_response,
     read_response_head,
 )
-
-WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
 def upstream_yaml(servers: str, balance: str) -> str:
@@ -97,13 +96,6 @@ class Named:
     @property
     def port(self) -> int:
         return self.up.port
-
-
-def get(address, path: bytes = b"/") -> tuple[int, bytes]:
-    with raw_client(address) as sock:
-        sock.sendall(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        status, _, body, _ = read_response(sock)
-    return status, body
 
 
 def test_refused_server_is_skipped(make_proxy, raw_upstream):

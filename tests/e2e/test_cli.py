@@ -16,7 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import RawConn, free_port, ok_response, raw_client, read_response, run_cli
+from tests.conftest import (
+    free_port,
+    named,
+    raw_client,
+    read_response,
+    run_cli,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "config" / "upgradeproxy.yaml"
@@ -86,17 +92,36 @@ def test_check_reports_every_problem(tmp_path):
     assert "Traceback" not in output
 
 
-def test_problems_are_on_stderr_and_on_a_separate_stdout(tmp_path):
-    """`check` and `run` print the same problem lines, on stderr (where errors go) and, when
-    stdout is another file, there too: a script reading either stream sees every problem."""
+def test_check_problems_are_on_stderr_and_on_a_separate_stdout(tmp_path):
+    """`check` prints plain problem lines on stderr (where errors go) and, when stdout is
+    another file, there too: a script reading either stream sees every problem."""
     bad = tmp_path / "bad.yaml"
     bad.write_text(BAD_CONFIG)
-    for command, code in (("check", 1), ("run", 2)):
-        result = run_cli(command, "--config", str(bad), env=env_without_config())
-        assert result.returncode == code
-        assert result.stdout == result.stderr
-        assert problem_lines(result.stderr, bad) == result.stderr.splitlines()
-        assert len(result.stderr.splitlines()) >= 4
+    result = run_cli("check", "--config", str(bad), env=env_without_config())
+    assert result.returncode == 1
+    assert result.stdout == result.stderr
+    assert problem_lines(result.stderr, bad) == result.stderr.splitlines()
+    assert len(result.stderr.splitlines()) >= 4
+
+
+@pytest.mark.parametrize("log_format", ["json", "text"])
+def test_run_problems_are_log_lines_on_stderr_only(tmp_path, log_format):
+    """Issue 11: `run` writes its config problems in the chosen log format, on stderr only."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BAD_CONFIG)
+    result = run_cli(
+        "run", "--config", str(bad), "--log-format", log_format, env=env_without_config()
+    )
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) >= 4
+    if log_format == "json":
+        messages = [json.loads(line)["msg"] for line in lines]
+        assert {json.loads(line)["level"] for line in lines} == {"error"}
+    else:
+        messages = [re.sub(r"^\S+ error +upgradeproxy: ", "", line) for line in lines]
+    assert problem_lines("\n".join(messages), bad) == messages
 
 
 def test_check_typo_suggests_the_nearest_key(tmp_path):
@@ -128,11 +153,14 @@ def test_run_invalid_config_exits_2_with_the_same_messages(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(BAD_CONFIG)
     checked = run_cli("check", "--config", str(bad), env=env_without_config())
-    ran = run_cli("run", "--config", str(bad), timeout=20, env=env_without_config())
+    ran = run_cli(
+        "run", "--config", str(bad), "--log-format", "json", timeout=20, env=env_without_config()
+    )
     assert ran.returncode == 2
-    assert_every_problem(ran.stdout + ran.stderr, bad)
-    check_problems = problem_lines(checked.stdout + checked.stderr, bad)
-    run_problems = problem_lines(ran.stdout + ran.stderr, bad)
+    messages = "\n".join(json.loads(line)["msg"] for line in ran.stderr.splitlines())
+    assert_every_problem(messages, bad)
+    check_problems = problem_lines(checked.stdout, bad)
+    run_problems = problem_lines(messages, bad)
     assert check_problems
     assert sorted(run_problems) == sorted(check_problems)
     assert "listening" not in ran.stderr
@@ -269,16 +297,7 @@ def wait_listening(port: int, timeout: float = 10) -> None:
             time.sleep(0.02)
 
 
-def named(name: bytes) -> Callable[[RawConn], None]:
-    def handler(conn: RawConn) -> None:
-        while True:
-            conn.read_head(timeout=30)
-            conn.send(ok_response(name))
-
-    return handler
-
-
-def get(port: int, path: bytes = b"/hello") -> tuple[int, bytes]:
+def get_on_port(port: int, path: bytes = b"/hello") -> tuple[int, bytes]:
     with raw_client(("127.0.0.1", port)) as sock:
         sock.sendall(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
         status, _, body, _ = read_response(sock)
@@ -292,7 +311,7 @@ def test_run_serves_logs_json_and_stops_on_sigterm(tmp_path, raw_upstream, run_p
     config.write_text(config_text(port, up.port))
     proxy = run_proxy(config)
     wait_listening(port)
-    assert get(port) == (200, b"from upstream")
+    assert get_on_port(port) == (200, b"from upstream")
 
     access = proxy.wait_for(lambda line: '"/hello"' in line and '"status"' in line)
     assert proxy.stop() == 0
@@ -317,7 +336,7 @@ def test_no_access_log_silences_only_the_access_log(tmp_path, raw_upstream, run_
     config.write_text(config_text(port, up.port))
     proxy = run_proxy(config, "--no-access-log")
     wait_listening(port)
-    assert get(port) == (200, b"quiet")
+    assert get_on_port(port) == (200, b"quiet")
     assert proxy.stop() == 0
     records = [json.loads(line) for line in proxy.lines if line.strip()]
     assert any(r["msg"] == "listening" for r in records)
@@ -332,7 +351,7 @@ def test_sighup_reloads_new_connections_use_new_config(tmp_path, raw_upstream, r
     config.write_text(config_text(port, first.port))
     proxy = run_proxy(config)
     wait_listening(port)
-    assert get(port) == (200, b"first")
+    assert get_on_port(port) == (200, b"first")
 
     # An established keep-alive connection, opened before the reload.
     established = raw_client(("127.0.0.1", port))
@@ -343,7 +362,7 @@ def test_sighup_reloads_new_connections_use_new_config(tmp_path, raw_upstream, r
     config.write_text(config_text(port, second.port))
     proxy.proc.send_signal(signal.SIGHUP)
     proxy.wait_for(lambda line: "reload" in line.lower(), after=mark)
-    assert get(port) == (200, b"second")
+    assert get_on_port(port) == (200, b"second")
     # Established connections are untouched: still the old config.
     established.sendall(b"GET /still HTTP/1.1\r\nHost: x\r\n\r\n")
     assert read_response(established)[2] == b"first"
@@ -355,6 +374,6 @@ def test_sighup_reloads_new_connections_use_new_config(tmp_path, raw_upstream, r
     proxy.proc.send_signal(signal.SIGHUP)
     rejected = proxy.wait_for(lambda line: "timeouts.idle" in line, after=mark)
     assert json.loads(rejected)["level"] in ("error", "warning")
-    assert get(port) == (200, b"second")
+    assert get_on_port(port) == (200, b"second")
     assert proxy.proc.poll() is None
     assert proxy.stop() == 0

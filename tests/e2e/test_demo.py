@@ -8,16 +8,9 @@ from __future__ import annotations
 
 import io
 import json
-import queue
 import re
-import signal
 import socket
-import subprocess
-import sys
-import tempfile
-import threading
 import urllib.request
-from collections.abc import Iterator
 from functools import partial
 from typing import Any
 
@@ -25,81 +18,9 @@ import pytest
 import trio
 from websockets.sync.client import connect
 
-from tests.conftest import run_cli
+from tests.conftest import DemoProcess, run_cli
 from upgradeproxy.demo import main as demo_module
 from upgradeproxy.demo.main import SelftestFailed, round_trip, selftest
-
-STARTUP_TIMEOUT = 15
-
-
-class DemoProcess:
-    """`upgradeproxy demo --port 0` in a subprocess; stdout is the banner, stderr the JSON log."""
-
-    def __init__(self, *extra: str, port: str | None = "0") -> None:
-        # A file, not a pipe: nobody reads stderr while the demo runs, and a full pipe would
-        # stall its logging. Closed in `stop()`.
-        self.stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115
-        port_args = ("--port", port) if port is not None else ()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "upgradeproxy", "demo", *port_args, "--log-format",
-             "json", *extra],
-            stdout=subprocess.PIPE, stderr=self.stderr, text=True,
-        )  # fmt: skip
-        self.banner = self._read_banner()
-        found = re.search(r"Open\s+(http://127\.0\.0\.1:(\d+)/)", self.banner)
-        upstream = re.search(r"built-in upstream 127\.0\.0\.1:(\d+)", self.banner)
-        assert found, self.banner
-        assert upstream, self.banner
-        self.url, self.port = found[1], int(found[2])
-        self.upstream_port = int(upstream[1])
-
-    def _read_banner(self) -> str:
-        """stdout up to the banner's last line, read in a thread so a hang cannot block us."""
-        lines: queue.Queue[str] = queue.Queue()
-        assert self.proc.stdout is not None
-        stdout = self.proc.stdout
-        threading.Thread(target=lambda: [lines.put(line) for line in stdout], daemon=True).start()
-        text = ""
-        while "Ctrl-C" not in text:
-            try:
-                text += lines.get(timeout=STARTUP_TIMEOUT)
-            except queue.Empty:
-                pytest.fail(f"no banner from the demo; so far:\n{text}\n{self.log_text()}")
-        return text
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
-
-    def log_text(self) -> str:
-        self.stderr.seek(0)
-        return self.stderr.read()
-
-    def log_records(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.log_text().splitlines() if line.startswith("{")]
-
-    def tunnel_records(self, path: str = "/ws") -> list[dict[str, Any]]:
-        return [r for r in self.log_records() if r.get("msg") == "tunnel" and r["path"] == path]
-
-    def interrupt(self, timeout: float = 15) -> int:
-        """SIGINT, as Ctrl-C would; returns the exit code."""
-        self.proc.send_signal(signal.SIGINT)
-        return self.proc.wait(timeout)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        assert self.proc.stdout is not None
-        self.proc.stdout.close()
-        self.stderr.close()
-
-
-@pytest.fixture
-def demo() -> Iterator[DemoProcess]:
-    process = DemoProcess()
-    yield process
-    process.stop()
 
 
 def http_get(url: str) -> tuple[int, dict[str, str], bytes]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from tests.e2e.test_demo import DemoProcess
+from tests.conftest import DemoProcess
 
 pytestmark = pytest.mark.browser
 
@@ -45,13 +45,6 @@ def chromium() -> Iterator[Browser]:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield browser
         browser.close()
-
-
-@pytest.fixture
-def demo() -> Iterator[DemoProcess]:
-    process = DemoProcess()
-    yield process
-    process.stop()
 
 
 def counter(page: Page, element_id: str) -> int:

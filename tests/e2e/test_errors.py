@@ -7,7 +7,6 @@ bytes themselves, not on the proxy's own account of what it did.
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import struct
 import threading
@@ -16,8 +15,10 @@ import time
 import pytest
 
 from tests.conftest import (
+    FAST_DRAIN,
     RawConn,
     RawUpstream,
+    assert_short_error,
     free_port,
     ok_response,
     proxy_yaml,
@@ -27,21 +28,7 @@ from tests.conftest import (
 )
 
 # Every config here drains quickly so a failing test cannot hold the fixture for 30 s.
-FAST_DRAIN = "timeouts: {drain: 1}"
-
-
 # --- helpers ----------------------------------------------------------------------------
-
-
-def assert_short_error(body: bytes) -> None:
-    """Rule 7: a short text body, never a traceback."""
-    assert len(body) < 256, body
-    assert b"Traceback" not in body
-    assert b'File "' not in body
-    with contextlib.suppress(UnicodeDecodeError):
-        body.decode("utf-8")
-        return
-    pytest.fail(f"error body is not text: {body!r}")
 
 
 def closes(sock: socket.socket, leftover: bytes | bytearray = b"", timeout: float = 5) -> bool:

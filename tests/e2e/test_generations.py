@@ -376,7 +376,8 @@ def test_rejected_upgrades_with_workers_leave_the_old_generation_serving(start, 
             proxy_config([port, held], {"web": web.port}, [("/", "web")], extra="workers: 2")
         )
         proc.kill(signal.SIGUSR2)
-        proc.wait_log(f"upgrade failed: cannot listen on {LOOPBACK}:{held}: Address already in use")
+        why = f"listen[1].address {LOOPBACK}:{held}: address already in use"
+        proc.wait_log(f"upgrade failed: {why}")
     assert http(port, "/")[0] == 200
     assert not proc.matching(lambda line: line["msg"] == "retiring: a new generation accepts")
     proc.rewrite(good)

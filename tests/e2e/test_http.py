@@ -16,6 +16,7 @@ import h11
 import pytest
 
 from tests.conftest import (
+    FAST_DRAIN,
     RawConn,
     ok_response,
     proxy_yaml,
@@ -25,7 +26,6 @@ from tests.conftest import (
     respond_ok_forever,
 )
 
-FAST_DRAIN = "timeouts: {drain: 1}"
 BIG = 8 * 1024 * 1024
 
 

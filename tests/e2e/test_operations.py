@@ -8,9 +8,7 @@ talks to it over loopback sockets and signals it with `os.kill`, as an operator 
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -30,17 +28,20 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import (
     LOOPBACK,
+    WAIT,
+    WS_ACCEPT,
+    WS_KEY,
     RawConn,
     eventually,
     free_port,
+    http,
     ok_response,
     read_response,
     read_response_head,
     refused,
     respond_ok_forever,
+    scrape,
 )
-
-WAIT = 10.0  # the bound on every wait; tests pass in a fraction of it
 
 Line = dict[str, Any]
 
@@ -162,26 +163,6 @@ def start(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
 # --- clients ---------------------------------------------------------------------------
 
 
-def http(
-    port: int, path: str = "/", *, method: str = "GET", body: bytes = b""
-) -> tuple[int, dict[bytes, bytes], bytes]:
-    """One request on a fresh connection: (status, lower-cased headers, body)."""
-    with socket.create_connection((LOOPBACK, port), timeout=WAIT) as sock:
-        sock.sendall(
-            f"{method} {path} HTTP/1.1\r\nHost: svc.test\r\nConnection: close\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n".encode()
-            + body
-        )
-        status, headers, data, _ = read_response(sock)
-    return status, headers, data
-
-
-WS_KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
-WS_ACCEPT = base64.b64encode(
-    hashlib.sha1(WS_KEY + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()
-)
-
-
 def tunnel_upstream(tag: bytes) -> Callable[[RawConn], None]:
     """An upstream that accepts the WebSocket upgrade, sends `tag`, then echoes until EOF."""
 
@@ -243,13 +224,6 @@ class Tunnel:
 
     def close(self) -> None:
         self.sock.close()
-
-
-def scrape(admin: int) -> dict[str, Any]:
-    """/metrics parsed: family name -> family."""
-    status, _, body = http(admin, "/metrics")
-    assert status == 200
-    return {f.name: f for f in text_string_to_metric_families(body.decode())}
 
 
 def total(families: dict[str, Any], name: str, **labels: str) -> float:
@@ -348,13 +322,17 @@ def test_access_log_json_lines_for_an_exchange_and_a_tunnel(start, raw_upstream)
     tunnel.close()
 
     exchange = proc.wait_log("http", method="POST")[0]
-    assert exchange | {"time": None, "duration": None} == {
+    measured = {"time": None, "duration": None, "upstream_connect": None,
+                "upstream_header": None, "request_id": None, "user_agent": None}  # fmt: skip
+    assert exchange | measured == {
         "time": None, "level": "info", "logger": "upgradeproxy.access", "msg": "http",
         "client": LOOPBACK, "method": "POST", "host": "svc.test", "path": "/http/form",
         "route": "*/http", "upstream": "web", "server": f"{LOOPBACK}:{web.port}",
-        "status": 200, "bytes_in": 5, "bytes_out": 9, "duration": None, "kind": "http",
+        "status": 200, "bytes_in": 5, "bytes_out": 9, "kind": "http", **measured,
         "pid": proc.popen.pid,
     }  # fmt: skip
+    assert re.fullmatch(r"[0-9a-f]{32}", exchange["request_id"])
+    assert 0 <= exchange["upstream_connect"] <= exchange["upstream_header"]
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", exchange["time"])
     assert isinstance(exchange["duration"], float)
     closed = proc.wait_log("tunnel")[0]
@@ -601,6 +579,11 @@ def test_killed_worker_is_replaced_and_totals_survive(start, raw_upstream):
     # Enough that both workers hold some (all on one: a 2**-19 chance).
     tunnels = [Tunnel(port, "/ws") for _ in range(20)]
     assert eventually(lambda: total(scrape(admin), "upgradeproxy_tunnels_active") == 20)
+    assert eventually(lambda: total(scrape(admin), "upgradeproxy_connections_active") == 20)
+    # process_* per live worker, labelled with its pid (issue 11).
+    memory = scrape(admin)["process_resident_memory_bytes"].samples
+    assert {s.labels["pid"] for s in memory} == {str(pid) for pid in pids.values()}
+    assert all(s.value > 0 for s in memory)
 
     os.kill(pids[0], signal.SIGKILL)
     proc.wait_log("worker died: replacing it", worker=0)
@@ -614,6 +597,11 @@ def test_killed_worker_is_replaced_and_totals_survive(start, raw_upstream):
     for i in range(10):
         assert http(port, f"/after{i}")[0] == 200
     assert eventually(lambda: total(scrape(admin), "upgradeproxy_tunnels_active") == len(alive))
+    # Gauges count live workers only; counters keep what the dead one counted (below).
+    active = "upgradeproxy_connections_active"
+    assert eventually(lambda: total(scrape(admin), active) == len(alive))
+    memory = scrape(admin)["process_resident_memory_bytes"].samples
+    assert {s.labels["pid"] for s in memory} == {str(pids[1]), str(fresh)}
     expected = 10 + len(tunnels) + 10  # the 101s count as exchanges too
     assert eventually(lambda: total(scrape(admin), "upgradeproxy_requests_total") == expected)
 
@@ -682,5 +670,5 @@ def test_port_in_use_with_workers_exits_1_before_any_worker_starts(start, raw_up
         text = proxy_config([port], {"web": web.port}, [("/", "web")], extra="workers: 2")
         proc = start(text, ready=False)
         assert proc.wait_exit() == 1
-    proc.wait_log(f"cannot start: cannot listen on {LOOPBACK}:{port}: Address already in use")
+    proc.wait_log(f"cannot start: listen[0].address {LOOPBACK}:{port}: address already in use")
     assert not proc.matching(lambda line: line["msg"] == "worker ready")

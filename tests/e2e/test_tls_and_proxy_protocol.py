@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import socket
 import ssl
-import struct
 
 import pytest
 import trustme
 from websockets.sync.client import connect
 
-from tests.conftest import read_response, respond_ok_forever
-
-
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
+from tests.conftest import proxy_v2_header, read_response, respond_ok_forever
 
 
 @pytest.fixture
@@ -126,12 +120,7 @@ routes: [{{upstream: app}}]
         pytest.param(b"PROXY TCP4 203.0.113.7 127.0.0.1 51000 80\r\n", "203.0.113.7", id="v1-ipv4"),
         pytest.param(b"PROXY TCP6 2001:db8::1 ::1 51000 80\r\n", "2001:db8::1", id="v1-ipv6"),
         pytest.param(
-            b"\r\n\r\n\x00\r\nQUIT\n"
-            + bytes([0x21, 0x11])
-            + struct.pack("!H", 12)
-            + socket.inet_aton("198.51.100.9")
-            + socket.inet_aton("127.0.0.1")
-            + struct.pack("!HH", 40000, 80),
+            proxy_v2_header("198.51.100.9", 80),
             "198.51.100.9",
             id="v2-ipv4",
         ),
@@ -177,3 +166,48 @@ routes: [{{upstream: app}}]
         status, _, _, _ = read_response(sock)
     assert status == 200
     assert b"X-Forwarded-For: ::1\r\n" in up.accept().heads[0]
+
+
+@pytest.mark.parametrize("together", [False, True], ids=["header-alone", "header-with-hello"])
+@pytest.mark.parametrize(
+    ("header", "client_ip"),
+    [
+        pytest.param(b"PROXY TCP4 203.0.113.7 127.0.0.1 51000 443\r\n", "203.0.113.7", id="v1"),
+        pytest.param(proxy_v2_header("198.51.100.9"), "198.51.100.9", id="v2"),
+    ],
+)
+def test_proxy_protocol_then_tls_then_websocket(
+    make_proxy, ws_upstream, ca, proxy_cert, header, client_ip, together
+):
+    """A PROXY header, then a TLS handshake, then a WebSocket upgrade on one connection: the
+    upstream sees the PROXY source as X-Forwarded-For and https as the scheme.
+
+    `header-with-hello` corks the socket (TCP_CORK) until the ClientHello is written, so both
+    leave in one segment and the proxy's first read holds TLS bytes past the header.
+    """
+    if together and not hasattr(socket, "TCP_CORK"):
+        pytest.skip("TCP_CORK is Linux-only")
+    up = ws_upstream()
+    cert, key = proxy_cert
+    proxy = make_proxy(f"""
+listen:
+  - address: "127.0.0.1:0"
+    proxy_protocol: true
+    tls: {{cert: "{cert}", key: "{key}"}}
+upstreams: {{app: {{servers: ["127.0.0.1:{up.port}"]}}}}
+routes: [{{upstream: app}}]
+""")
+    sock = socket.create_connection(proxy.address, timeout=5)
+    if together:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+    sock.sendall(header)
+    tls = _client_ctx(ca).wrap_socket(sock, server_hostname="127.0.0.1")  # the handshake
+    if together:
+        tls.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+    # A ws:// URI over the TLS socket: websockets speaks the upgrade over what it is given.
+    with connect(proxy.url("/pp-tls"), sock=tls, proxy=None) as ws:
+        ws.send("through proxy protocol and tls")
+        assert ws.recv() == "through proxy protocol and tls"
+    headers = up.requests[0].headers
+    assert headers.get_all("X-Forwarded-For") == [client_ip]
+    assert headers["X-Forwarded-Proto"] == "https"

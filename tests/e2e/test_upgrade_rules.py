@@ -15,18 +15,24 @@ import pytest
 
 from tests.conftest import (
     QUIET,
+    SWITCH_WS,
+    WS_ACCEPT,
+    WS_KEY,
     RawConn,
+    elements,
+    names,
     ok_response,
+    parse_head,
     proxy_yaml,
     quiet_read,
-    raw_client,
     read_response,
     read_response_head,
     recv_exactly,
+    status_of,
+    values,
+    ws_request,
 )
 
-KEY = b"dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455 §1.3
-ACCEPT = b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
 HOST = b"app.example"
 # A masked client text frame "Hello" (RFC 6455 §5.7) and an unmasked server one.
 CLIENT_FRAME = b"\x81\x85\x37\xfa\x21\x3d\x7f\x9f\x4d\x51\x58"
@@ -34,10 +40,6 @@ SERVER_FRAME = b"\x81\x05Hello"
 H2_SETTINGS = b"AAMAAABkAARAAAAAAAIAAAAA"
 H2_SERVER_PREFACE = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # an empty SETTINGS frame
 
-SWITCH_WS = (
-    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-    b"Sec-WebSocket-Accept: " + ACCEPT + b"\r\n\r\n"
-)
 SWITCH_H2C = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
 
 
@@ -54,51 +56,6 @@ def request(
 ) -> bytes:
     head = [method + b" " + target + b" HTTP/1.1", b"Host: " + HOST, *lines]
     return b"\r\n".join(head) + b"\r\n\r\n" + body
-
-
-def ws_request(
-    *extra: bytes,
-    target: bytes = b"/chat",
-    method: bytes = b"GET",
-    upgrade: bytes = b"websocket",
-    connection: bytes = b"Upgrade",
-    body: bytes = b"",
-) -> bytes:
-    """A complete RFC 6455 opening handshake (plus `extra` header lines)."""
-    return request(
-        b"Connection: " + connection,
-        b"Upgrade: " + upgrade,
-        b"Sec-WebSocket-Key: " + KEY,
-        b"Sec-WebSocket-Version: 13",
-        *extra,
-        target=target,
-        method=method,
-        body=body,
-    )
-
-
-def parse_head(head: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
-    """(start line, [(name, value)]) with names as sent and values stripped."""
-    lines = head.rstrip(b"\r\n").split(b"\r\n")
-    fields = []
-    for line in lines[1:]:
-        name, _, value = line.partition(b":")
-        fields.append((name, value.strip()))
-    return lines[0], fields
-
-
-def values(head: bytes, name: bytes) -> list[bytes]:
-    """Every value of `name` (case-insensitive), in order."""
-    return [v for n, v in parse_head(head)[1] if n.lower() == name.lower()]
-
-
-def elements(head: bytes, name: bytes) -> list[bytes]:
-    """The comma-separated elements of every `name` field."""
-    return [e.strip() for v in values(head, name) for e in v.split(b",") if e.strip()]
-
-
-def names(head: bytes) -> set[bytes]:
-    return {n.lower() for n, _ in parse_head(head)[1]}
 
 
 def assert_nothing_more(conn, wait: float = QUIET) -> None:
@@ -121,10 +78,6 @@ def no_new_connection(up, count: int, wait: float = QUIET) -> None:
     assert len(up.conns) == count, "the proxy opened another upstream connection"
 
 
-def status_of(head: bytes) -> int:
-    return int(head.split(b" ", 2)[1])
-
-
 def assert_no_upgrade_offer(head: bytes) -> None:
     """A plain request upstream: no Upgrade, no `upgrade` in Connection, no HTTP2-Settings."""
     assert b"upgrade" not in names(head), head
@@ -135,21 +88,6 @@ def assert_no_upgrade_offer(head: bytes) -> None:
 def assert_offer(head: bytes, protocols: list[bytes]) -> None:
     assert [t.lower() for t in elements(head, b"connection")] == [b"upgrade"], head
     assert elements(head, b"upgrade") == protocols, head
-
-
-@pytest.fixture
-def client():
-    """`client(proxy)`: a raw client socket, closed at teardown."""
-    socks: list[socket.socket] = []
-
-    def make(proxy) -> socket.socket:
-        s = raw_client(proxy.address)
-        socks.append(s)
-        return s
-
-    yield make
-    for s in socks:
-        s.close()
 
 
 # --- rule 1: upgrade pass-through ------------------------------------------------------
@@ -207,7 +145,7 @@ def test_upgrade_without_connection_upgrade_is_not_an_offer(make_proxy, raw_upst
     conn = up.accept()
     head = conn.read_head()
     assert_no_upgrade_offer(head)
-    assert values(head, b"sec-websocket-key") == [KEY]
+    assert values(head, b"sec-websocket-key") == [WS_KEY]
     conn.send(ok_response(b"plain"))
     status, headers, body, _ = read_response(c)
     assert (status, body) == (200, b"plain")
@@ -250,7 +188,7 @@ def test_route_allow_list(make_proxy, raw_upstream, client, allow, offered, expe
         assert recv_exactly(c, 9, buf) == b"spdy-down"
     else:
         assert_no_upgrade_offer(head)
-        assert values(head, b"sec-websocket-key") == [KEY]  # end-to-end, kept
+        assert values(head, b"sec-websocket-key") == [WS_KEY]  # end-to-end, kept
         conn.send(ok_response(b"plain"))
         status, headers, body, _ = read_response(c)
         assert (status, body) == (200, b"plain")
@@ -299,14 +237,14 @@ def test_websocket_get_without_key_is_not_offered(make_proxy, raw_upstream, clie
         ),
         pytest.param(
             [
-                b"Sec-WebSocket-Key: " + KEY,
-                b"Sec-WebSocket-Key: " + KEY,
+                b"Sec-WebSocket-Key: " + WS_KEY,
+                b"Sec-WebSocket-Key: " + WS_KEY,
                 b"Sec-WebSocket-Version: 13",
             ],
             id="two-keys",
         ),
         pytest.param(
-            [b"Sec-WebSocket-Key: " + KEY, b"Sec-WebSocket-Version: x"], id="version-not-numeric"
+            [b"Sec-WebSocket-Key: " + WS_KEY, b"Sec-WebSocket-Version: x"], id="version-not-numeric"
         ),
     ],
 )
@@ -341,7 +279,7 @@ def test_real_101_switches_and_bytes_flow(make_proxy, raw_upstream, client):
     assert status_of(head) == 101
     assert elements(head, b"upgrade") == [b"websocket"]
     assert [t.lower() for t in elements(head, b"connection")] == [b"upgrade"]
-    assert values(head, b"sec-websocket-accept") == [ACCEPT]
+    assert values(head, b"sec-websocket-accept") == [WS_ACCEPT]
     assert values(head, b"sec-websocket-protocol") == [b"chat"]
     c.sendall(CLIENT_FRAME)
     assert conn.read_exactly(len(CLIENT_FRAME)) == CLIENT_FRAME
@@ -377,12 +315,12 @@ def assert_502_and_no_tunnel(c, conn, leaked: bytes) -> None:
         ),
         pytest.param(
             b"websocket",
-            SWITCH_WS.replace(ACCEPT, b"AAAAAAAAAAAAAAAAAAAAAAAAAAA="),
+            SWITCH_WS.replace(WS_ACCEPT, b"AAAAAAAAAAAAAAAAAAAAAAAAAAA="),
             id="bad-accept",
         ),
         pytest.param(
             b"websocket",
-            SWITCH_WS.replace(b"Sec-WebSocket-Accept: " + ACCEPT + b"\r\n", b""),
+            SWITCH_WS.replace(b"Sec-WebSocket-Accept: " + WS_ACCEPT + b"\r\n", b""),
             id="missing-accept",
         ),
         pytest.param(
@@ -630,7 +568,7 @@ def test_cve_2019_17567_no_tunnel_without_101(make_proxy, raw_upstream, client):
     backend.read_head()
     backend.send(
         b"HTTP/1.1 200 OK\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Accept: " + ACCEPT + b"\r\nContent-Length: 0\r\n\r\n"
+        b"Sec-WebSocket-Accept: " + WS_ACCEPT + b"\r\nContent-Length: 0\r\n\r\n"
     )
     status, headers, _, buf = read_response(c)
     assert status == 200

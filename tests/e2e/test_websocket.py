@@ -30,13 +30,17 @@ from websockets.exceptions import ConnectionClosed
 from websockets.extensions.permessage_deflate import PerMessageDeflate
 from websockets.sync.client import connect
 
-from tests.conftest import RawConn, eventually, proxy_yaml, raw_client, read_response_head
+from tests.conftest import (
+    WAIT,
+    WS_GUID,
+    RawConn,
+    eventually,
+    proxy_yaml,
+    raw_client,
+    read_response_head,
+)
 
 MiB = 1 << 20
-WAIT = 10  # seconds: the bound on any single wait in this file
-WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-
-
 # --- helpers ---------------------------------------------------------------------------
 
 

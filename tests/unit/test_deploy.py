@@ -1,16 +1,31 @@
-"""The shipped configs and manifests agree with the loader and with each other."""
+"""The shipped configs, the Dockerfile and the systemd unit agree with the loader and each other.
+
+The Kubernetes manifests have their own file, tests/unit/test_kubernetes.py.
+"""
 
 from __future__ import annotations
 
+import json
+import re
+import shlex
+import tomllib
 from pathlib import Path
 
 import pytest
 import yaml
 
-from upgradeproxy.config.loader import load_config, parse_config
+from upgradeproxy.config.loader import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = sorted([*ROOT.glob("config/*.yaml"), ROOT / "deploy" / "pool.yaml"])
+CONFIGS = sorted(
+    [
+        *ROOT.glob("config/*.yaml"),
+        ROOT / "deploy" / "pool.yaml",
+        ROOT / "deploy" / "container.yaml",
+        *ROOT.glob("deploy/kubernetes/*/upgradeproxy.yaml"),
+    ]
+)
+DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
@@ -19,49 +34,156 @@ def test_shipped_configs_pass_check(path: Path) -> None:
     load_config(str(path))
 
 
-def _sidecar() -> list[dict]:
-    return list(yaml.safe_load_all((ROOT / "deploy/kubernetes/sidecar.yaml").read_text()))
-
-
-def test_sidecar_config_map_is_valid_and_matches_probes() -> None:
-    """The ConfigMap's config loads, and the probes hit its admin port within the drain."""
-    docs = {doc["kind"]: doc for doc in _sidecar()}
-    config = parse_config(docs["ConfigMap"]["data"]["upgradeproxy.yaml"], "sidecar.yaml")
-    assert config.admin is not None
-    pod = docs["Deployment"]["spec"]["template"]["spec"]
-    proxy = next(c for c in pod["containers"] if c["name"] == "upgradeproxy")
-    ports = {p["name"]: p["containerPort"] for p in proxy["ports"]}
-    assert ports["admin"] == config.admin.address.port
-    assert ports["http"] == config.listeners[0].address.port
-    assert proxy["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    assert proxy["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    # SIGKILL must not come before open tunnels had their drain time.
-    timeouts = config.timeouts
-    assert pod["terminationGracePeriodSeconds"] > timeouts.drain_delay + timeouts.drain
-    # The proxy still accepts until the probe has seen 503 enough times to take it out.
-    probe = proxy["readinessProbe"]
-    assert timeouts.drain_delay > probe["periodSeconds"] * probe["failureThreshold"]
-
-
-def _unit(name: str) -> dict[str, list[str]]:
-    """A systemd unit file as key -> values (a key may repeat), sections flattened."""
-    found: dict[str, list[str]] = {}
-    for line in (ROOT / "deploy" / "systemd" / name).read_text().splitlines():
-        if "=" in line and not line.startswith(("#", "[")):
-            key, value = line.split("=", 1)
-            found.setdefault(key.strip(), []).append(value.strip())
+def _instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) per Dockerfile instruction, continuation lines joined."""
+    text = re.sub(r"\\\n\s*", " ", path.read_text())
+    found = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            found.append((word.upper(), rest.strip()))
     return found
 
 
-def test_systemd_service_follows_the_new_pid_and_outlasts_the_drain() -> None:
-    """Type=notify + NotifyAccess=all (the new process of a SIGUSR2 reports MAINPID), reload
-    is SIGHUP to the main pid, and the stop timeout covers the example config's drain."""
-    unit = _unit("upgradeproxy.service")
-    assert unit["Type"] == ["notify"]
-    assert unit["NotifyAccess"] == ["all"]
-    assert unit["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
-    timeouts = load_config(str(ROOT / "config" / "upgradeproxy.yaml")).timeouts
-    assert int(unit["TimeoutStopSec"][0]) > timeouts.drain_delay + timeouts.drain
+def _only(path: Path, instruction: str) -> str:
+    values = [rest for word, rest in _instructions(path) if word == instruction]
+    assert len(values) == 1, f"{path.name}: expected one {instruction}, found {values}"
+    return values[0]
+
+
+def dockerfile_facts() -> dict[str, object]:
+    """What the manifests must agree with: user, ports, config path, health-check URL."""
+    cmd = json.loads(_only(DOCKERFILE, "CMD"))
+    health = _only(DOCKERFILE, "HEALTHCHECK")
+    url = re.search(r"http://127\.0\.0\.1:(\d+)(/\w+)", health)
+    assert url is not None, f"HEALTHCHECK asks no local URL: {health}"
+    return {
+        "user": int(_only(DOCKERFILE, "USER")),
+        "ports": {int(p) for p in _only(DOCKERFILE, "EXPOSE").split()},
+        "config": cmd[cmd.index("--config") + 1],
+        "health_port": int(url.group(1)),
+        "health_path": url.group(2),
+    }
+
+
+def test_dockerfile_copy_sources_exist() -> None:
+    """Every COPY source is in the repository, which is the build context."""
+    copies = [shlex.split(rest) for word, rest in _instructions(DOCKERFILE) if word == "COPY"]
+    assert copies
+    for args in copies:
+        sources = [a for a in args[:-1] if not a.startswith("--")]
+        for source in sources:
+            assert (ROOT / source).exists(), f"COPY {source}: not in the repository"
+
+
+def test_dockerfile_runs_non_root_drains_on_sigterm_and_checks_healthz() -> None:
+    facts = dockerfile_facts()
+    assert facts["user"] != 0
+    assert _only(DOCKERFILE, "STOPSIGNAL") == "SIGTERM"
+    assert "slim" in _only(DOCKERFILE, "FROM")
+    assert facts["health_path"] == "/healthz"
+
+
+def test_image_config_matches_expose_and_healthcheck() -> None:
+    """The config the image carries listens on the EXPOSEd ports; /healthz is on its admin port."""
+    facts = dockerfile_facts()
+    copied = {
+        args[-1]: args[-2]
+        for word, rest in _instructions(DOCKERFILE)
+        if word == "COPY"
+        for args in [shlex.split(rest)]
+    }
+    assert facts["config"] in copied, "CMD's --config is not a file the image COPYs"
+    config = load_config(str(ROOT / copied[str(facts["config"])]))
+    assert config.admin is not None
+    listening = {listener.address.port for listener in config.listeners}
+    assert facts["ports"] == {*listening, config.admin.address.port}
+    assert facts["health_port"] == config.admin.address.port
+
+
+def test_systemd_unit_waits_longer_than_the_drain_and_signals_the_main_process() -> None:
+    unit = (ROOT / "deploy/systemd/upgradeproxy.service").read_text()
+    settings = dict(
+        line.split("=", 1) for line in unit.splitlines() if "=" in line and line[:1].isalpha()
+    )
+    config_path = shlex.split(settings["ExecStart"])[-3]
+    assert config_path == dockerfile_facts()["config"]
+    timeouts = load_config(str(ROOT / "config/upgradeproxy.yaml")).timeouts
+    assert int(settings["TimeoutStopSec"]) > timeouts.drain_delay + timeouts.drain
+    assert settings["KillMode"] == "mixed"
+    # After a SIGUSR2 with `workers: 1` the new process reports MAINPID=; systemd follows it.
+    assert (settings["Type"], settings["NotifyAccess"]) == ("notify", "all")
+    assert settings["ExecReload"] == "/bin/kill -HUP $MAINPID"
+
+
+def test_prometheus_jobs_scrape_the_example_admin_port_and_the_pod_annotations() -> None:
+    jobs = {
+        job["job_name"]: job
+        for job in yaml.safe_load((ROOT / "deploy/prometheus.yml").read_text())["scrape_configs"]
+    }
+    admin = load_config(str(ROOT / "config/upgradeproxy.yaml")).admin
+    assert admin is not None
+    assert jobs["upgradeproxy"]["static_configs"][0]["targets"] == [str(admin.address)]
+    read = {
+        label.removeprefix("__meta_kubernetes_pod_annotation_")
+        for rule in jobs["kubernetes-pods"]["relabel_configs"]
+        for label in rule["source_labels"]
+        if label.startswith("__meta_kubernetes_pod_annotation_")
+    }
+    # prometheus.io/scrape, /port and /path, as Prometheus spells annotation names; the
+    # Deployments carry them (tests/unit/test_kubernetes.py checks their values).
+    assert read == {"prometheus_io_scrape", "prometheus_io_port", "prometheus_io_path"}
+
+
+# --- packaging (issue 11, item 7) --------------------------------------------------------
+
+
+def _normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_lock_pins_every_runtime_dependency() -> None:
+    """requirements.lock pins (==) each dependency pyproject.toml declares, at a version its
+    range allows."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    lines = (ROOT / "requirements.lock").read_text().splitlines()
+    pins = dict(line.split("==") for line in lines if line.strip() and not line.startswith("#"))
+    pinned = {_normalized(name): version for name, version in pins.items()}
+    for requirement in project["dependencies"]:
+        name, floor = re.fullmatch(r"([A-Za-z0-9_.-]+)>=([0-9.]+)", requirement).groups()
+        version = pinned[_normalized(name)]
+        assert _version(version) >= _version(floor), (name, version, floor)
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"[0-9]+", text)[:3])
+
+
+def test_dockerfile_installs_from_the_lock() -> None:
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    assert "requirements.lock" in dockerfile
+    assert re.search(r"pip install .*-c requirements\.lock", dockerfile)
+
+
+def test_systemd_unit_needs_no_user_to_be_created() -> None:
+    unit = (ROOT / "deploy" / "systemd" / "upgradeproxy.service").read_text()
+    readme = (ROOT / "README.md").read_text()
+    user = re.search(r"^User=(\S+)", unit, re.M)
+    assert "DynamicUser=yes" in unit or (user and "useradd --system" in readme)
+
+
+def test_the_contract_and_the_changelog_live_in_the_repository() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert "../shared" not in readme
+    assert "(docs/interface.md)" in readme
+    contract = (ROOT / "docs" / "interface.md").read_text()
+    assert contract.splitlines()[0].startswith("> This is upgradeproxy's external contract")
+    assert "## Operations additions" in contract
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    versions = re.split(r"^## ", changelog, flags=re.M)[1:]
+    assert [v.splitlines()[0] for v in versions][:2] == ["Unreleased", "0.1.0"]
+    assert all("### Upgrading" in v for v in versions)
 
 
 def test_systemd_socket_unit_listens_where_the_example_config_does() -> None:
@@ -70,7 +192,12 @@ def test_systemd_socket_unit_listens_where_the_example_config_does() -> None:
     config = load_config(str(ROOT / "config" / "upgradeproxy.yaml"))
     addresses = {str(listener.address) for listener in config.listeners}
     addresses |= {str(config.admin.address)} if config.admin else set()
-    unit = _unit("upgradeproxy.socket")
-    assert set(unit["ListenStream"]) == addresses
-    assert unit["Accept"] == ["no"]
-    assert unit["Service"] == ["upgradeproxy.service"]
+    unit = (ROOT / "deploy" / "systemd" / "upgradeproxy.socket").read_text()
+    settings: dict[str, list[str]] = {}
+    for line in unit.splitlines():
+        if "=" in line and line[:1].isalpha():
+            key, value = line.split("=", 1)
+            settings.setdefault(key, []).append(value)
+    assert set(settings["ListenStream"]) == addresses
+    assert settings["Accept"] == ["no"]
+    assert settings["Service"] == ["upgradeproxy.service"]

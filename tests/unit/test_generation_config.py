@@ -34,9 +34,10 @@ def test_zero_and_positive_durations_are_accepted(
 @pytest.mark.parametrize(
     ("value", "why"),
     [
-        ("-1", "expected a duration of 0 or more (0 turns it off), found the number -1"),
-        ("-0.5", "expected a duration of 0 or more (0 turns it off), found the number -0.5"),
-        ("'-5s'", "expected a duration in seconds (5, 2.5) or a string like"),
+        ("-1", "expected a duration of zero or more, found the number -1"),
+        ("-0.5", "expected a duration of zero or more, found the number -0.5"),
+        ("'-5s'", "expected a duration of zero or more, found the string '-5s'"),
+        ("5M", "units are case-sensitive: did you mean '5m'?"),
         ("5x", "found the string '5x'"),
         ("true", "found the boolean true"),
         ("[5]", "found a list"),

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from upgradeproxy.config.loader import parse_config
-from upgradeproxy.rules.errors import BadRequest, MethodNotAllowed, NoRoute, ProxyError
+from upgradeproxy.rules.errors import (
+    BadRequest,
+    MethodNotAllowed,
+    NoRoute,
+    OriginRefused,
+    ProxyError,
+)
 from upgradeproxy.rules.plan import Head, Origin, body_framing, locate, log_fields, plan
 from upgradeproxy.rules.routing import Router
 
@@ -180,3 +186,125 @@ def test_every_rejection_is_a_proxy_error():
     for h in (head(version=b"0.9"), head(b"nope", [(b"Host", b"x")])):
         with pytest.raises(ProxyError):
             make_plan(h)
+
+
+# --- rule 12: allowed_origins --------------------------------------------------------------
+
+ORIGINS = parse_config(
+    """
+listen: [{address: "127.0.0.1:0"}]
+upstreams: {app: {servers: ["127.0.0.1:9000"]}}
+routes:
+  - {path_prefix: "/ws", upstream: app, allowed_origins: ["https://chat.example.com"]}
+  - {path_prefix: "/none", upstream: app, upgrade: [], allowed_origins: []}
+  - {upstream: app}
+"""
+)
+
+
+def origin_plan(target: bytes, extra: list[tuple[bytes, bytes]], ws: bool = True):
+    h = head(target, [(b"Host", b"x"), *(WS if ws else []), *extra])
+    return plan(h, locate(h, Router(ORIGINS.routes)), CLIENT, ORIGINS)
+
+
+@pytest.mark.parametrize(
+    ("target", "extra", "ws", "refused"),
+    [
+        pytest.param(b"/ws", [(b"Origin", b"https://chat.example.com")], True, False, id="allowed"),
+        pytest.param(b"/ws", [(b"Origin", b"https://evil.example")], True, True, id="refused"),
+        pytest.param(b"/ws", [(b"Origin", b"null")], True, True, id="null"),
+        pytest.param(b"/ws", [(b"Origin", b"\x00\xff garbage")], True, True, id="garbage"),
+        pytest.param(b"/ws", [], True, False, id="no-origin-not-a-browser"),
+        pytest.param(b"/ws", [(b"Origin", b"https://evil.example")], False, False, id="plain-http"),
+        pytest.param(b"/none", [(b"Origin", b"https://evil.example")], True, False, id="stripped"),
+        pytest.param(b"/", [(b"Origin", b"https://evil.example")], True, False, id="no-list"),
+    ],
+)
+def test_origin_is_checked_only_on_upgrades_that_go_upstream(target, extra, ws, refused):
+    if refused:
+        with pytest.raises(OriginRefused) as info:
+            origin_plan(target, extra, ws)
+        assert (info.value.status, info.value.kind) == (403, "origin")
+        assert "*/ws" in info.value.detail
+    else:
+        origin_plan(target, extra, ws)
+
+
+# --- request ids, client certificates, log extras (issue 11) ------------------------------
+
+from dataclasses import replace  # noqa: E402
+
+from upgradeproxy.rules.plan import log_extras, request_id, request_line, with_request_id  # noqa: E402
+
+TRUSTED = Origin("10.1.2.3", b"http")
+
+
+def fresh() -> bytes:
+    return b"f" * 32
+
+
+@pytest.mark.parametrize(
+    ("headers", "origin", "enabled", "expected"),
+    [
+        pytest.param([(b"X-Request-ID", b"abc")], TRUSTED, True, b"abc", id="trusted-passes"),
+        pytest.param([(b"x-request-id", b"abc")], CLIENT, True, b"f" * 32, id="untrusted-fresh"),
+        pytest.param([], TRUSTED, True, b"f" * 32, id="trusted-without-one-fresh"),
+        pytest.param([(b"X-Request-ID", b"")], TRUSTED, True, b"f" * 32, id="trusted-empty-fresh"),
+        pytest.param([(b"X-Request-ID", b"abc")], TRUSTED, False, None, id="turned-off"),
+    ],
+)
+def test_request_id_decision(headers, origin, enabled, expected) -> None:
+    config = replace(CONFIG, request_id=enabled)
+    assert request_id(headers, origin, config, fresh) == expected
+
+
+@pytest.mark.parametrize(
+    ("rid", "origin", "expected"),
+    [
+        pytest.param(b"r1", CLIENT, [(b"X-Request-ID", b"r1")], id="ours-replaces-client-id"),
+        pytest.param(None, CLIENT, [(b"X-Request-ID", b"client")], id="off-passes-client-id"),
+        pytest.param(
+            None, Origin("192.0.2.7", b"https", "CN=alice,O=Example"),
+            [(b"X-Request-ID", b"client"), (b"X-Client-Cert-Subject", b"CN=alice,O=Example")],
+            id="verified-subject-replaces-client-one",
+        ),
+    ],
+)  # fmt: skip
+def test_proxy_owned_headers_upstream(rid, origin, expected) -> None:
+    h = head(b"/", [(b"Host", b"a"), (b"X-Request-ID", b"client"),
+                    (b"X-Client-Cert-Subject", b"CN=forged")])  # fmt: skip
+    sent = plan(h, locate(h, ROUTER), origin, CONFIG, rid).headers
+    ours = [(n, v) for n, v in sent if n.lower() in (b"x-request-id", b"x-client-cert-subject")]
+    assert ours == expected
+
+
+@pytest.mark.parametrize(
+    ("buf", "expected"),
+    [
+        pytest.param(b"GET /a?b HTTP/1.1\r\nHost: x\r\n\r\n", ("GET", "/a"), id="crlf"),
+        pytest.param(b"POST /u HTTP/1.0\n", ("POST", "/u"), id="bare-lf"),
+        pytest.param(b"GET /a HTTP/1.1", ("", ""), id="line-not-complete"),
+        pytest.param(b"GET  /a HTTP/1.1\r\n", ("", ""), id="two-spaces"),
+        pytest.param(b"\x16\x03\x01\x02\x00", ("", ""), id="tls-hello"),
+        pytest.param(b"", ("", ""), id="empty"),
+    ],
+)
+def test_request_line_for_the_log(buf: bytes, expected: tuple[str, str]) -> None:
+    assert request_line(buf) == expected
+
+
+def test_log_extras_query_only_when_configured() -> None:
+    h = head(b"/ws?token=t", [(b"User-Agent", b"ua/1"), (b"Host", b"a")])
+    assert log_extras(h, CONFIG) == (None, "ua/1")
+    on = replace(CONFIG, access_log=replace(CONFIG.access_log, query=True))
+    assert log_extras(h, on) == ("token=t", "ua/1")
+    assert log_extras(head(b"/", []), on) == ("", "")
+
+
+def test_response_gets_the_request_id_in_place_of_an_upstream_one() -> None:
+    headers = [(b"Content-Length", b"0"), (b"x-request-id", b"theirs")]
+    assert with_request_id(headers, b"ours") == [
+        (b"Content-Length", b"0"),
+        (b"X-Request-ID", b"ours"),
+    ]
+    assert with_request_id(headers, None) == headers

@@ -22,7 +22,7 @@ from upgradeproxy.report.telemetry import DURATION_BUCKETS, MULTIPROC_ENV, Excha
 CONTRACT = {
     "upgradeproxy_requests": ("counter", {"route", "code"}),
     "upgradeproxy_upgrades": ("counter", {"route", "protocol", "result"}),
-    "upgradeproxy_tunnels_active": ("gauge", set()),
+    "upgradeproxy_tunnels_active": ("gauge", {"route", "protocol"}),
     "upgradeproxy_tunnel_bytes": ("counter", {"direction"}),
     "upgradeproxy_upstream_errors": ("counter", {"upstream", "kind"}),
     "upgradeproxy_request_duration_seconds": ("histogram", set()),
@@ -36,6 +36,9 @@ def exchange(route: str = "*/", status: int = 200, duration: float = 0.02) -> Ex
     )  # fmt: skip
 
 
+TUNNEL = ExchangeRecord(client="c", route="*/ws", protocol="websocket", kind="tunnel")
+
+
 def feed(t: Telemetry) -> None:
     """One of every hook, as the exchange code calls them."""
     t.exchange_done(exchange(status=200, duration=0.003))
@@ -43,7 +46,7 @@ def feed(t: Telemetry) -> None:
     t.exchange_done(exchange(route="*/ws", status=101, duration=20.0))
     t.upgrade("*/ws", "websocket", "switched")
     t.upstream_error("app", "connect")
-    t.tunnel_opened()
+    t.tunnel_opened(TUNNEL)
     t.tunnel_moved("up", 11)
     t.tunnel_moved("down", 7)
 
@@ -101,7 +104,7 @@ def test_counter_values_by_label():
     assert value(text, "upgradeproxy_upstream_errors_total", upstream="app", kind="connect") == 1
     assert value(text, "upgradeproxy_tunnel_bytes_total", direction="up") == 11
     assert value(text, "upgradeproxy_tunnel_bytes_total", direction="down") == 7
-    assert value(text, "upgradeproxy_tunnels_active") == 1
+    assert value(text, "upgradeproxy_tunnels_active", route="*/ws", protocol="websocket") == 1
 
 
 def test_duration_histogram_buckets_are_cumulative_and_end_in_inf():
@@ -134,8 +137,8 @@ def test_properties_read_this_process_values():
     t = Telemetry()
     assert (t.tunnels_active, t.tunnel_bytes) == (0, {"up": 0, "down": 0})
     feed(t)
-    t.tunnel_opened()
-    t.tunnel_closed(ExchangeRecord(client="c", kind="tunnel"))
+    t.tunnel_opened(ExchangeRecord(client="c", route="*/", protocol="SPDY/3.1"))
+    t.tunnel_closed(ExchangeRecord(client="c", route="*/", protocol="spdy/3.1"))
     assert (t.tunnels_active, t.tunnel_bytes) == (1, {"up": 11, "down": 7})
 
 
@@ -155,7 +158,7 @@ _WORKER = textwrap.dedent(
     t = Telemetry()
     for _ in range({n}):
         t.exchange_done(ExchangeRecord(client="c", route="*/", status=200, duration=0.01))
-    t.tunnel_opened()
+    t.tunnel_opened(ExchangeRecord(client="c", route="*/", protocol="websocket"))
     t.tunnel_moved("up", {n})
     print(os.getpid())
     """
@@ -182,11 +185,11 @@ def test_multiprocess_render_sums_workers_and_drops_dead_gauges(tmp_path, monkey
     assert value(text, "upgradeproxy_requests_total", route="*/", code="200") == 7
     assert value(text, "upgradeproxy_request_duration_seconds_count") == 7
     assert value(text, "upgradeproxy_tunnel_bytes_total", direction="up") == 7
-    assert value(text, "upgradeproxy_tunnels_active") == 2
+    assert value(text, "upgradeproxy_tunnels_active", route="*/", protocol="websocket") == 2
     assert families(text)["upgradeproxy_tunnels_active"].type == "gauge"
     mark_process_dead(first, directory)
     text = scraper.render()
-    assert value(text, "upgradeproxy_tunnels_active") == 1
+    assert value(text, "upgradeproxy_tunnels_active", route="*/", protocol="websocket") == 1
     assert value(text, "upgradeproxy_requests_total", route="*/", code="200") == 7
     mark_process_dead(second, directory)
     # No live worker has a gauge file left (a real scrape always comes from a live one).
@@ -202,9 +205,9 @@ def test_exchange_and_tunnel_lines_carry_the_contract_fields(caplog):
     t = Telemetry()
     with caplog.at_level(logging.INFO, logger="upgradeproxy.access"):
         t.exchange_done(exchange())
-        t.tunnel_opened()
         tunnel = exchange(status=101)
         tunnel.kind, tunnel.protocol, tunnel.first_close = "tunnel", "websocket", "client"
+        t.tunnel_opened(tunnel)
         tunnel.bytes_in, tunnel.bytes_out, tunnel.duration = 11, 7, 1.25
         t.tunnel_closed(tunnel)
     http, closed = (r.record for r in caplog.records)  # type: ignore[attr-defined]

@@ -16,23 +16,24 @@ import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from upgradeproxy.config import values
+from upgradeproxy.config import edge, operations, values
+from upgradeproxy.config import tls as _tls
 from upgradeproxy.config.model import (
     DEFAULT_UPGRADE,
     Address,
     Admin,
     Balance,
     Config,
+    DrainTunnels,
     IPNetwork,
     Limits,
     Listener,
-    ListenerTls,
     Route,
     Server,
     Timeouts,
     Upstream,
-    UpstreamTls,
 )
+from upgradeproxy.config.pool import POOL_KEYS, pool_settings
 from upgradeproxy.config.values import parse_address
 
 T = TypeVar("T")
@@ -41,8 +42,12 @@ _STR, _INT, _FLOAT, _BOOL = (f"tag:yaml.org,2002:{t}" for t in ("str", "int", "f
 _CONSTRUCTOR = SafeConstructor()
 _TOP_KEYS = (
     "listen", "admin", "workers", "upstreams", "routes", "timeouts", "limits", "trusted_proxies",
+    "drain_tunnels",
+    *operations.TOP_KEYS,
 )  # fmt: skip
-_BALANCES: Mapping[str, Balance] = {"round_robin": "round_robin", "least_conn": "least_conn"}
+_BALANCES: Mapping[str, Balance] = {
+    "round_robin": "round_robin", "least_conn": "least_conn", "hash": "hash",
+}  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +92,8 @@ def parse_config(text: str, source: str = "<string>", *, base_dir: str | None = 
     root = checker.compose(text)
     config = None if root is None else _build(checker, root)
     if checker.problems or config is None:
-        raise ConfigError(sorted(checker.problems, key=lambda p: p.line or 0))
+        found = checker.problems + checker.warnings
+        raise ConfigError(sorted(found, key=lambda p: p.line or 0))
     return config
 
 
@@ -120,6 +126,12 @@ class _Checker:
         self.source = source
         self.base_dir = base_dir
         self.problems: list[ConfigProblem] = []
+        self.warnings: list[ConfigProblem] = []  # reported, but the config still loads
+        self.listener_addresses: list[Address] = []  # also of listeners with problems
+
+    def warn(self, node: Node | None, field: str, why: str) -> None:
+        line = None if node is None else node.start_mark.line + 1
+        self.warnings.append(ConfigProblem(self.source, line, field, f"warning: {why}"))
 
     def report(self, node: Node | None, field: str, why: str) -> None:
         line = None if node is None else node.start_mark.line + 1
@@ -225,7 +237,7 @@ class _Checker:
 
     def duration(self, node: Node | None, field: str) -> float | None:
         """A `timeouts.*` value: above zero, except the delays where 0 means none."""
-        convert = values.delay if field in values.ZERO_ALLOWED else values.timeout
+        convert = values.parse_duration if field in values.ZERO_ALLOWED else values.timeout
         return self.scalar(node, field, values.DURATION_HINT, (_INT, _FLOAT, _STR), convert)
 
     def address(self, node: Node | None, field: str, *, listener: bool = False) -> Address | None:
@@ -260,6 +272,7 @@ def _build(c: _Checker, root: Node) -> Config | None:
     trusted: list[tuple[int, Node, IPNetwork]] = _items(
         c, top.get("trusted_proxies"), "trusted_proxies", what, read
     )
+    access_log, request_id = operations.settings(c, top)
     return Config(
         listeners=listeners,
         upstreams=upstreams,
@@ -273,10 +286,16 @@ def _build(c: _Checker, root: Node) -> Config | None:
             values.workers,
         )
         or 1,
-        timeouts=Timeouts(**_section(c, top.get("timeouts"), "timeouts", Timeouts, c.duration)),
-        limits=Limits(**_section(c, top.get("limits"), "limits", Limits, c.positive_int)),
+        timeouts=Timeouts(
+            **_section(c, top.get("timeouts"), "timeouts", Timeouts, partial(_timeout, c))
+        ),
+        limits=Limits(**_section(c, top.get("limits"), "limits", Limits, partial(_limit, c))),
         trusted_proxies=tuple(network for _, _, network in trusted),
         source=c.source,
+        drain_tunnels=_drain_tunnels(c, top.get("drain_tunnels")),
+        access_log=access_log,
+        request_id=request_id,
+        warnings=tuple(str(w) for w in c.warnings),
     )
 
 
@@ -286,8 +305,8 @@ def _section(
     """Keyword arguments for a flat dataclass section whose keys are all optional."""
     names = [f.name for f in fields(cls)]
     found = c.mapping(node, field, names, what=f"a mapping with some of: {', '.join(names)}")
-    values = {key: read(value, f"{field}.{key}") for key, value in (found or {}).items()}
-    return {key: value for key, value in values.items() if value is not None}
+    parsed = {key: read(value, f"{field}.{key}") for key, value in (found or {}).items()}
+    return {key: value for key, value in parsed.items() if value is not None}
 
 
 def _items(
@@ -334,23 +353,13 @@ def _listener(c: _Checker, node: Node, field: str) -> Listener | None:
     if found is None:
         return None
     address = c.address(found.get("address"), f"{field}.address", listener=True)
-    tls = _listener_tls(c, found.get("tls"), f"{field}.tls")
+    if address is not None:
+        c.listener_addresses.append(address)
+    tls = _tls.listener_tls(c, found.get("tls"), f"{field}.tls")
     proxy_protocol = c.boolean(found.get("proxy_protocol"), f"{field}.proxy_protocol", False)
     if address is None or len(c.problems) > mark:
         return None
     return Listener(address, tls, proxy_protocol)
-
-
-def _listener_tls(c: _Checker, node: Node | None, field: str) -> ListenerTls | None:
-    if isinstance(node, ScalarNode) and node.tag == _BOOL and not _scalar(node):
-        return None  # `tls: false` reads naturally as "no TLS here".
-    what = "a mapping with 'cert' and 'key' files"
-    found = c.mapping(node, field, ("cert", "key"), ("cert", "key"), what)
-    if found is None:
-        return None
-    cert = c.file(found.get("cert"), f"{field}.cert")
-    key = c.file(found.get("key"), f"{field}.key")
-    return ListenerTls(cert, key) if cert and key else None
 
 
 def _admin(c: _Checker, node: Node | None, listeners: Sequence[Listener]) -> Admin | None:
@@ -358,7 +367,8 @@ def _admin(c: _Checker, node: Node | None, listeners: Sequence[Listener]) -> Adm
     address = c.address(found.get("address"), "admin.address", listener=True)
     if address is None:
         return None
-    if address.port and address in {listener.address for listener in listeners}:
+    # Listeners with other problems count too: every problem is reported in one run.
+    if address.port and address in {*c.listener_addresses, *(lsn.address for lsn in listeners)}:
         c.report(found["address"], "admin.address", f"{address} is also a listener's address")
     return Admin(address)
 
@@ -378,7 +388,9 @@ def _upstreams(c: _Checker, node: Node | None) -> tuple[dict[str, Upstream], lis
 
 
 def _upstream(c: _Checker, name: str, node: Node, field: str) -> Upstream | None:
-    found = c.mapping(node, field, ("servers", "balance", "tls"), ("servers",))
+    found = c.mapping(
+        node, field, ("servers", "balance", "tls", "proxy_protocol", *POOL_KEYS), ("servers",)
+    )
     if found is None:
         return None
     what = "a list of 'host:port' strings or {address:, weight:} items"
@@ -386,18 +398,24 @@ def _upstream(c: _Checker, name: str, node: Node, field: str) -> Upstream | None
         c, found.get("servers"), f"{field}.servers", what, partial(_server, c), "server"
     )
     balance = c.scalar(
-        found.get("balance"), f"{field}.balance", "round_robin or least_conn", (_STR,),
+        found.get("balance"), f"{field}.balance", "round_robin, least_conn or hash", (_STR,),
         values.choice(_BALANCES),
     )  # fmt: skip
-    tls = _upstream_tls(c, found.get("tls"), f"{field}.tls")
+    tls = _tls.upstream_tls(c, found.get("tls"), f"{field}.tls")
     # The balancer and the pool key servers by address: a repeat would be one server twice.
     _no_duplicates(
         c, servers, lambda server: server.address,
         f"{field}.servers[{{i}}]", "same address as servers[{first}] (use weight instead)",
     )  # fmt: skip
-    if not servers:
-        return None
-    return Upstream(name, tuple(s for _, _, s in servers), balance or "round_robin", tls)
+    proxy_protocol = c.scalar(
+        found.get("proxy_protocol"), f"{field}.proxy_protocol", "v1 or v2", (_STR,),
+        values.choice(edge.PROXY_VERSIONS),
+    )  # fmt: skip
+    base = Upstream(
+        name, tuple(s for _, _, s in servers), balance or "round_robin", tls, proxy_protocol or 0
+    )
+    upstream = pool_settings(c, found, field, base, balance)
+    return upstream if servers else None
 
 
 def _server(c: _Checker, node: Node, field: str) -> Server | None:
@@ -408,22 +426,6 @@ def _server(c: _Checker, node: Node, field: str) -> Server | None:
     address = c.address(found.get("address"), f"{field}.address")
     weight = c.positive_int(found.get("weight"), f"{field}.weight") or 1
     return None if address is None else Server(address, weight)
-
-
-def _upstream_tls(c: _Checker, node: Node | None, field: str) -> UpstreamTls | None:
-    if isinstance(node, ScalarNode) and node.tag == _BOOL:
-        return UpstreamTls() if _scalar(node) else None
-    what = "false, true, or a mapping {verify:, ca:, server_name:}"
-    found = c.mapping(node, field, ("verify", "ca", "server_name"), what=what)
-    if found is None:
-        return None
-    return UpstreamTls(
-        verify=c.boolean(found.get("verify"), f"{field}.verify", True),
-        ca=c.file(found.get("ca"), f"{field}.ca"),
-        server_name=c.scalar(
-            found.get("server_name"), f"{field}.server_name", values.HOST_HINT, (_STR,), values.host
-        ),
-    )
 
 
 def _routes(c: _Checker, node: Node | None, names: list[str] | None) -> tuple[Route, ...]:
@@ -439,7 +441,8 @@ def _routes(c: _Checker, node: Node | None, names: list[str] | None) -> tuple[Ro
 
 def _route(c: _Checker, node: Node, field: str, names: list[str] | None) -> Route | None:
     mark = len(c.problems)
-    found = c.mapping(node, field, ("host", "path_prefix", "upstream", "upgrade"), ("upstream",))
+    keys = ("host", "path_prefix", "upstream", "upgrade", "allowed_origins")
+    found = c.mapping(node, field, keys, ("upstream",))
     if found is None:
         return None
     upstream = c.text(found.get("upstream"), f"{field}.upstream", "the name of an upstream")
@@ -457,9 +460,10 @@ def _route(c: _Checker, node: Node, field: str, names: list[str] | None) -> Rout
         found.get("path_prefix"), f"{field}.path_prefix", values.PATH_HINT, (_STR,), values.path
     )
     upgrade = _upgrade(c, found.get("upgrade"), f"{field}.upgrade")
+    origins = _origins(c, found.get("allowed_origins"), f"{field}.allowed_origins")
     if upstream is None or len(c.problems) > mark:
         return None
-    return Route(upstream, host, prefix or "/", upgrade)
+    return Route(upstream, host, prefix or "/", upgrade, allowed_origins=origins)
 
 
 def _upgrade(c: _Checker, node: Node | None, field: str) -> tuple[str, ...]:
@@ -470,3 +474,35 @@ def _upgrade(c: _Checker, node: Node | None, field: str) -> tuple[str, ...]:
     items = _items(c, node, field, what, read)
     _no_duplicates(c, items, lambda token: token, field + "[{i}]", "repeats " + field + "[{first}]")
     return tuple(token for _, _, token in items)
+
+
+# --- edge settings (config/edge.py holds the value checks) ---------------------------------
+
+
+def _origins(c: _Checker, node: Node | None, field: str) -> tuple[str, ...] | None:
+    if node is None:
+        return None
+    what = "a list of origins like ['https://chat.example.com']"
+    read = partial(c.scalar, what=edge.ORIGIN_HINT, tags=(_STR,), convert=edge.origin_entry)
+    return tuple(origin for _, _, origin in _items(c, node, field, what, read))
+
+
+def _drain_tunnels(c: _Checker, node: Node | None) -> DrainTunnels:
+    pick = values.choice(edge.DRAIN_TUNNELS)
+    return c.scalar(node, "drain_tunnels", "wait or spread", (_STR,), pick) or "wait"
+
+
+def _timeout(c: _Checker, node: Node, field: str) -> float | None:
+    if field != "timeouts.tunnel_max_lifetime":
+        return c.duration(node, field)
+
+    def lifetime(value: object) -> float:
+        return edge.tunnel_lifetime(values.parse_duration(value))
+
+    return c.scalar(node, field, values.DURATION_HINT, (_INT, _FLOAT, _STR), lifetime)
+
+
+def _limit(c: _Checker, node: Node, field: str) -> int | None:
+    if field != "limits.max_connections_per_ip":
+        return c.positive_int(node, field)
+    return c.scalar(node, field, "a whole number, 0 or more", (_INT,), edge.non_negative)

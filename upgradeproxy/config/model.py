@@ -10,7 +10,11 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
-Balance = Literal["round_robin", "least_conn"]
+Balance = Literal["round_robin", "least_conn", "hash"]
+HashKeyKind = Literal["client_ip", "header", "cookie", "query"]
+DrainTunnels = Literal["wait", "spread"]
+TlsVersion = Literal["TLSv1.2", "TLSv1.3"]
+ClientAuth = Literal["request", "require"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 DEFAULT_UPGRADE: Final = ("websocket",)
@@ -28,9 +32,25 @@ class Address:
 
 
 @dataclass(frozen=True, slots=True)
-class ListenerTls:
+class TlsCertificate:
+    """One certificate of a listener; `names` (lower-case, `*.` wildcards) select it by SNI."""
+
     cert: str
     key: str
+    names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerTls:
+    """`cert`/`key` are the default pair; `certificates` lists every pair, the default first."""
+
+    cert: str
+    key: str
+    min_version: TlsVersion = "TLSv1.2"
+    ciphers: str | None = None  # OpenSSL cipher string (TLS 1.2 and below)
+    certificates: tuple[TlsCertificate, ...] = ()
+    client_ca: str | None = None
+    client_auth: ClientAuth | None = None  # set whenever client_ca is
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +78,31 @@ class UpstreamTls:
     verify: bool = True
     ca: str | None = None
     server_name: str | None = None
+    cert: str | None = None  # a client certificate presented to the upstream (with `key`)
+    key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HashKey:
+    """What `balance: hash` hashes: the client address, or a header, cookie or query value."""
+
+    kind: HashKeyKind
+    name: str = ""  # a header name lower-cased; cookie and query names as written
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.name}" if self.name else self.kind
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    """Active checks of every server of an upstream; durations in seconds."""
+
+    path: str = "/"
+    upgrade: str | None = None  # "websocket": a real handshake, healthy only on a verified 101
+    interval: float = 5.0
+    timeout: float = 2.0
+    healthy_after: int = 2
+    unhealthy_after: int = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +111,12 @@ class Upstream:
     servers: tuple[Server, ...]
     balance: Balance = "round_robin"
     tls: UpstreamTls | None = None
+    proxy_protocol: int = 0  # 0: none; 1 or 2: send a PROXY header of that version (rule 15)
+    hash_key: HashKey | None = None
+    sticky_cookie: str | None = None
+    max_tunnels: int = 0  # per server; 0: no cap
+    slow_start: float = 0.0  # seconds; 0: a server takes its full weight at once
+    health_check: HealthCheck | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +128,8 @@ class Route:
     path_prefix: str = "/"
     upgrade: tuple[str, ...] = DEFAULT_UPGRADE
     upgrade_tokens: tuple[bytes, ...] = field(init=False, repr=False, compare=False)
+    # Canonical origins (config/edge.py); None: no Origin check (rule 12).
+    allowed_origins: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         # Encoded once here, not on every request.
@@ -93,6 +146,7 @@ class Timeouts:
     idle: float = 75.0
     tunnel_idle: float = 3600.0
     drain: float = 30.0
+    tunnel_max_lifetime: float = 0.0  # 0: none; else closed this long after the 101 (+0-10%)
     drain_delay: float = 0.0  # listeners keep accepting this long after /readyz turns 503
     upgrade_grace: float = 3600.0  # an old generation's connections get this long after SIGUSR2
 
@@ -101,6 +155,12 @@ class Timeouts:
 class Limits:
     max_request_header_bytes: int = 16384
     max_connections: int = 10000
+    max_connections_per_ip: int = 0  # 0: no limit; per worker, by client address (rule 14)
+
+
+@dataclass(frozen=True, slots=True)
+class AccessLog:
+    query: bool = False  # off: WebSocket URLs often carry tokens in the query
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,3 +174,7 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     trusted_proxies: tuple[IPNetwork, ...] = ()
     source: str = "<memory>"
+    drain_tunnels: DrainTunnels = "wait"  # or "spread": close tunnels evenly over the drain
+    access_log: AccessLog = field(default_factory=AccessLog)
+    request_id: bool = True  # pass a trusted X-Request-ID through, else set a fresh one
+    warnings: tuple[str, ...] = ()  # `file:line: field: why` lines that do not stop a start

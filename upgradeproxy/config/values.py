@@ -22,6 +22,7 @@ _HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 _TOKEN = r"[!#$%&'*+.^_`|~0-9a-z-]+"  # RFC 9110 tchar, matched after lower-casing
 _PROTOCOL = re.compile(rf"{_TOKEN}(?:/{_TOKEN})?")
 _PATH = re.compile(r"/[^\x00-\x20\x7f?#]*")
+_NUMBER = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 _DURATION = re.compile(r"(?:[0-9]+(?:\.[0-9]+)?(?:ms|s|m|h))+")
 _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -35,18 +36,39 @@ PATH_HINT = "a path starting with '/' (no spaces, '?' or '#')"
 
 
 def parse_duration(value: object) -> float:
-    """Seconds from a number or a string like '250ms', '5s', '1h30m'; rejects negatives."""
-    seconds = -1.0
-    if isinstance(value, str):
-        text = value.strip().lower()
-        text += "s" if re.fullmatch(r"[0-9]+(?:\.[0-9]+)?", text) else ""  # "5" means seconds
-        if _DURATION.fullmatch(text):
-            seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(text))
-    elif isinstance(value, int | float) and not isinstance(value, bool):
-        seconds = float(value)
-    if not 0 <= seconds < math.inf:  # NaN fails this too.
-        raise ValueError(f"expected {DURATION_HINT}, found {show(value)}")
+    """Seconds from a number, a numeric string or one like '250ms', '5s', '1h30m'; >= 0.
+
+    Units are case-sensitive, as nginx's are: there `5M` means five months, so an upper-case
+    unit is a problem with a hint rather than a guess.
+    """
+    seconds = _duration_seconds(value)
+    if seconds is None or not seconds < math.inf:  # NaN fails this too.
+        raise ValueError(f"expected {DURATION_HINT}, found {show(value)}{_unit_hint(value)}")
+    if seconds < 0:
+        raise ValueError(f"expected a duration of zero or more, found {show(value)}")
     return seconds
+
+
+def _duration_seconds(value: object) -> float | None:
+    """The signed seconds `value` spells, or None when it spells no duration."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, str):
+        return None
+    text = value.strip()
+    sign = -1.0 if text.startswith("-") else 1.0
+    text = text.removeprefix("-")
+    if _NUMBER.fullmatch(text):  # "5" means seconds, as the number 5 does
+        return sign * float(text)
+    if _DURATION.fullmatch(text):
+        return sign * sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(text))
+    return None
+
+
+def _unit_hint(value: object) -> str:
+    if isinstance(value, str) and _DURATION.fullmatch(lower := value.strip().lower()):
+        return f" (units are case-sensitive: did you mean {lower!r}?)"
+    return ""
 
 
 def parse_address(value: str) -> Address:
@@ -121,9 +143,11 @@ def positive(value: object) -> int:
 
 
 def timeout(value: object) -> float:
-    if (seconds := parse_duration(value)) > 0:
-        return seconds
-    raise ValueError(f"expected a duration greater than zero, found {show(value)}")
+    """A duration that must be positive; zero and negatives get one message."""
+    seconds = _duration_seconds(value)
+    if seconds is not None and seconds <= 0:
+        raise ValueError(f"expected a duration greater than zero, found {show(value)}")
+    return parse_duration(value)
 
 
 def upstream_address(text: str) -> Address:
@@ -178,10 +202,3 @@ def network(value: object) -> IPNetwork:
 
 # Durations where 0 means "none" (no delay, no grace); every other timeout must be above 0.
 ZERO_ALLOWED = frozenset({"timeouts.drain_delay", "timeouts.upgrade_grace"})
-
-
-def delay(value: object) -> float:
-    """A duration that may be 0; a negative number gets its own message, not the generic one."""
-    if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
-        raise ValueError(f"expected a duration of 0 or more (0 turns it off), found {show(value)}")
-    return parse_duration(value)

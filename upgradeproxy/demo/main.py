@@ -115,7 +115,7 @@ async def _proxy_then_stop(
 
 def main(args: argparse.Namespace) -> int:
     """`upgradeproxy demo [--selftest] [--port N] [--log-format F]`; returns the exit code."""
-    setup_logging(args.log_format)
+    setup_logging(args.log_format, logging.getLevelNamesMapping()[args.log_level.upper()])
     logging.getLogger("upgradeproxy.access").addFilter(not_a_metrics_poll)
     try:
         if args.selftest:

@@ -14,14 +14,15 @@ import contextlib
 import logging
 import re
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Final, TypeVar, cast
 
 import h11
 import trio
 
+from upgradeproxy.path.admission import admit, preamble, release, upstream_pool
 from upgradeproxy.path.body import BodyPump
-from upgradeproxy.path.context import Client, Peer, Runtime, Shared
+from upgradeproxy.path.context import Client, Peer, Runtime, Shared, new_request_id
 from upgradeproxy.path.handover import Done, Outcome, Switched
 from upgradeproxy.path.streams import (
     CLIENT_IO,
@@ -41,13 +42,14 @@ from upgradeproxy.path.upstream import (
 from upgradeproxy.report.telemetry import ExchangeRecord
 from upgradeproxy.rules import headers as hdr
 from upgradeproxy.rules import plan as planning
-from upgradeproxy.rules.balancer import Balancer
+from upgradeproxy.rules.balancer import Balancer, no_server_available
 from upgradeproxy.rules.errors import (
     REASONS,
     BadRequest,
     BadSwitch,
     ClientGone,
     ErrorKind,
+    NoServerAvailable,
     ProxyError,
     RequestTimeout,
     UpstreamTimeout,
@@ -78,30 +80,32 @@ class Exchange:
     plan: Plan
     rec: ExchangeRecord
     pump: BodyPump | None = None  # set while a request body is being streamed
+    upstream_started: float = 0.0  # monotonic: this attempt's connect (or pool pick) began
+    extra: list[tuple[bytes, bytes]] = field(default_factory=list)  # on the response head
 
 
 async def serve_client(stream: trio.abc.Stream, peer: Peer, rt: Runtime, shared: Shared) -> None:
     """Serve requests on one client connection until it closes, errs, drains or switches."""
-    try:
-        switched = await _serve_http(stream, peer, rt, shared)
-        if switched is not None:
-            # The HTTP frames (h11 state, request headers) are gone: an idle tunnel holds
-            # only what `Switched` carries.
-            await switched.run()
-    finally:
-        await aclose_quietly(stream)
-
-
-async def _serve_http(
-    stream: trio.abc.Stream, peer: Peer, rt: Runtime, shared: Shared
-) -> Switched | None:
     conn = h11.Connection(
         h11.SERVER, max_incomplete_event_size=rt.config.limits.max_request_header_bytes
     )
     if peer.leftover:
         conn.receive_data(peer.leftover)
-    origin = planning.Origin(peer.ip, b"https" if peer.tls else b"http")
-    client = Client(HttpStream(conn, stream), origin, rt, shared)
+    origin = planning.Origin(peer.ip, b"https" if peer.tls else b"http", peer.client_cert)
+    client = Client(HttpStream(conn, stream), origin, rt, shared, peer=peer)
+    try:
+        switched = await _serve_http(client)
+        if switched is not None:
+            # The HTTP frames (h11 state, request headers) are gone: an idle tunnel holds
+            # only what `Switched` carries.
+            await switched.run()
+    finally:
+        release(client)  # first: nothing below may skip it
+        await aclose_quietly(stream)
+
+
+async def _serve_http(client: Client) -> Switched | None:
+    conn, stream, shared = client.http.h11, client.http.stream, client.shared
     while True:
         outcome = await _one_exchange(client)
         if isinstance(outcome, Switched):
@@ -116,9 +120,9 @@ async def _serve_http(
 
 async def _one_exchange(client: Client) -> Outcome:
     """Handle one request: the connection goes on, closes, or becomes the returned tunnel."""
-    rec = ExchangeRecord(client=client.peer_ip)
+    rec = ExchangeRecord(client=client.peer_ip, client_cert=client.origin.client_cert or "")
     try:
-        request = await _read_request(client)
+        request = await _read_request(client, rec)
         if request is None:
             return Done.CLOSE
         rec.started = time.monotonic()
@@ -129,9 +133,14 @@ async def _one_exchange(client: Client) -> Outcome:
         log.info("%s %s: %s", client.peer_ip, err.status, err.detail)
         if err.upstream_side and not err.counted:
             client.shared.telemetry.upstream_error(rec.upstream, err.kind)
+        client.shared.telemetry.refused(err.kind, rec.route)
+        if not rec.method:  # the head did not parse: its request line may have
+            rec.method, rec.path = planning.request_line(client.http.h11.trailing_data[0])
+        if client.rt.config.request_id and not rec.request_id:
+            rec.request_id = new_request_id().decode()
         method = rec.method.encode() if rec.method else None
         _drain_buffered_body(client)
-        sent = await _send_error(client, err, method)
+        sent = await _send_error(client, err, method, rec)
         return (
             Done.KEEP_ALIVE if sent and not err.close and _client_reusable(client) else Done.CLOSE
         )
@@ -163,7 +172,7 @@ def _client_reusable(client: Client) -> bool:
 # --- reading the request -------------------------------------------------------------
 
 
-async def _read_request(client: Client) -> h11.Request | None:
+async def _read_request(client: Client, rec: ExchangeRecord) -> h11.Request | None:
     """The next request head, or None when the client closed or idled out between requests.
 
     Raises BadRequest (400/431), RequestTimeout and ClientGone.
@@ -172,11 +181,13 @@ async def _read_request(client: Client) -> h11.Request | None:
     timeouts = client.rt.config.timeouts
     started = client.first or bool(conn.trailing_data[0])
     deadline = trio.current_time() + (timeouts.request_header if started else timeouts.idle)
-    _check_raw_head(conn, client.rt.config.limits.max_request_header_bytes)
+    head = _check_raw_head(conn, client.rt.config.limits.max_request_header_bytes)
     while True:
         try:
             event = conn.next_event()
         except h11.RemoteProtocolError as exc:
+            # h11 took the head out of its buffer: the log's method and path come from ours.
+            rec.method, rec.path = planning.request_line(head)
             raise BadRequest(str(exc), status=exc.error_status_hint) from None
         if isinstance(event, h11.Request):
             return event
@@ -190,7 +201,7 @@ async def _read_request(client: Client) -> h11.Request | None:
             deadline = trio.current_time() + timeouts.request_header
         conn.receive_data(data)
         if data:
-            _check_raw_head(conn, client.rt.config.limits.max_request_header_bytes)
+            head = _check_raw_head(conn, client.rt.config.limits.max_request_header_bytes)
 
 
 async def _receive_until(client: Client, deadline: float, started: bool) -> bytes | None:
@@ -211,23 +222,25 @@ async def _receive_until(client: Client, deadline: float, started: bool) -> byte
     return None
 
 
-def _check_raw_head(conn: h11.Connection, limit: int) -> None:
+def _check_raw_head(conn: h11.Connection, limit: int) -> bytes:
     """Reject what h11 would accept before it parses the head: obs-fold, an oversized head.
 
     h11 enforces its size limit only on an incomplete head; one that arrives whole in a
-    single read would slip through, so the complete head is measured here too.
+    single read would slip through, so the complete head is measured here too. Returns the
+    complete head (b"" if there is none yet).
     """
     if conn.their_state is not h11.IDLE:
-        return
+        return b""
     buf = conn.trailing_data[0]
     found = _HEAD_END.search(buf)  # where h11 ends a head too, bare LFs included
     if found is None:
-        return
+        return b""
     end = found.start()
     if end > limit:
         raise BadRequest("request head too large", status=431)
     if problem := hdr.raw_head_problem(buf[:end]):
         raise BadRequest(problem)
+    return buf[: found.end()]
 
 
 # --- forwarding ----------------------------------------------------------------------
@@ -239,12 +252,18 @@ def _plan(client: Client, request: h11.Request, rec: ExchangeRecord) -> Plan:
         request.method, request.target, request.http_version, list(request.headers.raw_items())
     )
     rec.method, rec.host, rec.path = planning.log_fields(head)
+    if client.first:
+        admit(client, head, rec)
+    config = client.rt.config
+    rec.query, rec.user_agent = planning.log_extras(head, config)
+    rid = planning.request_id(head.headers, client.origin, config, new_request_id)
+    rec.request_id = "" if rid is None else rid.decode("latin-1")
     located = planning.locate(head, client.rt.router)
     rec.host = (located.authority or b"").decode("latin-1")
     rec.path = located.path
     rec.route = located.route_label
     rec.upstream = located.route.upstream
-    return planning.plan(head, located, client.origin, client.rt.config)
+    return planning.plan(head, located, client.origin, config, rid)
 
 
 async def _handle(client: Client, request: h11.Request, rec: ExchangeRecord) -> Outcome:
@@ -257,6 +276,9 @@ async def _handle(client: Client, request: h11.Request, rec: ExchangeRecord) -> 
         conn = await _open_upstream(client, ex, balancer, pooled_ok=not attempt)
         rec.server = str(conn.server.address)
         balancer.acquire(conn.server)
+        ex.extra = balancer.set_cookie(
+            conn.server, ex.plan.pin, secure=client.origin.proto == b"https"
+        )
         outcome: Outcome = Done.CLOSE
         try:
             outcome = await _exchange_on(client, ex, conn)
@@ -280,7 +302,7 @@ def _return_to_pool(client: Client, ex: Exchange, conn: UpstreamConn) -> bool:
     h = conn.http.h11
     if ex.plan.offer or h.our_state is not h11.DONE or h.their_state is not h11.DONE:
         return False
-    client.shared.pool.put(conn, ex.plan.upstream.tls)
+    upstream_pool(client, ex.plan.upstream).put(conn, ex.plan.upstream.tls)
     return True
 
 
@@ -292,18 +314,28 @@ async def _open_upstream(
     Raises UpstreamUnavailable or UpstreamTimeout when no server answered.
     """
     shared, rt, upstream = client.shared, client.rt, ex.plan.upstream
+    pool, header = upstream_pool(client, upstream), preamble(client, upstream)
     now = trio.current_time()
     last: ConnectFailed | None = None
     timed_out = True
-    for server in balancer.order(now):
-        pooled = (
-            shared.pool.take(server, upstream.tls, probe=ex.plan.has_body) if pooled_ok else None
-        )
+    plan = ex.plan
+    tried = False
+    for server in balancer.candidates(
+        now, key=plan.balance_key, tunnel=bool(plan.offer), pin=plan.pin
+    ):
+        tried = True
+        ex.upstream_started = time.monotonic()
+        pooled = pool.take(server, upstream.tls, probe=plan.has_body) if pooled_ok else None
         if pooled is not None:
+            ex.rec.upstream_connect = 0.0
             return pooled
         try:
             stream = await connect(
-                server, rt.config.timeouts.connect, upstream.tls, rt.tls_contexts[upstream.name]
+                server,
+                rt.config.timeouts.connect,
+                upstream.tls,
+                rt.tls_contexts[upstream.name],
+                header,
             )
         except ConnectFailed as exc:
             last = exc
@@ -314,7 +346,11 @@ async def _open_upstream(
             shared.telemetry.upstream_error(upstream.name, kind)
             log.warning("upstream %s: %s", upstream.name, exc)
             continue
+        ex.rec.upstream_connect = time.monotonic() - ex.upstream_started
+        shared.telemetry.upstream_connected(upstream.name, ex.rec.upstream_connect)
         return new_upstream_conn(server, stream)
+    if not tried:
+        raise no_server_available(upstream)
     detail = f"no server of upstream {upstream.name!r} answered ({last})"
     err: ProxyError = (
         UpstreamTimeout(detail, kind="connect_timeout")
@@ -435,11 +471,16 @@ async def _relay_response(client: Client, ex: Exchange, conn: UpstreamConn) -> O
             out.queue(h11.Data(data=event.data))
         elif isinstance(event, h11.Response):
             started = True
+            _header_time(client, ex)
             ex.rec.status = event.status_code
             if ex.plan.offer:
                 _count_upgrade(client, ex, "declined")
             close = client.shared.draining or not await _body_sent(ex)
-            out.queue(_relayed_head(h11.Response, event, close=close))
+            out.queue(
+                _relayed_head(
+                    h11.Response, event, close=close, rid=ex.plan.request_id, extra=ex.extra
+                )
+            )
         elif isinstance(event, h11.EndOfMessage):
             await _to_client(client, h11.EndOfMessage())
             return Done.KEEP_ALIVE if _client_reusable(client) else Done.CLOSE
@@ -447,16 +488,24 @@ async def _relay_response(client: Client, ex: Exchange, conn: UpstreamConn) -> O
             if event.status_code == 101:
                 return await _switch(client, ex, conn, event)
             if out.h11.their_http_version == b"1.1":
-                out.queue(_relayed_head(h11.InformationalResponse, event, close=False))
+                out.queue(_relayed_head(h11.InformationalResponse, event, close=False, rid=None))
         else:
             raise UpstreamUnavailable("upstream closed mid-response", kind="reset")
 
 
 def _relayed_head(
-    cls: type[_Head], event: h11.Response | h11.InformationalResponse, *, close: bool
+    cls: type[_Head],
+    event: h11.Response | h11.InformationalResponse,
+    *,
+    close: bool,
+    rid: bytes | None,
+    extra: list[tuple[bytes, bytes]] | None = None,
 ) -> _Head:
-    """The upstream's response head as the client gets it: hop-by-hop gone, Via added."""
+    """The upstream's response head as the client gets it: hop-by-hop gone, Via (and `extra`,
+    a sticky cookie) added."""
     headers = hdr.response_headers(list(event.headers.raw_items()), _VIA, status=event.status_code)
+    headers = planning.with_request_id(headers, rid)
+    headers.extend(extra or ())
     if close:
         headers.append((b"Connection", b"close"))
     return cls(status_code=event.status_code, headers=headers, reason=event.reason)
@@ -476,6 +525,13 @@ async def _body_sent(ex: Exchange) -> bool:
     return pump.done
 
 
+def _header_time(client: Client, ex: Exchange) -> None:
+    """Note the upstream's time to response head (nginx's $upstream_header_time)."""
+    if ex.rec.upstream_header is None:
+        ex.rec.upstream_header = time.monotonic() - ex.upstream_started
+        client.shared.telemetry.upstream_header(ex.plan.upstream.name, ex.rec.upstream_header)
+
+
 def _count_upgrade(client: Client, ex: Exchange, result: str) -> None:
     protocol = hdr.protocol_name(ex.plan.offer[0]).decode("latin-1")
     client.shared.telemetry.upgrade(ex.rec.route, protocol, result)
@@ -489,6 +545,7 @@ async def _switch(
     Raises BadSwitch (502) for a 101 that does not answer the offer or came too early.
     """
     raw = list(event.headers.raw_items())
+    _header_time(client, ex)
     problem = hdr.switch_problem(list(ex.plan.offer), raw, ex.plan.ws_key)
     if problem is None and ex.pump is not None:
         # The upstream may have read the whole body before our pump task read the client's
@@ -502,7 +559,10 @@ async def _switch(
             _count_upgrade(client, ex, "rejected")
         raise BadSwitch(problem)
     chosen = hdr.comma_list(raw, b"upgrade")
-    headers = hdr.response_headers(raw, _VIA, switched_to=chosen, status=101)
+    headers = planning.with_request_id(
+        hdr.response_headers(raw, _VIA, switched_to=chosen, status=101) + ex.extra,
+        ex.plan.request_id,
+    )
     await _to_client(
         client, h11.InformationalResponse(status_code=101, headers=headers, reason=event.reason)
     )
@@ -525,14 +585,19 @@ async def _switch(
         rec=tunnel_rec,
         idle=client.rt.config.timeouts.tunnel_idle,
         telemetry=client.shared.telemetry,
+        lifetime=client.rt.config.timeouts.tunnel_max_lifetime,
+        tunnels=client.shared.tunnels,
     )
 
 
 # --- error responses -----------------------------------------------------------------
 
 
-async def _send_error(client: Client, err: ProxyError, method: bytes | None) -> bool:
-    """Write a short error response if the protocol state still allows one."""
+async def _send_error(
+    client: Client, err: ProxyError, method: bytes | None, rec: ExchangeRecord
+) -> bool:
+    """Write a short error response if the protocol state still allows one; its body bytes
+    count in `rec.bytes_out` (what the proxy itself wrote)."""
     conn = client.http.h11
     if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
         return False
@@ -543,6 +608,10 @@ async def _send_error(client: Client, err: ProxyError, method: bytes | None) -> 
         (b"Content-Length", str(len(body)).encode()),
         (b"Via", _VIA),
     ]
+    if rec.request_id:
+        headers.append((planning.REQUEST_ID, rec.request_id.encode("latin-1")))
+    if isinstance(err, NoServerAvailable):
+        headers.append((b"Retry-After", str(err.retry_after).encode()))
     if err.close or conn.their_state not in (h11.DONE, _MIGHT_SWITCH):
         # Say so when the connection will close: the request was not read to its end.
         headers.append((b"Connection", b"close"))
@@ -553,6 +622,7 @@ async def _send_error(client: Client, err: ProxyError, method: bytes | None) -> 
             )
             if body:
                 await client.http.send(h11.Data(data=body))
+                rec.bytes_out += len(body)
             await client.http.send(h11.EndOfMessage())
             return True
     except _CLOSE_ON_ERROR:

@@ -7,17 +7,23 @@ request headers: the HTTP frames that produced it have returned before it runs.
 from __future__ import annotations
 
 import enum
+import random
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import Final, TypeAlias
 
 import trio
 
 from upgradeproxy.config.model import Server
 from upgradeproxy.path.streams import STREAM_ERRORS, aclose_quietly
-from upgradeproxy.path.tunnel import TunnelStats, run_tunnel
+from upgradeproxy.path.tunnel import Ending, TunnelStats, run_tunnel
 from upgradeproxy.report.telemetry import ExchangeRecord, Telemetry
 from upgradeproxy.rules.balancer import Balancer
+
+# Rule 13: a lifetime ends 0-10% late, at random, so a wave of tunnels opened together (after
+# a deploy, a network blip) does not come back as a wave of reconnects.
+LIFETIME_JITTER: Final = 0.1
 
 
 class Done(enum.Enum):
@@ -39,12 +45,22 @@ class Switched:
     idle: float
     telemetry: Telemetry
     release: tuple[Balancer, Server] | None = None
+    lifetime: float = 0.0  # timeouts.tunnel_max_lifetime; 0: none
+    tunnels: set[Ending] | None = None  # the process's open tunnels, for a spread drain
 
     async def run(self) -> None:
         """Splice until both sides are done; the tunnel's log line is written when it closes."""
         telemetry = self.telemetry
         stats = TunnelStats(bytes_up=len(self.client_rest), bytes_down=len(self.upstream_rest))
-        telemetry.tunnel_opened()
+        telemetry.tunnel_opened(self.rec)
+        ending = Ending()
+        if self.lifetime:
+            # Measured from here, once the 101 is on its way to the client.
+            late = 1 + random.random() * LIFETIME_JITTER
+            ending.at(trio.current_time() + self.lifetime * late, "lifetime")
+        if self.tunnels is not None:
+            self.tunnels.add(ending)
+        self._count_tunnel(opened=True)
         try:
             # Bytes behind the 101 head go first to the client; early client bytes only now.
             if self.upstream_rest:
@@ -60,18 +76,48 @@ class Switched:
                 idle_timeout=self.idle,
                 on_bytes=telemetry.tunnel_moved,
                 stats=stats,
+                ending=ending,
             )
         except STREAM_ERRORS:
             stats.first_close = stats.first_close or "error"
         finally:
+            if self.tunnels is not None:
+                self.tunnels.discard(ending)
             await aclose_quietly(self.upstream)
             if self.release is not None:
-                self.release[0].release(self.release[1])
+                balancer, server = self.release
+                balancer.release_tunnel(server)
+                telemetry.upstream_tunnels(
+                    self.rec.upstream, self.rec.server, balancer.tunnels(server)
+                )
             rec = self.rec
             rec.bytes_in, rec.bytes_out = stats.bytes_up, stats.bytes_down
             rec.first_close = stats.first_close
             rec.duration = time.monotonic() - rec.started
             telemetry.tunnel_closed(rec)
+
+    def _count_tunnel(self, *, opened: bool) -> None:
+        """Count this tunnel on its server (max_tunnels, /upstreams and the per-server gauge);
+        the balancer counted it as a request until now, and releases both counts at the end."""
+        if self.release is None:
+            return
+        balancer, server = self.release
+        if opened:
+            balancer.hold_tunnel(server)
+        else:
+            balancer.release_tunnel(server)
+        self.telemetry.upstream_tunnels(
+            self.rec.upstream, self.rec.server, balancer.tunnels(server)
+        )
+
+
+def spread_ends(tunnels: Iterable[Ending], now: float, window: float) -> None:
+    """Rule 13, `drain_tunnels: spread`: end `tunnels` at even steps over `window`, one at
+    the middle of each of n equal slices (never at its very end, where the drain's own
+    deadline cancels what is left), so their clients reconnect elsewhere a few at a time."""
+    planned = list(tunnels)
+    for i, ending in enumerate(planned):
+        ending.at(now + window * (i + 0.5) / len(planned), "drain")
 
 
 # What one exchange ends in: the connection goes on, closes, or becomes a tunnel.

@@ -7,6 +7,7 @@ h11 decides, trio moves bytes. Socket errors are mapped here (trio's own
 from __future__ import annotations
 
 import contextlib
+import operator
 import select
 import socket
 from collections.abc import Callable
@@ -128,9 +129,13 @@ class PrefixedStream(trio.abc.HalfCloseableStream):
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._prefix:
-            n = len(self._prefix) if max_bytes is None else max_bytes
-            data, self._prefix = self._prefix[:n], self._prefix[n:]
+            # The same argument checks as a socket's: slicing would turn 0 into a false EOF.
+            n = len(self._prefix) if max_bytes is None else operator.index(max_bytes)
+            if n < 1:
+                raise ValueError("max_bytes must be >= 1")
+            # Checkpoint before taking the bytes: a cancellation there must not lose them.
             await trio.lowlevel.checkpoint()
+            data, self._prefix = self._prefix[:n], self._prefix[n:]
             return data
         return cast(bytes, await self.stream.receive_some(max_bytes))
 
@@ -147,6 +152,7 @@ class PrefixedStream(trio.abc.HalfCloseableStream):
             await self.stream.aclose()
 
     async def aclose(self) -> None:
+        self._prefix = b""  # a closed stream replays nothing: receive_some raises Closed
         await self.stream.aclose()
 
 

@@ -11,7 +11,7 @@ import contextlib
 import math
 import os
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Final, Literal
 
@@ -19,7 +19,7 @@ import trio
 
 from upgradeproxy.path.streams import STREAM_ERRORS
 
-__all__ = ["Direction", "TunnelStats", "run_tunnel"]
+__all__ = ["Direction", "Ending", "TunnelStats", "run_tunnel"]
 
 Direction = Literal["up", "down"]  # up = client->upstream, down = upstream->client
 OnBytes = Callable[[Direction, int], None]
@@ -53,9 +53,25 @@ class TunnelStats:
 
     bytes_up: int = 0  # client -> upstream
     bytes_down: int = 0  # upstream -> client
-    first_close: str = ""  # "client" | "upstream" | "idle" | "error" | "cancelled"
+    # "client" | "upstream" | "idle" | "error" | "cancelled", or an `Ending`'s reason
+    first_close: str = ""
     path: str = ""  # "splice" | "portable"
     duration: float = 0.0
+
+
+@dataclass(slots=True, eq=False)
+class Ending:
+    """A planned close of one tunnel (lifetime, spread drain): at `scope`'s deadline, which
+    may be set before or while the tunnel runs; `why` becomes its `first_close`."""
+
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    why: str = ""
+
+    def at(self, deadline: float, why: str) -> None:
+        """Close by `deadline`; an earlier plan stands."""
+        if deadline < self.scope.deadline:
+            self.scope.deadline = deadline
+            self.why = why
 
 
 class _Tunnel:
@@ -123,8 +139,10 @@ async def run_tunnel(
     on_bytes: OnBytes | None = None,
     stats: TunnelStats | None = None,
     allow_splice: bool = True,
+    ending: Ending | None = None,
 ) -> TunnelStats:
-    """Splice `client` and `upstream` until both directions end, one fails, or it goes idle.
+    """Splice `client` and `upstream` until both directions end, one fails, it goes idle, or
+    `ending` comes due.
 
     Both streams are closed on return. Outside cancellation closes them and propagates.
     """
@@ -135,14 +153,19 @@ async def run_tunnel(
     up, down = _pumps(tun, client, upstream, allow_splice)
     started = trio.current_time()
     graceful = False
+    ending = ending if ending is not None else Ending()
     try:
-        with tun.idle_scope:
-            async with trio.open_nursery() as nursery:
-                tun.abort_scope = nursery.cancel_scope
-                nursery.start_soon(_direction, tun, "up", up, upstream, name="tunnel up")
-                nursery.start_soon(_direction, tun, "down", down, client, name="tunnel down")
-        if tun.idle_scope.cancelled_caught:
-            tun.finished("idle")
+        # Both paths wait in trio checkpoints, so one scope ends either when it is due.
+        with ending.scope:
+            with tun.idle_scope:
+                async with trio.open_nursery() as nursery:
+                    tun.abort_scope = nursery.cancel_scope
+                    nursery.start_soon(_direction, tun, "up", up, upstream, name="tunnel up")
+                    nursery.start_soon(_direction, tun, "down", down, client, name="tunnel down")
+            if tun.idle_scope.cancelled_caught:
+                tun.finished("idle")
+        if ending.scope.cancelled_caught:
+            tun.finished(ending.why)
         graceful = not tun.failed
     except BaseException as exc:  # noted and re-raised: graceful drain must see its Cancelled
         tun.finished("cancelled" if _only_cancelled(exc) else "error")

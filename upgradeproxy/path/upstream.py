@@ -17,6 +17,7 @@ import h11
 import trio
 
 from upgradeproxy.config.model import Server, UpstreamTls
+from upgradeproxy.config.tls_files import no_password, pair_problem
 from upgradeproxy.path.streams import STREAM_ERRORS, HttpStream, aclose_quietly, looks_closed
 
 MAX_IDLE_PER_SERVER: Final = 256
@@ -46,9 +47,21 @@ class UpstreamConn:
         return self.http.stream
 
 
-def client_tls_context(tls: UpstreamTls) -> ssl.SSLContext:
-    """An SSL context for talking to an upstream; built once per config, not per connection."""
-    ctx = ssl.create_default_context(cafile=tls.ca)
+def client_tls_context(tls: UpstreamTls, field: str = "tls") -> ssl.SSLContext:
+    """An SSL context for talking to an upstream; built once per config, not per connection.
+
+    Raises OSError naming `field` and the file when one no longer loads.
+    """
+    try:
+        ctx = ssl.create_default_context(cafile=tls.ca)
+    except OSError as exc:
+        raise OSError(f"{field}.ca: {tls.ca}: {exc}") from exc
+    if tls.cert and tls.key:  # a client certificate for upstreams that verify their clients
+        try:
+            ctx.load_cert_chain(tls.cert, tls.key, password=no_password)
+        except OSError as exc:
+            which, why = pair_problem(tls.cert, tls.key) or ("cert", f"{tls.cert}: {exc}")
+            raise OSError(f"{field}.{which}: {why}") from exc
     if not tls.verify:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
@@ -57,13 +70,26 @@ def client_tls_context(tls: UpstreamTls) -> ssl.SSLContext:
 
 
 async def connect(
-    server: Server, timeout: float, tls: UpstreamTls | None, tls_ctx: ssl.SSLContext | None
+    server: Server,
+    timeout: float,
+    tls: UpstreamTls | None,
+    tls_ctx: ssl.SSLContext | None,
+    preamble: bytes = b"",
 ) -> trio.abc.Stream:
-    """TCP (+TLS) connect to `server` within `timeout` seconds, or raise ConnectFailed."""
+    """TCP (+TLS) connect to `server` within `timeout` seconds, or raise ConnectFailed.
+
+    `preamble` (a PROXY header, rule 15) is the first thing sent, before any TLS handshake.
+    """
     addr = server.address
     try:
         with trio.fail_after(timeout):
             stream: trio.abc.Stream = await _open_tcp(addr.host, addr.port)
+            if preamble:
+                try:
+                    await stream.send_all(preamble)
+                except BaseException:
+                    await aclose_quietly(stream)
+                    raise
             if tls is not None and tls_ctx is not None:
                 tls_stream = trio.SSLStream(
                     stream,

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 from typing import Final
 
@@ -19,16 +21,37 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 access_log = logging.getLogger("upgradeproxy.access")
 
 MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
 DURATION_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 DIRECTIONS: Final = ("up", "down")  # up = client -> upstream, down = upstream -> client
+CONNECT_BUCKETS: Final = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+)
+HEADER_BUCKETS: Final = (*DURATION_BUCKETS, 30.0, 60.0)
+# A live worker's gauge file; `mark_process_dead` removes it when the worker exits.
+_LIVE_FILE: Final = re.compile(r"gauge_livesum_([0-9]+)\.db")
 
 # Multiprocess mode has no `*_created` series; drop them here too so both modes expose the
 # same families (and each new label set costs no extra clock read).
@@ -56,20 +79,27 @@ class ExchangeRecord:
     started: float = field(default_factory=time.monotonic)
     kind: str = "http"  # or "tunnel"
     logged: bool = False  # the line is written (a 101's HTTP line, before its tunnel runs)
+    query: str | None = None  # only with `access_log: {query: true}`
+    upstream_connect: float | None = None  # seconds; 0 on a pooled connection
+    upstream_header: float | None = None  # seconds from that connect to the response head
+    request_id: str = ""
+    user_agent: str = ""
+    client_cert: str = ""  # the verified TLS client certificate's subject
 
     def as_log(self) -> dict[str, object]:
         """The log fields: every field the contract lists, even when empty (so a line always
-        has the same keys); `protocol`, `first_close` and `error` only where they apply."""
+        has the same keys); `protocol`, `first_close`, `error` and `client_cert` only where
+        they apply, `query` only when configured, upstream timings only when one was used."""
         out: dict[str, object] = {}
         for name in _LOG_FIELDS:
             value = getattr(self, name)
-            if value != "" or name not in _OPTIONAL_FIELDS:
-                out[name] = value
-        out["duration"] = round(self.duration, 6)
+            if value is None or (value == "" and name in _OPTIONAL_FIELDS):
+                continue
+            out[name] = round(value, 6) if isinstance(value, float) else value
         return out
 
 
-_OPTIONAL_FIELDS: Final = frozenset({"protocol", "first_close", "error"})
+_OPTIONAL_FIELDS: Final = frozenset({"protocol", "first_close", "error", "client_cert"})
 
 # `started` is a monotonic clock reading, meaningless outside the process; the formatter
 # stamps each line with wall-clock time instead.
@@ -137,16 +167,68 @@ class Telemetry:
         # livesum: the open tunnels of live workers; a dead worker's are dropped with its file.
         self._tunnels_active = Gauge(
             "upgradeproxy_tunnels_active",
-            "Upgraded tunnels open now.",
+            "Upgraded tunnels open now, by route and protocol.",
+            ("route", "protocol"),
             registry=reg,
             multiprocess_mode="livesum",
         )
+        # Bounded like _Labelled's: routes from the config, protocols each route allows.
+        self._tunnel_gauges: dict[tuple[str, str], Gauge] = {}
         self._duration = Histogram(
             "upgradeproxy_request_duration_seconds",
             "Time from a request head to the end of its response (to the 101 for upgrades).",
             buckets=DURATION_BUCKETS,
             registry=reg,
         )
+        # Refusals at the edge, by route ("" for a 429 whose request did not route).
+        self._refusals = {
+            kind: _Labelled(Counter(name, doc, ("route",), registry=reg))
+            for kind, name, doc in (
+                ("origin", "upgradeproxy_origin_refusals_total",
+                 "Upgrades refused with 403: their Origin is not in the route's allowed_origins."),
+                ("limited", "upgradeproxy_limit_refusals_total",
+                 "Connections refused with 429 by limits.max_connections_per_ip."),
+            )
+        }  # fmt: skip
+        self._connections_active = Gauge(
+            "upgradeproxy_connections_active",
+            "Client connections open now (TLS handshakes and tunnels included).",
+            registry=reg,
+            multiprocess_mode="livesum",
+        )
+        self._connections_limited = Counter(
+            "upgradeproxy_connections_limited_total",
+            "Times limits.max_connections was reached and a waiting client had to stay queued.",
+            registry=reg,
+        )
+        self._connect_seconds = _LabelledHistogram(Histogram(
+            "upgradeproxy_upstream_connect_seconds",
+            "TCP (+TLS) connect time to an upstream server, new connections only.",
+            ("upstream",), buckets=CONNECT_BUCKETS, registry=reg,
+        ))  # fmt: skip
+        self._header_seconds = _LabelledHistogram(Histogram(
+            "upgradeproxy_upstream_header_seconds",
+            "From the start of an upstream connect (or pool pick) to the response head.",
+            ("upstream",), buckets=HEADER_BUCKETS, registry=reg,
+        ))  # fmt: skip
+        if self.multiprocess_dir is None:
+            ProcessCollector(registry=reg)  # process_*: memory, CPU, descriptors of this process
+        # livemin: a server is reported healthy only if every live worker's checks say so.
+        self._upstream_healthy = Gauge(
+            "upgradeproxy_upstream_healthy",
+            "1 while a server passes its health checks (or has none), else 0.",
+            ("upstream", "server"),
+            registry=reg,
+            multiprocess_mode="livemin",
+        )
+        self._upstream_tunnels = Gauge(
+            "upgradeproxy_upstream_tunnels",
+            "Tunnels open now, by upstream and server.",
+            ("upstream", "server"),
+            registry=reg,
+            multiprocess_mode="livesum",
+        )
+        self._server_gauges: dict[tuple[str, str, str], Gauge] = {}
 
     # --- hooks called by the exchange code ----------------------------------------------
 
@@ -163,15 +245,25 @@ class Telemetry:
     def upstream_error(self, upstream: str, kind: str) -> None:
         self._upstream_errors.inc(upstream, kind)
 
-    def tunnel_opened(self) -> None:
-        self._tunnels_active.inc()
+    def tunnel_opened(self, rec: ExchangeRecord | None = None) -> None:
+        """Count an open tunnel under its record's route and protocol (the same at close)."""
+        self._tunnel_gauge(rec).inc()
+
+    def declare_routes(self, routes: list[tuple[str, tuple[str, ...]]]) -> None:
+        """Show `tunnels_active 0` for every (route, allowed protocol) before any tunnel opens,
+        so a scrape sees the series from the start, as it did before the labels came."""
+        for route, protocols in routes:
+            for protocol in protocols:
+                name = protocol.split("/")[0].strip().lower()
+                if (route, name) not in self._tunnel_gauges:
+                    self._tunnel_gauges[route, name] = self._tunnels_active.labels(route, name)
 
     def tunnel_moved(self, direction: str, n: int) -> None:
         self._tunnel_bytes[direction].inc(n)
 
     def tunnel_closed(self, rec: ExchangeRecord) -> None:
         """Count a closed tunnel and write its access-log line."""
-        self._tunnels_active.dec()
+        self._tunnel_gauge(rec).dec()
         if access_log.isEnabledFor(logging.INFO):
             access_log.info("tunnel", extra={"record": rec.as_log()})
 
@@ -179,8 +271,8 @@ class Telemetry:
 
     @property
     def tunnels_active(self) -> int:
-        """Tunnels open in this process."""
-        return int(self._sample("upgradeproxy_tunnels_active", {}))
+        """Tunnels open in this process, every route and protocol."""
+        return int(sum(s.value for m in self._tunnels_active.collect() for s in m.samples))
 
     @property
     def tunnel_bytes(self) -> dict[str, int]:
@@ -197,4 +289,102 @@ class Telemetry:
             return generate_latest(self.registry).decode()
         merged = CollectorRegistry()
         MultiProcessCollector(merged, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
+        merged.register(WorkerProcesses(self.multiprocess_dir))
         return generate_latest(merged).decode()
+
+    def refused(self, kind: str, route: str) -> None:
+        """Count a 403 origin or 429 limit refusal (other kinds are not refusals)."""
+        if (counter := self._refusals.get(kind)) is not None:
+            counter.inc(route)
+
+    def _tunnel_gauge(self, rec: ExchangeRecord | None) -> Gauge:
+        """The tunnels_active child for a tunnel's route and protocol name (no version)."""
+        route = rec.route if rec is not None else ""
+        protocol = rec.protocol.split(",")[0].split("/")[0].strip().lower() if rec else ""
+        child = self._tunnel_gauges.get((route, protocol))
+        if child is None:
+            child = self._tunnel_gauges[route, protocol] = self._tunnels_active.labels(
+                route, protocol
+            )
+        return child
+    # --- connection and upstream-timing hooks (issue 11) ----------------------------------
+
+    def connection_opened(self) -> None:
+        self._connections_active.inc()
+
+    def connection_closed(self) -> None:
+        self._connections_active.dec()
+
+    def connection_limited(self) -> None:
+        self._connections_limited.inc()
+
+    def upstream_connected(self, upstream: str, seconds: float) -> None:
+        self._connect_seconds.observe(upstream, seconds)
+
+    def upstream_header(self, upstream: str, seconds: float) -> None:
+        self._header_seconds.observe(upstream, seconds)
+
+
+    # --- per-server gauges (interface.md admin additions) ---------------------------------
+
+    def upstream_healthy(self, upstream: str, server: str, healthy: bool) -> None:
+        self._server_gauge(self._upstream_healthy, "h", upstream, server).set(int(healthy))
+
+    def upstream_tunnels(self, upstream: str, server: str, open_now: int) -> None:
+        self._server_gauge(self._upstream_tunnels, "t", upstream, server).set(open_now)
+
+    def _server_gauge(self, family: Gauge, tag: str, upstream: str, server: str) -> Gauge:
+        """A labelled child looked up once (`labels()` takes a lock)."""
+        child = self._server_gauges.get((tag, upstream, server))
+        if child is None:
+            child = self._server_gauges[tag, upstream, server] = family.labels(upstream, server)
+        return child
+
+
+class _LabelledHistogram:
+    """A histogram by upstream whose children are looked up once (see `_Labelled`)."""
+
+    __slots__ = ("children", "metric")
+
+    def __init__(self, metric: Histogram) -> None:
+        self.metric = metric
+        self.children: dict[str, Histogram] = {}
+
+    def observe(self, label: str, value: float) -> None:
+        child = self.children.get(label)
+        if child is None:
+            child = self.children[label] = self.metric.labels(label)
+        child.observe(value)
+
+
+class WorkerProcesses(Collector):
+    """`process_*` of every live worker, labelled `pid`, read from /proc at scrape time.
+
+    prometheus-client's multiprocess collector has no process metrics, and one worker cannot
+    report another's from its own counters; /proc is readable for processes of our user.
+    A worker is live while its `gauge_livesum_PID.db` file exists (the supervisor removes it).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def collect(self) -> Iterable[Metric]:
+        try:
+            names = os.listdir(self.path)
+        except OSError:
+            return []
+        pids = sorted(int(m[1]) for name in names if (m := _LIVE_FILE.fullmatch(name)))
+        families: dict[str, Metric] = {}
+        for pid in pids:
+            for metric in ProcessCollector(pid=_constant(pid), registry=None).collect():
+                family = families.setdefault(
+                    metric.name, Metric(metric.name, metric.documentation, metric.type)
+                )
+                for sample in metric.samples:
+                    labels = {**sample.labels, "pid": str(pid)}
+                    family.add_sample(sample.name, labels, sample.value)
+        return list(families.values())
+
+
+def _constant(pid: int) -> Callable[[], int]:
+    return lambda: pid

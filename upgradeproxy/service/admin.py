@@ -1,4 +1,4 @@
-"""The admin listener: /healthz, /readyz and /metrics on a tiny h11 server."""
+"""The admin listener: /healthz, /readyz, /metrics and /upstreams on a tiny h11 server."""
 
 from __future__ import annotations
 
@@ -24,7 +24,12 @@ Page = tuple[int, bytes, bytes]  # status, content type, body
 METRICS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
 
-def admin_page(path: bytes, ready: Callable[[], bool], metrics: Callable[[], str]) -> Page:
+def admin_page(
+    path: bytes,
+    ready: Callable[[], bool],
+    metrics: Callable[[], str],
+    upstreams: Callable[[], str] | None = None,
+) -> Page:
     """What the admin endpoint answers for `path`."""
     path = path.split(b"?", 1)[0]
     if path == b"/healthz":
@@ -35,11 +40,16 @@ def admin_page(path: bytes, ready: Callable[[], bool], metrics: Callable[[], str
         return 200, b"text/plain", b"ready\n"
     if path == b"/metrics":
         return 200, METRICS_TYPE, metrics().encode()
+    if path == b"/upstreams" and upstreams is not None:
+        return 200, b"application/json", upstreams().encode()
     return 404, b"text/plain", b"not found\n"
 
 
 async def _serve_admin_client(
-    stream: trio.abc.Stream, ready: Callable[[], bool], metrics: Callable[[], str]
+    stream: trio.abc.Stream,
+    ready: Callable[[], bool],
+    metrics: Callable[[], str],
+    upstreams: Callable[[], str] | None = None,
 ) -> None:
     http = HttpStream(h11.Connection(h11.SERVER), stream)
     try:
@@ -54,7 +64,7 @@ async def _serve_admin_client(
                     event = await http.next_event()
                 if isinstance(event, h11.ConnectionClosed):
                     return
-            status, ctype, body = admin_page(request_target, ready, metrics)
+            status, ctype, body = admin_page(request_target, ready, metrics, upstreams)
             headers = [(b"Content-Type", ctype), (b"Content-Length", str(len(body)).encode())]
             if method not in (b"GET", b"HEAD"):
                 status, body = 405, b"method not allowed\n"
@@ -83,12 +93,15 @@ async def open_admin(address: Address, *, reuse_port: bool) -> trio.SocketListen
 
 
 async def serve_admin(
-    listener: trio.SocketListener, ready: Callable[[], bool], metrics: Callable[[], str]
+    listener: trio.SocketListener,
+    ready: Callable[[], bool],
+    metrics: Callable[[], str],
+    upstreams: Callable[[], str] | None = None,
 ) -> None:
     """Serve the admin endpoints on `listener` until cancelled, then close it."""
 
     async def handler(stream: trio.SocketStream) -> None:
-        await _serve_admin_client(stream, ready, metrics)
+        await _serve_admin_client(stream, ready, metrics, upstreams)
 
     try:
         await trio.serve_listeners(handler, [listener])

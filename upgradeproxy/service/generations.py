@@ -17,7 +17,6 @@ import contextlib
 import logging
 import os
 import socket
-import sys
 from dataclasses import dataclass
 from typing import Final
 
@@ -26,6 +25,7 @@ import trio
 from upgradeproxy.path.streams import STREAM_ERRORS
 from upgradeproxy.service.server import Proxy
 from upgradeproxy.service.sockets import fds_env, sd_notify
+from upgradeproxy.service.workers import worker_command
 
 log = logging.getLogger("upgradeproxy")
 
@@ -42,7 +42,7 @@ class Launch:
 
     def argv(self, link_fd: int) -> list[str]:
         return [
-            sys.executable, "-m", "upgradeproxy", "run", "--config", self.path,
+            *worker_command(), "run", "--config", self.path,
             "--log-format", self.log_format, "--takeover-fd", str(link_fd),
             *(() if self.access_log else ("--no-access-log",)),
         ]  # fmt: skip

@@ -7,10 +7,11 @@ hands back, so a caller (the CLI, a test) can read bound addresses, reload and d
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import socket
 import ssl
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -19,20 +20,27 @@ import trio
 from upgradeproxy.config.model import Address, Config, Listener
 from upgradeproxy.path.context import Peer, Runtime, Shared
 from upgradeproxy.path.exchange import serve_client
+from upgradeproxy.path.handover import spread_ends
+from upgradeproxy.path.prober import Probers
 from upgradeproxy.path.streams import STREAM_ERRORS, PrefixedStream, aclose_quietly, bind_socket
+from upgradeproxy.rules.plan import route_label
 from upgradeproxy.rules.proxy_protocol import (
     MAX_HEADER_BYTES,
     NEED_MORE,
     ProxyProtocolError,
     parse_proxy_header,
 )
+from upgradeproxy.rules.servers import describe
 from upgradeproxy.service.admin import open_admin, serve_admin
-from upgradeproxy.service.sockets import StoppableListener
+from upgradeproxy.service.sockets import StoppableListener, start_error
+from upgradeproxy.service.tls import client_subject, server_tls_context
 
 log = logging.getLogger("upgradeproxy")
 
-# trio's serve_listeners treats these as "try again shortly" rather than fatal.
-_ACCEPT_RETRY = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED}
+# Out of descriptors or kernel memory: wait and accept again, as trio's serve_listeners does
+# (its ACCEPT_CAPACITY_ERRNOS). SocketListener.accept itself already retries ECONNABORTED,
+# EPERM, EPROTO and the other "that one client is gone" errnos, so they never reach us.
+_ACCEPT_RETRY = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 BACKLOG = 4096
 
 
@@ -41,13 +49,8 @@ def _close_all(socks: list[trio.socket.SocketType]) -> None:
         sock.close()
 
 
-def server_tls_context(listener: Listener) -> ssl.SSLContext | None:
-    if listener.tls is None:
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(listener.tls.cert, listener.tls.key)
-    ctx.set_alpn_protocols(["http/1.1"])
-    return ctx
+def _contexts(listeners: Sequence[Listener]) -> list[ssl.SSLContext | None]:
+    return [server_tls_context(lsn.tls, f"listen[{i}].tls") for i, lsn in enumerate(listeners)]
 
 
 @dataclass(slots=True)
@@ -78,8 +81,10 @@ class Proxy:
         reuse_port: bool | None = None,
         sockets: Mapping[str, socket.socket] | None = None,
     ) -> None:
-        self.runtime = Runtime.build(config)
         self.shared = shared or Shared()
+        self.runtime = Runtime.build(config, self.shared.book)
+        self.probers = Probers()
+        self.shared.telemetry.declare_routes(_route_protocols(config))
         self.limiter = trio.CapacityLimiter(config.limits.max_connections)
         # Fixed for the process: every socket sharing a port must set SO_REUSEPORT, so a worker
         # keeps it even after a reload to `workers: 1` (which only a restart applies).
@@ -146,9 +151,11 @@ class Proxy:
         """Serve until drained; `task_status.started(self)` once every listener is bound."""
         async with trio.open_nursery() as services:
             self._services = services
+            self.probers.sync(services, self.runtime, self.shared)
             admin = self.runtime.config.admin
             if admin is not None:
-                self._start_admin(admin.address, await self._open_admin(admin.address))
+                listener = await self._open_admin(admin.address)
+                self._start_admin(admin.address, listener)
             try:
                 await self._serve_until_drained(task_status)
             finally:
@@ -162,7 +169,7 @@ class Proxy:
             async with trio.open_nursery() as accepts:
                 self._accepts = accepts
                 listeners = self.runtime.config.listeners
-                tls = [server_tls_context(listener) for listener in listeners]
+                tls = _contexts(listeners)
                 socks = await self._bind_all([listener.address for listener in listeners])
                 for listener, sock, context in zip(listeners, socks, tls, strict=True):
                     self._listen(listener, sock, context)
@@ -192,8 +199,12 @@ class Proxy:
     async def _finish_drain(self) -> None:
         for scope in list(self.shared.idle_waits):
             scope.cancel()
+        config = self.runtime.config
+        now = trio.current_time()
         if self._deadline is None:
-            self._deadline = trio.current_time() + self.runtime.config.timeouts.drain
+            self._deadline = now + config.timeouts.drain
+        if config.drain_tunnels == "spread":  # over what is left: upgrade_grace when retiring
+            spread_ends(self.shared.tunnels, now, max(self._deadline - now, 0.0))
         with trio.CancelScope(deadline=self._deadline) as self._finish:
             while self.active:
                 self._idle = trio.Event()
@@ -211,11 +222,12 @@ class Proxy:
         """
         if self.draining:
             raise RuntimeError("cannot reload while draining")
-        runtime = Runtime.build(config)
+        runtime = Runtime.build(config, self.shared.book, trio.current_time())
+        self.shared.telemetry.declare_routes(_route_protocols(config))
         wanted = {listener.address: listener for listener in config.listeners}
-        tls = {address: server_tls_context(listener) for address, listener in wanted.items()}
+        tls = dict(zip(wanted, _contexts(config.listeners), strict=True))
         new = [address for address in wanted if address not in self.bound]
-        socks = await self._bind_all(new)
+        socks = await self._bind_all(new, config)
         wanted_admin = config.admin.address if config.admin else None
         admin_moved = wanted_admin != (self._admin.address if self._admin else None)
         admin = None
@@ -231,6 +243,8 @@ class Proxy:
             raise
         # Commit. Nothing below waits, so no connection ever sees half a reload.
         self.runtime = runtime
+        if self._services is not None:
+            self.probers.sync(self._services, runtime, self.shared)
         self.limiter.total_tokens = config.limits.max_connections
         for address in [a for a in self.bound if a not in wanted]:
             self.bound.pop(address).scope.cancel()
@@ -248,7 +262,10 @@ class Proxy:
     async def _open_admin(self, address: Address) -> trio.SocketListener:
         handed = self._handed.pop(str(address), None)
         if handed is None:
-            return await open_admin(address, reuse_port=self.reuse_port)
+            try:
+                return await open_admin(address, reuse_port=self.reuse_port)
+            except OSError as exc:
+                raise start_error(exc, "admin.address", address) from exc
         sock = trio.socket.from_stdlib_socket(handed)
         sock.listen(128)
         return trio.SocketListener(sock)
@@ -268,18 +285,30 @@ class Proxy:
                 cast(trio.SocketListener, listener),
                 lambda: not self.draining,
                 self.shared.telemetry.render,
+                self._upstreams,
             )
 
-    async def _bind_all(self, addresses: list[Address]) -> list[trio.socket.SocketType]:
+    def _upstreams(self) -> str:
+        """The /upstreams document (interface.md admin additions)."""
+        return json.dumps(describe(self.runtime.config, self.shared.book), indent=1) + "\n"
+
+    async def _bind_all(
+        self, addresses: list[Address], config: Config | None = None
+    ) -> list[trio.socket.SocketType]:
         """One bound socket per address, or none at all (and the error) if one fails."""
+        listeners = (config or self.runtime.config).listeners
+        fields = {lsn.address: f"listen[{i}].address" for i, lsn in enumerate(listeners)}
         socks: list[trio.socket.SocketType] = []
         try:
             for address in addresses:
                 handed = self._handed.pop(str(address), None)
                 if handed is not None:
                     socks.append(trio.socket.from_stdlib_socket(handed))
-                else:
+                    continue
+                try:
                     socks.append(await bind_socket(address, reuse_port=self.reuse_port))
+                except OSError as exc:
+                    raise start_error(exc, fields.get(address, "listen"), address) from exc
         except BaseException:
             _close_all(socks)
             raise
@@ -301,6 +330,8 @@ class Proxy:
                 # one needs. At max_connections the client waits in the kernel backlog.
                 await trio.lowlevel.wait_readable(bound.listener.socket)
                 token = object()
+                if not self.limiter.available_tokens:
+                    self.shared.telemetry.connection_limited()  # a client waits in the backlog
                 await self.limiter.acquire_on_behalf_of(token)
                 try:
                     stream = await bound.listener.accept()
@@ -321,6 +352,7 @@ class Proxy:
 
     async def _handle(self, stream: trio.SocketStream, bound: _Bound, token: object) -> None:
         rt = self.runtime
+        self.shared.telemetry.connection_opened()
         try:
             await self._serve(stream, bound, rt)
         except Exception:
@@ -329,42 +361,73 @@ class Proxy:
         finally:
             await aclose_quietly(stream)
             self.limiter.release_on_behalf_of(token)
+            self.shared.telemetry.connection_closed()
             self.active -= 1
             if not self.active:
                 self._idle.set()
 
     async def _serve(self, stream: trio.SocketStream, bound: _Bound, rt: Runtime) -> None:
         try:
-            peer_ip = str(stream.socket.getpeername()[0])
+            peer_ip, peer_port = stream.socket.getpeername()[:2]
+            local = stream.socket.getsockname()[:2]
         except OSError:
             return
-        leftover = b""
-        client: trio.abc.Stream = stream
-        head_timeout = rt.config.timeouts.request_header
-        with trio.move_on_after(head_timeout) as scope:
-            if bound.config.proxy_protocol:
-                found = await _read_proxy_header(stream)
-                if found is None:
-                    return
-                peer_ip = found[0] or peer_ip
-                leftover = found[1]
-            if bound.tls is not None:
-                transport = PrefixedStream(stream, leftover) if leftover else stream
-                leftover = b""
-                client = trio.SSLStream(transport, bound.tls, server_side=True)
-                try:
-                    await client.do_handshake()
-                except (*STREAM_ERRORS, ssl.SSLError) as exc:
-                    log.info("%s: TLS handshake failed: %s", peer_ip, exc)
-                    return
-        if scope.cancelled_caught:
+        opened = None
+        with trio.move_on_after(rt.config.timeouts.request_header):
+            opened = await open_client(
+                stream,
+                str(peer_ip),
+                proxy_protocol=bound.config.proxy_protocol,
+                tls=bound.tls,
+                port=int(peer_port),
+                local=(str(local[0]), int(local[1])),
+            )
+        if opened is None:
             return
-        peer = Peer(peer_ip, bound.tls is not None, leftover)
+        client, peer = opened
         await serve_client(client, peer, rt, self.shared)
 
 
-async def _read_proxy_header(stream: trio.SocketStream) -> tuple[str | None, bytes] | None:
-    """(client ip or None for LOCAL, bytes after the header), or None if it is not one."""
+def _route_protocols(config: Config) -> list[tuple[str, tuple[str, ...]]]:
+    return [(route_label(r), r.upgrade) for r in config.routes]
+
+
+async def open_client(
+    stream: trio.abc.Stream,
+    peer_ip: str,
+    *,
+    proxy_protocol: bool,
+    tls: ssl.SSLContext | None,
+    port: int = 0,
+    local: tuple[str, int] | None = None,
+) -> tuple[trio.abc.Stream, Peer] | None:
+    """Peel the PROXY header, then do the TLS handshake: (the HTTP stream, its peer), or None
+    if the connection is to be dropped. Bytes read past a PROXY header are replayed to TLS."""
+    leftover = b""
+    if proxy_protocol:
+        found = await _read_proxy_header(stream)
+        if found is None:
+            return None
+        peer_ip, port = found[0] or (peer_ip, port)
+        leftover = found[1]
+    if tls is None:
+        return stream, Peer(peer_ip, False, leftover, port, local)
+    transport = PrefixedStream(stream, leftover) if leftover else stream
+    client = trio.SSLStream(transport, tls, server_side=True)
+    try:
+        await client.do_handshake()
+    except (*STREAM_ERRORS, ssl.SSLError) as exc:
+        log.info("%s: TLS handshake failed: %s", peer_ip, exc)
+        return None
+    subject = client_subject(client.getpeercert())
+    return client, Peer(peer_ip, True, b"", port, local, subject)
+
+
+async def _read_proxy_header(
+    stream: trio.abc.Stream,
+) -> tuple[tuple[str, int] | None, bytes] | None:
+    """(client ip and port, or None for LOCAL, bytes after the header), or None if it is not
+    one."""
     buf = b""
     while len(buf) <= MAX_HEADER_BYTES:
         try:
@@ -374,8 +437,7 @@ async def _read_proxy_header(stream: trio.SocketStream) -> tuple[str | None, byt
             return None
         if found is not NEED_MORE:
             header, used = found
-            source = header.source[0] if header.source else None
-            return source, buf[used:]
+            return header.source, buf[used:]
         try:
             data = await stream.receive_some(MAX_HEADER_BYTES)
         except STREAM_ERRORS:

@@ -120,6 +120,20 @@ def bind_listening(address: Address, *, reuse_port: bool) -> socket.socket:
     return sock
 
 
+def start_error(exc: OSError, field: str, address: Address) -> OSError:
+    """`exc` as a start error naming the config field: `admin.address 1.2.3.4:9: ...`."""
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    return OSError(exc.errno, f"{field} {address}: {reason[:1].lower()}{reason[1:]}")
+
+
+def _fields(config: Config) -> dict[str, str]:
+    """Configured address -> the field that names it, for start errors."""
+    fields = {str(lsn.address): f"listen[{i}].address" for i, lsn in enumerate(config.listeners)}
+    if config.admin is not None:
+        fields[str(config.admin.address)] = "admin.address"
+    return fields
+
+
 def config_addresses(config: Config) -> list[Address]:
     """Every address the config listens on, the admin one last."""
     return [listener.address for listener in config.listeners] + (
@@ -156,6 +170,7 @@ def own_sockets(config: Config, slots: int, given: Sockets, current: Owned | Non
     current = current or {}
     owned: Owned = {}
     fresh: list[socket.socket] = []
+    fields = _fields(config)
     try:
         for address in config_addresses(config):
             key = str(address)
@@ -164,11 +179,13 @@ def own_sockets(config: Config, slots: int, given: Sockets, current: Owned | Non
             elif key in given:
                 owned[key] = [given.pop(key)]
             else:
-                first = bind_listening(address, reuse_port=True)
-                fresh.append(first)
-                port = first.getsockname()[1]  # port 0: every slot on the port the first got
-                for _ in range(slots - 1):
-                    fresh.append(bind_listening(Address(address.host, port), reuse_port=True))
+                try:
+                    fresh.append(bind_listening(address, reuse_port=True))
+                    port = fresh[-1].getsockname()[1]  # port 0: all slots on the one it got
+                    for _ in range(slots - 1):
+                        fresh.append(bind_listening(Address(address.host, port), reuse_port=True))
+                except OSError as exc:
+                    raise start_error(exc, fields[key], address) from exc
                 owned[key] = fresh[-slots:]
     except BaseException:
         close_all(fresh)

@@ -1,11 +1,12 @@
 """The `workers: N` supervisor: N worker processes share the listeners; this parent serves nothing.
 
-Workers are fresh interpreters (`python -m upgradeproxy run --worker I`), not forks and not
-`multiprocessing` children: nothing of the parent's trio loop, sockets or locks leaks into them,
-$PROMETHEUS_MULTIPROC_DIR is in their environment before prometheus-client is imported (it picks
-its storage at import), nothing is pickled, and a worker runs exactly the `workers: 1` code path
-with SO_REUSEPORT on every listener, the admin one included (so any worker answers a scrape,
-with the totals of all of them read from the shared directory).
+Workers are fresh interpreters (`python -m upgradeproxy run --worker I`, or the standalone
+binary itself, `upgradeproxy run --worker I`), not forks and not `multiprocessing` children:
+nothing of the parent's trio loop, sockets or locks leaks into them, $PROMETHEUS_MULTIPROC_DIR
+is in their environment before prometheus-client is imported (it picks its storage at import),
+nothing is pickled, and a worker runs exactly the `workers: 1` code path with SO_REUSEPORT on
+every listener, the admin one included (so any worker answers a scrape, with the totals of all
+of them read from the shared directory).
 
 The parent owns the listening sockets (one SO_REUSEPORT socket per address and worker slot, or
 the one systemd passed) and hands them to each worker (service/sockets.py): a worker that dies,
@@ -294,9 +295,7 @@ class Supervisor:
 
     def _argv(self, slot: int, ready_fd: int) -> list[str]:
         return [
-            sys.executable,
-            "-m",
-            "upgradeproxy",
+            *worker_command(),
             "run",
             "--config",
             self.path,
@@ -308,3 +307,14 @@ class Supervisor:
             str(ready_fd),
             *(() if self.access_log else ("--no-access-log",)),
         ]
+
+
+def worker_command() -> list[str]:
+    """How to start this program again: `python -m upgradeproxy`, or the frozen binary alone.
+
+    A PyInstaller binary has no `-m` (its sys.executable is the binary); started from inside
+    the bundle, it runs as a sub-process of it, reusing the already unpacked files.
+    """
+    if getattr(sys, "frozen", False):
+        return [sys.executable]
+    return [sys.executable, "-m", "upgradeproxy"]

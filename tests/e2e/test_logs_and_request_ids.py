@@ -1,0 +1,172 @@
+"""Access-log fields and request ids (issue 11, item 4), over real loopback sockets."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import pytest
+from websockets.sync.client import connect
+
+from tests.conftest import (
+    eventually,
+    proxy_yaml,
+    raw_client,
+    read_response,
+    respond_ok_forever,
+)
+
+HEX32 = re.compile(rb"[0-9a-f]{32}")
+
+
+def access_lines(caplog: pytest.LogCaptureFixture, msg: str = "http") -> list[dict[str, Any]]:
+    return [
+        r.record  # type: ignore[attr-defined]
+        for r in caplog.records
+        if r.name == "upgradeproxy.access" and r.getMessage() == msg
+    ]
+
+
+def header_values(head: bytes, name: bytes) -> list[bytes]:
+    pattern = rb"(?im)^" + re.escape(name) + rb":[ \t]*(.*?)[ \t]*\r$"
+    return re.findall(pattern, head)
+
+
+def get(address: tuple[str, int], target: str = "/", extra: bytes = b"") -> tuple[int, dict, bytes]:
+    with raw_client(address) as sock:
+        sock.sendall(b"GET %s HTTP/1.1\r\nHost: app.test\r\n%s\r\n" % (target.encode(), extra))
+        status, headers, body, _ = read_response(sock)
+    return status, headers, body
+
+
+@pytest.fixture
+def logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.INFO, logger="upgradeproxy.access")
+    return caplog
+
+
+def test_a_fresh_request_id_goes_upstream_on_the_response_and_in_the_log(
+    make_proxy, raw_upstream, logs
+):
+    up = raw_upstream(respond_ok_forever)
+    proxy = make_proxy(proxy_yaml(up.port))
+    status, headers, _ = get(proxy.address, extra=b"X-Request-ID: from-the-client\r\n")
+    assert status == 200
+    (sent,) = header_values(up.accept().heads[0], b"X-Request-ID")
+    assert HEX32.fullmatch(sent), "an untrusted client's id is replaced by a fresh one"
+    assert headers[b"x-request-id"] == sent
+    assert eventually(lambda: access_lines(logs))
+    assert access_lines(logs)[0]["request_id"] == sent.decode()
+
+
+def test_a_trusted_peers_request_id_passes_through(make_proxy, raw_upstream, logs):
+    up = raw_upstream(respond_ok_forever)
+    proxy = make_proxy(proxy_yaml(up.port, extra="trusted_proxies: ['127.0.0.1']"))
+    _, headers, _ = get(proxy.address, extra=b"X-Request-ID: abc-123\r\n")
+    assert header_values(up.accept().heads[0], b"X-Request-ID") == [b"abc-123"]
+    assert headers[b"x-request-id"] == b"abc-123"
+
+
+def test_request_id_false_turns_it_all_off(make_proxy, raw_upstream, logs):
+    up = raw_upstream(respond_ok_forever)
+    proxy = make_proxy(proxy_yaml(up.port, extra="request_id: false"))
+    _, headers, _ = get(proxy.address, extra=b"X-Request-ID: kept\r\n")
+    assert header_values(up.accept().heads[0], b"X-Request-ID") == [b"kept"]
+    assert b"x-request-id" not in headers
+    _, headers, _ = get(proxy.address)
+    assert b"x-request-id" not in headers
+    assert header_values(up.accept().heads[-1], b"X-Request-ID") == []
+
+
+def test_the_proxys_own_error_carries_a_request_id_and_counts_its_bytes(make_proxy, logs):
+    proxy = make_proxy(proxy_yaml(1, route="host: only.test"))
+    status, headers, body = get(proxy.address, "/nowhere")
+    assert status == 404
+    assert HEX32.fullmatch(headers[b"x-request-id"])
+    assert eventually(lambda: access_lines(logs))
+    (line,) = access_lines(logs)
+    assert line["status"] == 404
+    assert line["bytes_out"] == len(body) > 0
+    assert line["request_id"] == headers[b"x-request-id"].decode()
+
+
+def test_a_relayed_101_carries_the_request_id(make_proxy, ws_upstream, logs):
+    up = ws_upstream()
+    proxy = make_proxy(proxy_yaml(up.port))
+    with connect(proxy.url("/ws")) as ws:
+        rid = ws.response.headers["X-Request-ID"]
+        ws.send("hi")
+        assert ws.recv() == "hi"
+    assert HEX32.fullmatch(rid.encode())
+    assert up.requests[0].headers["X-Request-ID"] == rid
+
+
+def test_a_bad_header_after_a_good_request_line_logs_method_and_path(make_proxy, logs):
+    """Regression (issue 11): a 400 logged `method="" path=""` when the request line parsed."""
+    proxy = make_proxy(proxy_yaml(1))
+    with raw_client(proxy.address) as sock:
+        sock.sendall(b"POST /upload?token=x HTTP/1.1\r\nHost: a\r\nBad Header: 1\r\n\r\n")
+        status, _, _, _ = read_response(sock)
+    assert status == 400
+    assert eventually(lambda: access_lines(logs))
+    (line,) = access_lines(logs)
+    assert (line["method"], line["path"], line["status"]) == ("POST", "/upload", 400)
+    assert "query" not in line
+
+
+@pytest.mark.parametrize(("query_on", "expected"), [(False, None), (True, "token=abc&x=1")])
+def test_query_is_logged_only_when_asked(make_proxy, raw_upstream, logs, query_on, expected):
+    up = raw_upstream(respond_ok_forever)
+    extra = "access_log: {query: true}" if query_on else ""
+    proxy = make_proxy(proxy_yaml(up.port, extra=extra))
+    get(proxy.address, "/ws?token=abc&x=1")
+    assert eventually(lambda: access_lines(logs))
+    (line,) = access_lines(logs)
+    assert line.get("query") == expected
+    assert line["path"] == "/ws"
+
+
+def test_user_agent_and_upstream_timings(make_proxy, raw_upstream, logs):
+    up = raw_upstream(respond_ok_forever)
+    proxy = make_proxy(proxy_yaml(up.port))
+    with raw_client(proxy.address) as sock:
+        for _ in range(2):  # the second request reuses the pooled upstream connection
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: a\r\nUser-Agent: probe/1.0\r\n\r\n")
+            assert read_response(sock)[0] == 200
+    assert eventually(lambda: len(access_lines(logs)) == 2)
+    first, second = access_lines(logs)
+    assert first["user_agent"] == second["user_agent"] == "probe/1.0"
+    assert 0 < first["upstream_connect"] <= first["upstream_header"] <= first["duration"]
+    assert second["upstream_connect"] == 0
+    assert second["upstream_header"] > 0
+    assert len(up.conns) == 1
+
+
+def test_a_client_sent_certificate_subject_never_reaches_the_upstream(
+    make_proxy, raw_upstream, logs
+):
+    up = raw_upstream(respond_ok_forever)
+    proxy = make_proxy(proxy_yaml(up.port, extra="trusted_proxies: ['127.0.0.1']"))
+    get(proxy.address, extra=b"X-Client-Cert-Subject: CN=admin\r\n")
+    assert header_values(up.accept().heads[0], b"X-Client-Cert-Subject") == []
+
+
+@pytest.mark.parametrize(
+    ("sent", "status"),
+    [
+        (b"GET /big HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n", 431),
+        (b"GET /big HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * 20000, 431),  # head never ends
+        (b"GET /big HTTP/1.1\r\nHost: a\r\n", 408),  # too slow
+    ],
+    ids=["whole-head-too-large", "incomplete-head-too-large", "head-too-slow"],
+)
+def test_rejected_heads_log_their_request_line(make_proxy, logs, sent, status):
+    proxy = make_proxy(proxy_yaml(1, extra="timeouts: {request_header: 0.3}"))
+    with raw_client(proxy.address) as sock:
+        sock.sendall(sent)
+        assert read_response(sock)[0] == status
+    assert eventually(lambda: access_lines(logs))
+    (line,) = access_lines(logs)
+    assert (line["method"], line["path"], line["status"]) == ("GET", "/big", status)
+    assert HEX32.fullmatch(line["request_id"].encode())

@@ -1,0 +1,321 @@
+"""Rules 10 and 11 over real sockets: active health checks, all-down 503, max_tunnels,
+slow_start, counts and health across a reload, /upstreams and the per-server gauges."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import signal
+import ssl
+import time
+
+import pytest
+import trustme
+
+from tests.conftest import LOOPBACK, eventually, free_port
+from tests.e2e.pool_peers import Backend, Tunnel, admin_json, get, metrics, served_by, wait_tunnels
+from tests.e2e.test_operations import ProxyProcess
+from upgradeproxy.config.loader import parse_config
+
+FAST_CHECK = "{path: /healthz, interval: 0.05, timeout: 0.5, healthy_after: 2, unhealthy_after: 2}"
+WS_CHECK = FAST_CHECK.replace("}", ", upgrade: websocket}")
+
+
+def pool_yaml(backends: list[Backend], keys: str = "", extra: str = "") -> str:
+    servers = "\n".join(f'      - "{b.address}"' for b in backends)
+    upstream = "\n".join("    " + line for line in keys.strip().splitlines())
+    return f"""
+listen:
+  - address: "127.0.0.1:0"
+admin:
+  address: "127.0.0.1:0"
+upstreams:
+  app:
+    servers:
+{servers}
+{upstream}
+routes:
+  - upstream: app
+timeouts: {{drain: 1}}
+{extra}
+"""
+
+
+def rotation(proxy, n: int = 6) -> set[str]:
+    return {served_by(proxy.address, f"/r{i}") for i in range(n)}
+
+
+def upstreams(proxy) -> dict:
+    return admin_json(proxy.proxy.admin_address[1])["app"]
+
+
+def healthy(proxy, backend: Backend) -> bool:
+    server = next(s for s in upstreams(proxy)["servers"] if s["address"] == backend.address)
+    return server["healthy"]
+
+
+@pytest.fixture
+def two(raw_upstream) -> list[Backend]:
+    return [Backend(raw_upstream, n) for n in "ab"]
+
+
+@pytest.mark.parametrize(
+    ("check", "bad"),
+    [
+        pytest.param(FAST_CHECK, "fail", id="http-503"),
+        pytest.param(FAST_CHECK, "garbage", id="http-garbage"),
+        pytest.param(FAST_CHECK, "reset", id="http-reset"),
+        pytest.param(WS_CHECK, "bad-accept", id="ws-accept"),
+        pytest.param(WS_CHECK, "no-101", id="ws-no-101"),
+    ],
+)  # fmt: skip
+def test_failing_server_leaves_and_rejoins_the_rotation(make_proxy, two, caplog, check, bad):
+    _a, b = two
+    proxy = make_proxy(pool_yaml(two, f"health_check: {check}"))
+    assert eventually(lambda: len(b.checks) >= 2)
+    assert rotation(proxy) == {"a", "b"}
+    with caplog.at_level(logging.WARNING, logger="upgradeproxy"):
+        b.health = bad
+        assert eventually(lambda: not healthy(proxy, b))
+    assert rotation(proxy) == {"a"}
+    assert any("server " + b.address + " is down" in r.getMessage() for r in caplog.records)
+    last = next(s for s in upstreams(proxy)["servers"] if s["address"] == b.address)["last_check"]
+    assert last["passed"] is False
+    assert last["result"] != "ok"
+    b.health = "ok"
+    assert eventually(lambda: healthy(proxy, b))
+    assert rotation(proxy) == {"a", "b"}
+
+
+def test_hanging_health_endpoint_goes_down_and_never_blocks_clients(make_proxy, two):
+    _a, b = two
+    check = "{path: /healthz, interval: 0.1, timeout: 1, healthy_after: 1, unhealthy_after: 1}"
+    proxy = make_proxy(pool_yaml(two, f"health_check: {check}"))
+    b.health = "hang"
+    for i in range(10):  # while checks hang, requests are served at once
+        started = time.monotonic()
+        assert get(proxy.address, f"/during{i}")[0] == 200
+        assert time.monotonic() - started < 0.5
+    assert eventually(lambda: not healthy(proxy, b))
+    last = next(s for s in upstreams(proxy)["servers"] if s["address"] == b.address)["last_check"]
+    assert last["result"] == "no answer within 1s"
+
+
+def test_every_server_down_is_503_at_once(make_proxy, two):
+    check = "{path: /healthz, interval: 2, timeout: 0.5, healthy_after: 1, unhealthy_after: 1}"
+    proxy = make_proxy(pool_yaml(two, f"health_check: {check}"))
+    for backend in two:
+        backend.health = "fail"
+    assert eventually(lambda: not any(s["healthy"] for s in upstreams(proxy)["servers"]), 5)
+    served = [b.served() for b in two]
+    started = time.monotonic()
+    status, headers, _ = get(proxy.address, "/x")
+    assert time.monotonic() - started < 1.0
+    assert status == 503
+    assert headers[b"retry-after"] == b"2"
+    tunnel = Tunnel(proxy.address)
+    assert tunnel.status == 503
+    assert b"retry-after" in tunnel.headers
+    tunnel.close()
+    assert [b.served() for b in two] == served  # no server was asked
+
+
+def test_health_checks_use_tls_to_a_tls_upstream(make_proxy, ws_upstream, tmp_path):
+    ca = trustme.CA()
+    ca_path = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_path))
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    up = ws_upstream(ssl=server_ctx)
+    check = "{path: /healthz, upgrade: websocket, interval: 0.05, timeout: 1, healthy_after: 1}"
+    proxy = make_proxy(f"""
+listen: [{{address: "127.0.0.1:0"}}]
+admin: {{address: "127.0.0.1:0"}}
+upstreams:
+  app:
+    servers: ["127.0.0.1:{up.port}"]
+    tls: {{ca: "{ca_path}"}}
+    health_check: {check}
+routes: [{{upstream: app}}]
+timeouts: {{drain: 1}}
+""")
+    assert eventually(lambda: len(up.requests) >= 2)
+    last = upstreams(proxy)["servers"][0]["last_check"]
+    assert last["result"] == "ok"
+    assert up.requests[0].path == "/healthz"
+
+
+def test_max_tunnels_503_then_recovery(make_proxy, raw_upstream):
+    a = Backend(raw_upstream, "a")
+    proxy = make_proxy(pool_yaml([a], "max_tunnels: 2"))
+    held = [Tunnel(proxy.address) for _ in range(2)]
+    try:
+        assert [t.status for t in held] == [101, 101]
+        refused = Tunnel(proxy.address)
+        assert refused.status == 503
+        assert refused.headers[b"retry-after"] == b"1"
+        refused.close()
+        assert served_by(proxy.address) == "a"  # plain requests still reach a full server
+        held.pop().close()
+        wait_tunnels(proxy, 1)
+        again = Tunnel(proxy.address)
+        assert again.status == 101
+        held.append(again)
+    finally:
+        for t in held:
+            t.close()
+
+
+def test_full_server_is_skipped_for_tunnels(make_proxy, two):
+    proxy = make_proxy(pool_yaml(two, "max_tunnels: 1"))
+    tunnels = [Tunnel(proxy.address) for _ in range(2)]
+    try:
+        assert sorted(t.server for t in tunnels) == ["a", "b"]
+        assert Tunnel(proxy.address).status == 503
+    finally:
+        for t in tunnels:
+            t.close()
+
+
+def test_least_conn_counts_survive_a_reload(make_proxy, two):
+    """The issue's case: 6 tunnels over A and B, close the 3 on A, SIGHUP, 3 more: A, A, A."""
+    yaml = pool_yaml(two, "balance: least_conn")
+    proxy = make_proxy(yaml)
+    tunnels = [Tunnel(proxy.address) for _ in range(6)]
+    assert collections.Counter(t.server for t in tunnels) == {"a": 3, "b": 3}
+    for t in [t for t in tunnels if t.server == "a"]:
+        t.close()
+    wait_tunnels(proxy, 3)
+    proxy.reload(parse_config(yaml.replace("drain: 1", "drain: 2"), "test.yaml"))
+    more = [Tunnel(proxy.address) for _ in range(3)]
+    try:
+        assert [t.server for t in more] == ["a", "a", "a"]
+        admin = upstreams(proxy)["servers"]
+        assert [s["tunnels"] for s in admin] == [3, 3]
+    finally:
+        for t in tunnels + more:
+            t.close()
+
+
+def test_health_survives_a_reload(make_proxy, two):
+    _a, b = two
+    check = "{path: /healthz, interval: 0.05, timeout: 0.5, healthy_after: 50, unhealthy_after: 1}"
+    yaml = pool_yaml(two, f"health_check: {check}")
+    proxy = make_proxy(yaml)
+    b.health = "fail"
+    assert eventually(lambda: not healthy(proxy, b))
+    b.health = "ok"  # 50 passes to come back: far longer than this test looks
+    proxy.reload(parse_config(yaml.replace("drain: 1", "drain: 2"), "test.yaml"))
+    assert not healthy(proxy, b)
+    assert rotation(proxy) == {"a"}
+
+
+def test_slow_start_ramps_a_server_added_by_reload(make_proxy, two):
+    a, _b = two
+    proxy = make_proxy(pool_yaml([a], "slow_start: 1h"))
+    proxy.reload(parse_config(pool_yaml(two, "slow_start: 1h"), "test.yaml"))
+    picks = collections.Counter(served_by(proxy.address, f"/s{i}") for i in range(22))
+    assert picks["b"] == 2, picks  # 0.1 of a's weight: one in eleven
+    plain = make_proxy(pool_yaml([a]))
+    plain.reload(parse_config(pool_yaml(two), "test.yaml"))
+    picks = collections.Counter(served_by(plain.address, f"/p{i}") for i in range(22))
+    assert picks["b"] == 11, picks
+
+
+def test_upstreams_endpoint_and_gauges(make_proxy, two):
+    a, b = two
+    check = "{path: /healthz, interval: 0.05, timeout: 0.5, healthy_after: 1, unhealthy_after: 1}"
+    proxy = make_proxy(pool_yaml(two, f"balance: least_conn\nhealth_check: {check}"))
+    b.health = "fail"
+    assert eventually(lambda: not healthy(proxy, b))
+    tunnel = Tunnel(proxy.address)
+    try:
+        assert tunnel.server == "a"
+        doc = upstreams(proxy)
+        assert doc["balance"] == "least_conn"
+        assert doc["health_check"] is True
+        sa, sb = doc["servers"]
+        assert (sa["address"], sa["weight"], sa["healthy"]) == (a.address, 1, True)
+        assert (sa["tunnels"], sa["in_flight"]) == (1, 0)
+        assert sa["last_check"]["passed"] is True
+        assert sa["last_check"]["result"] == "ok"
+        assert abs(sa["last_check"]["time"] - time.time()) < 10
+        assert (sb["healthy"], sb["tunnels"]) == (False, 0)
+        assert sb["last_check"]["result"] == "status 503"
+        text = metrics(proxy.proxy.admin_address[1])
+        assert f'upgradeproxy_upstream_healthy{{server="{a.address}",upstream="app"}} 1.0' in text
+        assert f'upgradeproxy_upstream_healthy{{server="{b.address}",upstream="app"}} 0.0' in text
+        assert f'upgradeproxy_upstream_tunnels{{server="{a.address}",upstream="app"}} 1.0' in text
+    finally:
+        tunnel.close()
+    wait_tunnels(proxy, 0)
+    text = metrics(proxy.proxy.admin_address[1])
+    assert f'upgradeproxy_upstream_tunnels{{server="{a.address}",upstream="app"}} 0.0' in text
+
+
+def test_down_servers_keys_go_to_the_next_and_come_back(make_proxy, raw_upstream):
+    three = [Backend(raw_upstream, n) for n in "abc"]
+    b = three[1]
+    check = "{path: /healthz, interval: 0.05, timeout: 0.5, healthy_after: 1, unhealthy_after: 1}"
+    proxy = make_proxy(
+        pool_yaml(three, f"balance: hash\nhash_key: 'query:k'\nhealth_check: {check}")
+    )
+
+    def mapping() -> dict[int, str]:
+        return {i: served_by(proxy.address, f"/?k={i}") for i in range(60)}
+
+    before = mapping()
+    assert "b" in before.values()
+    b.health = "fail"
+    assert eventually(lambda: not healthy(proxy, b))
+    during = mapping()
+    assert "b" not in during.values()
+    assert all(during[i] == before[i] for i in before if before[i] != "b")
+    b.health = "ok"
+    assert eventually(lambda: healthy(proxy, b))
+    assert mapping() == before
+
+
+def test_sticky_cookie_to_a_down_server_is_replaced(make_proxy, two):
+    b = two[1]
+    check = "{path: /healthz, interval: 0.05, timeout: 0.5, healthy_after: 1, unhealthy_after: 1}"
+    proxy = make_proxy(pool_yaml(two, f"sticky_cookie: upx\nhealth_check: {check}"))
+    cookies = {}
+    while len(cookies) < 2:  # round robin gives each server its turn
+        _, headers, body = get(proxy.address)
+        cookies[body.decode()] = headers[b"set-cookie"].split(b";")[0]
+    b.health = "fail"
+    assert eventually(lambda: not healthy(proxy, b))
+    status, headers, body = get(proxy.address, "/", b"Cookie: " + cookies["b"] + b"\r\n")
+    assert (status, body) == (200, b"a")
+    assert headers[b"set-cookie"].split(b";")[0] == cookies["a"]
+
+
+def test_least_conn_counts_survive_a_real_sighup(tmp_path, two):
+    """The issue's case against `upgradeproxy run`, reloaded by the signal itself."""
+    port, admin = free_port(), free_port()
+    yaml = pool_yaml(two, "balance: least_conn")
+    yaml = yaml.replace('"127.0.0.1:0"', f'"127.0.0.1:{port}"', 1)
+    yaml = yaml.replace('"127.0.0.1:0"', f'"127.0.0.1:{admin}"', 1)
+    path = tmp_path / "pool.yaml"
+    path.write_text(yaml)
+    proc = ProxyProcess(path)
+    tunnels: list[Tunnel] = []
+    try:
+        proc.wait_log("listening")
+        tunnels = [Tunnel((LOOPBACK, port)) for _ in range(6)]
+        assert collections.Counter(t.server for t in tunnels) == {"a": 3, "b": 3}
+        for t in [t for t in tunnels if t.server == "a"]:
+            t.close()
+        assert eventually(
+            lambda: [s["tunnels"] for s in admin_json(admin)["app"]["servers"]] == [0, 3]
+        )
+        proc.rewrite(yaml.replace("drain: 1", "drain: 2"))
+        proc.kill(signal.SIGHUP)
+        proc.wait_log("reloaded")
+        tunnels += [Tunnel((LOOPBACK, port)) for _ in range(3)]
+        assert [t.server for t in tunnels[6:]] == ["a", "a", "a"]
+    finally:
+        for t in tunnels:
+            t.close()
+        proc.close()

@@ -1,0 +1,68 @@
+"""What a client connection holds at the edge: its per-address count (rule 14) and, for
+upstreams with `proxy_protocol`, its own PROXY header and keep-alive pool (rule 15).
+
+A connection is counted against `limits.max_connections_per_ip` from its first request head
+until it closes, a tunnel it became included; over the limit, that first request gets a 429.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from upgradeproxy.config.model import Upstream
+from upgradeproxy.path.context import Client
+from upgradeproxy.path.upstream import Pool
+from upgradeproxy.report.telemetry import ExchangeRecord
+from upgradeproxy.rules import plan as planning
+from upgradeproxy.rules.errors import ProxyError, TooManyConnections
+from upgradeproxy.rules.limits import client_address
+from upgradeproxy.rules.proxy_header import proxy_header
+
+
+def admit(client: Client, head: planning.Head, rec: ExchangeRecord) -> None:
+    """Count the connection for its client address, or raise TooManyConnections (429)."""
+    config = client.rt.config
+    limit = config.limits.max_connections_per_ip
+    if not limit:
+        return
+    address = client_address(client.peer_ip, head.headers, config.trusted_proxies)
+    if client.shared.per_ip.acquire(address, limit):
+        client.admitted = address
+        return
+    # The refusal is counted by route when the request routes; "" when it does not.
+    with contextlib.suppress(ProxyError):
+        rec.route = planning.locate(head, client.rt.router).route_label
+    raise TooManyConnections(
+        f"client {address} already holds {limit} connections (limits.max_connections_per_ip)"
+    )
+
+
+def release(client: Client) -> None:
+    """Give back what the connection held: its per-address count and its own pool."""
+    if client.admitted is not None:
+        client.shared.per_ip.release(client.admitted)
+        client.admitted = None
+    if client.own_pool is not None:
+        client.own_pool.close_all()
+        client.own_pool = None
+
+
+def upstream_pool(client: Client, upstream: Upstream) -> Pool:
+    """Where idle connections to `upstream` wait: a connection that sent a PROXY header
+    speaks for one client, so only that client's later requests may reuse it."""
+    if not upstream.proxy_protocol:
+        return client.shared.pool
+    if client.own_pool is None:
+        client.own_pool = Pool()
+    return client.own_pool
+
+
+def preamble(client: Client, upstream: Upstream) -> bytes:
+    """The PROXY header a new connection to `upstream` starts with (b"" for none): the client
+    as the listener learned it (PROXY source or TCP peer, never X-Forwarded-For) and the
+    proxy address it connected to."""
+    if not upstream.proxy_protocol:
+        return b""
+    peer = client.peer
+    source = (peer.ip, peer.port) if peer is not None else None
+    return proxy_header(upstream.proxy_protocol, source, peer.local if peer else None)
