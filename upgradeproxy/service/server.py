@@ -32,7 +32,7 @@ from upgradeproxy.rules.proxy_protocol import (
 )
 from upgradeproxy.rules.servers import describe
 from upgradeproxy.service.admin import open_admin, serve_admin
-from upgradeproxy.service.sockets import StoppableListener, start_error
+from upgradeproxy.service.sockets import Handed, StoppableListener, start_error
 from upgradeproxy.service.tls import client_subject, server_tls_context
 
 log = logging.getLogger("upgradeproxy")
@@ -97,9 +97,7 @@ class Proxy:
         self._accepts: trio.Nursery | None = None
         self._conns: trio.Nursery | None = None
         self._admin: _AdminBound | None = None
-        # Listening sockets bound by someone else (a previous generation, the supervisor,
-        # systemd), by configured address: used instead of binding that address anew.
-        self._handed: dict[str, socket.socket] = dict(sockets or {})
+        self._handed = Handed(sockets)
         self.retiring = False  # a new generation took the sockets over: finish and exit
         self._deadline: float | None = None  # when the drain cuts what is left
         self._finish: trio.CancelScope | None = None
@@ -124,8 +122,7 @@ class Proxy:
         self._drain.set()
 
     def retire(self, grace: float) -> None:
-        """A new generation accepts on our sockets: stop accepting at once (the admin listener
-        too) and give open tunnels and in-flight requests `grace` seconds."""
+        """A new generation accepts on our sockets: stop accepting, finish within `grace`."""
         self.retiring = True
         self._deadline = trio.current_time() + grace
         if self._admin is not None and self._admin.listener is not None:
@@ -173,7 +170,7 @@ class Proxy:
                 socks = await self._bind_all([listener.address for listener in listeners])
                 for listener, sock, context in zip(listeners, socks, tls, strict=True):
                     self._listen(listener, sock, context)
-                self._close_unclaimed()
+                self._handed.close_rest()
                 task_status.started(self)
                 await self._drain.wait()
                 # /readyz is 503 already: a load balancer polling it stops sending clients
@@ -188,13 +185,6 @@ class Proxy:
             await self._close_listeners()
             await self._finish_drain()
             conns.cancel_scope.cancel()
-
-    def _close_unclaimed(self) -> None:
-        """Handed-down sockets the config no longer names: closing them is what it asks."""
-        for address, sock in self._handed.items():
-            log.info("handed-down socket not in the config: closed", extra={"address": address})
-            sock.close()
-        self._handed.clear()
 
     async def _finish_drain(self) -> None:
         for scope in list(self.shared.idle_waits):
@@ -260,15 +250,12 @@ class Proxy:
                 self._start_admin(*admin)
 
     async def _open_admin(self, address: Address) -> trio.SocketListener:
-        handed = self._handed.pop(str(address), None)
-        if handed is None:
-            try:
-                return await open_admin(address, reuse_port=self.reuse_port)
-            except OSError as exc:
-                raise start_error(exc, "admin.address", address) from exc
-        sock = trio.socket.from_stdlib_socket(handed)
-        sock.listen(128)
-        return trio.SocketListener(sock)
+        if (handed := self._handed.take_listener(address, 128)) is not None:
+            return handed
+        try:
+            return await open_admin(address, reuse_port=self.reuse_port)
+        except OSError as exc:
+            raise start_error(exc, "admin.address", address) from exc
 
     def _start_admin(self, address: Address, listener: trio.SocketListener) -> None:
         scope = trio.CancelScope()
@@ -301,9 +288,8 @@ class Proxy:
         socks: list[trio.socket.SocketType] = []
         try:
             for address in addresses:
-                handed = self._handed.pop(str(address), None)
-                if handed is not None:
-                    socks.append(trio.socket.from_stdlib_socket(handed))
+                if (handed := self._handed.take(address)) is not None:
+                    socks.append(handed)
                     continue
                 try:
                     socks.append(await bind_socket(address, reuse_port=self.reuse_port))

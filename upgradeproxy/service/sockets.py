@@ -194,6 +194,32 @@ def own_sockets(config: Config, slots: int, given: Sockets, current: Owned | Non
     return owned
 
 
+class Handed:
+    """Listening sockets bound by someone else (a previous generation, the supervisor,
+    systemd), by configured address: taken instead of binding that address anew."""
+
+    def __init__(self, sockets: Mapping[str, socket.socket] | None = None) -> None:
+        self._sockets = dict(sockets or {})
+
+    def take(self, address: Address) -> trio.socket.SocketType | None:
+        sock = self._sockets.pop(str(address), None)
+        return None if sock is None else trio.socket.from_stdlib_socket(sock)
+
+    def take_listener(self, address: Address, backlog: int) -> trio.SocketListener | None:
+        sock = self.take(address)
+        if sock is None:
+            return None
+        sock.listen(backlog)
+        return trio.SocketListener(sock)
+
+    def close_rest(self) -> None:
+        """Those the config no longer names: closing them is what it asks."""
+        for address, sock in self._sockets.items():
+            log.info("handed-down socket not in the config: closed", extra={"address": address})
+            sock.close()
+        self._sockets.clear()
+
+
 class StoppableListener(trio.abc.Listener[trio.SocketStream]):
     """A listener that can stop accepting without cancelling the connections it accepted
     (the admin server's, when a new generation takes its socket over)."""
