@@ -354,7 +354,8 @@ def test_clients_queued_on_a_dead_workers_socket_are_served_by_its_replacement(s
     for sock in clients:
         with sock:
             assert read_response(sock)[0] == 200
-    assert fresh in served_by(proc, 0)  # the queued ones waited for the replacement
+    # The queued ones waited for the replacement (its access lines follow the responses).
+    assert eventually(lambda: fresh in served_by(proc, 0))
 
 
 def test_rejected_upgrades_with_workers_leave_the_old_generation_serving(start, raw_upstream):
