@@ -60,8 +60,9 @@ export PYINSTALLER_CONFIG_DIR="$work/pyinstaller-cache"
 # reuses it, deleted modules included) must not leak into the binary.
 mkdir "$work/src"
 cp -R pyproject.toml README.md upgradeproxy "$work/src/"
+# The runtime dependencies at the versions the release was tested with (requirements.lock).
 if ! "$work/venv/bin/python" -m pip install -q --disable-pip-version-check \
-        "$PYINSTALLER_SPEC" "$work/src" >"$work/pip.log" 2>&1; then
+        -c requirements.lock "$PYINSTALLER_SPEC" "$work/src" >"$work/pip.log" 2>&1; then
     # pip's last ERROR line is the conclusion ("No matching distribution found for ...").
     why=$(grep -E '^ERROR' "$work/pip.log" | tail -n1 || true)
     why=${why:-$(tail -n1 "$work/pip.log")}

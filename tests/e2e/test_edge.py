@@ -450,3 +450,27 @@ def test_check_reports_bad_edge_values_with_file_and_line(tmp_path):
     ):
         assert any(f"{path}:" in line and f": {field}: " in line for line in lines), (field, lines)
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_health_checks_start_with_a_proxy_header_naming_the_proxy(make_proxy, version):
+    """Rule 15: health checks too, with the proxy's own address as the source."""
+    listener = socket.create_server((LOOPBACK, 0))
+    listener.settimeout(WAIT)
+    port = listener.getsockname()[1]
+    make_proxy(
+        proxy_yaml(
+            port,
+            upstream=f"proxy_protocol: v{version}\n"
+            "health_check: {path: /healthz, interval: 0.2s, timeout: 2s}",
+        )
+    )
+    try:
+        sock, peer = listener.accept()
+    finally:
+        listener.close()
+    with sock:
+        sock.settimeout(WAIT)
+        conn = RawConn(sock)
+        assert read_proxy(conn, version) == expected_header(version, peer, (LOOPBACK, port))
+        assert conn.read_head().startswith(b"GET /healthz HTTP/1.1\r\n")

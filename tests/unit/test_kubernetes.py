@@ -206,16 +206,12 @@ def test_proxy_container_is_locked_down_and_bounded(layout: Layout) -> None:
     assert set(layout.ports.values()) == ports
 
 
-def test_embedded_configs_hold_no_keys_the_loader_does_not_know_yet(layout: Layout) -> None:
-    """Keys of parallel work stay comments until the loader has them (parse_config passed)."""
-    coming = ("tunnel_max_lifetime", "balance: hash", "health_check", "drain_tunnels")
-    live = [
-        line
-        for line in layout.config_text.splitlines()
-        if line.split("#", 1)[0].strip().startswith(coming)
-    ]
-    assert not live
-    assert "tunnel_max_lifetime" in layout.config_text  # where it will go is marked
+def test_embedded_configs_spread_reconnects(layout: Layout) -> None:
+    """Tunnels end within a lifetime (so new pods fill) and a drain closes them a few at a
+    time (so the other pods are not hit by one reconnect wave)."""
+    config = layout.config
+    assert config.timeouts.tunnel_max_lifetime >= 60
+    assert config.drain_tunnels == "spread"
 
 
 # --- the sidecar ------------------------------------------------------------------------

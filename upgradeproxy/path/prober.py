@@ -15,6 +15,7 @@ import logging
 import os
 import ssl
 import time
+from functools import partial
 from typing import Final
 
 import h11
@@ -27,6 +28,7 @@ from upgradeproxy.path.upstream import ConnectFailed, connect
 from upgradeproxy.report.telemetry import Telemetry
 from upgradeproxy.rules import headers as hdr
 from upgradeproxy.rules.health import Health, observe
+from upgradeproxy.rules.proxy_header import proxy_header
 from upgradeproxy.rules.servers import CheckResult, UpstreamState
 
 log = logging.getLogger("upgradeproxy")
@@ -37,12 +39,21 @@ _USER_AGENT: Final = b"upgradeproxy-health-check"
 
 
 async def check_server(
-    server: Server, check: HealthCheck, tls: UpstreamTls | None, tls_ctx: ssl.SSLContext | None
+    server: Server,
+    check: HealthCheck,
+    tls: UpstreamTls | None,
+    tls_ctx: ssl.SSLContext | None,
+    proxy_protocol: int = 0,
 ) -> str | None:
-    """One check of `server` within `check.timeout`: None if it passed, else why it failed."""
+    """One check of `server` within `check.timeout`: None if it passed, else why it failed.
+
+    With `proxy_protocol` (rule 15) the check starts with a PROXY header naming the proxy's
+    own address as the source, as a server behind it expects on every connection.
+    """
+    preamble = partial(_own_proxy_header, proxy_protocol) if proxy_protocol else b""
     with trio.move_on_after(check.timeout):
         try:
-            stream = await connect(server, check.timeout, tls, tls_ctx)
+            stream = await connect(server, check.timeout, tls, tls_ctx, preamble)
         except ConnectFailed as exc:
             return f"connect failed: {exc}"
         try:
@@ -54,6 +65,12 @@ async def check_server(
         finally:
             await aclose_quietly(stream)
     return f"no answer within {check.timeout:g}s"
+
+
+def _own_proxy_header(version: int, sock: trio.SocketStream) -> bytes:
+    local = sock.socket.getsockname()
+    peer = sock.socket.getpeername()
+    return proxy_header(version, (local[0], local[1]), (peer[0], peer[1]))
 
 
 async def _ask(
@@ -122,7 +139,7 @@ async def _probe(
     check = upstream.health_check
     assert check is not None
     try:
-        why = await check_server(server, check, upstream.tls, tls_ctx)
+        why = await check_server(server, check, upstream.tls, tls_ctx, upstream.proxy_protocol)
     except Exception as exc:
         # A bug must cost one check, never the service nursery (and with it the proxy).
         log.exception("health check of %s failed unexpectedly", server.address)

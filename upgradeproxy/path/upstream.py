@@ -10,6 +10,7 @@ import ipaddress
 import socket
 import ssl
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -74,16 +75,20 @@ async def connect(
     timeout: float,
     tls: UpstreamTls | None,
     tls_ctx: ssl.SSLContext | None,
-    preamble: bytes = b"",
+    preamble: bytes | Callable[[trio.SocketStream], bytes] = b"",
 ) -> trio.abc.Stream:
     """TCP (+TLS) connect to `server` within `timeout` seconds, or raise ConnectFailed.
 
-    `preamble` (a PROXY header, rule 15) is the first thing sent, before any TLS handshake.
+    `preamble` (a PROXY header, rule 15) is the first thing sent, before any TLS handshake;
+    given as a function, it is built from the connected socket (its own addresses).
     """
     addr = server.address
     try:
         with trio.fail_after(timeout):
-            stream: trio.abc.Stream = await _open_tcp(addr.host, addr.port)
+            tcp = await _open_tcp(addr.host, addr.port)
+            stream: trio.abc.Stream = tcp
+            if callable(preamble):
+                preamble = preamble(tcp)
             if preamble:
                 try:
                     await stream.send_all(preamble)

@@ -38,13 +38,16 @@ class Ring:
     __slots__ = ("_owners", "_points", "size")
 
     def __init__(self, members: Sequence[tuple[str, int]]) -> None:
-        """`members` are (stable name, weight >= 1); equal weights are scaled down by their gcd."""
+        """`members` are (stable name, weight >= 1).
+
+        A server's points depend on its own name and weight only (no scaling by the set's
+        gcd): removing one server must leave every other server's points where they were.
+        """
         if not members:
             raise ValueError("a ring needs at least one member")
-        unit = math.gcd(*(weight for _, weight in members))
         points: list[tuple[int, int]] = []
         for index, (name, weight) in enumerate(members):
-            for i in range(POINTS_PER_WEIGHT * weight // unit):
+            for i in range(POINTS_PER_WEIGHT * weight):
                 points.append((key_hash(f"{name}#{i}".encode()), index))
         points.sort()
         self._points = [p for p, _ in points]

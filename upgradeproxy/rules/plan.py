@@ -244,6 +244,8 @@ def body_framing(
         return [(b"Transfer-Encoding", b"chunked")], "chunked"
     lengths = hdr.get_all(headers, b"content-length")
     if lengths:
-        value = lengths[0].split(b",")[0].strip()
-        return [(b"Content-Length", value)], "length" if int(value) > 0 else "none"
+        # Canonical digits: "0002" is valid, but an upstream that caps the digit count
+        # (a 64-bit parser) must not read a different length than h11 did.
+        length = int(lengths[0].split(b",")[0])
+        return [(b"Content-Length", b"%d" % length)], "length" if length > 0 else "none"
     return [], "none"
