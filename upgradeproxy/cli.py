@@ -5,7 +5,8 @@ problems, `demo --selftest` failed or `run` could not start (e.g. a port in use)
 that fails validation stopped `run`, or the command line was wrong.
 
 `run` serves in this process when `workers` is 1; above that it becomes the supervisor in
-`upgradeproxy.service.workers`, which starts each worker as `run --worker I`.
+`upgradeproxy.service.workers`, which starts each worker as `run --worker I`. SIGUSR2 to a lone
+process starts its successor as `run --takeover-fd N` (`upgradeproxy.service.generations`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from upgradeproxy.config.loader import ConfigError, ConfigProblem, load_config
 from upgradeproxy.config.model import Address, Config
 from upgradeproxy.report.logs import resolve_format, setup_logging
 from upgradeproxy.rules.errors import os_error_behind
+from upgradeproxy.service.generations import Generations, Launch
 from upgradeproxy.service.server import Proxy
+from upgradeproxy.service.sockets import inherited_sockets
 from upgradeproxy.service.workers import WORKERS_NEED_RESTART, supervise
 
 log = logging.getLogger("upgradeproxy")
@@ -81,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_log_level(run)
     run.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     run.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    run.add_argument("--takeover-fd", type=int, default=None, help=argparse.SUPPRESS)
     demo = sub.add_parser(
         "demo",
         help="run a WebSocket echo upstream behind the proxy",
@@ -175,11 +179,19 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     for warning in config.warnings:
         log.warning(warning)
+    log_format = resolve_format(args.log_format)
     if config.workers > 1 and worker is None:
-        return supervise(config, path, resolve_format(args.log_format), args.access_log)
+        if args.takeover_fd is None:
+            return supervise(config, path, log_format, args.access_log)
+        log.warning(WORKERS_NEED_RESTART, 1, config.workers)  # a SIGUSR2 keeps the shape
+    # Every line of a serving process names it: across a SIGUSR2, two generations (or two
+    # workers of one slot) write to the same stream.
+    tags = {"pid": os.getpid(), **({} if worker is None else {"worker": worker})}
+    setup_logging(args.log_format, LOG_LEVELS[args.log_level], static=tags)
     role = None if worker is None else WorkerRole(worker, args.ready_fd, os.getppid())
+    launch = Launch(path, log_format, args.access_log)
     try:
-        trio.run(run_with_signals, config, path, role)
+        trio.run(run_with_signals, config, path, role, launch, args.takeover_fd)
     except (OSError, BaseExceptionGroup) as exc:
         reason = os_error_behind(exc)
         if reason is None:
@@ -199,24 +211,35 @@ class WorkerRole:
 
 
 async def run_with_signals(
-    config: Config, path: str | None, role: WorkerRole | None = None
+    config: Config,
+    path: str | None,
+    role: WorkerRole | None = None,
+    launch: Launch | None = None,
+    previous_fd: int | None = None,
 ) -> None:
-    """Run `config` until SIGTERM/SIGINT drains it; SIGHUP reloads `path`.
+    """Run `config` until SIGTERM/SIGINT drains it; SIGHUP reloads `path`; SIGUSR2 hands the
+    sockets to a new process (a worker: retires, its supervisor started the new generation).
 
     A second SIGTERM/SIGINT stops at once. A worker instead ignores repeats (systemd's
     control-group kill and the supervisor each send one) and stops at once on SIGUSR1.
     """
-    proxy = Proxy(config, reuse_port=True if role else None)
-    watched = (*_STOP_SIGNALS, signal.SIGHUP, *((signal.SIGUSR1,) if role else ()))
+    proxy = Proxy(config, reuse_port=True if role else None, sockets=inherited_sockets(config))
+    generations = Generations(proxy, None if role else launch, previous_fd)
+    watched = (*_STOP_SIGNALS, signal.SIGHUP, signal.SIGUSR2, *((signal.SIGUSR1,) if role else ()))
     with trio.open_signal_receiver(*watched) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(_serve_then_stop, proxy, nursery.cancel_scope)
             listening = [str(Address(h, p)) for h, p in proxy.addresses]  # [::1]:8080 for IPv6
             log.info("listening", extra={"addresses": listening})
-            nursery.start_soon(_handle_signals, signals, proxy, path, nursery.cancel_scope, role)
+            handler = _Signals(proxy, path, nursery, role, generations)
+            nursery.start_soon(handler.run, signals)
             if role is not None:
                 _report_ready(role)
                 nursery.start_soon(_watch_parent, proxy, role.parent_pid)
+            else:
+                await generations.started()
+                if generations.previous is not None:
+                    nursery.start_soon(generations.follow_previous)
 
 
 _STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
@@ -230,25 +253,51 @@ async def _serve_then_stop(
     scope.cancel()  # drained: stop listening for signals too
 
 
-async def _handle_signals(
-    signals: AsyncIterator[int],
-    proxy: Proxy,
-    path: str | None,
-    scope: trio.CancelScope,
-    role: WorkerRole | None,
-) -> None:
-    async for signum in signals:
-        name = signal.Signals(signum).name
+@dataclass(slots=True)
+class _Signals:
+    """What each signal does to a serving process."""
+
+    proxy: Proxy
+    path: str | None
+    nursery: trio.Nursery
+    role: WorkerRole | None
+    generations: Generations
+    stop_signals: int = 0  # SIGTERM/SIGINT received so far
+
+    async def run(self, signals: AsyncIterator[int]) -> None:
+        async for signum in signals:
+            await self.on(signum)
+
+    async def on(self, signum: int) -> None:
+        proxy, name = self.proxy, signal.Signals(signum).name
         if signum == signal.SIGHUP:
-            await _reload(proxy, path, lone=role is None)
-        elif signum == signal.SIGUSR1 or (proxy.draining and role is None):
+            if self.generations.upgrading and not proxy.draining:
+                log.warning("reload ignored: an upgrade is in progress")
+                return
+            await _reload(proxy, self.path, lone=self.role is None)
+        elif signum == signal.SIGUSR2 and self.role is None:
+            self.nursery.start_soon(self.generations.upgrade, name="upgrade")
+        elif signum == signal.SIGUSR2:  # the supervisor's new generation accepts
+            if not proxy.draining:
+                grace = proxy.runtime.config.timeouts.upgrade_grace
+                log.info("retiring: a new generation accepts", extra={"grace": grace})
+                proxy.retire(grace)
+        elif signum == signal.SIGUSR1 or (self.stop_signals and self.role is None):
             log.warning("stopping now", extra={"signal": name})
-            scope.cancel()
-        elif not proxy.draining:
-            log.info("draining", extra={"signal": name})
-            proxy.drain()
-        else:
+            self.nursery.cancel_scope.cancel()
+        elif self.stop_signals:
             log.info("already draining", extra={"signal": name})
+        else:
+            # The first stop signal drains, whatever else drains already: a retiring
+            # generation cuts its grace to `timeouts.drain`, and the generations on either
+            # side drain too.
+            self.stop_signals += 1
+            log.info("draining", extra={"signal": name})
+            if proxy.retiring:
+                proxy.cut_to_drain()
+            elif not proxy.draining:
+                proxy.drain()
+            await self.generations.tell_drain()
 
 
 def _report_ready(role: WorkerRole) -> None:

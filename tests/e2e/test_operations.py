@@ -19,7 +19,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,13 +70,14 @@ def proxy_config(
 class ProxyProcess:
     """`upgradeproxy run` in its own process group, its JSON log lines collected as they come."""
 
-    def __init__(self, config: Path) -> None:
+    def __init__(self, config: Path, prefix: Sequence[str] = (), **popen: Any) -> None:
+        """`prefix` goes before the command (a wrapper); `popen` adds Popen arguments."""
         self.config = config
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "upgradeproxy", "run", "--config", str(config),
+            [*prefix, sys.executable, "-m", "upgradeproxy", "run", "--config", str(config),
              "--log-format", "json"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            start_new_session=True,
+            start_new_session=True, **popen,
         )  # fmt: skip
         self.lines: list[Line] = []
         self._eof = False
@@ -328,6 +329,7 @@ def test_access_log_json_lines_for_an_exchange_and_a_tunnel(start, raw_upstream)
         "client": LOOPBACK, "method": "POST", "host": "svc.test", "path": "/http/form",
         "route": "*/http", "upstream": "web", "server": f"{LOOPBACK}:{web.port}",
         "status": 200, "bytes_in": 5, "bytes_out": 9, "kind": "http", **measured,
+        "pid": proc.popen.pid,
     }  # fmt: skip
     assert re.fullmatch(r"[0-9a-f]{32}", exchange["request_id"])
     assert 0 <= exchange["upstream_connect"] <= exchange["upstream_header"]
@@ -659,12 +661,14 @@ def test_worker_signalled_directly_and_by_the_parent_drains_once(start, raw_upst
     assert proc.wait_exit() == 0
 
 
-def test_worker_that_cannot_start_stops_the_group(start, raw_upstream, tmp_path):
-    """A port held without SO_REUSEPORT: workers cannot bind, the parent exits 1."""
+def test_port_in_use_with_workers_exits_1_before_any_worker_starts(start, raw_upstream, tmp_path):
+    """A port held without SO_REUSEPORT: the parent, which binds the listeners for its
+    workers, cannot bind it and exits 1 naming the address; no worker is started."""
     web = raw_upstream(respond_ok_forever)
     with socket.create_server((LOOPBACK, 0)) as holder:
         port = holder.getsockname()[1]
         text = proxy_config([port], {"web": web.port}, [("/", "web")], extra="workers: 2")
         proc = start(text, ready=False)
         assert proc.wait_exit() == 1
-    proc.wait_log("worker could not start: stopping")
+    proc.wait_log(f"cannot start: listen[0].address {LOOPBACK}:{port}: address already in use")
+    assert not proc.matching(lambda line: line["msg"] == "worker ready")

@@ -109,9 +109,12 @@ def test_systemd_unit_waits_longer_than_the_drain_and_signals_the_main_process()
     )
     config_path = shlex.split(settings["ExecStart"])[-3]
     assert config_path == dockerfile_facts()["config"]
-    drain = load_config(str(ROOT / "config/upgradeproxy.yaml")).timeouts.drain
-    assert int(settings["TimeoutStopSec"]) > drain
+    timeouts = load_config(str(ROOT / "config/upgradeproxy.yaml")).timeouts
+    assert int(settings["TimeoutStopSec"]) > timeouts.drain_delay + timeouts.drain
     assert settings["KillMode"] == "mixed"
+    # After a SIGUSR2 with `workers: 1` the new process reports MAINPID=; systemd follows it.
+    assert (settings["Type"], settings["NotifyAccess"]) == ("notify", "all")
+    assert settings["ExecReload"] == "/bin/kill -HUP $MAINPID"
 
 
 def test_prometheus_jobs_scrape_the_example_admin_port_and_the_pod_annotations() -> None:
@@ -181,3 +184,20 @@ def test_the_contract_and_the_changelog_live_in_the_repository() -> None:
     versions = re.split(r"^## ", changelog, flags=re.M)[1:]
     assert [v.splitlines()[0] for v in versions][:2] == ["Unreleased", "0.1.0"]
     assert all("### Upgrading" in v for v in versions)
+
+
+def test_systemd_socket_unit_listens_where_the_example_config_does() -> None:
+    """Every ListenStream matches a listener or the admin address of the example config, so
+    socket activation hands each one over (an unmatched socket would be closed)."""
+    config = load_config(str(ROOT / "config" / "upgradeproxy.yaml"))
+    addresses = {str(listener.address) for listener in config.listeners}
+    addresses |= {str(config.admin.address)} if config.admin else set()
+    unit = (ROOT / "deploy" / "systemd" / "upgradeproxy.socket").read_text()
+    settings: dict[str, list[str]] = {}
+    for line in unit.splitlines():
+        if "=" in line and line[:1].isalpha():
+            key, value = line.split("=", 1)
+            settings.setdefault(key, []).append(value)
+    assert set(settings["ListenStream"]) == addresses
+    assert settings["Accept"] == ["no"]
+    assert settings["Service"] == ["upgradeproxy.service"]

@@ -183,7 +183,10 @@ def test_grace_covers_the_prestop_sleep_and_the_drain(layout: Layout) -> None:
     the preStop sleep, which runs inside the grace period."""
     pre_stop = layout.proxy["lifecycle"]["preStop"]["sleep"]["seconds"]
     assert pre_stop >= 1
-    assert layout.pod["terminationGracePeriodSeconds"] > pre_stop + layout.config.timeouts.drain
+    timeouts = layout.config.timeouts
+    assert layout.pod["terminationGracePeriodSeconds"] > (
+        pre_stop + timeouts.drain_delay + timeouts.drain
+    )
 
 
 def test_proxy_container_is_locked_down_and_bounded(layout: Layout) -> None:
@@ -217,8 +220,11 @@ def test_embedded_configs_spread_reconnects(layout: Layout) -> None:
 def test_sidecar_app_outlives_the_proxy_drain(sidecar: Layout) -> None:
     """The app gets SIGTERM only after the proxy's preStop and drain, within the grace."""
     app = next(c for c in sidecar.pod["containers"] if c["name"] != "upgradeproxy")
+    timeouts = sidecar.config.timeouts
     proxy_done = (
-        sidecar.proxy["lifecycle"]["preStop"]["sleep"]["seconds"] + sidecar.config.timeouts.drain
+        sidecar.proxy["lifecycle"]["preStop"]["sleep"]["seconds"]
+        + timeouts.drain_delay
+        + timeouts.drain
     )
     app_pre_stop = app["lifecycle"]["preStop"]["sleep"]["seconds"]
     assert app_pre_stop >= proxy_done

@@ -185,6 +185,11 @@ class Checker:
     def timeout(self, node: Node | None, field: str) -> float | None:
         return self.scalar(node, field, values.DURATION_HINT, (INT, FLOAT, STR), values.timeout)
 
+    def duration(self, node: Node | None, field: str) -> float | None:
+        """A `timeouts.*` value: above zero, except the delays where 0 means none."""
+        convert = values.parse_duration if field in values.ZERO_ALLOWED else values.timeout
+        return self.scalar(node, field, values.DURATION_HINT, (INT, FLOAT, STR), convert)
+
     def address(self, node: Node | None, field: str, *, listener: bool = False) -> Address | None:
         parse = parse_address if listener else values.upstream_address
         return self.scalar(node, field, values.ADDRESS_HINT, (STR,), lambda v: parse(str(v)))

@@ -313,7 +313,7 @@ def _drain_tunnels(c: Checker, node: Node | None) -> DrainTunnels:
 
 def _timeout(c: Checker, node: Node, field: str) -> float | None:
     if field != "timeouts.tunnel_max_lifetime":
-        return c.timeout(node, field)
+        return c.duration(node, field)
 
     def lifetime(value: object) -> float:
         return edge.tunnel_lifetime(values.parse_duration(value))

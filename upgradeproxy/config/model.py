@@ -147,6 +147,8 @@ class Timeouts:
     tunnel_idle: float = 3600.0
     drain: float = 30.0
     tunnel_max_lifetime: float = 0.0  # 0: none; else closed this long after the 101 (+0-10%)
+    drain_delay: float = 0.0  # listeners keep accepting this long after /readyz turns 503
+    upgrade_grace: float = 3600.0  # an old generation's connections get this long after SIGUSR2
 
 
 @dataclass(frozen=True, slots=True)

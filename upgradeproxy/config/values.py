@@ -198,3 +198,7 @@ def network(value: object) -> IPNetwork:
         return ipaddress.ip_network(str(value), strict=False)
     except ValueError:
         raise ValueError(f"expected {NETWORK_HINT}, found {show(value)}") from None
+
+
+# Durations where 0 means "none" (no delay, no grace); every other timeout must be above 0.
+ZERO_ALLOWED = frozenset({"timeouts.drain_delay", "timeouts.upgrade_grace"})

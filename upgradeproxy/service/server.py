@@ -9,10 +9,11 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import os
+import socket
 import ssl
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import trio
 
@@ -31,6 +32,7 @@ from upgradeproxy.rules.proxy_protocol import (
 )
 from upgradeproxy.rules.servers import describe
 from upgradeproxy.service.admin import open_admin, serve_admin
+from upgradeproxy.service.sockets import Handed, StoppableListener, start_error
 from upgradeproxy.service.tls import client_subject, server_tls_context
 
 log = logging.getLogger("upgradeproxy")
@@ -51,12 +53,6 @@ def _contexts(listeners: Sequence[Listener]) -> list[ssl.SSLContext | None]:
     return [server_tls_context(lsn.tls, f"listen[{i}].tls") for i, lsn in enumerate(listeners)]
 
 
-def start_error(exc: OSError, field: str, address: Address) -> OSError:
-    """`exc` as a start error naming the config field: `admin.address 1.2.3.4:9: ...`."""
-    reason = os.strerror(exc.errno) if exc.errno else str(exc)
-    return OSError(exc.errno, f"{field} {address}: {reason[:1].lower()}{reason[1:]}")
-
-
 @dataclass(slots=True)
 class _Bound:
     config: Listener
@@ -70,13 +66,20 @@ class _AdminBound:
     address: Address  # as configured: what a reload compares
     bound: tuple[str, int]  # as bound: port 0 resolved
     scope: trio.CancelScope
+    fd: int = -1  # what a SIGUSR2 hands to the next generation
+    listener: StoppableListener | None = None
 
 
 class Proxy:
     """A running proxy: listeners, the current runtime, and its connections."""
 
     def __init__(
-        self, config: Config, shared: Shared | None = None, *, reuse_port: bool | None = None
+        self,
+        config: Config,
+        shared: Shared | None = None,
+        *,
+        reuse_port: bool | None = None,
+        sockets: Mapping[str, socket.socket] | None = None,
     ) -> None:
         self.shared = shared or Shared()
         self.runtime = Runtime.build(config, self.shared.book)
@@ -94,6 +97,10 @@ class Proxy:
         self._accepts: trio.Nursery | None = None
         self._conns: trio.Nursery | None = None
         self._admin: _AdminBound | None = None
+        self._handed = Handed(sockets)
+        self.retiring = False  # a new generation took the sockets over: finish and exit
+        self._deadline: float | None = None  # when the drain cuts what is left
+        self._finish: trio.CancelScope | None = None
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -113,6 +120,29 @@ class Proxy:
         """Stop accepting and let in-flight work finish (within `timeouts.drain`)."""
         self.shared.draining = True
         self._drain.set()
+
+    def retire(self, grace: float) -> None:
+        """A new generation accepts on our sockets: stop accepting, finish within `grace`."""
+        self.retiring = True
+        self._deadline = trio.current_time() + grace
+        if self._admin is not None and self._admin.listener is not None:
+            self._admin.listener.stop()  # a request in progress still gets its answer
+            self._admin = None
+        self.drain()
+
+    def cut_to_drain(self) -> None:
+        """A stop during a change: what is left gets at most `timeouts.drain` from now."""
+        cut = trio.current_time() + self.runtime.config.timeouts.drain
+        self._deadline = cut if self._deadline is None else min(self._deadline, cut)
+        if self._finish is not None:
+            self._finish.deadline = self._deadline
+
+    def handover_fds(self) -> dict[str, int]:
+        """Configured address -> descriptor of every listening socket, the admin one included."""
+        fds = {str(a): b.listener.socket.fileno() for a, b in self.bound.items()}
+        if self._admin is not None and self._admin.fd >= 0:
+            fds[str(self._admin.address)] = self._admin.fd
+        return fds
 
     async def run(self, *, task_status: trio.TaskStatus[Proxy] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until drained; `task_status.started(self)` once every listener is bound."""
@@ -140,8 +170,15 @@ class Proxy:
                 socks = await self._bind_all([listener.address for listener in listeners])
                 for listener, sock, context in zip(listeners, socks, tls, strict=True):
                     self._listen(listener, sock, context)
+                self._handed.close_rest()
                 task_status.started(self)
                 await self._drain.wait()
+                # /readyz is 503 already: a load balancer polling it stops sending clients
+                # before the listeners close (until then, new clients are still served).
+                delay = 0 if self.retiring else self.runtime.config.timeouts.drain_delay
+                if delay > 0:
+                    log.info("drain: accepting for drain_delay", extra={"seconds": delay})
+                    await trio.sleep(delay)
                 accepts.cancel_scope.cancel()
             # Closed now rather than at exit: new clients are refused at once instead of
             # waiting in a backlog that nobody will read.
@@ -153,9 +190,12 @@ class Proxy:
         for scope in list(self.shared.idle_waits):
             scope.cancel()
         config = self.runtime.config
-        if config.drain_tunnels == "spread":
-            spread_ends(self.shared.tunnels, trio.current_time(), config.timeouts.drain)
-        with trio.move_on_after(config.timeouts.drain):
+        now = trio.current_time()
+        if self._deadline is None:
+            self._deadline = now + config.timeouts.drain
+        if config.drain_tunnels == "spread":  # over what is left: upgrade_grace when retiring
+            spread_ends(self.shared.tunnels, now, max(self._deadline - now, 0.0))
+        with trio.CancelScope(deadline=self._deadline) as self._finish:
             while self.active:
                 self._idle = trio.Event()
                 await self._idle.wait()
@@ -209,27 +249,35 @@ class Proxy:
             if admin is not None:
                 self._start_admin(*admin)
 
+    async def _open_admin(self, address: Address) -> trio.SocketListener:
+        if (handed := self._handed.take_listener(address, 128)) is not None:
+            return handed
+        try:
+            return await open_admin(address, reuse_port=self.reuse_port)
+        except OSError as exc:
+            raise start_error(exc, "admin.address", address) from exc
+
     def _start_admin(self, address: Address, listener: trio.SocketListener) -> None:
         scope = trio.CancelScope()
-        self._admin = _AdminBound(address, listener.socket.getsockname()[:2], scope)
+        sock = listener.socket
+        stoppable = StoppableListener(listener)
+        self._admin = _AdminBound(address, sock.getsockname()[:2], scope, sock.fileno(), stoppable)
         assert self._services is not None
-        self._services.start_soon(self._serve_admin, listener, scope, name=f"admin {address}")
+        self._services.start_soon(self._serve_admin, stoppable, scope, name=f"admin {address}")
 
-    async def _serve_admin(self, listener: trio.SocketListener, scope: trio.CancelScope) -> None:
+    async def _serve_admin(self, listener: StoppableListener, scope: trio.CancelScope) -> None:
         with scope:
+            # serve_admin only accepts and closes: any trio Listener of SocketStreams will do.
             await serve_admin(
-                listener, lambda: not self.draining, self.shared.telemetry.render, self._upstreams
+                cast(trio.SocketListener, listener),
+                lambda: not self.draining,
+                self.shared.telemetry.render,
+                self._upstreams,
             )
 
     def _upstreams(self) -> str:
         """The /upstreams document (interface.md admin additions)."""
         return json.dumps(describe(self.runtime.config, self.shared.book), indent=1) + "\n"
-
-    async def _open_admin(self, address: Address) -> trio.SocketListener:
-        try:
-            return await open_admin(address, reuse_port=self.reuse_port)
-        except OSError as exc:
-            raise start_error(exc, "admin.address", address) from exc
 
     async def _bind_all(
         self, addresses: list[Address], config: Config | None = None
@@ -240,6 +288,9 @@ class Proxy:
         socks: list[trio.socket.SocketType] = []
         try:
             for address in addresses:
+                if (handed := self._handed.take(address)) is not None:
+                    socks.append(handed)
+                    continue
                 try:
                     socks.append(await bind_socket(address, reuse_port=self.reuse_port))
                 except OSError as exc:

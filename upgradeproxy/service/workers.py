@@ -8,13 +8,21 @@ nothing is pickled, and a worker runs exactly the `workers: 1` code path with SO
 every listener, the admin one included (so any worker answers a scrape, with the totals of all
 of them read from the shared directory).
 
+The parent owns the listening sockets (one SO_REUSEPORT socket per address and worker slot, or
+the one systemd passed) and hands them to each worker (service/sockets.py): a worker that dies,
+or a generation that ends, never closes a socket, so no connection waiting in a queue is reset.
+
 Signals the parent takes, and what its workers get:
 - SIGTERM/SIGINT: SIGTERM (drain); a second one: SIGUSR1 (close everything now).
 - SIGHUP: the file is validated here first; if valid, SIGHUP (each worker reloads it),
   otherwise every problem is logged and nothing is forwarded.
+- SIGUSR2: a new generation: the file is validated, N new workers start (the code now on disk)
+  on the same sockets, and once all of them are ready each old worker gets SIGUSR2 (retire:
+  stop accepting, finish within `timeouts.upgrade_grace`, exit).
 
 A worker that dies is replaced after a backoff that grows while replacements die young; one that
-cannot start the first time stops the whole group (exit 1), as `workers: 1` would.
+cannot start the first time stops the whole group (exit 1), as `workers: 1` would (in a new
+generation it only ends the upgrade: the old generation keeps serving).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import signal
 import sys
 import tempfile
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Final
 
 import trio
@@ -33,6 +42,14 @@ from prometheus_client.multiprocess import mark_process_dead
 from upgradeproxy.config.loader import ConfigError, load_config
 from upgradeproxy.config.model import Config
 from upgradeproxy.report.telemetry import MULTIPROC_ENV
+from upgradeproxy.service.sockets import (
+    Owned,
+    close_all,
+    fds_env,
+    inherited_sockets,
+    own_sockets,
+    sd_notify,
+)
 
 log = logging.getLogger("upgradeproxy.service.workers")
 
@@ -44,10 +61,29 @@ WORKERS_NEED_RESTART: Final = "reload: workers %d -> %d takes a restart; the cou
 
 def supervise(config: Config, path: str, log_format: str, access_log: bool = True) -> int:
     """Run `config.workers` workers until a signal drains them; the exit code for `run`."""
+    try:
+        sockets = own_sockets(config, config.workers, inherited_sockets(config))
+    except OSError as exc:
+        log.error("cannot start: %s", exc.strerror or exc)
+        return 1
     with tempfile.TemporaryDirectory(prefix="upgradeproxy-metrics-") as metrics_dir:
         supervisor = Supervisor(config, path, log_format, metrics_dir)
         supervisor.access_log = access_log
-        return trio.run(supervisor.run)
+        supervisor.sockets = sockets
+        try:
+            return trio.run(supervisor.run)
+        finally:
+            supervisor.close_sockets()
+
+
+@dataclass(slots=True)
+class _Generation:
+    """The workers started by one `run` or one SIGUSR2."""
+
+    number: int
+    ready: int = 0
+    done: trio.Event = field(default_factory=trio.Event)  # all ready, or one failed
+    failed: bool = False
 
 
 class Supervisor:
@@ -61,39 +97,111 @@ class Supervisor:
         self.metrics_dir = metrics_dir
         # A fresh directory per run: counters must not resume from a previous run's files.
         self.env = {**os.environ, MULTIPROC_ENV: metrics_dir}
-        self.procs: dict[int, trio.Process] = {}
+        self.env.pop("NOTIFY_SOCKET", None)  # systemd hears from this process only
+        self.procs: dict[tuple[int, int], trio.Process] = {}  # (generation, slot) -> worker
         self.stopping = False
         self.failed = False
         self._stop = trio.Event()
+        self.sockets: Owned = {}
+        self.current = _Generation(0)
+        self.upgrading = False
+        self._slots: trio.Nursery | None = None
 
     async def run(self) -> int:
         """Serve until every worker has exited after a stop; 1 if one could not start."""
-        signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
         with trio.open_signal_receiver(*signals) as received:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._on_signals, received, name="signals")
+                nursery.start_soon(self._on_signals, received, nursery, name="signals")
                 async with trio.open_nursery() as slots:
-                    for slot in range(self.config.workers):
-                        slots.start_soon(self._keep_running, slot, name=f"worker {slot}")
+                    self._slots = slots
+                    self._start(self.current)
+                    await self.current.done.wait()
+                    if not self.current.failed:
+                        sd_notify("READY=1")
                 nursery.cancel_scope.cancel()
         log.info("all workers exited")
         return 1 if self.failed else 0
 
     def stop(self, sig: int) -> None:
         """Stop replacing workers and pass `sig` to the live ones."""
+        if not self.stopping:
+            sd_notify("STOPPING=1")
         self.stopping = True
         self._stop.set()
+        self.current.done.set()  # an upgrade waiting for its workers gives up
+        # Our copies closed: each listener closes when its workers close theirs (the drain).
+        self.close_sockets()
         self._signal_all(sig)
+
+    def close_sockets(self) -> None:
+        close_all(sock for socks in self.sockets.values() for sock in socks)
+        self.sockets = {}
+
+    def _start(self, generation: _Generation) -> None:
+        assert self._slots is not None
+        for slot in range(self.config.workers):
+            name = f"worker {slot} (generation {generation.number})"
+            self._slots.start_soon(self._keep_running, slot, generation, name=name)
+
+    async def _upgrade(self) -> None:
+        """SIGUSR2: start a new generation on our sockets; once it is ready, retire the old."""
+        if self.stopping or self.upgrading or not self.current.done.is_set():
+            log.warning("upgrade ignored: %s", "draining" if self.stopping else "one in progress")
+            return
+        try:
+            config = load_config(self.path)
+        except ConfigError as err:
+            for problem in err.problems:
+                log.error("upgrade rejected: %s", problem)
+            return
+        if config.workers != self.config.workers:
+            log.warning(WORKERS_NEED_RESTART, self.config.workers, config.workers)
+        try:  # listeners added since the start (SIGHUP) are bound here and handed over too
+            sockets = own_sockets(config, self.config.workers, {}, self.sockets)
+        except OSError as exc:
+            log.error("upgrade failed: %s", exc.strerror or exc)
+            return
+        self.upgrading = True
+        old, new = self.current, _Generation(self.current.number + 1)
+        previous, self.sockets = self.sockets, sockets
+        log.info("upgrade: starting a new generation", extra={"generation": new.number})
+        self.current = new
+        self._start(new)
+        await new.done.wait()
+        self.upgrading = False
+        if self.stopping:  # stop() closed `sockets`; the ones only the old file named too
+            close_all(s for key, socks in previous.items() if key not in sockets for s in socks)
+            return
+        if new.failed:
+            log.error("upgrade failed: a new worker could not start; the old generation serves")
+            self.current, self.sockets = old, previous
+            self._signal_generation(new.number, signal.SIGTERM)
+            close_all(s for key, socks in sockets.items() if key not in previous for s in socks)
+            return
+        # Listeners the new file dropped: they close once the old workers close theirs.
+        close_all(s for key, socks in previous.items() if key not in sockets for s in socks)
+        extra = {"generation": new.number}
+        log.info("upgrade: new generation ready, retiring the old one", extra=extra)
+        self._signal_generation(old.number, signal.SIGUSR2, older=True)
+
+    def _signal_generation(self, number: int, sig: int, *, older: bool = False) -> None:
+        """`sig` to the workers of generation `number` (and every older one if `older`)."""
+        for (gen, _), proc in self.procs.items():
+            if gen == number or (older and gen < number):
+                proc.send_signal(sig)
 
     def _signal_all(self, sig: int) -> None:
         for proc in self.procs.values():
             proc.send_signal(sig)
 
-    async def _on_signals(self, received: AsyncIterator[int]) -> None:
+    async def _on_signals(self, received: AsyncIterator[int], nursery: trio.Nursery) -> None:
         async for signum in received:
             name = signal.Signals(signum).name
             if signum == signal.SIGHUP:
                 self._reload()
+            elif signum == signal.SIGUSR2:
+                nursery.start_soon(self._upgrade, name="upgrade")
             elif self.stopping:
                 log.warning("stopping now", extra={"signal": name})
                 self._signal_all(signal.SIGUSR1)
@@ -117,19 +225,23 @@ class Supervisor:
         log.info("reloading workers", extra={"config": self.path})
         self._signal_all(signal.SIGHUP)
 
-    async def _keep_running(self, slot: int) -> None:
-        """Run worker `slot`, replacing it whenever it dies, until the group stops."""
+    async def _keep_running(self, slot: int, generation: _Generation) -> None:
+        """Run worker `slot`, replacing it whenever it dies, until the group stops or a newer
+        generation takes over."""
         delay = 0.0
         first = True
         while not self.stopping:
             began = trio.current_time()
-            ready, code = await self._run_once(slot)
-            if self.stopping:
+            ready, code = await self._run_once(slot, generation)
+            if self.stopping or generation is not self.current:
                 return
             if first and not ready:
-                log.error("worker could not start: stopping", extra={"worker": slot})
-                self.failed = True
-                self.stop(signal.SIGTERM)
+                generation.failed = True
+                generation.done.set()
+                if generation.number == 0:
+                    log.error("worker could not start: stopping", extra={"worker": slot})
+                    self.failed = True
+                    self.stop(signal.SIGTERM)
                 return
             first = False
             lived = trio.current_time() - began
@@ -143,29 +255,37 @@ class Supervisor:
             with trio.move_on_after(delay):
                 await self._stop.wait()
 
-    async def _run_once(self, slot: int) -> tuple[bool, int]:
+    async def _run_once(self, slot: int, generation: _Generation) -> tuple[bool, int]:
         """Start worker `slot` and wait for it to exit: (it became ready, exit code)."""
+        fds = {key: socks[slot % len(socks)].fileno() for key, socks in self.sockets.items()}
         ready_r, ready_w = os.pipe()
         try:
             proc = await trio.lowlevel.open_process(
-                self._argv(slot, ready_w), env=self.env, pass_fds=(ready_w,)
+                self._argv(slot, ready_w),
+                env={**self.env, **fds_env(fds)},
+                pass_fds=(ready_w, *fds.values()),
             )
         except BaseException:
             os.close(ready_r)
             raise
         finally:
             os.close(ready_w)  # the worker holds the only write end: EOF means it died
-        self.procs[slot] = proc
+        key = (generation.number, slot)
+        self.procs[key] = proc
         try:
             if self.stopping:  # a stop raced the start
                 proc.send_signal(signal.SIGTERM)
             async with trio.lowlevel.FdStream(ready_r) as ready_stream:
                 ready = bool(await ready_stream.receive_some(64))
             if ready:
-                log.info("worker ready", extra={"worker": slot, "pid": proc.pid})
+                extra = {"worker": slot, "pid": proc.pid, "generation": generation.number}
+                log.info("worker ready", extra=extra)
+                generation.ready += 1
+                if generation.ready == self.config.workers:
+                    generation.done.set()
             code = await proc.wait()
         finally:
-            del self.procs[slot]
+            del self.procs[key]
             if proc.returncode is None:
                 proc.kill()  # only if the supervisor itself is failing: never leave orphans
             # Its counters stay (totals must not drop); its live gauges go.
