@@ -1,0 +1,80 @@
+"""From an accepted socket to a stream that speaks HTTP: the PROXY header, then TLS.
+
+Bytes read past a PROXY header are replayed to the TLS layer (or to h11 on a plain
+listener), so a header and a ClientHello that arrive in one segment both count.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+
+import trio
+
+from upgradeproxy.path.context import Peer
+from upgradeproxy.path.streams import STREAM_ERRORS, PrefixedStream
+from upgradeproxy.rules.proxy_protocol import (
+    MAX_HEADER_BYTES,
+    NEED_MORE,
+    ProxyProtocolError,
+    parse_proxy_header,
+)
+from upgradeproxy.service.tls import client_subject
+
+log = logging.getLogger("upgradeproxy")
+
+
+async def open_client(
+    stream: trio.abc.Stream,
+    peer_ip: str,
+    *,
+    proxy_protocol: bool,
+    tls: ssl.SSLContext | None,
+    port: int = 0,
+    local: tuple[str, int] | None = None,
+) -> tuple[trio.abc.Stream, Peer] | None:
+    """Peel the PROXY header, then do the TLS handshake: (the HTTP stream, its peer), or None
+    if the connection is to be dropped. Bytes read past a PROXY header are replayed to TLS."""
+    leftover = b""
+    if proxy_protocol:
+        found = await _read_proxy_header(stream)
+        if found is None:
+            return None
+        peer_ip, port = found[0] or (peer_ip, port)
+        leftover = found[1]
+    if tls is None:
+        return stream, Peer(peer_ip, False, leftover, port, local)
+    transport = PrefixedStream(stream, leftover) if leftover else stream
+    client = trio.SSLStream(transport, tls, server_side=True)
+    try:
+        await client.do_handshake()
+    except (*STREAM_ERRORS, ssl.SSLError) as exc:
+        log.info("%s: TLS handshake failed: %s", peer_ip, exc)
+        return None
+    subject = client_subject(client.getpeercert())
+    return client, Peer(peer_ip, True, b"", port, local, subject)
+
+
+async def _read_proxy_header(
+    stream: trio.abc.Stream,
+) -> tuple[tuple[str, int] | None, bytes] | None:
+    """(client ip and port, or None for LOCAL, bytes after the header), or None if it is not
+    one."""
+    buf = b""
+    while len(buf) <= MAX_HEADER_BYTES:
+        try:
+            found = parse_proxy_header(buf)
+        except ProxyProtocolError as exc:
+            log.info("bad PROXY protocol header: %s", exc)
+            return None
+        if found is not NEED_MORE:
+            header, used = found
+            return header.source, buf[used:]
+        try:
+            data = await stream.receive_some(MAX_HEADER_BYTES)
+        except STREAM_ERRORS:
+            return None
+        if not data:
+            return None
+        buf += data
+    return None
