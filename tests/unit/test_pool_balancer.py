@@ -207,3 +207,20 @@ def test_reload_adds_a_server_with_a_slow_start() -> None:
 def test_no_server_available_retry_after(check, retry_after) -> None:
     err = no_server_available(Upstream("chat", tuple(make(1)), health_check=check))
     assert (err.status, err.retry_after) == (503, retry_after)
+
+
+@pytest.mark.parametrize("policy", ["round_robin", "least_conn", "hash"])
+def test_a_single_server_is_offered_while_usable_whatever_the_policy(policy) -> None:
+    """The one-server fast path keeps the rules: down or full means no candidate (503)."""
+    server = make(1)[0]
+    state = UpstreamState()
+    balancer = Balancer([server], policy, state, max_tunnels=1)
+    assert list(balancer.candidates(1.0, key=b"k", tunnel=True)) == [server]
+    balancer.mark_failed(server, 0.0)  # refusing: still the last resort
+    assert list(balancer.candidates(1.0, key=b"k")) == [server]
+    balancer.acquire(server)
+    balancer.hold_tunnel(server)
+    assert list(balancer.candidates(1.0, tunnel=True)) == []  # full for tunnels
+    assert list(balancer.candidates(1.0)) == [server]  # plain requests still go
+    state.servers[server.address].health = Health(up=False)
+    assert list(balancer.candidates(1.0)) == []

@@ -127,6 +127,11 @@ class Balancer:
             pinned = None
         if pinned is not None:
             yield pinned.server
+        elif len(self._peers) == 1:
+            # One server: nothing to rank (a ring of one takes every key under its bound).
+            if self._usable(self._peers[0], tunnel):
+                yield self._peers[0].server
+            return
         if self._ring is not None and key is not None:
             yield from self._ring_order(key, now, tunnel, pinned)
             return
