@@ -167,6 +167,22 @@ def test_limit_refuses_with_429_then_recovers_after_a_close(make_proxy, ws_upstr
     assert eventually(lambda: proxy.call(lambda: dict(proxy.proxy.shared.per_ip.counts)) == {})
 
 
+def test_idle_connections_hold_their_slots_from_the_accept(make_proxy, raw_upstream):
+    """A client holding connections that have sent nothing yet holds them all the same."""
+    up = raw_upstream(respond_ok_forever)
+    proxy = make_proxy(proxy_yaml(up.port, extra="limits: {max_connections_per_ip: 2}"))
+    idle = [raw_client(proxy.address), raw_client(proxy.address)]
+    try:
+        assert eventually(lambda: proxy.call(lambda: dict(proxy.proxy.shared.per_ip.counts))
+                          == {LOOPBACK: 2})  # fmt: skip
+        assert limited_request(proxy)[0] == 429
+        idle[0].close()
+        assert eventually(lambda: limited_request(proxy)[0] == 200)
+    finally:
+        for sock in idle:
+            sock.close()
+
+
 def test_limit_counts_the_client_behind_a_trusted_proxy(make_proxy, raw_upstream):
     up = raw_upstream(respond_ok_forever)
     extra = "limits: {max_connections_per_ip: 1}\ntrusted_proxies: ['127.0.0.0/8']"

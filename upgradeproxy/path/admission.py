@@ -1,8 +1,10 @@
 """What a client connection holds at the edge: its per-address count (rule 14) and, for
 upstreams with `proxy_protocol`, its own PROXY header and keep-alive pool (rule 15).
 
-A connection is counted against `limits.max_connections_per_ip` from its first request head
-until it closes, a tunnel it became included; over the limit, that first request gets a 429.
+A connection is counted against `limits.max_connections_per_ip` until it closes, a tunnel it
+became included: from its accept when its peer is the client (an idle connection holds a
+slot too), from its first request head when the peer is a trusted proxy (the client address
+is in `X-Forwarded-For`). Over the limit, that first request gets a 429.
 """
 
 from __future__ import annotations
@@ -15,18 +17,33 @@ from upgradeproxy.path.upstream import Pool
 from upgradeproxy.report.telemetry import ExchangeRecord
 from upgradeproxy.rules import plan as planning
 from upgradeproxy.rules.errors import ProxyError, TooManyConnections
+from upgradeproxy.rules.forwarding import is_trusted
 from upgradeproxy.rules.limits import client_address
 from upgradeproxy.rules.proxy_header import proxy_header
+
+
+def admit_at_accept(client: Client) -> None:
+    """Count a connection whose peer is the client as soon as it is accepted."""
+    config = client.rt.config
+    limit = config.limits.max_connections_per_ip
+    if not limit or is_trusted(client.peer_ip, config.trusted_proxies):
+        return
+    if client.shared.per_ip.acquire(client.peer_ip, limit):
+        client.admitted = client.peer_ip
+    else:
+        client.over_limit = client.peer_ip
 
 
 def admit(client: Client, head: planning.Head, rec: ExchangeRecord) -> None:
     """Count the connection for its client address, or raise TooManyConnections (429)."""
     config = client.rt.config
     limit = config.limits.max_connections_per_ip
-    if not limit:
+    if not limit or client.admitted is not None:
         return
-    address = client_address(client.peer_ip, head.headers, config.trusted_proxies)
-    if client.shared.per_ip.acquire(address, limit):
+    address = client.over_limit or client_address(
+        client.peer_ip, head.headers, config.trusted_proxies
+    )
+    if client.over_limit is None and client.shared.per_ip.acquire(address, limit):
         client.admitted = address
         return
     # The refusal is counted by route when the request routes; "" when it does not.

@@ -72,6 +72,7 @@ class Client:
     first: bool = True
     peer: Peer | None = None
     admitted: str | None = None  # the address counted against max_connections_per_ip
+    over_limit: str | None = None  # counted at accept and over the limit: 429 on its request
     # Keep-alive connections whose PROXY header named this client: reused by it alone.
     own_pool: Pool | None = None
 

@@ -19,7 +19,7 @@ from typing import Final, TypeVar
 import h11
 import trio
 
-from upgradeproxy.path.admission import admit, preamble, release, upstream_pool
+from upgradeproxy.path.admission import admit, admit_at_accept, preamble, release, upstream_pool
 from upgradeproxy.path.body import BodyPump
 from upgradeproxy.path.context import Client, Peer, Runtime, Shared, new_request_id
 from upgradeproxy.path.handover import Done, Outcome, Switched
@@ -85,6 +85,7 @@ async def serve_client(stream: trio.abc.Stream, peer: Peer, rt: Runtime, shared:
     origin = planning.Origin(peer.ip, b"https" if peer.tls else b"http", peer.client_cert)
     client = Client(HttpStream(conn, stream), origin, rt, shared, peer=peer)
     try:
+        admit_at_accept(client)
         switched = await _serve_http(client)
         if switched is not None:
             # The HTTP frames (h11 state, request headers) are gone: an idle tunnel holds
