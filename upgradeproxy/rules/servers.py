@@ -88,6 +88,7 @@ def describe(config: Config, book: ServerBook) -> dict[str, object]:
                 },
             })  # fmt: skip
         out[name] = {
+            "name": name,
             "balance": upstream.balance,
             "health_check": upstream.health_check is not None,
             "servers": servers,
