@@ -8,6 +8,7 @@ $PROMETHEUS_MULTIPROC_DIR (`workers > 1`), so a scrape of any worker reports the
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -212,7 +213,8 @@ class Telemetry:
             ("upstream",), buckets=HEADER_BUCKETS, registry=reg,
         ))  # fmt: skip
         if self.multiprocess_dir is None:
-            ProcessCollector(registry=reg)  # process_*: memory, CPU, descriptors of this process
+            # process_*: memory, CPU, descriptors of this process
+            reg.register(_Steady(ProcessCollector(registry=None)))
         # livemin: a server is reported healthy only if every live worker's checks say so.
         self._upstream_healthy = Gauge(
             "upgradeproxy_upstream_healthy",
@@ -283,13 +285,18 @@ class Telemetry:
     def _sample(self, name: str, labels: dict[str, str]) -> float:
         return self.registry.get_sample_value(name, labels) or 0.0
 
+    @functools.cached_property
+    def _workers(self) -> WorkerProcesses:
+        assert self.multiprocess_dir is not None
+        return WorkerProcesses(self.multiprocess_dir)
+
     def render(self) -> str:
         """Prometheus text exposition format 0.0.4: this process, or all workers' totals."""
         if self.multiprocess_dir is None:
             return generate_latest(self.registry).decode()
         merged = CollectorRegistry()
         MultiProcessCollector(merged, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
-        merged.register(WorkerProcesses(self.multiprocess_dir))
+        merged.register(self._workers)
         return generate_latest(merged).decode()
 
     def refused(self, kind: str, route: str) -> None:
@@ -357,6 +364,25 @@ class _LabelledHistogram:
         child.observe(value)
 
 
+class _Steady(Collector):
+    """A collector's families, read at most once per second: the process figures (CPU
+    seconds, memory) then do not change between a HEAD and the GET that follows it, so both
+    give one length; counters and gauges of our own are never cached."""
+
+    def __init__(self, inner: Collector, ttl: float = 1.0) -> None:
+        self.inner = inner
+        self.ttl = ttl
+        self._at = float("-inf")
+        self._families: list[Metric] = []
+
+    def collect(self) -> Iterable[Metric]:
+        now = time.monotonic()
+        if now - self._at >= self.ttl:
+            self._families = list(self.inner.collect())
+            self._at = now
+        return self._families
+
+
 class WorkerProcesses(Collector):
     """`process_*` of every live worker, labelled `pid`, read from /proc at scrape time.
 
@@ -367,6 +393,8 @@ class WorkerProcesses(Collector):
 
     def __init__(self, path: str) -> None:
         self.path = path
+        # One steady reader per live worker (see `_Steady`); a worker's goes when it does.
+        self._readers: dict[int, _Steady] = {}
 
     def collect(self) -> Iterable[Metric]:
         try:
@@ -374,9 +402,15 @@ class WorkerProcesses(Collector):
         except OSError:
             return []
         pids = sorted(int(m[1]) for name in names if (m := _LIVE_FILE.fullmatch(name)))
+        readers = {
+            pid: self._readers.get(pid)
+            or _Steady(ProcessCollector(pid=_constant(pid), registry=None))
+            for pid in pids
+        }
+        self._readers = readers
         families: dict[str, Metric] = {}
         for pid in pids:
-            for metric in ProcessCollector(pid=_constant(pid), registry=None).collect():
+            for metric in readers[pid].collect():
                 family = families.setdefault(
                     metric.name, Metric(metric.name, metric.documentation, metric.type)
                 )
