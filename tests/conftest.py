@@ -981,8 +981,10 @@ class DemoProcess:
         return f"ws://127.0.0.1:{self.port}/ws"
 
     def log_text(self) -> str:
-        self.stderr.seek(0)
-        return self.stderr.read()
+        # pread, not seek + read: the demo writes through a dup of this descriptor, which
+        # shares its offset; a seek would make the demo's next line overwrite the start.
+        fd = self.stderr.fileno()
+        return os.pread(fd, os.fstat(fd).st_size, 0).decode("utf-8", "replace")
 
     def log_records(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.log_text().splitlines() if line.startswith("{")]
