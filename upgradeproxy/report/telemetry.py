@@ -11,9 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import re
 import time
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 from typing import Final
 
@@ -26,9 +24,9 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
-from prometheus_client.registry import Collector
+
+from upgradeproxy.report.processes import Steady, WorkerProcesses
 
 access_log = logging.getLogger("upgradeproxy.access")
 
@@ -52,7 +50,6 @@ CONNECT_BUCKETS: Final = (
 )
 HEADER_BUCKETS: Final = (*DURATION_BUCKETS, 30.0, 60.0)
 # A live worker's gauge file; `mark_process_dead` removes it when the worker exits.
-_LIVE_FILE: Final = re.compile(r"gauge_livesum_([0-9]+)\.db")
 
 # Multiprocess mode has no `*_created` series; drop them here too so both modes expose the
 # same families (and each new label set costs no extra clock read).
@@ -214,7 +211,7 @@ class Telemetry:
         ))  # fmt: skip
         if self.multiprocess_dir is None:
             # process_*: memory, CPU, descriptors of this process
-            reg.register(_Steady(ProcessCollector(registry=None)))
+            reg.register(Steady(ProcessCollector(registry=None)))
         # livemin: a server is reported healthy only if every live worker's checks say so.
         self._upstream_healthy = Gauge(
             "upgradeproxy_upstream_healthy",
@@ -362,63 +359,3 @@ class _LabelledHistogram:
         if child is None:
             child = self.children[label] = self.metric.labels(label)
         child.observe(value)
-
-
-class _Steady(Collector):
-    """A collector's families, read at most once per second: the process figures (CPU
-    seconds, memory) then do not change between a HEAD and the GET that follows it, so both
-    give one length; counters and gauges of our own are never cached."""
-
-    def __init__(self, inner: Collector, ttl: float = 1.0) -> None:
-        self.inner = inner
-        self.ttl = ttl
-        self._at = float("-inf")
-        self._families: list[Metric] = []
-
-    def collect(self) -> Iterable[Metric]:
-        now = time.monotonic()
-        if now - self._at >= self.ttl:
-            self._families = list(self.inner.collect())
-            self._at = now
-        return self._families
-
-
-class WorkerProcesses(Collector):
-    """`process_*` of every live worker, labelled `pid`, read from /proc at scrape time.
-
-    prometheus-client's multiprocess collector has no process metrics, and one worker cannot
-    report another's from its own counters; /proc is readable for processes of our user.
-    A worker is live while its `gauge_livesum_PID.db` file exists (the supervisor removes it).
-    """
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        # One steady reader per live worker (see `_Steady`); a worker's goes when it does.
-        self._readers: dict[int, _Steady] = {}
-
-    def collect(self) -> Iterable[Metric]:
-        try:
-            names = os.listdir(self.path)
-        except OSError:
-            return []
-        pids = sorted(int(m[1]) for name in names if (m := _LIVE_FILE.fullmatch(name)))
-        readers = {
-            pid: self._readers.get(pid)
-            or _Steady(ProcessCollector(pid=_constant(pid), registry=None))
-            for pid in pids
-        }
-        self._readers = readers
-        families: dict[str, Metric] = {}
-        for pid in pids:
-            for metric in readers[pid].collect():
-                family = families.setdefault(
-                    metric.name, Metric(metric.name, metric.documentation, metric.type)
-                )
-                for sample in metric.samples:
-                    labels = {**sample.labels, "pid": str(pid)}
-                    family.add_sample(sample.name, labels, sample.value)
-        return list(families.values())
-
-
-def _constant(pid: int) -> Callable[[], int]:
-    return lambda: pid
