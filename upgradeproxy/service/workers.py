@@ -30,9 +30,10 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import sys
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -149,14 +150,9 @@ class Supervisor:
         if self.stopping or self.upgrading or not self.current.done.is_set():
             log.warning("upgrade ignored: %s", "draining" if self.stopping else "one in progress")
             return
-        try:
-            config = load_config(self.path)
-        except ConfigError as err:
-            for problem in err.problems:
-                log.error("upgrade rejected: %s", problem)
+        config = self._read_config("upgrade")
+        if config is None:
             return
-        if config.workers != self.config.workers:
-            log.warning(WORKERS_NEED_RESTART, self.config.workers, config.workers)
         try:  # listeners added since the start (SIGHUP) are bound here and handed over too
             sockets = own_sockets(config, self.config.workers, {}, self.sockets)
         except OSError as exc:
@@ -171,19 +167,31 @@ class Supervisor:
         await new.done.wait()
         self.upgrading = False
         if self.stopping:  # stop() closed `sockets`; the ones only the old file named too
-            close_all(s for key, socks in previous.items() if key not in sockets for s in socks)
+            close_all(_only_in(previous, sockets))
             return
         if new.failed:
             log.error("upgrade failed: a new worker could not start; the old generation serves")
             self.current, self.sockets = old, previous
             self._signal_generation(new.number, signal.SIGTERM)
-            close_all(s for key, socks in sockets.items() if key not in previous for s in socks)
+            close_all(_only_in(sockets, previous))
             return
         # Listeners the new file dropped: they close once the old workers close theirs.
-        close_all(s for key, socks in previous.items() if key not in sockets for s in socks)
+        close_all(_only_in(previous, sockets))
         extra = {"generation": new.number}
         log.info("upgrade: new generation ready, retiring the old one", extra=extra)
         self._signal_generation(old.number, signal.SIGUSR2, older=True)
+
+    def _read_config(self, action: str) -> Config | None:
+        """The file as it is now, or None after logging why `action` is rejected."""
+        try:
+            config = load_config(self.path)
+        except ConfigError as err:
+            for problem in err.problems:
+                log.error("%s rejected: %s", action, problem)
+            return None
+        if config.workers != self.config.workers:
+            log.warning(WORKERS_NEED_RESTART, self.config.workers, config.workers)
+        return config
 
     def _signal_generation(self, number: int, sig: int, *, older: bool = False) -> None:
         """`sig` to the workers of generation `number` (and every older one if `older`)."""
@@ -214,14 +222,8 @@ class Supervisor:
         if self.stopping:
             log.warning("reload ignored: draining")
             return
-        try:
-            config = load_config(self.path)
-        except ConfigError as err:
-            for problem in err.problems:
-                log.error("reload rejected: %s", problem)
+        if self._read_config("reload") is None:
             return
-        if config.workers != self.config.workers:
-            log.warning(WORKERS_NEED_RESTART, self.config.workers, config.workers)
         log.info("reloading workers", extra={"config": self.path})
         self._signal_all(signal.SIGHUP)
 
@@ -318,3 +320,8 @@ def worker_command() -> list[str]:
     if getattr(sys, "frozen", False):
         return [sys.executable]
     return [sys.executable, "-m", "upgradeproxy"]
+
+
+def _only_in(these: Owned, not_those: Owned) -> Iterator[socket.socket]:
+    """The sockets of `these` for addresses `not_those` does not have."""
+    return (s for key, socks in these.items() if key not in not_those for s in socks)
