@@ -236,7 +236,7 @@ async def _open_upstream(
     Raises UpstreamUnavailable or UpstreamTimeout when no server answered.
     """
     shared, rt, upstream = client.shared, client.rt, ex.plan.upstream
-    pool, header = upstream_pool(client, upstream), preamble(client, upstream)
+    pool = upstream_pool(client, upstream)
     now = trio.current_time()
     last: ConnectFailed | None = None
     timed_out = True
@@ -257,7 +257,7 @@ async def _open_upstream(
                 rt.config.timeouts.connect,
                 upstream.tls,
                 rt.tls_contexts[upstream.name],
-                header,
+                preamble(client, upstream),  # only a new connection needs one
             )
         except ConnectFailed as exc:
             last = exc
