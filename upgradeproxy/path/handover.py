@@ -84,12 +84,7 @@ class Switched:
             if self.tunnels is not None:
                 self.tunnels.discard(ending)
             await aclose_quietly(self.upstream)
-            if self.release is not None:
-                balancer, server = self.release
-                balancer.release_tunnel(server)
-                telemetry.upstream_tunnels(
-                    self.rec.upstream, self.rec.server, balancer.tunnels(server)
-                )
+            self._count_tunnel(opened=False)
             rec = self.rec
             rec.bytes_in, rec.bytes_out = stats.bytes_up, stats.bytes_down
             rec.first_close = stats.first_close
