@@ -253,7 +253,7 @@ class Telemetry:
         so a scrape sees the series from the start, as it did before the labels came."""
         for route, protocols in routes:
             for protocol in protocols:
-                name = protocol.split("/")[0].strip().lower()
+                name = _protocol_label(protocol)
                 if (route, name) not in self._tunnel_gauges:
                     self._tunnel_gauges[route, name] = self._tunnels_active.labels(route, name)
 
@@ -304,7 +304,7 @@ class Telemetry:
     def _tunnel_gauge(self, rec: ExchangeRecord | None) -> Gauge:
         """The tunnels_active child for a tunnel's route and protocol name (no version)."""
         route = rec.route if rec is not None else ""
-        protocol = rec.protocol.split(",")[0].split("/")[0].strip().lower() if rec else ""
+        protocol = _protocol_label(rec.protocol.split(",")[0]) if rec else ""
         child = self._tunnel_gauges.get((route, protocol))
         if child is None:
             child = self._tunnel_gauges[route, protocol] = self._tunnels_active.labels(
@@ -343,6 +343,11 @@ class Telemetry:
         if child is None:
             child = self._server_gauges[tag, upstream, server] = family.labels(upstream, server)
         return child
+
+
+def _protocol_label(token: str) -> str:
+    """The `protocol` label of a tunnel: the name without its version, `SPDY/3.1` -> `spdy`."""
+    return token.split("/")[0].strip().lower()
 
 
 class _LabelledHistogram:
