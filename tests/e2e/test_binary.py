@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import http.client
-import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Callable, Iterator
 from importlib.resources import files
 from pathlib import Path
@@ -26,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.sync.client import connect
 
 from tests.conftest import LOOPBACK, eventually, free_port
+from tests.e2e.test_operations import ProxyProcess
 from upgradeproxy import __version__
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,7 +31,6 @@ BUILD = ROOT / "deploy" / "binary" / "build.sh"
 BUILD_TIMEOUT = 600  # seconds; it takes well under a minute here (README, "Standalone binary")
 WAIT = 15.0  # the bound on every wait; tests pass in a fraction of it
 
-Line = dict[str, Any]
 
 
 @pytest.fixture(scope="session")
@@ -129,49 +126,6 @@ def test_binary_demo_serves_its_bundled_page(binary, bare_env):
 # --- workers: 2 -------------------------------------------------------------------------
 
 
-class Running:
-    """The binary's `run` in its own process group, its JSON log lines collected as they come."""
-
-    def __init__(self, binary: Path, config: Path, env: dict[str, str]) -> None:
-        self.config = config
-        self.popen = subprocess.Popen(
-            [str(binary), "run", "--config", str(config), "--log-format", "json"],
-            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, start_new_session=True,
-        )  # fmt: skip
-        self.lines: list[Line] = []
-        self._changed = threading.Condition()
-        self._eof = False
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.popen.stderr is not None
-        for raw in self.popen.stderr:
-            text = raw.decode(errors="replace").rstrip("\n")
-            try:
-                line = json.loads(text)
-            except ValueError:
-                line = {"msg": text, "not_json": True}
-            with self._changed:
-                self.lines.append(line)
-                self._changed.notify_all()
-        with self._changed:
-            self._eof = True
-            self._changed.notify_all()
-
-    def wait_log(self, msg: str, count: int = 1) -> list[Line]:
-        """The first `count` lines logged with `msg`, waiting up to WAIT for them."""
-        deadline = time.monotonic() + WAIT
-        with self._changed:
-            while len(found := [x for x in self.lines if x.get("msg") == msg]) < count:
-                left = deadline - time.monotonic()
-                if left <= 0 or self._eof:
-                    log = "\n".join(map(str, self.lines))
-                    raise AssertionError(f"{count} x {msg!r} not logged; log:\n{log}")
-                self._changed.wait(left)
-        return found[:count]
-
-
 def get(port: int, path: str) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection(LOOPBACK, port, timeout=WAIT)
     try:
@@ -217,11 +171,11 @@ timeouts:
 
 
 @pytest.fixture
-def start_binary(binary, bare_env) -> Iterator[Callable[[Path], Running]]:
-    started: list[Running] = []
+def start_binary(binary, bare_env) -> Iterator[Callable[[Path], ProxyProcess]]:
+    started: list[ProxyProcess] = []
 
-    def start(config: Path) -> Running:
-        proc = Running(binary, config, bare_env)
+    def start(config: Path) -> ProxyProcess:
+        proc = ProxyProcess(config, command=[str(binary)], env=bare_env)
         started.append(proc)
         return proc
 

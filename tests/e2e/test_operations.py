@@ -70,12 +70,18 @@ def proxy_config(
 class ProxyProcess:
     """`upgradeproxy run` in its own process group, its JSON log lines collected as they come."""
 
-    def __init__(self, config: Path, prefix: Sequence[str] = (), **popen: Any) -> None:
-        """`prefix` goes before the command (a wrapper); `popen` adds Popen arguments."""
+    def __init__(
+        self,
+        config: Path,
+        prefix: Sequence[str] = (),
+        command: Sequence[str] = (sys.executable, "-m", "upgradeproxy"),
+        **popen: Any,
+    ) -> None:
+        """`prefix` goes before the command (a wrapper), `command` is what runs `upgradeproxy`
+        (the one-file binary, say); `popen` adds Popen arguments."""
         self.config = config
         self.popen = subprocess.Popen(
-            [*prefix, sys.executable, "-m", "upgradeproxy", "run", "--config", str(config),
-             "--log-format", "json"],
+            [*prefix, *command, "run", "--config", str(config), "--log-format", "json"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             start_new_session=True, **popen,
         )  # fmt: skip
