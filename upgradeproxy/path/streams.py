@@ -242,6 +242,14 @@ def _stdlib_socket(stream: trio.abc.Stream) -> socket.socket | None:
     return sock
 
 
+def stdlib_socket(sock: trio.socket.SocketType) -> socket.socket:
+    """The stdlib socket inside a trio socket, for calls that must not take a checkpoint."""
+    inner = getattr(sock, "_sock", None)
+    if not isinstance(inner, socket.socket):
+        raise TypeError(f"no stdlib socket inside {sock!r}")
+    return inner
+
+
 def raw_socket(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
     """The socket under `stream`, looking through TLS, or None."""
     while True:

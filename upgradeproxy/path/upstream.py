@@ -6,7 +6,10 @@ anything else (an upgrade attempt, an error, a half-read body) is closed, never 
 
 from __future__ import annotations
 
+import errno
+import functools
 import ipaddress
+import os
 import socket
 import ssl
 from collections import deque
@@ -84,52 +87,95 @@ async def connect(
     """
     addr = server.address
     try:
-        with trio.fail_after(timeout):
-            tcp = await _open_tcp(addr.host, addr.port)
-            stream: trio.abc.Stream = tcp
-            if callable(preamble):
-                preamble = preamble(tcp)
-            if preamble:
-                try:
-                    await stream.send_all(preamble)
-                except BaseException:
-                    await aclose_quietly(stream)
-                    raise
-            if tls is not None and tls_ctx is not None:
-                tls_stream = trio.SSLStream(
-                    stream,
-                    tls_ctx,
-                    server_hostname=tls.server_name or addr.host,
-                    https_compatible=True,
-                )
-                try:
-                    await tls_stream.do_handshake()
-                except BaseException:
-                    await aclose_quietly(stream)
-                    raise
-                stream = tls_stream
-    except trio.TooSlowError:
-        raise ConnectFailed(
-            server, f"connect timed out after {timeout:g}s", timed_out=True
-        ) from None
+        raw = _start_tcp(addr.host, addr.port)
+        if raw is not None and tls is None and not preamble and _connected(raw):
+            # A connect to a nearby server (loopback, a sidecar) is done when connect()
+            # returns: no deadline and no wait needed.
+            return _socket_stream(raw)
+        with trio.CancelScope(deadline=trio.current_time() + timeout):
+            return await _finish(raw, addr.host, addr.port, tls, tls_ctx, preamble)
+        raise ConnectFailed(server, f"connect timed out after {timeout:g}s", timed_out=True)
     except (*STREAM_ERRORS, ssl.SSLError) as exc:
         raise ConnectFailed(server, str(exc) or type(exc).__name__) from exc
+
+
+async def _finish(
+    raw: socket.socket | None,
+    host: str,
+    port: int,
+    tls: UpstreamTls | None,
+    tls_ctx: ssl.SSLContext | None,
+    preamble: bytes | Callable[[trio.SocketStream], bytes],
+) -> trio.abc.Stream:
+    """Wait for the connect `_start_tcp` began (or resolve `host`), send `preamble`, then TLS."""
+    if raw is None:
+        tcp = await trio.open_tcp_stream(host, port)
+    else:
+        try:
+            if not _connected(raw):
+                await trio.lowlevel.wait_writable(raw)
+                if err := raw.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                    raise OSError(err, os.strerror(err))
+        except BaseException:
+            raw.close()
+            raise
+        tcp = _socket_stream(raw)
+    stream: trio.abc.Stream = tcp
+    if callable(preamble):
+        preamble = preamble(tcp)
+    if preamble:
+        try:
+            await stream.send_all(preamble)
+        except BaseException:
+            await aclose_quietly(stream)
+            raise
+    if tls is not None and tls_ctx is not None:
+        tls_stream = trio.SSLStream(
+            stream, tls_ctx, server_hostname=tls.server_name or host, https_compatible=True
+        )
+        try:
+            await tls_stream.do_handshake()
+        except BaseException:
+            await aclose_quietly(stream)
+            raise
+        stream = tls_stream
     return stream
 
 
-async def _open_tcp(host: str, port: int) -> trio.SocketStream:
-    """Connect to `host`; an IP literal skips open_tcp_stream's happy-eyeballs nursery."""
+@functools.lru_cache(maxsize=4096)
+def _ip_family(host: str) -> int | None:
+    """AF_INET or AF_INET6 for an IP literal, None for a name (to be resolved)."""
     try:
-        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+        return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
     except ValueError:
-        return await trio.open_tcp_stream(host, port)
-    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+        return None
+
+
+def _start_tcp(host: str, port: int) -> socket.socket | None:
+    """A non-blocking socket whose connect to IP literal `host` has begun; None for a name,
+    which goes through open_tcp_stream (resolution, happy eyeballs). Raises OSError."""
+    family = _ip_family(host)
+    if family is None:
+        return None
+    raw = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    err = raw.connect_ex((host, port))
+    if err and err != errno.EINPROGRESS:
+        raw.close()
+        raise OSError(err, os.strerror(err))
+    return raw
+
+
+def _connected(raw: socket.socket) -> bool:
+    """Whether a non-blocking connect has completed (on loopback it has when connect returns)."""
     try:
-        await sock.connect((host, port))
-    except BaseException:
-        sock.close()
-        raise
-    return trio.SocketStream(sock)  # sets TCP_NODELAY, as open_tcp_stream's streams have
+        raw.getpeername()
+    except OSError:
+        return False
+    return True
+
+
+def _socket_stream(raw: socket.socket) -> trio.SocketStream:
+    return trio.SocketStream(trio.socket.from_stdlib_socket(raw))  # sets TCP_NODELAY
 
 
 @dataclass(slots=True)

@@ -6,6 +6,7 @@ hands back, so a caller (the CLI, a test) can read bound addresses, reload and d
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -13,7 +14,7 @@ import socket
 import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Final, cast
 
 import trio
 
@@ -25,7 +26,7 @@ from upgradeproxy.path.prober import Probers
 from upgradeproxy.path.streams import aclose_quietly, bind_socket
 from upgradeproxy.rules.plan import route_label
 from upgradeproxy.rules.servers import describe
-from upgradeproxy.service.accept import open_client
+from upgradeproxy.service.accept import accept_nowait, open_client
 from upgradeproxy.service.admin import open_admin, serve_admin
 from upgradeproxy.service.sockets import Handed, StoppableListener, start_error
 from upgradeproxy.service.tls import server_tls_context
@@ -37,6 +38,8 @@ log = logging.getLogger("upgradeproxy")
 # EPERM, EPROTO and the other "that one client is gone" errnos, so they never reach us.
 _ACCEPT_RETRY = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 BACKLOG = 4096
+# open_client returns at once on a plain listener: no deadline (and no cancel scope) needed.
+_NO_SCOPE: Final = contextlib.nullcontext()
 
 
 def _close_all(socks: list[trio.socket.SocketType]) -> None:
@@ -54,6 +57,11 @@ class _Bound:
     listener: trio.SocketListener
     scope: trio.CancelScope
     tls: ssl.SSLContext | None
+
+    @property
+    def slow(self) -> bool:
+        """Whether a new client must first send a PROXY header or do a TLS handshake."""
+        return self.config.proxy_protocol or self.tls is not None
 
 
 @dataclass(slots=True)
@@ -308,14 +316,20 @@ class Proxy:
         with bound.scope:
             while True:
                 # A client first, then a slot: a quiet listener must not hold a slot another
-                # one needs. At max_connections the client waits in the kernel backlog.
+                # one needs. At max_connections the client waits in the kernel backlog. One
+                # client per wake-up: taking the whole backlog at once measured no faster
+                # and, out of descriptors, takes clients there is no upstream socket for.
                 await trio.lowlevel.wait_readable(bound.listener.socket)
                 token = object()
-                if not self.limiter.available_tokens:
-                    self.shared.telemetry.connection_limited()  # a client waits in the backlog
-                await self.limiter.acquire_on_behalf_of(token)
                 try:
-                    stream = await bound.listener.accept()
+                    # trio's acquire and accept each take a checkpoint (a trip through the
+                    # scheduler); the wait above was one already.
+                    self.limiter.acquire_on_behalf_of_nowait(token)
+                except trio.WouldBlock:
+                    self.shared.telemetry.connection_limited()  # a client waits in the backlog
+                    await self.limiter.acquire_on_behalf_of(token)
+                try:
+                    stream = accept_nowait(bound.listener)
                 except OSError as exc:
                     self.limiter.release_on_behalf_of(token)
                     if exc.errno not in _ACCEPT_RETRY:
@@ -326,6 +340,9 @@ class Proxy:
                 except BaseException:
                     self.limiter.release_on_behalf_of(token)
                     raise
+                if stream is None:  # the client left before we took it
+                    self.limiter.release_on_behalf_of(token)
+                    continue
                 assert self._conns is not None
                 self.active += 1
                 self._conns.start_soon(self._handle, stream, bound, token)
@@ -354,7 +371,7 @@ class Proxy:
         except OSError:
             return
         opened = None
-        with trio.move_on_after(rt.config.timeouts.request_header):
+        with trio.move_on_after(rt.config.timeouts.request_header) if bound.slow else _NO_SCOPE:
             opened = await open_client(
                 stream,
                 str(peer_ip),
