@@ -667,6 +667,48 @@ def test_worker_signalled_directly_and_by_the_parent_drains_once(start, raw_upst
     assert proc.wait_exit() == 0
 
 
+def test_readyz_answers_503_while_a_worker_drains_after_the_other_exited(start, raw_upstream):
+    """workers: 2, SIGTERM with one tunnel open: the idle worker exits at once, and every
+    probe that follows still gets its 503 from the worker left draining, never a reset
+    (the admin socket is one socket shared by the workers, not one per worker)."""
+    chat = raw_upstream(tunnel_upstream(b"A"))
+    port, admin = free_port(), free_port()
+    config = proxy_config(
+        [port], {"chat": chat.port}, [("/", "chat")], admin=admin,
+        extra="workers: 2\ntimeouts: {drain: 600}",
+    )  # fmt: skip
+    proc = start(config, workers=2)
+    proc.wait_log("worker ready", count=2)
+    tunnel = Tunnel(port)
+    answers: list[int | str] = []
+    exited = threading.Event()
+
+    def probe() -> None:
+        # Fresh connections (fresh source ports, hashed anywhere over per-worker sockets)
+        # all through the idle worker's exit; bounded in count.
+        for _ in range(5000):
+            try:
+                answers.append(http(admin, "/readyz")[0])
+            except OSError as exc:
+                answers.append(type(exc).__name__)
+            if exited.is_set() and len(answers) > 50:
+                return
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        proc.kill(signal.SIGTERM)
+        proc.wait_log("worker exited")  # the idle one
+    finally:
+        exited.set()
+        prober.join()
+    assert set(answers[-20:]) == {503}
+    assert set(answers) <= {200, 503}, [a for a in answers if a not in (200, 503)][:5]
+    assert tunnel.works()
+    tunnel.close()
+    assert proc.wait_exit() == 0
+
+
 def test_port_in_use_with_workers_exits_1_before_any_worker_starts(start, raw_upstream, tmp_path):
     """A port held without SO_REUSEPORT: the parent, which binds the listeners for its
     workers, cannot bind it and exits 1 naming the address; no worker is started."""

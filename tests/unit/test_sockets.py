@@ -55,7 +55,16 @@ def test_sockets_already_owned_are_kept_and_new_addresses_bound(owned) -> None:
     again = own_sockets(config(0, admin=0), 2, {}, first)
     owned.append({k: v for k, v in again.items() if k not in first})
     assert again[f"{LOOPBACK}:0"] is first[f"{LOOPBACK}:0"]
-    assert [s.getsockname()[0] for s in again["127.0.0.2:0"]] == ["127.0.0.2"] * 2  # admin
+    assert [s.getsockname()[0] for s in again["127.0.0.2:0"]] == ["127.0.0.2"]  # admin
+
+
+def test_the_admin_address_gets_one_socket_shared_by_every_slot(owned) -> None:
+    """A worker that exits first in a drain must not take an admin socket (and the probes
+    the kernel hashed to it) with it: every slot accepts on the one socket."""
+    sockets = own_sockets(config(0, admin=0), 3, {})
+    owned.append(sockets)
+    assert len(sockets[f"{LOOPBACK}:0"]) == 3
+    assert len(sockets["127.0.0.2:0"]) == 1
 
 
 def test_a_given_socket_serves_every_slot_and_unclaimed_ones_are_closed(owned) -> None:

@@ -17,6 +17,7 @@ from upgradeproxy.path.streams import (
     bind_socket,
 )
 from upgradeproxy.rules.errors import REASONS
+from upgradeproxy.service.sockets import InFlight
 
 log = logging.getLogger("upgradeproxy.service.admin")
 
@@ -97,11 +98,17 @@ async def serve_admin(
     ready: Callable[[], bool],
     metrics: Callable[[], str],
     upstreams: Callable[[], str] | None = None,
+    busy: InFlight | None = None,
 ) -> None:
-    """Serve the admin endpoints on `listener` until cancelled, then close it."""
+    """Serve the admin endpoints on `listener` until cancelled, then close it. `busy` is the
+    count a StoppableListener raised for each connection it accepted: lowered when served."""
 
     async def handler(stream: trio.SocketStream) -> None:
-        await _serve_admin_client(stream, ready, metrics, upstreams)
+        try:
+            await _serve_admin_client(stream, ready, metrics, upstreams)
+        finally:
+            if busy is not None:
+                busy.leave()
 
     try:
         await trio.serve_listeners(handler, [listener])

@@ -28,7 +28,7 @@ from upgradeproxy.rules.plan import route_label
 from upgradeproxy.rules.servers import describe
 from upgradeproxy.service.accept import accept_nowait, open_client
 from upgradeproxy.service.admin import open_admin, serve_admin
-from upgradeproxy.service.sockets import Handed, StoppableListener, start_error
+from upgradeproxy.service.sockets import Handed, InFlight, StoppableListener, start_error
 from upgradeproxy.service.tls import server_tls_context
 
 log = logging.getLogger("upgradeproxy")
@@ -38,6 +38,8 @@ log = logging.getLogger("upgradeproxy")
 # EPERM, EPROTO and the other "that one client is gone" errnos, so they never reach us.
 _ACCEPT_RETRY = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 BACKLOG = 4096
+# How long a stopping proxy waits for the admin requests it accepted to be answered.
+_ADMIN_GRACE: Final = 1.0
 # open_client returns at once on a plain listener: no deadline (and no cancel scope) needed.
 _NO_SCOPE: Final = contextlib.nullcontext()
 
@@ -100,6 +102,7 @@ class Proxy:
         self._accepts: trio.Nursery | None = None
         self._conns: trio.Nursery | None = None
         self._admin: _AdminBound | None = None
+        self._admin_busy = InFlight()
         self._handed = Handed(sockets)
         self.retiring = False  # a new generation took the sockets over: finish and exit
         self._deadline: float | None = None  # when the drain cuts what is left
@@ -161,7 +164,17 @@ class Proxy:
             finally:
                 await self._close_listeners()
                 self.shared.pool.close_all()
+            await self._stop_admin()
             services.cancel_scope.cancel()
+
+    async def _stop_admin(self) -> None:
+        """Stop accepting admin connections and answer those accepted (with workers the admin
+        socket stays open in the others, so probes keep getting answers)."""
+        with trio.move_on_after(_ADMIN_GRACE):
+            if self._admin is not None and self._admin.listener is not None:
+                self._admin.listener.stop()
+                await self._admin.listener.closed.wait()  # no accept left half-done
+            await self._admin_busy.idle.wait()
 
     async def _serve_until_drained(self, task_status: trio.TaskStatus[Proxy]) -> None:
         async with trio.open_nursery() as conns:
@@ -263,7 +276,7 @@ class Proxy:
     def _start_admin(self, address: Address, listener: trio.SocketListener) -> None:
         scope = trio.CancelScope()
         sock = listener.socket
-        stoppable = StoppableListener(listener)
+        stoppable = StoppableListener(listener, self._admin_busy)
         self._admin = _AdminBound(address, sock.getsockname()[:2], scope, sock.fileno(), stoppable)
         assert self._services is not None
         self._services.start_soon(self._serve_admin, stoppable, scope, name=f"admin {address}")
@@ -276,6 +289,7 @@ class Proxy:
                 lambda: not self.draining,
                 self.shared.telemetry.render,
                 self._upstreams,
+                self._admin_busy,
             )
 
     def _upstreams(self) -> str:
@@ -320,6 +334,10 @@ class Proxy:
                 # client per wake-up: taking the whole backlog at once measured no faster
                 # and, out of descriptors, takes clients there is no upstream socket for.
                 await trio.lowlevel.wait_readable(bound.listener.socket)
+                if self.retiring:
+                    # The new generation takes this client: the wake-up may come in the same
+                    # scheduler pass as the retire, before the cancel of this loop lands.
+                    break
                 token = object()
                 try:
                     # trio's acquire and accept each take a checkpoint (a trip through the

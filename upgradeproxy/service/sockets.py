@@ -160,20 +160,26 @@ def sd_notify(state: str) -> None:
         sock.sendall(state.encode())
 
 
-Owned = dict[str, list[socket.socket]]  # configured address -> one socket per worker slot
+Owned = dict[str, list[socket.socket]]  # configured address -> its sockets (slot % len picks)
 
 
 def own_sockets(config: Config, slots: int, given: Sockets, current: Owned | None = None) -> Owned:
     """The `workers` supervisor's sockets for `config`: those it has (`current`), those it was
     given (one, shared by every slot), else `slots` SO_REUSEPORT sockets bound here, so the
-    kernel spreads connections over the workers as when each bound its own. All or none."""
+    kernel spreads connections over the workers as when each bound its own. All or none.
+
+    The admin address gets one socket shared by every slot: a worker that exits first in a
+    drain then takes no socket with it, so a probe never meets a reset in place of a 503.
+    """
     current = current or {}
     owned: Owned = {}
     fresh: list[socket.socket] = []
     fields = _fields(config)
+    admin = config.admin.address if config.admin else None
     try:
         for address in config_addresses(config):
             key = str(address)
+            count = 1 if address == admin else slots
             if key in current:
                 owned[key] = current[key]
             elif key in given:
@@ -182,11 +188,11 @@ def own_sockets(config: Config, slots: int, given: Sockets, current: Owned | Non
                 try:
                     fresh.append(bind_listening(address, reuse_port=True))
                     port = fresh[-1].getsockname()[1]  # port 0: all slots on the one it got
-                    for _ in range(slots - 1):
+                    for _ in range(count - 1):
                         fresh.append(bind_listening(Address(address.host, port), reuse_port=True))
                 except OSError as exc:
                     raise start_error(exc, fields[key], address) from exc
-                owned[key] = fresh[-slots:]
+                owned[key] = fresh[-count:]
     except BaseException:
         close_all(fresh)
         raise
@@ -220,22 +226,51 @@ class Handed:
         self._sockets.clear()
 
 
+class InFlight:
+    """Connections accepted and not yet served, so a stopping server can let them finish: cut,
+    a probe would see a reset where it was owed an answer (a 503 while draining)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.idle = trio.Event()
+        self.idle.set()
+
+    def enter(self) -> None:
+        if not self.count:
+            self.idle = trio.Event()
+        self.count += 1
+
+    def leave(self) -> None:
+        self.count -= 1
+        if not self.count:
+            self.idle.set()
+
+
 class StoppableListener(trio.abc.Listener[trio.SocketStream]):
     """A listener that can stop accepting without cancelling the connections it accepted
-    (the admin server's, when a new generation takes its socket over)."""
+    (the admin server's, when a new generation takes its socket over or a worker exits).
 
-    def __init__(self, listener: trio.SocketListener) -> None:
+    Each connection it returns is counted in `busy` until its handler calls `busy.leave()`;
+    `closed` is set once it has stopped and closed its copy of the socket.
+    """
+
+    def __init__(self, listener: trio.SocketListener, busy: InFlight | None = None) -> None:
         self.listener = listener
+        self.busy = busy or InFlight()
         self.stopped = False
+        self.closed = trio.Event()
         self._accepting: trio.CancelScope | None = None
 
     async def accept(self) -> trio.SocketStream:
         if not self.stopped:
             # A cancelled accept has accepted nothing: trio's accept is atomic.
             with trio.CancelScope() as self._accepting:
-                return await self.listener.accept()
+                stream = await self.listener.accept()
+                self.busy.enter()  # before the handler exists: a stop waits for it too
+                return stream
         # Closed here, not in stop(): closing under a waiting accept would raise in it.
         self.listener.socket.close()  # our copy: the socket stays open in the new generation
+        self.closed.set()
         await trio.sleep_forever()
         raise AssertionError("unreachable")
 

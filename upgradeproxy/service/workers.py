@@ -5,12 +5,13 @@ binary itself, `upgradeproxy run --worker I`), not forks and not `multiprocessin
 nothing of the parent's trio loop, sockets or locks leaks into them, $PROMETHEUS_MULTIPROC_DIR
 is in their environment before prometheus-client is imported (it picks its storage at import),
 nothing is pickled, and a worker runs exactly the `workers: 1` code path with SO_REUSEPORT on
-every listener, the admin one included (so any worker answers a scrape, with the totals of all
-of them read from the shared directory).
+every listener; the admin socket is one shared by all (any worker answers a scrape, with the
+totals of all of them read from the shared directory).
 
-The parent owns the listening sockets (one SO_REUSEPORT socket per address and worker slot, or
-the one systemd passed) and hands them to each worker (service/sockets.py): a worker that dies,
-or a generation that ends, never closes a socket, so no connection waiting in a queue is reset.
+The parent owns the listening sockets (one SO_REUSEPORT socket per listener address and worker
+slot, one admin socket for all, or the one systemd passed) and hands them to each worker
+(service/sockets.py): a worker that dies, or a generation that ends, never closes a socket, so
+no connection waiting in a queue is reset.
 
 Signals the parent takes, and what its workers get:
 - SIGTERM/SIGINT: SIGTERM (drain); a second one: SIGUSR1 (close everything now).
