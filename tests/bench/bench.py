@@ -463,11 +463,15 @@ class Bench:
         proc = targets.start_upgradeproxy(
             self.procs, self.tmp, "upgradeproxy-w2", p["upgradeproxy_w2"], p["ws"], p["http"], 2
         )
-        # A supervisor starts its workers one by one: wait until both listen (or it is clear
-        # that this upgradeproxy runs `workers: 2` as one process).
+        # A supervisor binds the sockets itself and starts its workers one by one: wait until
+        # both said "worker ready" (or it is clear that this upgradeproxy runs `workers: 2` as
+        # one process), or a load started early would pin every connection on the first.
         port = p["upgradeproxy_w2"]
         deadline = time.monotonic() + 10.0
-        while targets.listening_sockets(port) < 2 and time.monotonic() < deadline:
+        while (
+            targets.workers_ready(self.tmp / "upgradeproxy-w2.log") < 2
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.1)
         found = targets.worker_count(proc)
         if found < 2:
@@ -668,10 +672,11 @@ def render(plan: Plan, results: Results, info: dict[str, str], quick: bool) -> s
     add("rtt_split_p50", None, report.fmt_1)
     added("rtt_split_p50", "p50, proxy on its own CPU", None)
     added("rtt_split_p99", "p99, proxy on its own CPU", None)
-    add("handshakes", Goal("≥ 0.5x", 0.5, True), report.fmt_int)
+    # The targets of issue 13 (the first cycle's were 0.5x and 0.25x).
+    add("handshakes", Goal("≥ 0.25x", 0.25, True), report.fmt_int)
     per_core("handshakes", "handshakes per proxy core-second")
     add("rss", Goal("≤ 1.0x", 1.0, False), report.fmt_1)
-    add("http", Goal("≥ 0.25x", 0.25, True), report.fmt_int)
+    add("http", Goal("≥ 0.10x", 0.10, True), report.fmt_int)
     per_core("http", "plain HTTP requests per proxy core-second")
 
     lines = [

@@ -246,19 +246,12 @@ def worker_count(proc: Managed) -> int:
     return len(tree(proc.pid))
 
 
-def listening_sockets(port: int) -> int:
-    """LISTEN sockets on 127.0.0.1:`port`: with SO_REUSEPORT, one per worker that is ready.
-
-    Reachable is not enough: the first worker to bind answers connects while the second is
-    still importing, and a load started then would pin every connection on the first.
-    """
-    wanted = f"0100007F:{port:04X}"
-    count = 0
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        if fields[1] == wanted and fields[3] == "0A":  # 0A = TCP_LISTEN
-            count += 1
-    return count
+def workers_ready(log_file: Path) -> int:
+    """How many workers a `workers: N` supervisor has reported ready in its JSON log."""
+    try:
+        return log_file.read_text().count('"worker ready"')
+    except OSError:
+        return 0
 
 
 # --- the peers: HAProxy and mitmproxy ---------------------------------------------------
