@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 
 from upgradeproxy.config.model import Upstream
-from upgradeproxy.path.context import Client
+from upgradeproxy.path.context import Client, Held, Shared
 from upgradeproxy.path.upstream import Pool
 from upgradeproxy.report.telemetry import ExchangeRecord
 from upgradeproxy.rules import plan as planning
@@ -29,7 +29,7 @@ def admit_at_accept(client: Client) -> None:
     if not limit or is_trusted(client.peer_ip, config.trusted_proxies):
         return
     if client.shared.per_ip.acquire(client.peer_ip, limit):
-        client.admitted = client.peer_ip
+        client.held.admitted = client.peer_ip
     else:
         client.over_limit = client.peer_ip
 
@@ -38,13 +38,13 @@ def admit(client: Client, head: planning.Head, rec: ExchangeRecord) -> None:
     """Count the connection for its client address, or raise TooManyConnections (429)."""
     config = client.rt.config
     limit = config.limits.max_connections_per_ip
-    if not limit or client.admitted is not None:
+    if not limit or client.held.admitted is not None:
         return
     address = client.over_limit or client_address(
         client.peer_ip, head.headers, config.trusted_proxies
     )
     if client.over_limit is None and client.shared.per_ip.acquire(address, limit):
-        client.admitted = address
+        client.held.admitted = address
         return
     # The refusal is counted by route when the request routes; "" when it does not.
     with contextlib.suppress(ProxyError):
@@ -54,14 +54,14 @@ def admit(client: Client, head: planning.Head, rec: ExchangeRecord) -> None:
     )
 
 
-def release(client: Client) -> None:
+def release(held: Held, shared: Shared) -> None:
     """Give back what the connection held: its per-address count and its own pool."""
-    if client.admitted is not None:
-        client.shared.per_ip.release(client.admitted)
-        client.admitted = None
-    if client.own_pool is not None:
-        client.own_pool.close_all()
-        client.own_pool = None
+    if held.admitted is not None:
+        shared.per_ip.release(held.admitted)
+        held.admitted = None
+    if held.own_pool is not None:
+        held.own_pool.close_all()
+        held.own_pool = None
 
 
 def upstream_pool(client: Client, upstream: Upstream) -> Pool:
@@ -69,9 +69,10 @@ def upstream_pool(client: Client, upstream: Upstream) -> Pool:
     speaks for one client, so only that client's later requests may reuse it."""
     if not upstream.proxy_protocol:
         return client.shared.pool
-    if client.own_pool is None:
-        client.own_pool = Pool()
-    return client.own_pool
+    held = client.held
+    if held.own_pool is None:
+        held.own_pool = Pool()
+    return held.own_pool
 
 
 def preamble(client: Client, upstream: Upstream) -> bytes:

@@ -62,6 +62,16 @@ class Shared:
 
 
 @dataclass(slots=True, eq=False)
+class Held:
+    """What a client connection holds until it closes, tunnel included (so an idle tunnel
+    need not keep its `Client`, with the h11 state, alive)."""
+
+    admitted: str | None = None  # the address counted against max_connections_per_ip
+    # Keep-alive connections whose PROXY header named this client: reused by it alone.
+    own_pool: Pool | None = None
+
+
+@dataclass(slots=True, eq=False)
 class Client:
     """One client connection's context."""
 
@@ -71,10 +81,8 @@ class Client:
     shared: Shared
     first: bool = True
     peer: Peer | None = None
-    admitted: str | None = None  # the address counted against max_connections_per_ip
     over_limit: str | None = None  # counted at accept and over the limit: 429 on its request
-    # Keep-alive connections whose PROXY header named this client: reused by it alone.
-    own_pool: Pool | None = None
+    held: Held = field(default_factory=Held)
 
     @property
     def peer_ip(self) -> str:

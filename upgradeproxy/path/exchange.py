@@ -84,15 +84,17 @@ async def serve_client(stream: trio.abc.Stream, peer: Peer, rt: Runtime, shared:
         conn.receive_data(peer.leftover)
     origin = planning.Origin(peer.ip, b"https" if peer.tls else b"http", peer.client_cert)
     client = Client(HttpStream(conn, stream), origin, rt, shared, peer=peer)
+    held = client.held
     try:
         admit_at_accept(client)
         switched = await _serve_http(client)
         if switched is not None:
-            # The HTTP frames (h11 state, request headers) are gone: an idle tunnel holds
-            # only what `Switched` carries.
+            # The HTTP frames and state (h11, the Client, request headers) are gone: an idle
+            # tunnel holds only what `Switched` and `held` carry.
+            del client, conn
             await switched.run()
     finally:
-        release(client)  # first: nothing below may skip it
+        release(held, shared)  # first: nothing below may skip it
         await aclose_quietly(stream)
 
 
