@@ -1,4 +1,5 @@
-"""From an accepted socket to a stream that speaks HTTP: the PROXY header, then TLS.
+"""Accepting clients, and from an accepted socket to a stream that speaks HTTP: the PROXY
+header, then TLS.
 
 Bytes read past a PROXY header are replayed to the TLS layer (or to h11 on a plain
 listener), so a header and a ClientHello that arrive in one segment both count.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import ssl
+from collections.abc import Callable
 from typing import Final
 
 import trio
@@ -34,6 +36,57 @@ _CLIENT_LEFT: Final = frozenset(
     )
     if hasattr(errno, name)
 )  # fmt: skip
+
+
+# Out of descriptors or kernel memory: wait and accept again, as trio's serve_listeners does
+# (its ACCEPT_CAPACITY_ERRNOS).
+_ACCEPT_RETRY: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+
+
+async def accept_clients(
+    listener: trio.SocketListener,
+    limiter: trio.CapacityLimiter,
+    *,
+    limited: Callable[[], None],
+    stopping: Callable[[], bool],
+    start: Callable[[trio.SocketStream, object], None],
+) -> None:
+    """Accept clients until cancelled (or `stopping()`), each holding a `limiter` slot (its
+    token goes to `start` with the stream; `limited` is called when one has to wait)."""
+    while True:
+        # A client first, then a slot: a quiet listener must not hold a slot another one
+        # needs. At max_connections the client waits in the kernel backlog. One client per
+        # wake-up: taking the whole backlog at once measured no faster and, out of
+        # descriptors, takes clients there is no upstream socket for.
+        await trio.lowlevel.wait_readable(listener.socket)
+        if stopping():
+            # A new generation takes this client: the wake-up may come in the same scheduler
+            # pass as the retire, before the cancel of this loop lands.
+            return
+        token = object()
+        try:
+            # trio's acquire and accept each take a checkpoint (a trip through the
+            # scheduler); the wait above was one already.
+            limiter.acquire_on_behalf_of_nowait(token)
+        except trio.WouldBlock:
+            limited()  # a client waits in the backlog
+            await limiter.acquire_on_behalf_of(token)
+        try:
+            stream = accept_nowait(listener)
+        except OSError as exc:
+            limiter.release_on_behalf_of(token)
+            if exc.errno not in _ACCEPT_RETRY:
+                raise
+            log.warning("accept failed, retrying: %s", exc)
+            await trio.sleep(0.1)
+            continue
+        except BaseException:
+            limiter.release_on_behalf_of(token)
+            raise
+        if stream is None:  # the client left before we took it
+            limiter.release_on_behalf_of(token)
+            continue
+        start(stream, token)
 
 
 def accept_nowait(listener: trio.SocketListener) -> trio.SocketStream | None:

@@ -7,7 +7,7 @@ hands back, so a caller (the CLI, a test) can read bound addresses, reload and d
 from __future__ import annotations
 
 import contextlib
-import errno
+import functools
 import json
 import logging
 import socket
@@ -26,17 +26,13 @@ from upgradeproxy.path.prober import Probers
 from upgradeproxy.path.streams import aclose_quietly, bind_socket
 from upgradeproxy.rules.plan import route_label
 from upgradeproxy.rules.servers import describe
-from upgradeproxy.service.accept import accept_nowait, open_client
+from upgradeproxy.service.accept import accept_clients, open_client
 from upgradeproxy.service.admin import open_admin, serve_admin
 from upgradeproxy.service.sockets import Handed, InFlight, StoppableListener, start_error
 from upgradeproxy.service.tls import server_tls_context
 
 log = logging.getLogger("upgradeproxy")
 
-# Out of descriptors or kernel memory: wait and accept again, as trio's serve_listeners does
-# (its ACCEPT_CAPACITY_ERRNOS). SocketListener.accept itself already retries ECONNABORTED,
-# EPERM, EPROTO and the other "that one client is gone" errnos, so they never reach us.
-_ACCEPT_RETRY = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 BACKLOG = 4096
 # How long a stopping proxy waits for the admin requests it accepted to be answered.
 _ADMIN_GRACE: Final = 1.0
@@ -328,43 +324,19 @@ class Proxy:
 
     async def _accept_loop(self, bound: _Bound) -> None:
         with bound.scope:
-            while True:
-                # A client first, then a slot: a quiet listener must not hold a slot another
-                # one needs. At max_connections the client waits in the kernel backlog. One
-                # client per wake-up: taking the whole backlog at once measured no faster
-                # and, out of descriptors, takes clients there is no upstream socket for.
-                await trio.lowlevel.wait_readable(bound.listener.socket)
-                if self.retiring:
-                    # The new generation takes this client: the wake-up may come in the same
-                    # scheduler pass as the retire, before the cancel of this loop lands.
-                    break
-                token = object()
-                try:
-                    # trio's acquire and accept each take a checkpoint (a trip through the
-                    # scheduler); the wait above was one already.
-                    self.limiter.acquire_on_behalf_of_nowait(token)
-                except trio.WouldBlock:
-                    self.shared.telemetry.connection_limited()  # a client waits in the backlog
-                    await self.limiter.acquire_on_behalf_of(token)
-                try:
-                    stream = accept_nowait(bound.listener)
-                except OSError as exc:
-                    self.limiter.release_on_behalf_of(token)
-                    if exc.errno not in _ACCEPT_RETRY:
-                        raise
-                    log.warning("accept failed, retrying: %s", exc)
-                    await trio.sleep(0.1)
-                    continue
-                except BaseException:
-                    self.limiter.release_on_behalf_of(token)
-                    raise
-                if stream is None:  # the client left before we took it
-                    self.limiter.release_on_behalf_of(token)
-                    continue
-                assert self._conns is not None
-                self.active += 1
-                self._conns.start_soon(self._handle, stream, bound, token)
+            await accept_clients(
+                bound.listener,
+                self.limiter,
+                limited=self.shared.telemetry.connection_limited,
+                stopping=lambda: self.retiring,
+                start=functools.partial(self._start_client, bound),
+            )
         await aclose_quietly(bound.listener)
+
+    def _start_client(self, bound: _Bound, stream: trio.SocketStream, token: object) -> None:
+        assert self._conns is not None
+        self.active += 1
+        self._conns.start_soon(self._handle, stream, bound, token)
 
     async def _handle(self, stream: trio.SocketStream, bound: _Bound, token: object) -> None:
         rt = self.runtime
