@@ -13,8 +13,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field, replace
-from typing import Final, TypeVar
 
 import h11
 import trio
@@ -23,10 +21,10 @@ from upgradeproxy.path.admission import admit, admit_at_accept, preamble, releas
 from upgradeproxy.path.body import BodyPump
 from upgradeproxy.path.context import Client, Peer, Runtime, Shared, new_request_id
 from upgradeproxy.path.handover import Done, Outcome, Switched
-from upgradeproxy.path.reply import MIGHT_SWITCH, VIA, send_error
+from upgradeproxy.path.reply import send_error
 from upgradeproxy.path.request import read_request
+from upgradeproxy.path.response import Exchange, Stale, client_reusable, relay_response
 from upgradeproxy.path.streams import (
-    CLIENT_IO,
     STREAM_ERRORS,
     HttpStream,
     PeerClosed,
@@ -40,11 +38,9 @@ from upgradeproxy.path.upstream import (
     new_upstream_conn,
 )
 from upgradeproxy.report.telemetry import ExchangeRecord
-from upgradeproxy.rules import headers as hdr
 from upgradeproxy.rules import plan as planning
 from upgradeproxy.rules.balancer import Balancer, no_server_available
 from upgradeproxy.rules.errors import (
-    BadSwitch,
     ClientGone,
     ErrorKind,
     ProxyError,
@@ -54,25 +50,6 @@ from upgradeproxy.rules.errors import (
 from upgradeproxy.rules.plan import Plan
 
 log = logging.getLogger("upgradeproxy")
-
-_PUMP_GRACE: Final = 0.05
-_Head = TypeVar("_Head", h11.Response, h11.InformationalResponse)
-
-
-class _Stale(Exception):
-    """A reused keep-alive connection died before answering: safe to retry on a fresh one."""
-
-
-@dataclass(slots=True)
-class Exchange:
-    """One request in flight: its plan, its access record and its body pump."""
-
-    method: bytes
-    plan: Plan
-    rec: ExchangeRecord
-    pump: BodyPump | None = None  # set while a request body is being streamed
-    upstream_started: float = 0.0  # monotonic: this attempt's connect (or pool pick) began
-    extra: list[tuple[bytes, bytes]] = field(default_factory=list)  # on the response head
 
 
 async def serve_client(stream: trio.abc.Stream, peer: Peer, rt: Runtime, shared: Shared) -> None:
@@ -140,7 +117,7 @@ async def _one_exchange(client: Client) -> Outcome:
         _drain_buffered_body(client)
         sent = await send_error(client, err, method, rec)
         return (
-            Done.KEEP_ALIVE if sent and not err.close and _client_reusable(client) else Done.CLOSE
+            Done.KEEP_ALIVE if sent and not err.close and client_reusable(client) else Done.CLOSE
         )
     except (ClientGone, PeerClosed):
         rec.error = rec.error or "client closed the connection"
@@ -160,11 +137,6 @@ def _drain_buffered_body(client: Client) -> None:
         while conn.their_state is h11.SEND_BODY:
             if not isinstance(conn.next_event(), h11.Data):
                 break
-
-
-def _client_reusable(client: Client) -> bool:
-    conn = client.http.h11
-    return conn.our_state is h11.DONE and conn.their_state is h11.DONE
 
 
 # --- forwarding ----------------------------------------------------------------------
@@ -207,7 +179,7 @@ async def _handle(client: Client, request: h11.Request, rec: ExchangeRecord) -> 
         try:
             outcome = await _exchange_on(client, ex, conn)
             return outcome
-        except _Stale:
+        except Stale:
             if attempt:
                 raise UpstreamUnavailable("upstream closed the connection", kind="reset") from None
             continue
@@ -288,7 +260,7 @@ async def _open_upstream(
 async def _exchange_on(client: Client, ex: Exchange, conn: UpstreamConn) -> Outcome:
     """Send the request on `conn` and relay the answer.
 
-    Raises _Stale when a reused connection fails before any byte of the answer, and the
+    Raises Stale when a reused connection fails before any byte of the answer, and the
     ProxyErrors of the relay.
     """
     headers = ex.plan.headers
@@ -304,12 +276,12 @@ async def _exchange_on(client: Client, ex: Exchange, conn: UpstreamConn) -> Outc
         await conn.http.send(request)
     except STREAM_ERRORS as exc:
         if conn.reused:
-            raise _Stale() from exc
+            raise Stale() from exc
         raise UpstreamUnavailable(f"upstream reset: {exc}", kind="reset") from exc
     if not ex.plan.has_body:
         client.http.h11.next_event()  # EndOfMessage: h11 knows there is no body.
         await conn.http.send(h11.EndOfMessage())
-        return await _relay_response(client, ex, conn)
+        return await relay_response(client, ex, conn)
     return await _with_body(client, ex, conn)
 
 
@@ -321,8 +293,8 @@ async def _with_body(client: Client, ex: Exchange, conn: UpstreamConn) -> Outcom
     async with trio.open_nursery() as nursery:
         nursery.start_soon(pump.run, nursery.cancel_scope, name="request body")
         try:
-            outcome = await _relay_response(client, ex, conn)
-        except _Stale:
+            outcome = await relay_response(client, ex, conn)
+        except Stale:
             # Body bytes may already be gone: never replay a request that had one.
             failure = UpstreamUnavailable("upstream closed the connection", kind="reset")
         except (ProxyError, ClientGone) as exc:
@@ -335,193 +307,3 @@ async def _with_body(client: Client, ex: Exchange, conn: UpstreamConn) -> Outcom
     if outcome is Done.KEEP_ALIVE and not pump.done:
         return Done.CLOSE
     return outcome
-
-
-async def _upstream_event(
-    client: Client, conn: UpstreamConn, started: bool, pump: BodyPump | None
-) -> h11.Event | type[h11.PAUSED]:
-    """The next upstream event, with failures mapped to ProxyErrors.
-
-    Whatever is queued for the client is written only when the upstream has nothing more
-    buffered, so a response head and a small body leave in one write. Raises _Stale for a
-    reused connection that closed before answering, UpstreamUnavailable, UpstreamTimeout and
-    ClientGone (while flushing).
-    """
-    timeout = client.rt.config.timeouts.upstream_response
-    try:
-        while (event := conn.http.h11.next_event()) is h11.NEED_DATA:
-            await _flush(client)
-            if conn.http.try_receive():
-                continue  # no scope when the answer is already there
-            with trio.CancelScope() as scope:
-                if pump is not None and not pump.finished.is_set():
-                    pump.response_wait = scope  # the pump starts the clock when it is done
-                else:
-                    scope.deadline = trio.current_time() + timeout
-                await conn.http.receive()
-            if pump is not None:
-                pump.response_wait = None
-            if scope.cancelled_caught:
-                raise UpstreamTimeout(f"upstream did not respond within {timeout:g}s")
-    except (h11.RemoteProtocolError, PeerClosed) as exc:
-        unread, closed = conn.http.h11.trailing_data
-        if conn.reused and not started and not unread:
-            raise _Stale() from exc
-        if isinstance(exc, PeerClosed) or (closed and not unread):
-            # h11 reports an EOF where a response was due as a protocol error; it is a close.
-            what = "closed the connection" if not started else "closed mid-response"
-            raise UpstreamUnavailable(f"upstream {what}", kind="reset") from exc
-        raise UpstreamUnavailable(f"upstream sent a bad response: {exc}", kind="protocol") from exc
-    return event  # type: ignore[return-value]
-
-
-async def _flush(client: Client) -> None:
-    """Write what is queued for the client; one that stops reading for `timeouts.idle` goes."""
-    with CLIENT_IO:
-        if client.http.try_flush():
-            return  # all of it left at once: no scope needed
-    deadline = trio.current_time() + client.rt.config.timeouts.idle
-    with trio.CancelScope(deadline=deadline) as scope, CLIENT_IO:
-        await client.http.flush()
-    if scope.cancelled_caught:
-        raise ClientGone("client stopped reading")
-
-
-async def _to_client(client: Client, event: h11.Event) -> None:
-    """Write `event` (after anything queued) to the client now."""
-    client.http.queue(event)
-    await _flush(client)
-
-
-async def _relay_response(client: Client, ex: Exchange, conn: UpstreamConn) -> Outcome:
-    """Relay the upstream's answer, or hand over to a tunnel on a valid 101."""
-    started = False
-    out = client.http
-    while True:
-        event = await _upstream_event(client, conn, started, ex.pump)
-        if isinstance(event, h11.Data):
-            ex.rec.bytes_out += len(event.data)
-            out.queue(h11.Data(data=event.data))
-        elif isinstance(event, h11.Response):
-            started = True
-            _header_time(client, ex)
-            ex.rec.status = event.status_code
-            if ex.plan.offer:
-                _count_upgrade(client, ex, "declined")
-            close = client.shared.draining or not await _body_sent(ex)
-            out.queue(
-                _relayed_head(
-                    h11.Response, event, close=close, rid=ex.plan.request_id, extra=ex.extra
-                )
-            )
-        elif isinstance(event, h11.EndOfMessage):
-            await _to_client(client, h11.EndOfMessage())
-            return Done.KEEP_ALIVE if _client_reusable(client) else Done.CLOSE
-        elif isinstance(event, h11.InformationalResponse):
-            if event.status_code == 101:
-                return await _switch(client, ex, conn, event)
-            if out.h11.their_http_version == b"1.1":
-                out.queue(_relayed_head(h11.InformationalResponse, event, close=False, rid=None))
-        else:
-            raise UpstreamUnavailable("upstream closed mid-response", kind="reset")
-
-
-def _relayed_head(
-    cls: type[_Head],
-    event: h11.Response | h11.InformationalResponse,
-    *,
-    close: bool,
-    rid: bytes | None,
-    extra: list[tuple[bytes, bytes]] | None = None,
-) -> _Head:
-    """The upstream's response head as the client gets it: hop-by-hop gone, Via (and `extra`,
-    a sticky cookie) added."""
-    headers = hdr.response_headers(list(event.headers.raw_items()), VIA, status=event.status_code)
-    headers = planning.with_request_id(headers, rid)
-    headers.extend(extra or ())
-    if close:
-        headers.append((b"Connection", b"close"))
-    # _parsed: the upstream's headers, as h11 parsed them, plus constants (see _exchange_on).
-    return cls(status_code=event.status_code, headers=headers, reason=event.reason, _parsed=True)
-
-
-async def _body_sent(ex: Exchange) -> bool:
-    """Whether the request body (if any) is all upstream, so the client may keep alive.
-
-    An upstream that answers once it has the body can overtake our pump's last step, so the
-    pump gets a moment; one that answers early (a 413 mid-upload) means we close.
-    """
-    pump = ex.pump
-    if pump is None or pump.finished.is_set():
-        return pump is None or pump.done
-    with trio.move_on_after(_PUMP_GRACE):
-        await pump.finished.wait()
-    return pump.done
-
-
-def _header_time(client: Client, ex: Exchange) -> None:
-    """Note the upstream's time to response head (nginx's $upstream_header_time)."""
-    if ex.rec.upstream_header is None:
-        ex.rec.upstream_header = time.monotonic() - ex.upstream_started
-        client.shared.telemetry.upstream_header(ex.plan.upstream.name, ex.rec.upstream_header)
-
-
-def _count_upgrade(client: Client, ex: Exchange, result: str) -> None:
-    protocol = hdr.protocol_name(ex.plan.offer[0]).decode("latin-1")
-    client.shared.telemetry.upgrade(ex.rec.route, protocol, result)
-
-
-async def _switch(
-    client: Client, ex: Exchange, conn: UpstreamConn, event: h11.InformationalResponse
-) -> Switched:
-    """Check a 101 and relay it; the returned `Switched` carries what the tunnel needs.
-
-    Raises BadSwitch (502) for a 101 that does not answer the offer or came too early.
-    """
-    raw = list(event.headers.raw_items())
-    _header_time(client, ex)
-    problem = hdr.switch_problem(list(ex.plan.offer), raw, ex.plan.ws_key)
-    if problem is None and ex.pump is not None:
-        # The upstream may have read the whole body before our pump task read the client's
-        # end of it from h11: let the pump finish before judging the request incomplete.
-        with trio.move_on_after(client.rt.config.timeouts.upstream_response):
-            await ex.pump.finished.wait()
-    if problem is None and client.http.h11.their_state is not MIGHT_SWITCH:
-        problem = "101 before the request body was complete"
-    if problem is not None:
-        if ex.plan.offer:
-            _count_upgrade(client, ex, "rejected")
-        raise BadSwitch(problem)
-    chosen = hdr.comma_list(raw, b"upgrade")
-    headers = planning.with_request_id(
-        hdr.response_headers(raw, VIA, switched_to=chosen, status=101) + ex.extra,
-        ex.plan.request_id,
-    )
-    await _to_client(
-        client,
-        h11.InformationalResponse(
-            status_code=101, headers=headers, reason=event.reason, _parsed=True
-        ),
-    )
-    rec = ex.rec
-    rec.status = 101
-    rec.protocol = b", ".join(chosen).decode("latin-1")
-    _count_upgrade(client, ex, "switched")
-    rec.duration = time.monotonic() - rec.started
-    client.shared.telemetry.exchange_done(rec)
-    rec.logged = True
-    tunnel_rec = replace(
-        rec, kind="tunnel", logged=False, started=time.monotonic(), duration=0.0,
-        bytes_in=0, bytes_out=0,
-    )  # fmt: skip
-    return Switched(
-        client=client.http.stream,
-        upstream=conn.stream,
-        client_rest=client.http.h11.trailing_data[0],
-        upstream_rest=conn.http.h11.trailing_data[0],
-        rec=tunnel_rec,
-        idle=client.rt.config.timeouts.tunnel_idle,
-        telemetry=client.shared.telemetry,
-        lifetime=client.rt.config.timeouts.tunnel_max_lifetime,
-        tunnels=client.shared.tunnels,
-    )
