@@ -106,6 +106,28 @@ class Backend:
             return len(self.requests)
 
 
+def pool_yaml(
+    backends: list[Backend], keys: str = "", *, listen: str = "", admin: bool = False
+) -> str:
+    """A proxy in front of `backends` as upstream `app`: `keys` are more keys of that upstream
+    (one per line), `listen` more keys of the listener; `admin` adds an admin listener."""
+    servers = "\n".join(f'      - "{b.address}"' for b in backends)
+    upstream = "\n".join("    " + line for line in keys.strip().splitlines())
+    admin_block = '\nadmin:\n  address: "127.0.0.1:0"' if admin else ""
+    return f"""
+listen:
+  - address: "127.0.0.1:0"{listen}{admin_block}
+upstreams:
+  app:
+    servers:
+{servers}
+{upstream}
+routes:
+  - upstream: app
+timeouts: {{drain: 1}}
+"""
+
+
 def get(
     address: tuple[str, int], path: str = "/", extra: bytes = b"", *, source: str | None = None
 ) -> tuple[int, dict[bytes, bytes], bytes]:

@@ -4,6 +4,7 @@ slow_start, counts and health across a reload, /upstreams and the per-server gau
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import signal
 import ssl
@@ -13,6 +14,7 @@ import pytest
 import trustme
 
 from tests.conftest import LOOPBACK, eventually, free_port
+from tests.e2e import pool_peers as peers
 from tests.e2e.pool_peers import Backend, Tunnel, admin_json, get, metrics, served_by, wait_tunnels
 from tests.e2e.test_operations import ProxyProcess
 from upgradeproxy.config.loader import parse_config
@@ -21,24 +23,8 @@ FAST_CHECK = "{path: /healthz, interval: 0.05, timeout: 0.5, healthy_after: 2, u
 WS_CHECK = FAST_CHECK.replace("}", ", upgrade: websocket}")
 
 
-def pool_yaml(backends: list[Backend], keys: str = "", extra: str = "") -> str:
-    servers = "\n".join(f'      - "{b.address}"' for b in backends)
-    upstream = "\n".join("    " + line for line in keys.strip().splitlines())
-    return f"""
-listen:
-  - address: "127.0.0.1:0"
-admin:
-  address: "127.0.0.1:0"
-upstreams:
-  app:
-    servers:
-{servers}
-{upstream}
-routes:
-  - upstream: app
-timeouts: {{drain: 1}}
-{extra}
-"""
+# Every pool here has an admin listener: /upstreams and the per-server gauges are read.
+pool_yaml = functools.partial(peers.pool_yaml, admin=True)
 
 
 def rotation(proxy, n: int = 6) -> set[str]:

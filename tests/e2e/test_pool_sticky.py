@@ -11,25 +11,8 @@ import pytest
 import trustme
 
 from tests.conftest import read_response
-from tests.e2e.pool_peers import Backend, Tunnel, get, served_by, wait_tunnels
+from tests.e2e.pool_peers import Backend, Tunnel, get, pool_yaml, served_by, wait_tunnels
 from upgradeproxy.config.loader import parse_config
-
-
-def pool_yaml(backends: list[Backend], keys: str = "", listen: str = "") -> str:
-    servers = "\n".join(f'      - "{b.address}"' for b in backends)
-    upstream = "\n".join("    " + line for line in keys.strip().splitlines())
-    return f"""
-listen:
-  - address: "127.0.0.1:0"{listen}
-upstreams:
-  app:
-    servers:
-{servers}
-{upstream}
-routes:
-  - upstream: app
-timeouts: {{drain: 1}}
-"""
 
 
 @pytest.fixture
@@ -154,7 +137,7 @@ def test_sticky_cookie_is_secure_on_a_tls_listener(make_proxy, three, tmp_path):
     cert.cert_chain_pems[0].write_to_path(str(tmp_path / "c.pem"))
     cert.private_key_pem.write_to_path(str(tmp_path / "k.pem"))
     listen = f'\n    tls: {{cert: "{tmp_path / "c.pem"}", key: "{tmp_path / "k.pem"}"}}'
-    proxy = make_proxy(pool_yaml(three, "sticky_cookie: upx", listen))
+    proxy = make_proxy(pool_yaml(three, "sticky_cookie: upx", listen=listen))
     ctx = ssl.create_default_context()
     ca.configure_trust(ctx)
     with (
