@@ -13,6 +13,7 @@ import socket
 import pytest
 import trio
 
+from tests.conftest import free_port, recv_exactly
 from tests.e2e.test_balancing_weights_and_timeouts import blackhole
 from upgradeproxy.config.model import Address, Server
 from upgradeproxy.path.upstream import ConnectFailed, connect
@@ -25,24 +26,12 @@ def _listener(family: int = socket.AF_INET, host: str = "127.0.0.1") -> socket.s
     return sock
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def _echo_first_bytes(listener: socket.socket, n: int) -> bytes:
+async def _first_bytes(listener: socket.socket, n: int) -> bytes:
     """Accept one connection and return its first `n` bytes."""
     conn, _ = await trio.to_thread.run_sync(listener.accept)
     with conn:
         conn.settimeout(5)
-        data = b""
-        while len(data) < n:
-            chunk = conn.recv(n - len(data))
-            if not chunk:
-                break
-            data += chunk
-        return data
+        return await trio.to_thread.run_sync(recv_exactly, conn, n)
 
 
 @pytest.mark.parametrize(
@@ -63,7 +52,7 @@ async def test_a_loopback_connect_gives_a_connected_nodelay_stream(family: int, 
             got: list[bytes] = []
 
             async def server() -> None:
-                got.append(await _echo_first_bytes(listener, 5))
+                got.append(await _first_bytes(listener, 5))
 
             nursery.start_soon(server)
             await stream.send_all(b"hello")
@@ -72,7 +61,7 @@ async def test_a_loopback_connect_gives_a_connected_nodelay_stream(family: int, 
 
 
 async def test_a_refused_connect_fails_at_once_and_is_not_a_timeout() -> None:
-    server = Server(Address("127.0.0.1", _free_port()))
+    server = Server(Address("127.0.0.1", free_port()))
     with pytest.raises(ConnectFailed) as caught:
         await connect(server, 5.0, None, None)
     assert not caught.value.timed_out
@@ -122,7 +111,7 @@ async def test_the_preamble_is_the_first_thing_sent(as_function: bool) -> None:
         async with trio.open_nursery() as nursery:
 
             async def server() -> None:
-                got.append(await _echo_first_bytes(listener, len(HEADER) + 3))
+                got.append(await _first_bytes(listener, len(HEADER) + 3))
 
             nursery.start_soon(server)
             server_ = Server(Address("127.0.0.1", port))

@@ -238,16 +238,21 @@ def _stdlib_socket(stream: trio.abc.Stream) -> socket.socket | None:
     """The stdlib socket of a plain trio SocketStream (non-blocking already), else None."""
     if type(stream) is not trio.SocketStream:
         return None
-    sock: socket.socket | None = getattr(stream.socket, "_sock", None)
-    return sock
+    return _inner_socket(stream.socket)
 
 
 def stdlib_socket(sock: trio.socket.SocketType) -> socket.socket:
     """The stdlib socket inside a trio socket, for calls that must not take a checkpoint."""
-    inner = getattr(sock, "_sock", None)
-    if not isinstance(inner, socket.socket):
+    inner = _inner_socket(sock)
+    if inner is None:
         raise TypeError(f"no stdlib socket inside {sock!r}")
     return inner
+
+
+def _inner_socket(sock: trio.socket.SocketType) -> socket.socket | None:
+    # trio keeps it in a private attribute; without one, callers fall back to trio's I/O.
+    inner = getattr(sock, "_sock", None)
+    return inner if isinstance(inner, socket.socket) else None
 
 
 def raw_socket(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
