@@ -285,7 +285,7 @@ class Proxy:
                 lambda: not self.draining,
                 self.shared.telemetry.render,
                 self._upstreams,
-                self._admin_busy,
+                listener.busy,
             )
 
     def _upstreams(self) -> str:

@@ -254,9 +254,9 @@ class StoppableListener(trio.abc.Listener[trio.SocketStream]):
     `closed` is set once it has stopped and closed its copy of the socket.
     """
 
-    def __init__(self, listener: trio.SocketListener, busy: InFlight | None = None) -> None:
+    def __init__(self, listener: trio.SocketListener, busy: InFlight) -> None:
         self.listener = listener
-        self.busy = busy or InFlight()
+        self.busy = busy
         self.stopped = False
         self.closed = trio.Event()
         self._accepting: trio.CancelScope | None = None
