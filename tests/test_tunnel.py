@@ -15,7 +15,7 @@ import pytest
 import trio
 import trio.testing
 
-from upgradeproxy.path.tunnel import Direction, Ending, TunnelStats, run_tunnel
+from upgradeproxy.tunnel.relay import Direction, Ending, TunnelStats, run_tunnel
 
 MiB = 1 << 20
 GUARD = 30  # seconds: no test may hang longer than this

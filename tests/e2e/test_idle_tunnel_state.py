@@ -8,7 +8,7 @@ import gc
 import h11
 
 from tests.conftest import echo_after_switch, proxy_yaml, raw_client, recv_exactly, ws_upgrade
-from upgradeproxy.path.context import Client
+from upgradeproxy.connection.context import Client
 
 
 def _live(kind: type) -> int:

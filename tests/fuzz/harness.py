@@ -28,8 +28,8 @@ import trio.testing
 
 from tests.fuzz.strict import Rejected, Request, parse_requests
 from upgradeproxy.config.loader import parse_config
-from upgradeproxy.path import exchange
-from upgradeproxy.path.context import Peer, Runtime, Shared
+from upgradeproxy.connection import exchange
+from upgradeproxy.connection.context import Peer, Runtime, Shared
 
 CONFIG = """
 listen:

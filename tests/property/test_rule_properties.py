@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from upgradeproxy.config import values
 from upgradeproxy.config.model import Address, Route, Server
-from upgradeproxy.rules.balancer import Balancer
-from upgradeproxy.rules.hashring import Ring
+from upgradeproxy.pool.balancer import Balancer
+from upgradeproxy.pool.hashring import Ring
 from upgradeproxy.rules.proxy_header import proxy_header
 from upgradeproxy.rules.proxy_protocol import NEED_MORE, ProxyProtocolError, parse_proxy_header
 from upgradeproxy.rules.routing import Router, normalize_host, split_target

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from upgradeproxy.config.model import Address, Balance, Server
-from upgradeproxy.rules.balancer import Balancer
+from upgradeproxy.pool.balancer import Balancer
 
 NAMES = "abcdefgh"
 POLICIES: list[Balance] = ["round_robin", "least_conn"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from upgradeproxy.config.loader import parse_config
-from upgradeproxy.rules.errors import (
+from upgradeproxy.errors import (
     BadRequest,
     MethodNotAllowed,
     NoRoute,

@@ -8,10 +8,10 @@ import collections
 import pytest
 
 from upgradeproxy.config.model import Address, Config, HealthCheck, Server, Upstream
-from upgradeproxy.rules.balancer import Balancer, no_server_available
-from upgradeproxy.rules.health import Health
-from upgradeproxy.rules.servers import ServerBook, UpstreamState
-from upgradeproxy.rules.sticky import server_token
+from upgradeproxy.pool.balancer import Balancer, no_server_available
+from upgradeproxy.pool.health import Health
+from upgradeproxy.pool.servers import ServerBook, UpstreamState
+from upgradeproxy.pool.sticky import server_token
 
 
 def make(*weights: int) -> list[Server]:

@@ -7,9 +7,9 @@ import collections
 import pytest
 
 from upgradeproxy.config.model import Address, HashKey
-from upgradeproxy.rules import sticky
-from upgradeproxy.rules.hashring import Ring, key_hash, load_bound, under_bound
-from upgradeproxy.rules.health import SLOW_START_FLOOR, Health, observe, slow_start_weight
+from upgradeproxy.pool import sticky
+from upgradeproxy.pool.hashring import Ring, key_hash, load_bound, under_bound
+from upgradeproxy.pool.health import SLOW_START_FLOOR, Health, observe, slow_start_weight
 
 KEYS = [f"user-{i}".encode() for i in range(300)]
 

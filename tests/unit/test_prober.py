@@ -5,8 +5,8 @@ from __future__ import annotations
 import trio
 
 from upgradeproxy.config.loader import parse_config
-from upgradeproxy.path.context import Runtime, Shared
-from upgradeproxy.path.prober import Probers
+from upgradeproxy.connection.context import Runtime, Shared
+from upgradeproxy.upstream.health_checks import Probers
 
 
 def config(a_interval: str, b_interval: str, c_check: bool = True) -> str:
@@ -31,11 +31,15 @@ async def test_reload_restarts_the_probes_of_changed_upstreams_only() -> None:
     probers = Probers()
     async with trio.open_nursery() as nursery:
         first = Runtime.build(parse_config(config("60", "60"), "t.yaml"), shared.book)
-        probers.sync(nursery, first, shared)
+        probers.sync(
+            nursery, first.config.upstreams, first.tls_contexts, shared.book, shared.telemetry
+        )
         scopes = {name: scope for name, (_, scope) in probers._running.items()}
         assert sorted(scopes) == ["a", "b", "c"]
         second = Runtime.build(parse_config(config("60", "30", False), "t.yaml"), shared.book, 1.0)
-        probers.sync(nursery, second, shared)
+        probers.sync(
+            nursery, second.config.upstreams, second.tls_contexts, shared.book, shared.telemetry
+        )
         assert not scopes["a"].cancel_called  # unchanged: its probes go on
         assert scopes["b"].cancel_called  # changed: restarted
         assert scopes["c"].cancel_called  # checks removed: stopped

@@ -9,8 +9,7 @@ import pytest
 import trustme
 
 from upgradeproxy.config.model import ListenerTls, TlsCertificate, UpstreamTls
-from upgradeproxy.path.upstream import client_tls_context
-from upgradeproxy.service.tls import client_subject, server_tls_context
+from upgradeproxy.transport.tls import client_subject, client_tls_context, server_tls_context
 
 
 @pytest.fixture

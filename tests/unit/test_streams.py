@@ -24,9 +24,9 @@ from trio.testing import (
 
 from tests.conftest import proxy_v2_header
 from upgradeproxy.config.loader import parse_config
-from upgradeproxy.path.streams import PrefixedStream
 from upgradeproxy.service.accept import open_client
-from upgradeproxy.service.tls import server_tls_context
+from upgradeproxy.transport.streams import PrefixedStream
+from upgradeproxy.transport.tls import server_tls_context
 
 # --- PrefixedStream alone ----------------------------------------------------------------
 

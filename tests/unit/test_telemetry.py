@@ -15,8 +15,13 @@ import pytest
 from prometheus_client.multiprocess import mark_process_dead
 from prometheus_client.parser import text_string_to_metric_families
 
-from upgradeproxy.report.logs import JsonFormatter, TextFormatter, _Static
-from upgradeproxy.report.telemetry import DURATION_BUCKETS, MULTIPROC_ENV, ExchangeRecord, Telemetry
+from upgradeproxy.telemetry.logs import JsonFormatter, TextFormatter, _Static
+from upgradeproxy.telemetry.metrics import (
+    DURATION_BUCKETS,
+    MULTIPROC_ENV,
+    ExchangeRecord,
+    Telemetry,
+)
 
 # Family name (as the parser reports it, `_total` dropped), type, label names of its samples.
 CONTRACT = {
@@ -154,7 +159,7 @@ def test_two_telemetries_in_one_process_do_not_collide():
 _WORKER = textwrap.dedent(
     """
     import os
-    from upgradeproxy.report.telemetry import ExchangeRecord, Telemetry
+    from upgradeproxy.telemetry.metrics import ExchangeRecord, Telemetry
     t = Telemetry()
     for _ in range({n}):
         t.exchange_done(ExchangeRecord(client="c", route="*/", status=200, duration=0.01))

@@ -16,7 +16,7 @@ import trio
 from tests.conftest import free_port, recv_exactly
 from tests.e2e.test_balancing_weights_and_timeouts import blackhole
 from upgradeproxy.config.model import Address, Server
-from upgradeproxy.path.upstream import ConnectFailed, connect
+from upgradeproxy.upstream.connections import ConnectFailed, connect
 
 
 def _listener(family: int = socket.AF_INET, host: str = "127.0.0.1") -> socket.socket:

@@ -26,10 +26,10 @@ from wsproto.events import CloseConnection, TextMessage
 from upgradeproxy import __version__
 from upgradeproxy.config.loader import parse_config
 from upgradeproxy.demo.upstream import serve_upstream
-from upgradeproxy.path.streams import MAX_RECV, STREAM_ERRORS
-from upgradeproxy.report.logs import setup_logging
-from upgradeproxy.rules.errors import os_error_behind
+from upgradeproxy.errors import os_error_behind
 from upgradeproxy.service.server import Proxy
+from upgradeproxy.telemetry.logs import setup_logging
+from upgradeproxy.transport.streams import MAX_RECV, STREAM_ERRORS
 
 log = logging.getLogger("upgradeproxy.demo.main")
 

@@ -30,7 +30,7 @@ from wsproto.events import (
     TextMessage,
 )
 
-from upgradeproxy.path.streams import (
+from upgradeproxy.transport.streams import (
     MAX_RECV,
     STREAM_ERRORS,
     HttpStream,

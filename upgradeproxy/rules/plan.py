@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 from upgradeproxy.config.model import Config, Route, Upstream
+from upgradeproxy.errors import BadRequest, MethodNotAllowed, NoRoute, OriginRefused
+from upgradeproxy.pool import sticky
 from upgradeproxy.rules import headers as hdr
-from upgradeproxy.rules import sticky
-from upgradeproxy.rules.errors import BadRequest, MethodNotAllowed, NoRoute, OriginRefused
 from upgradeproxy.rules.forwarding import Hop, is_trusted, upstream_request_headers
 from upgradeproxy.rules.origins import origin_problem
 from upgradeproxy.rules.routing import Router, normalize_host, split_target

@@ -15,15 +15,15 @@ from typing import Final
 
 import trio
 
-from upgradeproxy.path.context import Peer
-from upgradeproxy.path.streams import STREAM_ERRORS, PrefixedStream, stdlib_socket
+from upgradeproxy.connection.context import Peer
 from upgradeproxy.rules.proxy_protocol import (
     MAX_HEADER_BYTES,
     NEED_MORE,
     ProxyProtocolError,
     parse_proxy_header,
 )
-from upgradeproxy.service.tls import client_subject
+from upgradeproxy.transport.streams import STREAM_ERRORS, PrefixedStream, stdlib_socket
+from upgradeproxy.transport.tls import client_subject
 
 log = logging.getLogger("upgradeproxy")
 

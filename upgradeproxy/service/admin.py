@@ -9,15 +9,14 @@ import h11
 import trio
 
 from upgradeproxy.config.model import Address
-from upgradeproxy.path.streams import (
+from upgradeproxy.errors import REASONS
+from upgradeproxy.service.sockets import InFlight, bind_socket
+from upgradeproxy.transport.streams import (
     STREAM_ERRORS,
     HttpStream,
     PeerClosed,
     aclose_quietly,
-    bind_socket,
 )
-from upgradeproxy.rules.errors import REASONS
-from upgradeproxy.service.sockets import InFlight
 
 log = logging.getLogger("upgradeproxy.service.admin")
 

@@ -22,10 +22,10 @@ from typing import Final
 
 import trio
 
-from upgradeproxy.path.streams import STREAM_ERRORS
 from upgradeproxy.service.server import Proxy
 from upgradeproxy.service.sockets import fds_env, sd_notify
 from upgradeproxy.service.workers import worker_command
+from upgradeproxy.transport.streams import STREAM_ERRORS
 
 log = logging.getLogger("upgradeproxy")
 

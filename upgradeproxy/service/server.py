@@ -19,17 +19,23 @@ from typing import Final, cast
 import trio
 
 from upgradeproxy.config.model import Address, Config, Listener
-from upgradeproxy.path.context import Runtime, Shared
-from upgradeproxy.path.exchange import serve_client
-from upgradeproxy.path.handover import spread_ends
-from upgradeproxy.path.prober import Probers
-from upgradeproxy.path.streams import aclose_quietly, bind_socket
+from upgradeproxy.connection.context import Runtime, Shared
+from upgradeproxy.connection.exchange import serve_client
+from upgradeproxy.pool.servers import describe
 from upgradeproxy.rules.plan import route_label
-from upgradeproxy.rules.servers import describe
 from upgradeproxy.service.accept import accept_clients, open_client
 from upgradeproxy.service.admin import open_admin, serve_admin
-from upgradeproxy.service.sockets import Handed, InFlight, StoppableListener, start_error
-from upgradeproxy.service.tls import server_tls_context
+from upgradeproxy.service.sockets import (
+    Handed,
+    InFlight,
+    StoppableListener,
+    bind_socket,
+    start_error,
+)
+from upgradeproxy.transport.streams import aclose_quietly
+from upgradeproxy.transport.tls import server_tls_context
+from upgradeproxy.tunnel.session import spread_ends
+from upgradeproxy.upstream.health_checks import Probers
 
 log = logging.getLogger("upgradeproxy")
 
@@ -150,7 +156,7 @@ class Proxy:
         """Serve until drained; `task_status.started(self)` once every listener is bound."""
         async with trio.open_nursery() as services:
             self._services = services
-            self.probers.sync(services, self.runtime, self.shared)
+            self._sync_probers(services, self.runtime)
             admin = self.runtime.config.admin
             if admin is not None:
                 listener = await self._open_admin(admin.address)
@@ -162,6 +168,11 @@ class Proxy:
                 self.shared.pool.close_all()
             await self._stop_admin()
             services.cancel_scope.cancel()
+
+    def _sync_probers(self, services: trio.Nursery, runtime: Runtime) -> None:
+        shared = self.shared
+        upstreams, contexts = runtime.config.upstreams, runtime.tls_contexts
+        self.probers.sync(services, upstreams, contexts, shared.book, shared.telemetry)
 
     async def _stop_admin(self) -> None:
         """Stop accepting admin connections and answer those accepted (with workers the admin
@@ -246,7 +257,7 @@ class Proxy:
         # Commit. Nothing below waits, so no connection ever sees half a reload.
         self.runtime = runtime
         if self._services is not None:
-            self.probers.sync(self._services, runtime, self.shared)
+            self._sync_probers(self._services, runtime)
         self.limiter.total_tokens = config.limits.max_connections
         for address in [a for a in self.bound if a not in wanted]:
             self.bound.pop(address).scope.cancel()

@@ -21,7 +21,7 @@ from typing import Final
 import trio
 
 from upgradeproxy.config.model import Address, Config
-from upgradeproxy.path.streams import aclose_quietly, cannot_listen, listening_socket
+from upgradeproxy.transport.streams import aclose_quietly
 
 log = logging.getLogger("upgradeproxy.service.sockets")
 
@@ -106,6 +106,42 @@ def _resolved(config: Config) -> dict[object, str]:
 def inherited_sockets(config: Config) -> Sockets:
     """Every listening socket this process was given: by its parent first, then by systemd."""
     return {**systemd_sockets(config), **handed_sockets()}
+
+
+def listening_socket(address: Address, *, reuse_port: bool) -> socket.socket:
+    """An unbound TCP socket for `address` with the options every listener sets; SO_REUSEPORT
+    lets several sockets (workers, generations) accept on one address."""
+    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port and hasattr(socket, "SO_REUSEPORT"):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def cannot_listen(address: Address, exc: OSError) -> OSError:
+    """The bare errno text ("Address already in use") does not say which address."""
+    return OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}")
+
+
+async def bind_socket(address: Address, *, reuse_port: bool) -> trio.socket.SocketType:
+    """A bound (not yet listening) trio socket for `address`."""
+    sock = trio.socket.from_stdlib_socket(listening_socket(address, reuse_port=reuse_port))
+    try:
+        await sock.bind((address.host, address.port))
+    except OSError as exc:
+        sock.close()
+        raise cannot_listen(address, exc) from exc
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def bind_listening(address: Address, *, reuse_port: bool) -> socket.socket:

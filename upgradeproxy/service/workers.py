@@ -43,7 +43,6 @@ from prometheus_client.multiprocess import mark_process_dead
 
 from upgradeproxy.config.loader import ConfigError, load_config
 from upgradeproxy.config.model import Config
-from upgradeproxy.report.telemetry import MULTIPROC_ENV
 from upgradeproxy.service.sockets import (
     Owned,
     close_all,
@@ -52,6 +51,7 @@ from upgradeproxy.service.sockets import (
     own_sockets,
     sd_notify,
 )
+from upgradeproxy.telemetry.metrics import MULTIPROC_ENV
 
 log = logging.getLogger("upgradeproxy.service.workers")
 

@@ -13,12 +13,12 @@ from typing import Final
 import h11
 import trio
 
-from upgradeproxy.path.context import Client
-from upgradeproxy.path.streams import CLIENT_IO
-from upgradeproxy.report.telemetry import ExchangeRecord
+from upgradeproxy.connection.context import Client
+from upgradeproxy.errors import BadRequest, RequestTimeout
 from upgradeproxy.rules import headers as hdr
 from upgradeproxy.rules import plan as planning
-from upgradeproxy.rules.errors import BadRequest, RequestTimeout
+from upgradeproxy.telemetry.metrics import ExchangeRecord
+from upgradeproxy.transport.streams import CLIENT_IO
 
 _HEAD_END: Final = re.compile(rb"\n\r?\n")
 

@@ -1,4 +1,4 @@
-"""Active health checks (interface.md rule 10): the one trio edge behind `rules.health`.
+"""Active health checks (interface.md rule 10): the one trio edge behind `pool.health`.
 
 One task per upstream with a `health_check`, in the proxy's service nursery. Each round probes
 every server at once, each probe bounded by `timeout`, and feeds the result to the pure state
@@ -15,6 +15,7 @@ import logging
 import os
 import ssl
 import time
+from collections.abc import Mapping
 from functools import partial
 from typing import Final
 
@@ -22,14 +23,13 @@ import h11
 import trio
 
 from upgradeproxy.config.model import HealthCheck, Server, Upstream, UpstreamTls
-from upgradeproxy.path.context import Runtime, Shared
-from upgradeproxy.path.streams import MAX_RECV, STREAM_ERRORS, aclose_quietly
-from upgradeproxy.path.upstream import ConnectFailed, connect
-from upgradeproxy.report.telemetry import Telemetry
+from upgradeproxy.pool.health import Health, observe
+from upgradeproxy.pool.servers import CheckResult, ServerBook, UpstreamState
 from upgradeproxy.rules import headers as hdr
-from upgradeproxy.rules.health import Health, observe
 from upgradeproxy.rules.proxy_header import proxy_header
-from upgradeproxy.rules.servers import CheckResult, UpstreamState
+from upgradeproxy.telemetry.metrics import Telemetry
+from upgradeproxy.transport.streams import MAX_RECV, STREAM_ERRORS, aclose_quietly
+from upgradeproxy.upstream.connections import ConnectFailed, connect
 
 log = logging.getLogger("upgradeproxy")
 
@@ -165,27 +165,33 @@ class Probers:
     def __init__(self) -> None:
         self._running: dict[str, tuple[Upstream, trio.CancelScope]] = {}
 
-    def sync(self, nursery: trio.Nursery, runtime: Runtime, shared: Shared) -> None:
-        """Start, restart (if changed) or stop probers to match `runtime`'s config."""
-        upstreams = runtime.config.upstreams
+    def sync(
+        self,
+        nursery: trio.Nursery,
+        upstreams: Mapping[str, Upstream],
+        tls_contexts: Mapping[str, ssl.SSLContext | None],
+        book: ServerBook,
+        telemetry: Telemetry,
+    ) -> None:
+        """Start, restart (if changed) or stop probers to match `upstreams`."""
         for name, (old, scope) in list(self._running.items()):
             if upstreams.get(name) != old:
                 scope.cancel()
                 del self._running[name]
         for name, upstream in upstreams.items():
-            state = shared.book.upstreams[name]
+            state = book.upstreams[name]
             if upstream.health_check is None:
                 _all_up(state)  # a check removed by a reload must not leave a server down
             elif name not in self._running:
                 scope = trio.CancelScope()
                 self._running[name] = (upstream, scope)
                 nursery.start_soon(
-                    _run_in, scope, upstream, state, runtime.tls_contexts[name], shared.telemetry,
+                    _run_in, scope, upstream, state, tls_contexts[name], telemetry,
                     name=f"health checks {name}",
                 )  # fmt: skip
             for server in upstream.servers:
                 up = state.servers[server.address].health.up
-                shared.telemetry.upstream_healthy(name, str(server.address), up)
+                telemetry.upstream_healthy(name, str(server.address), up)
 
 
 async def _run_in(

@@ -21,8 +21,7 @@ import h11
 import trio
 
 from upgradeproxy.config.model import Server, UpstreamTls
-from upgradeproxy.config.tls_files import no_password, pair_problem
-from upgradeproxy.path.streams import STREAM_ERRORS, HttpStream, aclose_quietly, looks_closed
+from upgradeproxy.transport.streams import STREAM_ERRORS, HttpStream, aclose_quietly, looks_closed
 
 MAX_IDLE_PER_SERVER: Final = 256
 # Below common upstream keep-alive timeouts (nginx 75 s, Node 5 s is the outlier) so that we
@@ -50,27 +49,6 @@ class UpstreamConn:
     def stream(self) -> trio.abc.Stream:
         return self.http.stream
 
-
-def client_tls_context(tls: UpstreamTls, field: str = "tls") -> ssl.SSLContext:
-    """An SSL context for talking to an upstream; built once per config, not per connection.
-
-    Raises OSError naming `field` and the file when one no longer loads.
-    """
-    try:
-        ctx = ssl.create_default_context(cafile=tls.ca)
-    except OSError as exc:
-        raise OSError(f"{field}.ca: {tls.ca}: {exc}") from exc
-    if tls.cert and tls.key:  # a client certificate for upstreams that verify their clients
-        try:
-            ctx.load_cert_chain(tls.cert, tls.key, password=no_password)
-        except OSError as exc:
-            which, why = pair_problem(tls.cert, tls.key) or ("cert", f"{tls.cert}: {exc}")
-            raise OSError(f"{field}.{which}: {why}") from exc
-    if not tls.verify:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    ctx.set_alpn_protocols(["http/1.1"])
-    return ctx
 
 
 async def connect(

@@ -1,4 +1,4 @@
-"""The hand-over from HTTP to a tunnel after an accepted 101.
+"""A tunnel's life after an accepted 101: its counts, planned end, log line and relay.
 
 `Switched` carries only what the tunnel needs, so an idle tunnel holds no h11 state and no
 request headers: the HTTP frames that produced it have returned before it runs.
@@ -6,31 +6,24 @@ request headers: the HTTP frames that produced it have returned before it runs.
 
 from __future__ import annotations
 
-import enum
 import random
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Final, TypeAlias
+from typing import Final
 
 import trio
 
 from upgradeproxy.config.model import Server
-from upgradeproxy.path.streams import STREAM_ERRORS, aclose_quietly
-from upgradeproxy.path.tunnel import Ending, TunnelStats, run_tunnel
-from upgradeproxy.report.telemetry import ExchangeRecord, Telemetry
-from upgradeproxy.rules.balancer import Balancer
+from upgradeproxy.pool.balancer import Balancer
+from upgradeproxy.telemetry.metrics import ExchangeRecord, Telemetry
+from upgradeproxy.transport.streams import STREAM_ERRORS, aclose_quietly
+from upgradeproxy.tunnel.relay import Ending, TunnelStats, run_tunnel
 
 # Rule 13: a lifetime ends 0-10% late, at random, so a wave of tunnels opened together (after
 # a deploy, a network blip) does not come back as a wave of reconnects.
 LIFETIME_JITTER: Final = 0.1
 
-
-class Done(enum.Enum):
-    """How an exchange that did not switch leaves the client connection (h11's sentinels)."""
-
-    KEEP_ALIVE = "keep-alive"  # another request may follow
-    CLOSE = "close"
 
 
 @dataclass(slots=True, eq=False)
@@ -113,7 +106,3 @@ def spread_ends(tunnels: Iterable[Ending], now: float, window: float) -> None:
     planned = list(tunnels)
     for i, ending in enumerate(planned):
         ending.at(now + window * (i + 0.5) / len(planned), "drain")
-
-
-# What one exchange ends in: the connection goes on, closes, or becomes a tunnel.
-Outcome: TypeAlias = Done | Switched

@@ -7,12 +7,12 @@ from typing import Final
 import h11
 import trio
 
-from upgradeproxy.path.context import Client
-from upgradeproxy.path.streams import STREAM_ERRORS
-from upgradeproxy.report.telemetry import ExchangeRecord
+from upgradeproxy.connection.context import Client
+from upgradeproxy.errors import REASONS, NoServerAvailable, ProxyError
 from upgradeproxy.rules import plan as planning
-from upgradeproxy.rules.errors import REASONS, NoServerAvailable, ProxyError
 from upgradeproxy.rules.forwarding import via_value
+from upgradeproxy.telemetry.metrics import ExchangeRecord
+from upgradeproxy.transport.streams import STREAM_ERRORS
 
 VIA: Final = via_value(b"1.1")
 MIGHT_SWITCH: Final = h11.MIGHT_SWITCH_PROTOCOL  # type: ignore[attr-defined]

@@ -18,7 +18,7 @@ from typing import Final, Literal
 
 import trio
 
-from upgradeproxy.path.streams import STREAM_ERRORS
+from upgradeproxy.transport.streams import STREAM_ERRORS
 
 __all__ = ["Direction", "Ending", "TunnelStats", "run_tunnel"]
 

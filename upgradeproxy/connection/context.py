@@ -9,15 +9,16 @@ from dataclasses import dataclass, field
 import trio
 
 from upgradeproxy.config.model import Config
-from upgradeproxy.path.streams import HttpStream
-from upgradeproxy.path.tunnel import Ending
-from upgradeproxy.path.upstream import Pool, client_tls_context
-from upgradeproxy.report.telemetry import Telemetry
-from upgradeproxy.rules.balancer import Balancer
+from upgradeproxy.pool.balancer import Balancer
+from upgradeproxy.pool.servers import ServerBook
 from upgradeproxy.rules.limits import AddressCounts
 from upgradeproxy.rules.plan import Origin
 from upgradeproxy.rules.routing import Router
-from upgradeproxy.rules.servers import ServerBook
+from upgradeproxy.telemetry.metrics import Telemetry
+from upgradeproxy.transport.streams import HttpStream
+from upgradeproxy.transport.tls import client_tls_context
+from upgradeproxy.tunnel.relay import Ending
+from upgradeproxy.upstream.connections import Pool
 
 
 @dataclass(slots=True)

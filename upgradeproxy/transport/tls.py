@@ -1,4 +1,5 @@
-"""Listener TLS: one SSL context per certificate, chosen by SNI, plus client-certificate checks.
+"""TLS contexts, both ways: a listener's (one per certificate, chosen by SNI, with client
+certificate checks) and the one an upstream connection uses.
 
 Every certificate gets a context with the same version floor, ciphers and client-CA settings;
 the first is the default, and its `sni_callback` switches a handshake to another one whose
@@ -12,7 +13,7 @@ import ssl
 from collections.abc import Mapping
 from typing import Final
 
-from upgradeproxy.config.model import ListenerTls, TlsCertificate
+from upgradeproxy.config.model import ListenerTls, TlsCertificate, UpstreamTls
 from upgradeproxy.config.tls_files import no_password, pair_problem
 
 _VERSIONS: Final[Mapping[str, ssl.TLSVersion]] = {
@@ -98,3 +99,25 @@ def _escape(value: str) -> str:
     out = "".join(f"\\{ch}" if ch in ',+"\\<>;=' else ch for ch in value)
     out = "".join(ch for ch in out if ch.isprintable())  # never a CR/LF into a header
     return "\\" + out if out.startswith(("#", " ")) else out
+
+
+def client_tls_context(tls: UpstreamTls, field: str = "tls") -> ssl.SSLContext:
+    """An SSL context for talking to an upstream; built once per config, not per connection.
+
+    Raises OSError naming `field` and the file when one no longer loads.
+    """
+    try:
+        ctx = ssl.create_default_context(cafile=tls.ca)
+    except OSError as exc:
+        raise OSError(f"{field}.ca: {tls.ca}: {exc}") from exc
+    if tls.cert and tls.key:  # a client certificate for upstreams that verify their clients
+        try:
+            ctx.load_cert_chain(tls.cert, tls.key, password=no_password)
+        except OSError as exc:
+            which, why = pair_problem(tls.cert, tls.key) or ("cert", f"{tls.cert}: {exc}")
+            raise OSError(f"{field}.{which}: {why}") from exc
+    if not tls.verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx

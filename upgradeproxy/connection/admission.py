@@ -12,14 +12,14 @@ from __future__ import annotations
 import contextlib
 
 from upgradeproxy.config.model import Upstream
-from upgradeproxy.path.context import Client, Held, Shared
-from upgradeproxy.path.upstream import Pool
-from upgradeproxy.report.telemetry import ExchangeRecord
+from upgradeproxy.connection.context import Client, Held, Shared
+from upgradeproxy.errors import ProxyError, TooManyConnections
 from upgradeproxy.rules import plan as planning
-from upgradeproxy.rules.errors import ProxyError, TooManyConnections
 from upgradeproxy.rules.forwarding import is_trusted
 from upgradeproxy.rules.limits import client_address
 from upgradeproxy.rules.proxy_header import proxy_header
+from upgradeproxy.telemetry.metrics import ExchangeRecord
+from upgradeproxy.upstream.connections import Pool
 
 
 def admit_at_accept(client: Client) -> None:

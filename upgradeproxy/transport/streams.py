@@ -17,8 +17,7 @@ from typing import Final, cast
 import h11
 import trio
 
-from upgradeproxy.config.model import Address
-from upgradeproxy.rules.errors import ClientGone
+from upgradeproxy.errors import ClientGone
 
 MAX_RECV: Final = 65536
 
@@ -301,39 +300,3 @@ async def aclose_quietly(stream: trio.abc.AsyncResource) -> None:
         contextlib.suppress(*STREAM_ERRORS),
     ):
         await stream.aclose()
-
-
-def listening_socket(address: Address, *, reuse_port: bool) -> socket.socket:
-    """An unbound TCP socket for `address` with the options every listener sets; SO_REUSEPORT
-    lets several sockets (workers, generations) accept on one address."""
-    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port and hasattr(socket, "SO_REUSEPORT"):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def cannot_listen(address: Address, exc: OSError) -> OSError:
-    """The bare errno text ("Address already in use") does not say which address."""
-    return OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}")
-
-
-async def bind_socket(address: Address, *, reuse_port: bool) -> trio.socket.SocketType:
-    """A bound (not yet listening) trio socket for `address`."""
-    sock = trio.socket.from_stdlib_socket(listening_socket(address, reuse_port=reuse_port))
-    try:
-        await sock.bind((address.host, address.port))
-    except OSError as exc:
-        sock.close()
-        raise cannot_listen(address, exc) from exc
-    except BaseException:
-        sock.close()
-        raise
-    return sock

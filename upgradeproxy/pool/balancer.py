@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from typing import Final
 
 from upgradeproxy.config.model import Balance, Server, Upstream
-from upgradeproxy.rules.errors import NoServerAvailable
-from upgradeproxy.rules.hashring import Ring, under_bound
-from upgradeproxy.rules.health import slow_start_weight
-from upgradeproxy.rules.servers import ServerState, UpstreamState
-from upgradeproxy.rules.sticky import server_token, set_cookie
+from upgradeproxy.errors import NoServerAvailable
+from upgradeproxy.pool.hashring import Ring, under_bound
+from upgradeproxy.pool.health import slow_start_weight
+from upgradeproxy.pool.servers import ServerState, UpstreamState
+from upgradeproxy.pool.sticky import server_token, set_cookie
 
 Header = tuple[bytes, bytes]
 

@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 import h11
 import trio
 
-from upgradeproxy.path.context import Client
-from upgradeproxy.path.streams import STREAM_ERRORS, PeerClosed
-from upgradeproxy.path.upstream import UpstreamConn
-from upgradeproxy.report.telemetry import ExchangeRecord
-from upgradeproxy.rules.errors import BadRequest, ClientGone, RequestTimeout
+from upgradeproxy.connection.context import Client
+from upgradeproxy.errors import BadRequest, ClientGone, RequestTimeout
 from upgradeproxy.rules.headers import bare_lf_chunk_line
+from upgradeproxy.telemetry.metrics import ExchangeRecord
+from upgradeproxy.transport.streams import STREAM_ERRORS, PeerClosed
+from upgradeproxy.upstream.connections import UpstreamConn
 
 
 @dataclass(slots=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from upgradeproxy.config.model import Address, Config
-from upgradeproxy.rules.health import Health
+from upgradeproxy.pool.health import Health
 
 
 @dataclass(slots=True, eq=False)

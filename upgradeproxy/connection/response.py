@@ -14,17 +14,18 @@ from typing import Final, TypeVar
 import h11
 import trio
 
-from upgradeproxy.path.body import BodyPump
-from upgradeproxy.path.context import Client
-from upgradeproxy.path.handover import Done, Outcome, Switched
-from upgradeproxy.path.reply import MIGHT_SWITCH, VIA
-from upgradeproxy.path.streams import CLIENT_IO, PeerClosed
-from upgradeproxy.path.upstream import UpstreamConn
-from upgradeproxy.report.telemetry import ExchangeRecord
+from upgradeproxy.connection.body import BodyPump
+from upgradeproxy.connection.context import Client
+from upgradeproxy.connection.outcome import Done, Outcome
+from upgradeproxy.connection.reply import MIGHT_SWITCH, VIA
+from upgradeproxy.errors import BadSwitch, ClientGone, UpstreamTimeout, UpstreamUnavailable
 from upgradeproxy.rules import headers as hdr
 from upgradeproxy.rules import plan as planning
-from upgradeproxy.rules.errors import BadSwitch, ClientGone, UpstreamTimeout, UpstreamUnavailable
 from upgradeproxy.rules.plan import Plan
+from upgradeproxy.telemetry.metrics import ExchangeRecord
+from upgradeproxy.transport.streams import CLIENT_IO, PeerClosed
+from upgradeproxy.tunnel.session import Switched
+from upgradeproxy.upstream.connections import UpstreamConn
 
 _PUMP_GRACE: Final = 0.05
 _Head = TypeVar("_Head", h11.Response, h11.InformationalResponse)

@@ -26,7 +26,7 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from upgradeproxy.report.processes import Steady, WorkerProcesses
+from upgradeproxy.telemetry.processes import Steady, WorkerProcesses
 
 access_log = logging.getLogger("upgradeproxy.access")
 

@@ -17,37 +17,44 @@ import time
 import h11
 import trio
 
-from upgradeproxy.path.admission import admit, admit_at_accept, preamble, release, upstream_pool
-from upgradeproxy.path.body import BodyPump
-from upgradeproxy.path.context import Client, Peer, Runtime, Shared, new_request_id
-from upgradeproxy.path.handover import Done, Outcome, Switched
-from upgradeproxy.path.reply import send_error
-from upgradeproxy.path.request import read_request
-from upgradeproxy.path.response import Exchange, Stale, client_reusable, relay_response
-from upgradeproxy.path.streams import (
-    STREAM_ERRORS,
-    HttpStream,
-    PeerClosed,
-    aclose_quietly,
-    linger,
+from upgradeproxy.connection.admission import (
+    admit,
+    admit_at_accept,
+    preamble,
+    release,
+    upstream_pool,
 )
-from upgradeproxy.path.upstream import (
-    ConnectFailed,
-    UpstreamConn,
-    connect,
-    new_upstream_conn,
-)
-from upgradeproxy.report.telemetry import ExchangeRecord
-from upgradeproxy.rules import plan as planning
-from upgradeproxy.rules.balancer import Balancer, no_server_available
-from upgradeproxy.rules.errors import (
+from upgradeproxy.connection.body import BodyPump
+from upgradeproxy.connection.context import Client, Peer, Runtime, Shared, new_request_id
+from upgradeproxy.connection.outcome import Done, Outcome
+from upgradeproxy.connection.reply import send_error
+from upgradeproxy.connection.request import read_request
+from upgradeproxy.connection.response import Exchange, Stale, client_reusable, relay_response
+from upgradeproxy.errors import (
     ClientGone,
     ErrorKind,
     ProxyError,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from upgradeproxy.pool.balancer import Balancer, no_server_available
+from upgradeproxy.rules import plan as planning
 from upgradeproxy.rules.plan import Plan
+from upgradeproxy.telemetry.metrics import ExchangeRecord
+from upgradeproxy.transport.streams import (
+    STREAM_ERRORS,
+    HttpStream,
+    PeerClosed,
+    aclose_quietly,
+    linger,
+)
+from upgradeproxy.tunnel.session import Switched
+from upgradeproxy.upstream.connections import (
+    ConnectFailed,
+    UpstreamConn,
+    connect,
+    new_upstream_conn,
+)
 
 log = logging.getLogger("upgradeproxy")
 
