@@ -69,6 +69,13 @@ class Rig:
             stream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
 
 
+@pytest.fixture
+def clock() -> trio.testing.MockClock:
+    """Virtual time for the tests about timeouts: it jumps ahead only once every task has
+    waited (real) 10 ms with nothing to do, so bytes in flight on loopback land first."""
+    return trio.testing.MockClock(autojump_threshold=0.01)
+
+
 @pytest.fixture(params=["splice", "portable"])
 async def rig(request: pytest.FixtureRequest) -> AsyncIterator[Rig]:
     if request.param == "splice" and not hasattr(os, "splice"):
@@ -192,11 +199,9 @@ async def test_slow_reader_holds_back_writer(rig: Rig) -> None:
             async with trio.open_nursery() as nursery:
                 rig.start(nursery)
                 nursery.start_soon(writer)
-                # The upstream reads nothing until the writer has stalled.
-                last = -1
-                while written != last:
-                    last = written
-                    await trio.sleep(0.3)
+                # The upstream reads nothing until the writer has stalled: every task waits
+                # (on a full socket buffer) and no I/O is ready for 0.1 s.
+                await trio.testing.wait_all_tasks_blocked(cushion=0.1)
                 _, peak = tracemalloc.get_traced_memory()
                 tracemalloc.stop()
                 # Kernel buffers (4 sockets, pinned above) plus one tunnel buffer: well under this.
@@ -210,7 +215,7 @@ async def test_slow_reader_holds_back_writer(rig: Rig) -> None:
     assert rig.stats.first_close == "client"
 
 
-async def test_idle_timeout_closes_both_ends(rig: Rig) -> None:
+async def test_idle_timeout_closes_both_ends(rig: Rig, clock: trio.testing.MockClock) -> None:
     with trio.fail_after(GUARD):
         async with trio.open_nursery() as nursery:
             rig.start(nursery, idle_timeout=0.3)
@@ -221,11 +226,11 @@ async def test_idle_timeout_closes_both_ends(rig: Rig) -> None:
     assert rig.stats.duration >= 0.3
 
 
-async def test_traffic_either_way_defers_idle(rig: Rig) -> None:
+async def test_traffic_either_way_defers_idle(rig: Rig, clock: trio.testing.MockClock) -> None:
     with trio.fail_after(GUARD):
         async with trio.open_nursery() as nursery:
             rig.start(nursery, idle_timeout=0.5)
-            for i in range(10):  # 1 s of traffic, alternating directions
+            for i in range(10):  # 1 s of (virtual) time, a byte every 0.1 s, alternating ways
                 src, dst = (rig.client, rig.upstream) if i % 2 else (rig.upstream, rig.client)
                 await src.send_all(b"x")
                 assert await read_exact(dst, 1) == b"x"
@@ -259,7 +264,9 @@ async def test_reset_ends_tunnel(rig: Rig, side: str, streaming: bool) -> None:
             assert await read_exact(resetter, 2) == b"hi"
             if streaming:
                 nursery.start_soon(stream_forever)
-                await trio.sleep(0.1)
+                # Until the stream has filled every buffer towards the resetter: the tunnel
+                # then waits to write to it, and meets the reset there.
+                await trio.testing.wait_all_tasks_blocked(cushion=0.05)
             resetter.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             await resetter.aclose()
             await rig.done.wait()  # run_tunnel returned: no exception escaped
@@ -471,7 +478,9 @@ async def test_on_bytes_exception_closes_streams() -> None:
 
 
 @pytest.mark.parametrize("busy", [False, True], ids=["quiet", "busy"])
-async def test_ending_closes_a_tunnel_when_due_with_its_reason(rig: Rig, busy: bool) -> None:
+async def test_ending_closes_a_tunnel_when_due_with_its_reason(
+    rig: Rig, busy: bool, clock: trio.testing.MockClock
+) -> None:
     """Both paths end at an `Ending`'s deadline, quiet or moving bytes, and report its reason."""
     ending = Ending()
     with trio.fail_after(GUARD):
@@ -489,14 +498,16 @@ async def test_ending_closes_a_tunnel_when_due_with_its_reason(rig: Rig, busy: b
     assert rig.stats.duration >= 0.3
 
 
-async def test_ending_can_be_brought_forward_while_running(rig: Rig) -> None:
+async def test_ending_can_be_brought_forward_while_running(
+    rig: Rig, clock: trio.testing.MockClock
+) -> None:
     """A drain moves a running tunnel's end earlier; a later plan does not postpone it."""
     ending = Ending()
     with trio.fail_after(GUARD):
         async with trio.open_nursery() as nursery:
             ending.at(trio.current_time() + GUARD, "lifetime")
             rig.start(nursery, ending=ending)
-            await trio.sleep(0.05)
+            await trio.testing.wait_all_tasks_blocked()  # the tunnel runs, waiting for bytes
             ending.at(trio.current_time() + 0.1, "drain")
             ending.at(trio.current_time() + GUARD, "lifetime")
             await rig.done.wait()

@@ -24,6 +24,8 @@ from typing import Final
 
 from procs import Managed, Processes, tree, wait_for_port
 
+from tests.support.configs import config_yaml, route
+
 HERE: Final = Path(__file__).resolve().parent
 REPO: Final = HERE.parent.parent
 NOFILE: Final = 65536
@@ -150,27 +152,14 @@ http {{
 
 def upgradeproxy_conf(port: int, ws_port: int, http_port: int, workers: int) -> str:
     # No admin listener (nginx has none either); the access log goes to a file.
-    return f"""\
-listen:
-  - address: "127.0.0.1:{port}"
-workers: {workers}
-upstreams:
-  ws:
-    servers: ["127.0.0.1:{ws_port}"]
-  http:
-    servers: ["127.0.0.1:{http_port}"]
-routes:
-  - path_prefix: "/http"
-    upstream: http
-  - path_prefix: "/"
-    upstream: ws
-timeouts:
-  idle: 75
-  tunnel_idle: 3600
-  drain: 1
-limits:
-  max_connections: {NOFILE // 2}
-"""
+    return config_yaml(
+        {"ws": ws_port, "http": http_port},
+        [route("http", path_prefix="/http"), route("ws", path_prefix="/")],
+        listen=port,
+        workers=workers,
+        timeouts={"idle": 75, "tunnel_idle": 3600, "drain": 1},
+        limits={"max_connections": NOFILE // 2},
+    )
 
 
 def start_ws_upstream(procs: Processes, tmp: Path, port: int, workers: int) -> Managed:
@@ -246,12 +235,9 @@ def worker_count(proc: Managed) -> int:
     return len(tree(proc.pid))
 
 
-def workers_ready(log_file: Path) -> int:
+def workers_ready(proc: Managed) -> int:
     """How many workers a `workers: N` supervisor has reported ready in its JSON log."""
-    try:
-        return log_file.read_text().count('"worker ready"')
-    except OSError:
-        return 0
+    return sum('"worker ready"' in line for line in proc.process.lines())
 
 
 # --- the peers: HAProxy and mitmproxy ---------------------------------------------------

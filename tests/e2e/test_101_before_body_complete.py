@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import threading
 
-from tests.conftest import RawConn, proxy_yaml, quiet_read, raw_client, read_response
+from tests.support.clients import raw_client, read_response, read_to_eof
+from tests.support.configs import proxy_yaml
+from tests.support.peers import RawConn
 
 SWITCH_SPDY = (
     b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: SPDY/3.1\r\nConnection: Upgrade\r\n\r\n"
@@ -35,8 +37,8 @@ def test_101_before_the_body_is_complete_is_502_and_both_sides_close(make_proxy,
     proxy = make_proxy(
         proxy_yaml(
             up.port,
-            route='upgrade: ["spdy"]',
-            extra="timeouts: {upstream_response: 1, drain: 1}",
+            route={"upgrade": ["spdy"]},
+            timeouts={"upstream_response": 1, "drain": 1},
         )
     )
     with raw_client(proxy.address, timeout=10) as c:
@@ -49,7 +51,7 @@ def test_101_before_the_body_is_complete_is_502_and_both_sides_close(make_proxy,
         assert headers.get(b"connection", b"").lower() == b"close"
         assert b"Traceback" not in body
         c.sendall(b"ng")  # the rest of the body, too late: lingered over and dropped
-        more, closed = quiet_read(c, wait=3)
+        more, closed = read_to_eof(c)
         assert closed, "the client connection stayed open after the 502"
         assert b"101" not in bytes(rest) + more
     assert upstream_done.wait(10), "the upstream connection was not closed"

@@ -6,23 +6,18 @@ from __future__ import annotations
 
 import socket
 
-from tests.conftest import (
-    GOOD_CONFIG,
+from tests.support.clients import (
     LOOPBACK,
-    WAIT,
-    echo_after_switch,
-    eventually,
     free_port,
     http,
     read_response,
     recv_exactly,
-    respond_ok_forever,
-    scrape,
-    start_proxy,
-    value,
-    write,
     ws_upgrade,
 )
+from tests.support.configs import config_yaml, proxy_yaml, route
+from tests.support.metrics import scrape, value
+from tests.support.peers import echo_after_switch, respond_ok_forever
+from tests.support.waiting import WAIT, eventually
 
 # --- Access log ------------------------------------------------------------------------------
 
@@ -33,23 +28,20 @@ FIELDS = {
 }  # fmt: skip
 
 
-def test_every_access_line_carries_every_contract_field(spawn, tmp_path, raw_upstream):
+def test_every_access_line_carries_every_contract_field(run_proxy, raw_upstream):
     """One line per HTTP exchange and one per closed tunnel: time, client address, method,
     host, path, route, upstream server, status, bytes each way, duration, and for tunnels the
     protocol. (Every line, error exchanges included, has every field, typed.)"""
     web, chat = raw_upstream(respond_ok_forever), raw_upstream(echo_after_switch())
     port = free_port()
-    config = write(
-        tmp_path / "proxy.yaml",
-        f'listen:\n  - address: "127.0.0.1:{port}"\nupstreams:\n'
-        f'  web:\n    servers: ["127.0.0.1:{web.port}"]\n'
-        f'  chat:\n    servers: ["127.0.0.1:{chat.port}"]\n'
-        f'  gone:\n    servers: ["127.0.0.1:{free_port()}"]\n'
-        "routes:\n  - path_prefix: /ws\n    upstream: chat\n"
-        "  - path_prefix: /gone\n    upstream: gone\n"
-        "  - path_prefix: /web\n    upstream: web\n",
-    )
-    proc = start_proxy(spawn, config)
+    proc = run_proxy(
+        config_yaml(
+            {"web": web.port, "chat": chat.port, "gone": free_port()},
+            [route("chat", path_prefix="/ws"), route("gone", path_prefix="/gone"),
+             route("web", path_prefix="/web")],
+            listen=port,
+        )
+    )  # fmt: skip
     assert http(port, "/web/ok")[0] == 200
     assert http(port, "/missing")[0] == 404
     assert http(port, "/gone/x")[0] == 502
@@ -59,8 +51,8 @@ def test_every_access_line_carries_every_contract_field(spawn, tmp_path, raw_ups
         buf = ws_upgrade(sock, "/ws/t")
         sock.sendall(b"abc")
         assert recv_exactly(sock, 3, buf) == b"abc"
-    tunnel = proc.wait_msg("tunnel")[0]
-    lines = {r["status"]: r for r in proc.wait_msg("http", count=5)}
+    tunnel = proc.wait_log("tunnel")[0]
+    lines = {r["status"]: r for r in proc.wait_log("http", count=5)}
     assert set(lines) == {200, 404, 502, 400, 101}, lines
     assert tunnel["protocol"] == "websocket"
     assert (tunnel["bytes_in"], tunnel["bytes_out"]) == (3, 3)
@@ -93,22 +85,18 @@ MALFORMED = [
 ]  # fmt: skip
 
 
-def test_error_exchanges_are_logged_and_counted(spawn, tmp_path, raw_upstream):
+def test_error_exchanges_are_logged_and_counted(run_proxy, raw_upstream):
     """One line per HTTP exchange. Errors, each a short response and a log line ...: no route
     404; malformed request 400 (then close); head too large 431; `request_header` passed 408
     (then close); CONNECT 405. (Each gets its access line, and counts in
     `upgradeproxy_requests_total{route,code}`.)"""
     web = raw_upstream(respond_ok_forever)
     port, admin = free_port(), free_port()
-    config = write(
-        tmp_path / "proxy.yaml",
-        GOOD_CONFIG.format(port=port, upstream=web.port).replace(
-            "- upstream: app", "- path_prefix: /web\n    upstream: app"
-        )
-        + f'admin:\n  address: "127.0.0.1:{admin}"\n'
-        + 'timeouts:\n  request_header: "300ms"\nlimits:\n  max_request_header_bytes: 2048\n',
-    )
-    proc = start_proxy(spawn, config)
+    proc = run_proxy(
+        proxy_yaml(web.port, route={"path_prefix": "/web"}, listen=port, admin=admin,
+                   timeouts={"request_header": "300ms"},
+                   limits={"max_request_header_bytes": 2048})
+    )  # fmt: skip
     before = scrape(admin)
     for what, data, status in MALFORMED:
         with socket.create_connection((LOOPBACK, port), timeout=WAIT) as sock:

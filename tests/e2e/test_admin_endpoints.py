@@ -10,29 +10,20 @@ import re
 import socket
 import threading
 
-from tests.conftest import (
-    GOOD_CONFIG,
+from tests.support.clients import (
     LOOPBACK,
-    SWITCH_WS,
-    WAIT,
-    WS_ACCEPT,
-    WS_HEADERS,
-    RawConn,
-    echo_after_switch,
-    eventually,
     free_port,
     http,
-    ok_response,
     read_response,
     read_response_head,
     recv_exactly,
-    respond_ok_forever,
-    scrape,
-    start_proxy,
-    value,
-    write,
     ws_upgrade,
 )
+from tests.support.configs import config_yaml, proxy_yaml, route
+from tests.support.metrics import scrape, value
+from tests.support.peers import RawConn, echo_after_switch, respond_ok_forever
+from tests.support.waiting import WAIT, eventually
+from tests.support.wire import SWITCH_WS, WS_ACCEPT, WS_HEADERS, ok_response
 
 
 def admin_raw(admin: int, request: bytes) -> bytes:
@@ -49,17 +40,13 @@ def admin_raw(admin: int, request: bytes) -> bytes:
 # --- Admin endpoints -------------------------------------------------------------------------
 
 
-def test_admin_paths_methods_and_garbage(spawn, tmp_path, raw_upstream):
+def test_admin_paths_methods_and_garbage(run_proxy, raw_upstream):
     """`/healthz` 200 while the process runs. `/readyz` 200 while accepting. `/metrics` in
     Prometheus text format. (Anything else is a 404; a query string does not change the path;
     several requests share a keep-alive connection; garbage costs only its connection.)"""
     up = raw_upstream(respond_ok_forever)
     admin = free_port()
-    config = write(
-        tmp_path / "proxy.yaml",
-        GOOD_CONFIG.format(port=0, upstream=up.port) + f'admin:\n  address: "127.0.0.1:{admin}"\n',
-    )
-    proc = start_proxy(spawn, config)
+    proc = run_proxy(proxy_yaml(up.port, admin=admin))
     for path in ("/", "/nope", "/healthz/x", "/metricsz", "/HEALTHZ"):
         assert http(admin, path)[0] == 404, path
     assert http(admin, "/healthz?probe=1")[0] == 200
@@ -75,20 +62,16 @@ def test_admin_paths_methods_and_garbage(spawn, tmp_path, raw_upstream):
     assert re.match(rb"HTTP/1\.1 (200|405) ", reply), reply
     admin_raw(admin, b"\x16\x03\x01garbage\r\n\r\n")  # not HTTP: that connection ends
     assert http(admin, "/healthz")[0] == 200  # still serving after garbage
-    assert proc.popen.poll() is None
+    assert proc.alive()
 
 
-def test_admin_head_answers_like_get(spawn, tmp_path, raw_upstream):
+def test_admin_head_answers_like_get(run_proxy, raw_upstream):
     """`/healthz` 200 while the process runs. `/readyz` 200 while accepting. `/metrics` in
     Prometheus text format. (A HEAD gets GET's status and headers: RFC 9110 §8.6, a server
     MUST NOT send a Content-Length in a HEAD response unless it equals GET's content length.)"""
     up = raw_upstream(respond_ok_forever)
     admin = free_port()
-    config = write(
-        tmp_path / "proxy.yaml",
-        GOOD_CONFIG.format(port=0, upstream=up.port) + f'admin:\n  address: "127.0.0.1:{admin}"\n',
-    )
-    start_proxy(spawn, config)
+    run_proxy(proxy_yaml(up.port, admin=admin))
     for path in ("/healthz", "/readyz", "/metrics", "/nope"):
         get_status, get_headers, get_body = http(admin, path)
         with socket.create_connection((LOOPBACK, admin), timeout=WAIT) as sock:
@@ -107,7 +90,7 @@ def test_admin_head_answers_like_get(spawn, tmp_path, raw_upstream):
             assert int(headers[b"content-length"]) == len(get_body), (path, head)
 
 
-def test_metrics_follow_known_traffic(spawn, tmp_path, raw_upstream):
+def test_metrics_follow_known_traffic(run_proxy, raw_upstream):
     """`/metrics` in Prometheus text format, at least: `upgradeproxy_requests_total{route,code}`,
     `upgradeproxy_upgrades_total{route,protocol,result}`, `upgradeproxy_tunnels_active`,
     `upgradeproxy_tunnel_bytes_total{direction}`,
@@ -138,20 +121,11 @@ def test_metrics_follow_known_traffic(spawn, tmp_path, raw_upstream):
         "slow": raw_upstream(slow), "chat": raw_upstream(echo_after_switch(b"T")),
     }  # fmt: skip
     port, admin = free_port(), free_port()
-    lines = [
-        "listen:",
-        f'  - address: "127.0.0.1:{port}"',
-        "admin:",
-        f'  address: "127.0.0.1:{admin}"',
-    ]
-    lines += ["upstreams:"] + [
-        f'  {name}:\n    servers: ["127.0.0.1:{up.port}"]' for name, up in ups.items()
-    ]
-    lines += ["  gone:", f'    servers: ["127.0.0.1:{free_port()}"]', "routes:"]
-    lines += [f"  - path_prefix: /{name}\n    upstream: {name}" for name in [*ups, "gone"]]
-    lines += ["timeouts:", '  upstream_response: "500ms"', ""]
-    config = write(tmp_path / "proxy.yaml", "\n".join(lines))
-    start_proxy(spawn, config)
+    servers = {name: up.port for name, up in ups.items()} | {"gone": free_port()}
+    run_proxy(
+        config_yaml(servers, [route(name, path_prefix=f"/{name}") for name in servers],
+                    listen=port, admin=admin, timeouts={"upstream_response": "500ms"})
+    )  # fmt: skip
     try:
         start = scrape(admin)
         assert http(port, "/web/a")[0] == 200
@@ -196,10 +170,10 @@ def test_metrics_follow_known_traffic(spawn, tmp_path, raw_upstream):
         return value(found, name, **kv) - value(start, name, **kv)
 
     req = "upgradeproxy_requests_total"
-    for route, code in [("*/web", "200"), ("", "404"), ("*/gone", "502"), ("*/rst", "502"),
-                        ("*/slow", "504"), ("*/decl", "200"), ("*/bad", "502"),
-                        ("*/chat", "101")]:  # fmt: skip
-        assert delta(req, route=route, code=code) == 1, (route, code)
+    for name, code in [("*/web", "200"), ("", "404"), ("*/gone", "502"), ("*/rst", "502"),
+                       ("*/slow", "504"), ("*/decl", "200"), ("*/bad", "502"),
+                       ("*/chat", "101")]:  # fmt: skip
+        assert delta(req, route=name, code=code) == 1, (name, code)
     assert delta(req) == 8
     upg = "upgradeproxy_upgrades_total"
     assert delta(upg, route="*/decl", protocol="websocket", result="declined") == 1

@@ -1,191 +1,173 @@
-"""Rule 8: load balancing over real upstream sockets.
+"""Rule 8, load balancing over real upstream sockets: smooth weighted round robin, refusing
+servers and servers that do not accept within `timeouts.connect` skipped, least_conn counting
+open tunnels as well as in-flight requests.
 
-A refusing server is skipped, round_robin honours weights deterministically, and least_conn
-counts open tunnels as well as in-flight requests.
+Each server answers with its name and `Connection: close`, so every request is a fresh pick,
+and counts the connections the proxy closed, so a test knows when an exchange is over.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
+import collections
+import socket
 import threading
-import time
+from typing import Any
 
-from tests.conftest import (
-    WS_GUID,
-    RawConn,
-    RawUpstream,
-    free_port,
-    get,
-    ok_response,
-    raw_client,
-    read_response_head,
-)
+import pytest
+
+from tests.support.clients import Tunnel, free_port, http, raw_client, read_response
+from tests.support.configs import address, proxy_yaml
+from tests.support.peers import Backend, blackhole
+from tests.support.waiting import WAIT, eventually
+from tests.support.wire import assert_short_error
 
 
-def upstream_yaml(servers: str, balance: str) -> str:
-    return f"""
-listen:
-  - address: "127.0.0.1:0"
-upstreams:
-  app:
-    balance: {balance}
-    servers:
-{servers}
-routes:
-  - upstream: app
-timeouts: {{drain: 1}}
-"""
+def balanced_yaml(servers: list[Any], balance: str = "round_robin", **timeouts: Any) -> str:
+    """One upstream over `servers` (ports, or {address:, weight:} mappings)."""
+    return proxy_yaml(servers, upstream={"balance": balance}, timeouts={"drain": 1, **timeouts})
 
 
-class Named:
-    """A raw upstream that answers with its own name and `Connection: close`.
-
-    `Connection: close` keeps the proxy from pooling, so every request is a fresh pick.
-    It waits for the proxy to close its side, and counts that, so a test can know the
-    proxy has finished with an exchange (and released the server) before the next one.
-    """
-
-    def __init__(self, raw_upstream, name: bytes) -> None:
-        self.name = name
-        self.heads: list[bytes] = []
-        self.closed = 0
-        self._cond = threading.Condition()
-        self.up: RawUpstream = raw_upstream(self._handle)
-
-    def _handle(self, conn: RawConn) -> None:
-        try:
-            head = conn.read_head(timeout=30)
-            with self._cond:
-                self.heads.append(head)
-            if b"\r\nupgrade: websocket" in head.lower():
-                self._tunnel(conn, head)
-                return
-            conn.send(ok_response(self.name, b"Connection: close\r\n"))
-            conn.read_until_close(timeout=30)
-        finally:
-            conn.close()
-            with self._cond:
-                self.closed += 1
-                self._cond.notify_all()
-
-    @staticmethod
-    def _tunnel(conn: RawConn, head: bytes) -> None:
-        key = next(
-            line.split(b":", 1)[1].strip()
-            for line in head.split(b"\r\n")
-            if line.lower().startswith(b"sec-websocket-key:")
-        )
-        accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
-        conn.send(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-            b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
-        )
-        conn.sock.settimeout(30)
-        while data := conn.sock.recv(65536):  # echo until the client's FIN arrives
-            conn.send(data)
-
-    def wait_closed(self, n: int, timeout: float = 5) -> None:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while self.closed < n:
-                left = deadline - time.monotonic()
-                assert left > 0, f"{self.name!r}: proxy did not finish exchange {n}"
-                self._cond.wait(left)
-
-    @property
-    def port(self) -> int:
-        return self.up.port
+def weighted(*servers: tuple[Backend, int]) -> list[dict[str, Any]]:
+    return [{"address": backend.address, "weight": weight} for backend, weight in servers]
 
 
-def test_refused_server_is_skipped(make_proxy, raw_upstream):
-    good = Named(raw_upstream, b"good")
-    dead = free_port()
-    servers = f'      - "127.0.0.1:{dead}"\n      - "127.0.0.1:{good.port}"'
-    proxy = make_proxy(upstream_yaml(servers, "round_robin"))
+def named(raw_upstream, *names: str, hold: threading.Event | None = None) -> list[Backend]:
+    return [Backend(raw_upstream, name, close=True, hold=hold) for name in names]
+
+
+def served_by(proxy, path: str) -> str:
+    status, _, body = http(proxy.address, path)
+    assert status == 200, (status, body)
+    return body.decode()
+
+
+@pytest.mark.parametrize("balance", ["round_robin", "least_conn"])
+def test_refused_server_is_skipped(make_proxy, raw_upstream, balance):
+    """Rule 8: "A server that refuses the connection is skipped and the next one tried"."""
+    (good,) = named(raw_upstream, "good")
+    proxy = make_proxy(balanced_yaml([free_port(), good.port], balance))
     for i in range(4):
-        assert get(proxy.address, b"/%d" % i) == (200, b"good")
-    assert len(good.heads) == 4
+        assert served_by(proxy, f"/{i}") == "good"
+    assert len(good.requests) == 4
 
 
-def test_refused_server_is_skipped_least_conn(make_proxy, raw_upstream):
-    good = Named(raw_upstream, b"good")
-    dead = free_port()
-    servers = f'      - "127.0.0.1:{dead}"\n      - "127.0.0.1:{good.port}"'
-    proxy = make_proxy(upstream_yaml(servers, "least_conn"))
-    for i in range(3):
-        assert get(proxy.address, b"/%d" % i) == (200, b"good")
+def test_refused_server_is_skipped_for_an_upgrade(make_proxy, raw_upstream):
+    """Rule 8: "A server that refuses the connection is skipped and the next one tried (before
+    any byte was sent)" - an upgrade too: the tunnel opens on the next server."""
+    (good,) = named(raw_upstream, "good")
+    proxy = make_proxy(balanced_yaml([free_port(), good.port]))
+    for _ in range(2):
+        tunnel = Tunnel(proxy.address, "/ws", tag=b"\n")
+        with tunnel.sock:
+            assert (tunnel.status, tunnel.server) == (101, "good")
+
+
+def test_all_servers_refusing_is_502(make_proxy):
+    """Rule 7: "upstream refused ... 502"; rule 8: each refusing server is skipped and the next
+    one tried - when none is left the client gets a short 502, and keeps its connection."""
+    proxy = make_proxy(balanced_yaml([free_port() for _ in range(3)]))
+    with raw_client(proxy.address) as sock:
+        for _ in range(2):
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            status, _, body, _ = read_response(sock)
+            assert status == 502
+            assert_short_error(body)
 
 
 def test_round_robin_weights_3_to_1(make_proxy, raw_upstream):
-    a = Named(raw_upstream, b"a")
-    b = Named(raw_upstream, b"b")
-    servers = (
-        f'      - {{address: "127.0.0.1:{a.port}", weight: 3}}\n'
-        f'      - {{address: "127.0.0.1:{b.port}", weight: 1}}'
-    )
-    proxy = make_proxy(upstream_yaml(servers, "round_robin"))
-    picks = []
-    for i in range(8):
-        status, body = get(proxy.address, b"/%d" % i)
-        assert status == 200
-        picks.append(body)
-    assert picks.count(b"a") == 6, picks
-    assert picks.count(b"b") == 2, picks
+    a, b = named(raw_upstream, "a", "b")
+    proxy = make_proxy(balanced_yaml(weighted((a, 3), (b, 1))))
+    picks = [served_by(proxy, f"/{i}") for i in range(8)]
+    assert picks.count("a") == 6, picks
+    assert picks.count("b") == 2, picks
     # Deterministic: every cycle of 4 holds exactly one pick of b.
-    assert picks[:4].count(b"b") == 1, picks
+    assert picks[:4].count("b") == 1, picks
     assert picks[4:] == picks[:4], picks
 
 
-def _ws_handshake() -> bytes:
-    key = base64.b64encode(b"0123456789abcdef")
-    return (
-        b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
-        b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
+def test_round_robin_5_1_1_is_smooth_and_repeats(make_proxy, raw_upstream):
+    """Rule 8: "`round_robin` honours weights deterministically". README: "nginx's smooth
+    weighted round robin ... (`5,1,1` gives `a a b a c a a`)". Three cycles of 7 picks."""
+    a, b, c = named(raw_upstream, "a", "b", "c")
+    proxy = make_proxy(balanced_yaml(weighted((a, 5), (b, 1), (c, 1))))
+    picks = [served_by(proxy, f"/{i}") for i in range(21)]
+    assert picks[:7] == ["a", "a", "b", "a", "c", "a", "a"], picks
+    assert picks[7:14] == picks[:7], picks
+    assert picks[14:] == picks[:7], picks
 
 
 def test_least_conn_counts_open_tunnels(make_proxy, raw_upstream):
-    a = Named(raw_upstream, b"a")
-    b = Named(raw_upstream, b"b")
-    servers = f'      - "127.0.0.1:{a.port}"\n      - "127.0.0.1:{b.port}"'
-    proxy = make_proxy(upstream_yaml(servers, "least_conn"))
-    by_name = {b"a": a, b"b": b}
-
-    tunnel = raw_client(proxy.address)
+    """While a tunnel is open its server carries 1, the other 0: every request goes to the
+    other; once the tunnel closes, both take requests again."""
+    a, b = named(raw_upstream, "a", "b")
+    proxy = make_proxy(balanced_yaml([a.port, b.port], "least_conn"))
+    by_name = {"a": a, "b": b}
+    tunnel = Tunnel(proxy.address, "/ws", tag=b"\n")
     try:
-        tunnel.sendall(_ws_handshake())
-        head, rest = read_response_head(tunnel)
-        assert head.startswith(b"HTTP/1.1 101 "), head
-        assert not rest
-        tunnel.sendall(b"ping")
-        assert tunnel.recv(4) == b"ping"  # the tunnel is open
-        held = a if a.heads else b
+        assert tunnel.echo(b"ping") == b"ping"  # the tunnel is open
+        held = by_name[tunnel.server]
         other = b if held is a else a
-        assert len(held.heads) == 1
-        assert other.heads == []
-
-        # While the tunnel is open its server carries 1, the other 0: every request goes there.
+        assert (len(held.requests), other.requests) == (1, [])
         for i in range(4):
-            status, body = get(proxy.address, b"/during/%d" % i)
-            assert (status, body) == (200, other.name), i
+            assert served_by(proxy, f"/during/{i}") == other.name, i
             other.wait_closed(i + 1)  # the proxy is done with this request
-        assert len(held.heads) == 1
+        assert len(held.requests) == 1
     finally:
         tunnel.close()
 
     # Both halves close: the tunnel ends and its server is released.
     held.wait_closed(1)
-    deadline = time.monotonic() + 5
-    while proxy.call(lambda: proxy.telemetry.tunnels_active):
-        assert time.monotonic() < deadline, "tunnel never closed"
-        time.sleep(0.01)
-
-    picks = []
+    assert eventually(lambda: proxy.tunnels_active() == 0)
+    picks = collections.Counter()
     for i in range(4):
-        status, body = get(proxy.address, b"/after/%d" % i)
-        assert status == 200
-        picks.append(body)
-        by_name[body].wait_closed(len(by_name[body].heads))
-    assert b"a" in picks
-    assert b"b" in picks, picks
+        picks[name := served_by(proxy, f"/after/{i}")] += 1
+        by_name[name].wait_closed(len(by_name[name].requests))
+    assert set(picks) == {"a", "b"}, picks
+
+
+def test_least_conn_counts_in_flight_requests(make_proxy, raw_upstream):
+    """Rule 8: "`least_conn` counts open tunnels as well as in-flight requests": while one
+    request is held on a server, every new request goes to the other one."""
+    hold = threading.Event()
+    a, b = named(raw_upstream, "a", "b", hold=hold)
+    proxy = make_proxy(balanced_yaml([a.port, b.port], "least_conn"))
+    held = raw_client(proxy.address, timeout=WAIT)
+    try:
+        held.sendall(b"GET /hold HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert eventually(lambda: len(a.requests) + len(b.requests) == 1)
+        busy, other = (a, b) if a.requests else (b, a)
+        for i in range(4):
+            assert served_by(proxy, f"/during/{i}") == other.name, i
+        hold.set()
+        assert read_response(held)[2] == busy.name.encode()
+    finally:
+        hold.set()
+        held.close()
+
+
+def test_server_not_accepting_within_connect_timeout_is_skipped(make_proxy, raw_upstream):
+    """README rule 8: "A server that refuses the connection or does not accept it within
+    `timeouts.connect` is skipped ... and the next one is tried"; README rule 7: with no
+    server accepting within `timeouts.connect`, **504**."""
+    hole, fillers = blackhole()
+    try:
+        with socket.socket() as probe:
+            probe.settimeout(0.3)
+            try:
+                probe.connect(hole.getsockname())
+                pytest.skip("cannot make a non-accepting listener on this kernel")
+            except TimeoutError:
+                pass
+        (good,) = named(raw_upstream, "good")
+        silent = address(hole.getsockname()[1])
+        proxy = make_proxy(balanced_yaml([silent, good.port], connect="300ms"))
+        for i in range(3):
+            assert served_by(proxy, f"/{i}") == "good"
+        alone = make_proxy(balanced_yaml([silent], connect="300ms"))
+        status, _, body = http(alone.address)
+        assert status == 504
+        assert_short_error(body)
+    finally:
+        for s in fillers:
+            s.close()
+        hole.close()

@@ -6,31 +6,26 @@ missing prerequisite is one line saying what is missing.
 
 from __future__ import annotations
 
-import contextlib
-import http.client
 import os
 import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from websockets.sync.client import connect
 
-from tests.conftest import LOOPBACK, eventually, free_port
-from tests.e2e.test_operations import ProxyProcess
+from tests.support.clients import LOOPBACK, free_port, http
+from tests.support.configs import config_yaml
+from tests.support.metrics import scrape, value
+from tests.support.processes import ROOT, DemoProcess, run_cli
+from tests.support.waiting import WAIT
 from upgradeproxy import __version__
 
-ROOT = Path(__file__).resolve().parents[2]
 BUILD = ROOT / "deploy" / "binary" / "build.sh"
 BUILD_TIMEOUT = 600  # seconds; it takes well under a minute here (README, "Standalone binary")
-WAIT = 15.0  # the bound on every wait; tests pass in a fraction of it
-
 
 
 @pytest.fixture(scope="session")
@@ -62,15 +57,7 @@ def bare_env(tmp_path: Path) -> dict[str, str]:
 
 
 def run(binary: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(binary), *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_cli(*args, command=[str(binary)], env=env, cwd=ROOT, timeout=60)
 
 
 # --- one-shot commands ------------------------------------------------------------------
@@ -99,100 +86,37 @@ def test_binary_version_check_and_selftest_need_no_python(binary, bare_env, tmp_
 
 @pytest.mark.slow
 def test_binary_demo_serves_its_bundled_page(binary, bare_env):
-    port = free_port()
-    proc = subprocess.Popen(
-        [str(binary), "demo", "--port", str(port), "--log-format", "json"],
-        env=bare_env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    try:
-        page: list[bytes] = []
-
-        def fetched() -> bool:
-            with contextlib.suppress(OSError):
-                status, body = get(port, "/")
-                page.append(body)
-                return status == 200
-            return False
-
-        assert eventually(fetched, WAIT)
-        assert page[-1] == (files("upgradeproxy.demo") / "static" / "demo.html").read_bytes()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(WAIT) == 0
-    finally:
-        kill_group(proc)
+    with DemoProcess(port=str(free_port()), command=[str(binary)], env=bare_env) as demo:
+        status, _, page = http(demo.port, "/")
+        assert status == 200
+        assert page == (files("upgradeproxy.demo") / "static" / "demo.html").read_bytes()
+        demo.signal(signal.SIGTERM)
+        assert demo.wait_exit() == 0
 
 
 # --- workers: 2 -------------------------------------------------------------------------
 
 
-def get(port: int, path: str) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection(LOOPBACK, port, timeout=WAIT)
-    try:
-        conn.request("GET", path)
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
-
-
 def tunnels_active(admin: int) -> float:
-    status, body = get(admin, "/metrics")
-    assert status == 200
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(body.decode())
-        for sample in family.samples
-        if sample.name == "upgradeproxy_tunnels_active"
-    )
-
-
-def kill_group(proc: subprocess.Popen[Any]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher, the supervisor and the workers
-    proc.wait(WAIT)
+    return value(scrape(admin), "upgradeproxy_tunnels_active")
 
 
 def two_workers(port: int, admin: int, upstream: int) -> str:
-    return f"""
-listen:
-  - address: "{LOOPBACK}:{port}"
-admin:
-  address: "{LOOPBACK}:{admin}"
-workers: 2
-upstreams:
-  chat:
-    servers: ["{LOOPBACK}:{upstream}"]
-routes:
-  - upstream: chat
-timeouts:
-  drain: 60
-"""
-
-
-@pytest.fixture
-def start_binary(binary, bare_env) -> Iterator[Callable[[Path], ProxyProcess]]:
-    started: list[ProxyProcess] = []
-
-    def start(config: Path) -> ProxyProcess:
-        proc = ProxyProcess(config, command=[str(binary)], env=bare_env)
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        kill_group(proc.popen)
+    return config_yaml({"chat": upstream}, listen=port, admin=admin, workers=2,
+                       timeouts={"drain": 60})  # fmt: skip
 
 
 @pytest.mark.slow
-def test_binary_two_workers_tunnel_metrics_reload_and_drain(start_binary, ws_upstream, tmp_path):
+def test_binary_two_workers_tunnel_metrics_reload_and_drain(
+    run_proxy, binary, bare_env, ws_upstream, tmp_path
+):
     """Two workers from the one file: a tunnel through them, every scrape shows both workers'
     totals, SIGHUP reaches both, SIGTERM drains (503, the tunnel lives on) and exits 0."""
     first, second = ws_upstream(), ws_upstream()
     port, admin = free_port(), free_port()
     config = tmp_path / "proxy.yaml"
     config.write_text(two_workers(port, admin, first.port))
-    proc = start_binary(config)
+    proc = run_proxy(config, command=[str(binary)], env=bare_env, workers=2)
     ready = proc.wait_log("worker ready", count=2)
     assert {line["worker"] for line in ready} == {0, 1}
 
@@ -205,19 +129,19 @@ def test_binary_two_workers_tunnel_metrics_reload_and_drain(start_binary, ws_ups
             assert tunnels_active(admin) == 1
 
         config.write_text(two_workers(port, admin, second.port))
-        os.kill(proc.popen.pid, signal.SIGHUP)
+        proc.signal(signal.SIGHUP)
         assert {line["worker"] for line in proc.wait_log("reloaded", count=2)} == {0, 1}
         with connect(f"ws://{LOOPBACK}:{port}/chat", open_timeout=WAIT) as later:
             later.send("after the reload")
             assert later.recv(timeout=WAIT) == "after the reload"
         assert len(second.requests) == 1
 
-        os.kill(proc.popen.pid, signal.SIGTERM)
+        proc.signal(signal.SIGTERM)
         proc.wait_log("draining", count=3)  # the supervisor and both workers
-        assert get(admin, "/readyz")[0] == 503
+        assert http(admin, "/readyz")[0] == 503
         tunnel.send("while draining")
         assert tunnel.recv(timeout=WAIT) == "while draining"
-    assert proc.popen.wait(WAIT) == 0
+    assert proc.wait_exit() == 0
     proc.wait_log("all workers exited")
 
 

@@ -3,35 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import (
-    free_port,
-    named,
-    raw_client,
-    read_response,
-    run_cli,
-)
+from tests.support.clients import free_port, raw_client, read_response
+from tests.support.configs import proxy_yaml
+from tests.support.peers import named
+from tests.support.processes import ROOT, clean_env, run_cli
 
-ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "config" / "upgradeproxy.yaml"
-
-
-def env_without_config() -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("UPGRADEPROXY_CONFIG", None)
-    return env
 
 
 # A file with four independent problems, each on a known line.
@@ -78,14 +64,14 @@ def test_version():
 
 
 def test_check_example_config():
-    result = run_cli("check", "--config", str(EXAMPLE), env=env_without_config())
+    result = run_cli("check", "--config", str(EXAMPLE))
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_check_reports_every_problem(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(BAD_CONFIG)
-    result = run_cli("check", "--config", str(bad), env=env_without_config())
+    result = run_cli("check", "--config", str(bad))
     assert result.returncode == 1
     output = result.stdout + result.stderr
     assert_every_problem(output, bad)
@@ -97,7 +83,7 @@ def test_check_problems_are_on_stderr_and_on_a_separate_stdout(tmp_path):
     another file, there too: a script reading either stream sees every problem."""
     bad = tmp_path / "bad.yaml"
     bad.write_text(BAD_CONFIG)
-    result = run_cli("check", "--config", str(bad), env=env_without_config())
+    result = run_cli("check", "--config", str(bad))
     assert result.returncode == 1
     assert result.stdout == result.stderr
     assert problem_lines(result.stderr, bad) == result.stderr.splitlines()
@@ -109,9 +95,7 @@ def test_run_problems_are_log_lines_on_stderr_only(tmp_path, log_format):
     """Issue 11: `run` writes its config problems in the chosen log format, on stderr only."""
     bad = tmp_path / "bad.yaml"
     bad.write_text(BAD_CONFIG)
-    result = run_cli(
-        "run", "--config", str(bad), "--log-format", log_format, env=env_without_config()
-    )
+    result = run_cli("run", "--config", str(bad), "--log-format", log_format)
     assert result.returncode == 2
     assert result.stdout == ""
     lines = result.stderr.splitlines()
@@ -127,7 +111,7 @@ def test_run_problems_are_log_lines_on_stderr_only(tmp_path, log_format):
 def test_check_typo_suggests_the_nearest_key(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(BAD_CONFIG)
-    result = run_cli("check", "--config", str(bad), env=env_without_config())
+    result = run_cli("check", "--config", str(bad))
     (typo,) = [line for line in result.stdout.splitlines() if "conect" in line]
     assert "'connect'" in typo
 
@@ -135,8 +119,7 @@ def test_check_typo_suggests_the_nearest_key(tmp_path):
 def test_check_uses_env_var_when_config_absent(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(BAD_CONFIG)
-    env = env_without_config()
-    env["UPGRADEPROXY_CONFIG"] = str(EXAMPLE)
+    env = clean_env(UPGRADEPROXY_CONFIG=str(EXAMPLE))
     assert run_cli("check", env=env).returncode == 0
     env["UPGRADEPROXY_CONFIG"] = str(bad)
     result = run_cli("check", env=env)
@@ -152,10 +135,8 @@ def test_check_uses_env_var_when_config_absent(tmp_path):
 def test_run_invalid_config_exits_2_with_the_same_messages(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(BAD_CONFIG)
-    checked = run_cli("check", "--config", str(bad), env=env_without_config())
-    ran = run_cli(
-        "run", "--config", str(bad), "--log-format", "json", timeout=20, env=env_without_config()
-    )
+    checked = run_cli("check", "--config", str(bad))
+    ran = run_cli("run", "--config", str(bad), "--log-format", "json", timeout=20)
     assert ran.returncode == 2
     messages = "\n".join(json.loads(line)["msg"] for line in ran.stderr.splitlines())
     assert_every_problem(messages, bad)
@@ -189,7 +170,7 @@ def test_run_invalid_config_never_listens(tmp_path):
     prober = threading.Thread(target=probe, daemon=True)
     prober.start()
     try:
-        result = run_cli("run", "--config", str(bad), timeout=20, env=env_without_config())
+        result = run_cli("run", "--config", str(bad), timeout=20)
     finally:
         stop.set()
         prober.join(5)
@@ -198,103 +179,8 @@ def test_run_invalid_config_never_listens(tmp_path):
     assert connected == []
 
 
-class Running:
-    """`upgradeproxy run` as a subprocess with stderr (not a TTY) collected line by line."""
-
-    def __init__(
-        self, config: Path, env: dict[str, str] | None = None, extra: tuple[str, ...] = ()
-    ) -> None:
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "upgradeproxy", "run", "--config", str(config), *extra],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env or env_without_config(),
-            cwd=str(ROOT),
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            with self._cond:
-                self.lines.append(line.rstrip("\n"))
-                self._cond.notify_all()
-
-    def wait_for(
-        self, predicate: Callable[[str], bool], after: int = 0, timeout: float = 10
-    ) -> str:
-        """The first stderr line (from index `after`) matching `predicate`."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for line in self.lines[after:]:
-                    if predicate(line):
-                        return line
-                left = deadline - time.monotonic()
-                if left <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
-                    raise AssertionError(f"no such log line; stderr so far:\n{self.text()}")
-                self._cond.wait(min(left, 0.1))
-
-    def text(self) -> str:
-        return "\n".join(self.lines)
-
-    def stop(self, timeout: float = 10) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            self._reader.join(5)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
-
-
-@pytest.fixture
-def run_proxy() -> Iterator[Callable[..., Running]]:
-    started: list[Running] = []
-
-    def start(config: Path, *extra: str) -> Running:
-        r = Running(config, extra=extra)
-        started.append(r)
-        return r
-
-    yield start
-    for r in started:
-        r.kill()
-
-
-def config_text(port: int, upstream_port: int, path_prefix: str = "/") -> str:
-    return f"""\
-listen:
-  - address: "127.0.0.1:{port}"
-upstreams:
-  app:
-    servers: ["127.0.0.1:{upstream_port}"]
-routes:
-  - path_prefix: "{path_prefix}"
-    upstream: app
-timeouts:
-  drain: 2
-"""
-
-
-def wait_listening(port: int, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            assert time.monotonic() < deadline, f"nothing listening on {port}"
-            time.sleep(0.02)
+def config_text(port: int, upstream_port: int) -> str:
+    return proxy_yaml(upstream_port, listen=port, timeouts={"drain": 2})
 
 
 def get_on_port(port: int, path: bytes = b"/hello") -> tuple[int, bytes]:
@@ -304,19 +190,17 @@ def get_on_port(port: int, path: bytes = b"/hello") -> tuple[int, bytes]:
     return status, body
 
 
-def test_run_serves_logs_json_and_stops_on_sigterm(tmp_path, raw_upstream, run_proxy):
+def test_run_serves_logs_json_and_stops_on_sigterm(raw_upstream, run_proxy):
     up = raw_upstream(named(b"from upstream"))
     port = free_port()
-    config = tmp_path / "proxy.yaml"
-    config.write_text(config_text(port, up.port))
-    proxy = run_proxy(config)
-    wait_listening(port)
+    proxy = run_proxy(config_text(port, up.port), log_format=None)
     assert get_on_port(port) == (200, b"from upstream")
 
-    access = proxy.wait_for(lambda line: '"/hello"' in line and '"status"' in line)
-    assert proxy.stop() == 0
+    access = proxy.wait_line(lambda line: '"/hello"' in line and '"status"' in line)
+    proxy.signal(signal.SIGTERM)
+    assert proxy.wait_exit() == 0
     # Not a TTY: every stderr line is a JSON object.
-    records = [json.loads(line) for line in proxy.lines if line.strip()]
+    records = [json.loads(line) for line in proxy.lines() if line.strip()]
     assert records
     assert all(isinstance(r, dict) for r in records)
     record = json.loads(access)
@@ -328,17 +212,15 @@ def test_run_serves_logs_json_and_stops_on_sigterm(tmp_path, raw_upstream, run_p
     assert record["route"]
 
 
-def test_no_access_log_silences_only_the_access_log(tmp_path, raw_upstream, run_proxy):
+def test_no_access_log_silences_only_the_access_log(raw_upstream, run_proxy):
     """`run --no-access-log` writes no access lines; other logs (listening, draining) remain."""
     up = raw_upstream(named(b"quiet"))
     port = free_port()
-    config = tmp_path / "proxy.yaml"
-    config.write_text(config_text(port, up.port))
-    proxy = run_proxy(config, "--no-access-log")
-    wait_listening(port)
+    proxy = run_proxy(config_text(port, up.port), "--no-access-log", log_format=None)
     assert get_on_port(port) == (200, b"quiet")
-    assert proxy.stop() == 0
-    records = [json.loads(line) for line in proxy.lines if line.strip()]
+    proxy.signal(signal.SIGTERM)
+    assert proxy.wait_exit() == 0
+    records = [json.loads(line) for line in proxy.lines() if line.strip()]
     assert any(r["msg"] == "listening" for r in records)
     assert not [r for r in records if r["logger"] == "upgradeproxy.access"]
 
@@ -349,8 +231,7 @@ def test_sighup_reloads_new_connections_use_new_config(tmp_path, raw_upstream, r
     port = free_port()
     config = tmp_path / "proxy.yaml"
     config.write_text(config_text(port, first.port))
-    proxy = run_proxy(config)
-    wait_listening(port)
+    proxy = run_proxy(config, log_format=None)
     assert get_on_port(port) == (200, b"first")
 
     # An established keep-alive connection, opened before the reload.
@@ -358,10 +239,9 @@ def test_sighup_reloads_new_connections_use_new_config(tmp_path, raw_upstream, r
     established.sendall(b"GET /before HTTP/1.1\r\nHost: x\r\n\r\n")
     assert read_response(established)[2] == b"first"
 
-    mark = len(proxy.lines)
     config.write_text(config_text(port, second.port))
-    proxy.proc.send_signal(signal.SIGHUP)
-    proxy.wait_for(lambda line: "reload" in line.lower(), after=mark)
+    proxy.signal(signal.SIGHUP)
+    proxy.wait_line(lambda line: "reload" in line.lower())
     assert get_on_port(port) == (200, b"second")
     # Established connections are untouched: still the old config.
     established.sendall(b"GET /still HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -369,11 +249,11 @@ def test_sighup_reloads_new_connections_use_new_config(tmp_path, raw_upstream, r
     established.close()
 
     # An invalid file is logged and the config in force stays.
-    mark = len(proxy.lines)
     config.write_text(config_text(port, second.port) + "  idle: forever\n")
-    proxy.proc.send_signal(signal.SIGHUP)
-    rejected = proxy.wait_for(lambda line: "timeouts.idle" in line, after=mark)
+    proxy.signal(signal.SIGHUP)
+    rejected = proxy.wait_line(lambda line: "timeouts.idle" in line)
     assert json.loads(rejected)["level"] in ("error", "warning")
     assert get_on_port(port) == (200, b"second")
-    assert proxy.proc.poll() is None
-    assert proxy.stop() == 0
+    assert proxy.alive()
+    proxy.signal(signal.SIGTERM)
+    assert proxy.wait_exit() == 0

@@ -15,26 +15,14 @@ import socket
 
 import pytest
 
-from tests.conftest import (
-    CONSOLE,
-    CONSOLE_SCRIPT,
-    ENTRY_POINTS,
-    GOOD_CONFIG,
-    LOOPBACK,
-    PY_M,
-    WAIT,
-    clean_env,
-    cli,
-    echo_after_switch,
-    free_port,
-    http,
-    recv_exactly,
-    refused,
-    respond_ok_forever,
-    start_proxy,
-    write,
-    ws_upgrade,
-)
+from tests.support.clients import LOOPBACK, free_port, http, recv_exactly, refused, ws_upgrade
+from tests.support.configs import config_yaml, proxy_yaml, route, write_file
+from tests.support.peers import echo_after_switch, respond_ok_forever
+from tests.support.processes import CONSOLE, CONSOLE_SCRIPT, PY_M, clean_env, run_cli
+from tests.support.waiting import WAIT
+
+ENTRY_POINTS = pytest.mark.parametrize("entry", [PY_M, CONSOLE], ids=["python-m", "console"])
+GOOD = proxy_yaml(1)  # a valid config, for the files below that break it
 
 # --- Command line ------------------------------------------------------------------------
 
@@ -44,7 +32,7 @@ def test_usage_errors_exit_nonzero_with_usage_and_no_traceback(entry):
     """| command | what it does | -- only `run`, `check`, `demo` and `--version` exist: anything
     else is a usage error (exit 2, a usage line on stderr), never a traceback."""
     for args in ([], ["bogus"], ["run", "--log-format", "xml"], ["check", "--no-such-flag"]):
-        result = cli(entry, *args)
+        result = run_cli(*args, command=entry)
         assert result.returncode == 2, (args, result.stderr)
         assert "usage:" in result.stderr, (args, result.stderr)
         assert "Traceback" not in result.stdout + result.stderr, args
@@ -58,13 +46,13 @@ def test_version_and_selftest_through_the_console_script():
     installed = importlib.metadata.version("upgradeproxy")
     outputs = []
     for entry in (CONSOLE, PY_M):
-        result = cli(entry, "--version")
+        result = run_cli("--version", command=entry)
         assert result.returncode == 0, result.stderr
         assert installed in result.stdout
         assert re.fullmatch(r"upgradeproxy \d+\.\d+\.\d+\S*\n", result.stdout), result.stdout
         outputs.append(result.stdout)
     assert outputs[0] == outputs[1]
-    selftest = cli(CONSOLE, "demo", "--selftest", "--log-format", "json")
+    selftest = run_cli("demo", "--selftest", "--log-format", "json", command=CONSOLE)
     assert selftest.returncode == 0, selftest.stdout + selftest.stderr
     assert "HTTP/1.1 101 Switching Protocols" in selftest.stdout
     assert "Traceback" not in selftest.stdout + selftest.stderr
@@ -81,8 +69,8 @@ UNUSABLE: dict[str, tuple[bytes | str | None, int | None]] = {
     "a-list": ("- listen\n- upstreams\n", 1),
     "a-scalar": ("just a string\n", 1),
     "not-utf8": (b'listen: "\xff\xfe"\n', None),
-    "nul-byte": (GOOD_CONFIG.format(port=0, upstream=1) + "\x00\n", None),
-    "two-documents": (GOOD_CONFIG.format(port=0, upstream=1) + "---\nlisten: []\n", 8),
+    "nul-byte": (GOOD + "\x00\n", None),
+    "two-documents": (GOOD + "---\nlisten: []\n", GOOD.count("\n") + 1),
 }
 
 
@@ -99,8 +87,8 @@ def test_unusable_config_file_run_exits_2_check_exits_1(case, tmp_path):
         path.write_bytes(content)
     elif content is not None:
         path.write_text(content)
-    checked = cli(PY_M, "check", "--config", str(path))
-    ran = cli(CONSOLE, "run", "--config", str(path), "--log-format", "json", timeout=20)
+    checked = run_cli("check", "--config", str(path), command=PY_M)
+    ran = run_cli("run", "--config", str(path), "--log-format", "json", timeout=20, command=CONSOLE)
     check_out = checked.stdout + checked.stderr
     # `--log-format json` applies to every line `run` writes; config problems on stderr only.
     assert ran.stdout == ""
@@ -123,10 +111,10 @@ def test_unusable_config_file_run_exits_2_check_exits_1(case, tmp_path):
 def test_unreadable_config_file(tmp_path):
     """A config that fails validation never starts the proxy: exit code 2."""
     path = tmp_path / "proxy.yaml"
-    path.write_text(GOOD_CONFIG.format(port=0, upstream=1))
+    path.write_text(GOOD)
     path.chmod(0)
-    assert cli(PY_M, "check", "--config", str(path)).returncode == 1
-    ran = cli(PY_M, "run", "--config", str(path))
+    assert run_cli("check", "--config", str(path), command=PY_M).returncode == 1
+    ran = run_cli("run", "--config", str(path), command=PY_M)
     assert ran.returncode == 2
     assert str(path) in ran.stderr
     assert "Traceback" not in ran.stderr
@@ -137,12 +125,9 @@ def test_check_never_listens(tmp_path):
     listening. (Its listener and admin ports are held by someone else: still exit 0.)"""
     with socket.create_server((LOOPBACK, 0)) as held, socket.create_server((LOOPBACK, 0)) as adm:
         port, admin = held.getsockname()[1], adm.getsockname()[1]
-        path = write(
-            tmp_path / "proxy.yaml",
-            GOOD_CONFIG.format(port=port, upstream=1) + f'admin:\n  address: "127.0.0.1:{admin}"\n',
-        )
+        path = write_file(tmp_path / "proxy.yaml", proxy_yaml(1, listen=port, admin=admin))
         for entry in (PY_M, CONSOLE):
-            result = cli(entry, "check", "--config", str(path))
+            result = run_cli("check", "--config", str(path), command=entry)
             assert result.returncode == 0, result.stdout + result.stderr
             assert "Traceback" not in result.stdout + result.stderr
 
@@ -150,7 +135,7 @@ def test_check_never_listens(tmp_path):
 def test_run_without_any_config_is_an_error():
     """`--config` may be left out when `UPGRADEPROXY_CONFIG` names the file (and only then)."""
     for entry in (PY_M, CONSOLE):
-        result = cli(entry, "run")
+        result = run_cli("run", command=entry)
         assert result.returncode == 2, result.stderr
         assert "--config" in result.stderr
         assert "UPGRADEPROXY_CONFIG" in result.stderr
@@ -162,16 +147,16 @@ def test_run_reads_the_env_var_and_config_flag_wins(spawn, tmp_path, raw_upstrea
     names the file. (When both are given, the explicit `--config` is the one used.)"""
     up = raw_upstream(respond_ok_forever)
     port_a, port_b = free_port(), free_port()
-    file_a = write(tmp_path / "a.yaml", GOOD_CONFIG.format(port=port_a, upstream=up.port))
-    file_b = write(tmp_path / "b.yaml", GOOD_CONFIG.format(port=port_b, upstream=up.port))
+    file_a = write_file(tmp_path / "a.yaml", proxy_yaml(up.port, listen=port_a))
+    file_b = write_file(tmp_path / "b.yaml", proxy_yaml(up.port, listen=port_b))
     env = clean_env(UPGRADEPROXY_CONFIG=str(file_a))
 
     only_env = spawn([*CONSOLE, "run", "--log-format", "json"], env=env)
-    listening = only_env.wait_msg("listening")[0]
+    listening = only_env.wait_log("listening")[0]
     assert listening["addresses"] == [f"{LOOPBACK}:{port_a}"]
     assert http(port_a)[0] == 200
     # SIGHUP re-reads the file the variable names.
-    write(file_a, GOOD_CONFIG.format(port=port_a, upstream=up.port) + "timeouts: {idle: 5s\n")
+    write_file(file_a, proxy_yaml(up.port, listen=port_a) + "timeouts: {idle: 5s\n")  # broken
     only_env.signal(signal.SIGHUP)
     rejected = only_env.wait_record(lambda r: str(r.get("msg")).startswith("reload rejected"))
     assert str(file_a) in rejected[0]["msg"]
@@ -179,7 +164,7 @@ def test_run_reads_the_env_var_and_config_flag_wins(spawn, tmp_path, raw_upstrea
     assert only_env.wait_exit() == 0
 
     both = spawn([*PY_M, "run", "--config", str(file_b), "--log-format", "json"], env=env)
-    listening = both.wait_msg("listening")[0]
+    listening = both.wait_log("listening")[0]
     assert listening["addresses"] == [f"{LOOPBACK}:{port_b}"]
     assert http(port_b)[0] == 200
     assert refused(port_a)
@@ -190,50 +175,47 @@ def test_run_reads_the_env_var_and_config_flag_wins(spawn, tmp_path, raw_upstrea
 TEXT_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z +info +upgradeproxy: listening")
 
 
-def test_log_format_is_text_on_a_tty_json_when_asked(spawn, tmp_path, raw_upstream):
+def test_log_format_is_text_on_a_tty_json_when_asked(run_proxy, tmp_path, raw_upstream):
     """Logs go to stderr; `--log-format json|text` (default text on a TTY, json otherwise)."""
     up = raw_upstream(respond_ok_forever)
-    config = write(tmp_path / "proxy.yaml", GOOD_CONFIG.format(port=0, upstream=up.port))
+    config = write_file(tmp_path / "proxy.yaml", proxy_yaml(up.port))
 
-    on_tty = start_proxy(spawn, config, tty=True)
-    first = on_tty.err[0]
+    on_tty = run_proxy(config, tty=True, log_format=None)
+    first = on_tty.lines()[0]
     assert TEXT_LINE.match(first), first
     with pytest.raises(json.JSONDecodeError):
         json.loads(first)
     on_tty.signal(signal.SIGTERM)
     assert on_tty.wait_exit() == 0
-    assert on_tty.out == []  # nothing on stdout
+    assert on_tty.stdout_lines() == []  # nothing on stdout
 
-    forced = start_proxy(spawn, config, "--log-format", "json", tty=True)
-    assert json.loads(forced.err[0])["msg"] == "listening"
+    forced = run_proxy(config, "--log-format", "json", tty=True)
+    assert json.loads(forced.lines()[0])["msg"] == "listening"
     forced.signal(signal.SIGTERM)
     assert forced.wait_exit() == 0
 
 
-def test_text_log_access_lines_carry_every_field(spawn, tmp_path, raw_upstream):
+def test_text_log_access_lines_carry_every_field(run_proxy, raw_upstream):
     """Logs go to stderr; `--log-format ... text`. One line per HTTP exchange and one per closed
     tunnel: time, client address, method, host, path, route, upstream server, status, bytes
     each way, duration, and for tunnels the protocol."""
     web, chat = raw_upstream(respond_ok_forever), raw_upstream(echo_after_switch())
     port = free_port()
-    config = write(
-        tmp_path / "proxy.yaml",
-        f'listen:\n  - address: "127.0.0.1:{port}"\nupstreams:\n'
-        f'  web:\n    servers: ["127.0.0.1:{web.port}"]\n'
-        f'  chat:\n    servers: ["127.0.0.1:{chat.port}"]\n'
-        "routes:\n  - path_prefix: /ws\n    upstream: chat\n  - upstream: web\n",
-    )
-    proc = start_proxy(spawn, config, "--log-format", "text")
+    proc = run_proxy(
+        config_yaml({"web": web.port, "chat": chat.port},
+                    [route("chat", path_prefix="/ws"), route("web")], listen=port),
+        "--log-format", "text",
+    )  # fmt: skip
     assert http(port, "/page", host="text.test")[0] == 200
     with socket.create_connection((LOOPBACK, port), timeout=WAIT) as sock:
         buf = ws_upgrade(sock, "/ws/room")
         sock.sendall(b"12345")
         assert recv_exactly(sock, 5, buf) == b"12345"
-    exchange = proc.wait_err(lambda line: "/page" in line)
-    tunnel = proc.wait_err(lambda line: " tunnel " in line and "/ws/room" in line)
+    exchange = proc.wait_line(lambda line: "/page" in line)
+    tunnel = proc.wait_line(lambda line: " tunnel " in line and "/ws/room" in line)
     proc.signal(signal.SIGTERM)
     assert proc.wait_exit() == 0
-    assert proc.out == []  # logs go to stderr, nothing to stdout
+    assert proc.stdout_lines() == []  # logs go to stderr, nothing to stdout
     stamp = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z "
     for line, status, upstream, server in (
         (exchange, 200, "web", web.port), (tunnel, 101, "chat", chat.port),

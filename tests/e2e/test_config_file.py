@@ -12,24 +12,19 @@ from pathlib import Path
 
 import trustme
 
-from tests.conftest import (
-    CONSOLE,
+from tests.support.clients import (
     LOOPBACK,
-    PY_M,
-    WAIT,
-    WS_HEADERS,
-    WS_KEY,
-    cli,
-    echo_after_switch,
     free_port,
     http,
     read_response,
     recv_exactly,
-    respond_ok_forever,
-    start_proxy,
-    write,
     ws_upgrade,
 )
+from tests.support.configs import write_file
+from tests.support.peers import echo_after_switch, respond_ok_forever
+from tests.support.processes import CONSOLE, PY_M, run_cli
+from tests.support.waiting import WAIT
+from tests.support.wire import WS_HEADERS, WS_KEY
 
 # --- Configuration -----------------------------------------------------------------------
 
@@ -81,13 +76,13 @@ def contract_certs(directory: Path) -> trustme.CA:
     return ca
 
 
-def test_contract_example_is_valid_verbatim_and_runs(spawn, tmp_path, raw_upstream):
+def test_contract_example_is_valid_verbatim_and_runs(run_proxy, tmp_path, raw_upstream):
     """The contract's YAML example, as written (the certificate files it names created next to
     it): `check` exits 0, and `run` (its ports moved to free ones) serves a WebSocket over its
     TLS listener and the admin endpoints."""
     ca = contract_certs(tmp_path)
-    verbatim = write(tmp_path / "contract.yaml", CONTRACT_EXAMPLE)
-    result = cli(CONSOLE, "check", "--config", str(verbatim))
+    verbatim = write_file(tmp_path / "contract.yaml", CONTRACT_EXAMPLE)
+    result = run_cli("check", "--config", str(verbatim), command=CONSOLE)
     assert result.returncode == 0, result.stdout + result.stderr
 
     one, two = raw_upstream(echo_after_switch(b"!")), raw_upstream(echo_after_switch(b"!"))
@@ -98,8 +93,8 @@ def test_contract_example_is_valid_verbatim_and_runs(spawn, tmp_path, raw_upstre
         .replace("127.0.0.1:9000", f"127.0.0.1:{one.port}")
         .replace("127.0.0.1:9001", f"127.0.0.1:{two.port}")
     )
-    config = write(tmp_path / "moved.yaml", moved)
-    proc = start_proxy(spawn, config)
+    config = write_file(tmp_path / "moved.yaml", moved)
+    proc = run_proxy(config)
     assert http(admin, "/healthz")[0] == 200
     context = ssl.create_default_context()
     ca.configure_trust(context)
@@ -178,21 +173,21 @@ NESTED_PROBLEMS = [
 def test_every_problem_at_every_level_with_its_line(tmp_path):
     """`check` ... print every problem (file, line, field, why) and exit 1. Unknown keys are
     errors (with the nearest valid name suggested), not silently ignored."""
-    path = write(tmp_path / "bad.yaml", NESTED_BAD)
-    result = cli(CONSOLE, "check", "--config", str(path))
+    path = write_file(tmp_path / "bad.yaml", NESTED_BAD)
+    result = run_cli("check", "--config", str(path), command=CONSOLE)
     assert result.returncode == 1
     out = result.stdout + result.stderr
     for line, field, why in NESTED_PROBLEMS:
         pattern = rf"^{re.escape(str(path))}:{line}: {re.escape(field)}: .*{re.escape(why)}"
         assert re.search(pattern, out, re.M), f"missing {line}: {field} in:\n{out}"
     assert "Traceback" not in out
-    ran = cli(PY_M, "run", "--config", str(path))
+    ran = run_cli("run", "--config", str(path), command=PY_M)
     assert ran.returncode == 2
     for line, field, _ in NESTED_PROBLEMS:
         assert f"{path}:{line}: {field}: " in ran.stderr
 
 
-def test_every_value_form_of_the_schema_runs(spawn, tmp_path, raw_upstream):
+def test_every_value_form_of_the_schema_runs(run_proxy, tmp_path, raw_upstream):
     """Config forms from the contract: `"[::1]:8080"` for IPv6; servers as `{address:, weight:}`
     items; upstream `tls: {verify: true, ca: FILE, server_name: NAME}`; `"*.example.com"`
     matches one or more labels; `[]` means none (the Upgrade offer is stripped and the request
@@ -202,7 +197,7 @@ def test_every_value_form_of_the_schema_runs(spawn, tmp_path, raw_upstream):
     ca = contract_certs(tmp_path)
     ca.cert_pem.write_to_path(str(tmp_path / "certs" / "ca.pem"))
     port4, port6 = free_port(), free_port(socket.AF_INET6)
-    config = write(
+    config = write_file(
         tmp_path / "proxy.yaml",
         f"""\
 listen:
@@ -240,8 +235,8 @@ limits:
 trusted_proxies: ["10.0.0.0/8", "fd00::/8", "192.0.2.1", "::1/128"]
 """,
     )
-    assert cli(PY_M, "check", "--config", str(config)).returncode == 0
-    proc = start_proxy(spawn, config)
+    assert run_cli("check", "--config", str(config), command=PY_M).returncode == 0
+    proc = run_proxy(config)
     with socket.create_connection(("::1", port6), timeout=WAIT) as sock:
         sock.sendall(
             b"GET /any HTTP/1.1\r\nHost: a.b.example.com\r\n" + WS_HEADERS
@@ -252,7 +247,7 @@ trusted_proxies: ["10.0.0.0/8", "fd00::/8", "192.0.2.1", "::1/128"]
     assert b"\r\nupgrade:" not in head  # upgrade: [] strips the offer
     assert b"sec-websocket-key: " + WS_KEY.lower() in head  # end-to-end headers pass
     assert re.search(rb"\r\nx-forwarded-for: 203\.0\.113\.7, ?::1\r\n", head), head
-    assert http(port6, "/any", host="example.com", addr="::1")[0] == 404
+    assert http(("::1", port6), "/any", host="example.com")[0] == 404
     assert http(port4, "/ws/x", host="exact.test")[0] == 200
     assert http(port4, "/other", host="exact.test")[0] == 404
     proc.signal(signal.SIGTERM)

@@ -18,7 +18,7 @@ import pytest
 import trio
 from websockets.sync.client import connect
 
-from tests.conftest import DemoProcess, run_cli
+from tests.support.processes import DemoProcess, run_cli
 from upgradeproxy.demo import main as demo_module
 from upgradeproxy.demo.main import SelftestFailed, round_trip, selftest
 
@@ -249,7 +249,7 @@ def test_default_port_taken_falls_back_to_a_free_one() -> None:
         assert demo.port != 8080
         with connect(demo.ws_url, open_timeout=10) as ws:
             assert json.loads(ws.recv())["type"] == "handshake"
-        assert "port 8080 is taken" in demo.log_text()
+        assert "port 8080 is taken" in demo.text()
     finally:
-        demo.stop()
+        demo.close()
         holder.close()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from tests.conftest import DemoProcess
+from tests.support.processes import DemoProcess
 
 pytestmark = pytest.mark.browser
 
@@ -90,11 +90,11 @@ def test_page_echoes_through_the_proxy(chromium: Browser, demo: DemoProcess) -> 
 
     assert demo.interrupt() == 0
     tunnels = demo.tunnel_records("/ws")
-    assert tunnels, demo.log_text()
+    assert tunnels, demo.text()
     assert all(t["protocol"] == "websocket" and t["status"] == 101 for t in tunnels)
     assert max(t["bytes_in"] for t in tunnels) > 0
     pages = [r for r in demo.log_records() if r.get("msg") == "http" and r["path"] == "/"]
-    assert pages, demo.log_text()
+    assert pages, demo.text()
 
 
 def _chat_from_another_tab(chromium: Browser, demo: DemoProcess) -> None:

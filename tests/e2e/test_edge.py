@@ -4,8 +4,6 @@ limit (rule 14), tunnel lifetime and spread drain (rule 13), PROXY protocol to s
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import logging
 import socket
 import struct
@@ -15,28 +13,24 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from tests.conftest import (
+from tests.support.clients import (
     LOOPBACK,
-    RawConn,
-    eventually,
-    proxy_yaml,
     raw_client,
     read_response,
     read_response_head,
     recv_exactly,
-    respond_ok_forever,
 )
+from tests.support.configs import listener, proxy_yaml
+from tests.support.metrics import metrics_text
+from tests.support.peers import RawConn, accept_upgrade, echo, respond_ok_forever
+from tests.support.processes import run_cli
+from tests.support.waiting import WAIT, eventually
+from tests.support.wire import proxy_v1_header, proxy_v2_header, ws_request
 
-WAIT = 5
-WS_HEAD = (
-    b"GET %s HTTP/1.1\r\nHost: chat.example.com\r\nConnection: Upgrade\r\n"
-    b"Upgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-    b"Sec-WebSocket-Version: 13\r\n%s\r\n"
-)
 
-
-def ws_request(path: bytes = b"/", extra: bytes = b"") -> bytes:
-    return WS_HEAD % (path, extra)
+def chat_request(path: bytes = b"/", extra: bytes = b"") -> bytes:
+    """A WebSocket handshake to chat.example.com; `extra` adds header lines (with their CRLF)."""
+    return ws_request(*extra.splitlines(), target=path, host=b"chat.example.com")
 
 
 def records(caplog: pytest.LogCaptureFixture, kind: str) -> list[dict[str, object]]:
@@ -49,9 +43,11 @@ def records(caplog: pytest.LogCaptureFixture, kind: str) -> list[dict[str, objec
 
 # --- rule 12: allowed_origins ----------------------------------------------------------------
 
-ORIGINS = """
-allowed_origins: ["https://chat.example.com", "https://*.apps.example.com", "http://localhost:3000"]
-"""
+ORIGINS = {
+    "allowed_origins": [
+        "https://chat.example.com", "https://*.apps.example.com", "http://localhost:3000"
+    ]
+}  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -101,7 +97,7 @@ def test_malformed_origin_is_a_403_never_a_500(make_proxy, raw_upstream, extra, 
     up = raw_upstream()
     proxy = make_proxy(proxy_yaml(up.port, route=ORIGINS))
     with raw_client(proxy.address) as sock:
-        sock.sendall(ws_request(b"/", extra))
+        sock.sendall(chat_request(b"/", extra))
         status, _, body, _ = read_response(sock)
     assert (status, body) == (403, b"403 Forbidden\n")
     assert up.conns == []
@@ -116,16 +112,16 @@ def test_no_origin_and_plain_http_are_not_checked(make_proxy, raw_upstream):
         sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nOrigin: https://evil.example\r\n\r\n")
         assert read_response(sock)[0] == 200
     with raw_client(proxy.address) as sock:
-        sock.sendall(ws_request())  # no Origin: not a browser
+        sock.sendall(chat_request())  # no Origin: not a browser
         assert read_response(sock)[0] == 200  # the raw upstream declines with a 200
 
 
 def test_origin_refusals_are_counted_by_route(make_proxy, ws_upstream):
     up = ws_upstream()
-    proxy = make_proxy(proxy_yaml(up.port, route="path_prefix: /ws\n" + ORIGINS))
+    proxy = make_proxy(proxy_yaml(up.port, route={"path_prefix": "/ws", **ORIGINS}))
     for _ in range(2):
         with raw_client(proxy.address) as sock:
-            sock.sendall(ws_request(b"/ws", b"Origin: https://evil.example\r\n"))
+            sock.sendall(chat_request(b"/ws", b"Origin: https://evil.example\r\n"))
             assert read_response(sock)[0] == 403
     text = proxy.telemetry.render()
     assert 'upgradeproxy_origin_refusals_total{route="*/ws"} 2.0' in text
@@ -147,7 +143,7 @@ def limited_request(proxy, extra: bytes = b"") -> tuple[int, dict[bytes, bytes],
 def test_limit_refuses_with_429_then_recovers_after_a_close(make_proxy, ws_upstream, caplog):
     caplog.set_level(logging.INFO, "upgradeproxy.access")
     up = ws_upstream()
-    proxy = make_proxy(proxy_yaml(up.port, extra="limits: {max_connections_per_ip: 2}"))
+    proxy = make_proxy(proxy_yaml(up.port, limits={"max_connections_per_ip": 2}))
     # A keep-alive HTTP connection counts as much as a tunnel does.
     held = raw_client(proxy.address)
     held.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -170,7 +166,7 @@ def test_limit_refuses_with_429_then_recovers_after_a_close(make_proxy, ws_upstr
 def test_idle_connections_hold_their_slots_from_the_accept(make_proxy, raw_upstream):
     """A client holding connections that have sent nothing yet holds them all the same."""
     up = raw_upstream(respond_ok_forever)
-    proxy = make_proxy(proxy_yaml(up.port, extra="limits: {max_connections_per_ip: 2}"))
+    proxy = make_proxy(proxy_yaml(up.port, limits={"max_connections_per_ip": 2}))
     idle = [raw_client(proxy.address), raw_client(proxy.address)]
     try:
         assert eventually(lambda: proxy.call(lambda: dict(proxy.proxy.shared.per_ip.counts))
@@ -185,8 +181,9 @@ def test_idle_connections_hold_their_slots_from_the_accept(make_proxy, raw_upstr
 
 def test_limit_counts_the_client_behind_a_trusted_proxy(make_proxy, raw_upstream):
     up = raw_upstream(respond_ok_forever)
-    extra = "limits: {max_connections_per_ip: 1}\ntrusted_proxies: ['127.0.0.0/8']"
-    proxy = make_proxy(proxy_yaml(up.port, extra=extra))
+    proxy = make_proxy(
+        proxy_yaml(up.port, limits={"max_connections_per_ip": 1}, trusted_proxies=["127.0.0.0/8"])
+    )
     held = raw_client(proxy.address)
     try:
         held.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 198.51.100.7\r\n\r\n")
@@ -212,7 +209,7 @@ LATE_MARGIN = 0.4
 def open_tunnel(proxy) -> tuple[socket.socket, float]:
     """A raw WebSocket tunnel through `proxy` and the moment its 101 arrived."""
     sock = raw_client(proxy.address, timeout=WAIT)
-    sock.sendall(ws_request(b"/"))
+    sock.sendall(chat_request(b"/"))
     head, rest = read_response_head(sock)
     switched = time.monotonic()
     assert head.startswith(b"HTTP/1.1 101 "), head
@@ -230,7 +227,7 @@ def closed_at(sock: socket.socket) -> float:
 def test_tunnel_lifetime_closes_between_1_0_and_1_1_s(make_proxy, ws_upstream, caplog):
     caplog.set_level(logging.INFO, "upgradeproxy.access")
     up = ws_upstream()
-    proxy = make_proxy(proxy_yaml(up.port, extra="timeouts: {tunnel_max_lifetime: 1}"))
+    proxy = make_proxy(proxy_yaml(up.port, timeouts={"tunnel_max_lifetime": 1}))
     tunnels = [open_tunnel(proxy) for _ in range(3)]
     for sock, switched in tunnels:
         with sock:
@@ -242,10 +239,15 @@ def test_tunnel_lifetime_closes_between_1_0_and_1_1_s(make_proxy, ws_upstream, c
 
 
 def test_without_lifetime_a_tunnel_stays_open(make_proxy, ws_upstream):
+    """`tunnel_max_lifetime: 0` is no limit: a tunnel outlives one opened after it through a
+    proxy with a 1 s lifetime (whose close is the sentinel: a second has passed)."""
     up = ws_upstream()
-    proxy = make_proxy(proxy_yaml(up.port, extra="timeouts: {tunnel_max_lifetime: 0}"))
-    with connect(proxy.url("/"), open_timeout=WAIT) as ws:
-        time.sleep(1.2)
+    forever = make_proxy(proxy_yaml(up.port, timeouts={"tunnel_max_lifetime": 0}))
+    limited = make_proxy(proxy_yaml(up.port, timeouts={"tunnel_max_lifetime": 1}))
+    with connect(forever.url("/"), open_timeout=WAIT) as ws:
+        sentinel, _ = open_tunnel(limited)
+        with sentinel:
+            closed_at(sentinel)
         ws.send("still here")
         assert ws.recv(timeout=WAIT) == "still here"
 
@@ -279,8 +281,7 @@ def test_spread_drain_closes_tunnels_across_the_window(make_proxy, ws_upstream, 
     """12 tunnels, `drain: 4`: they close a few at a time over the 4 s, not in one burst."""
     caplog.set_level(logging.INFO, "upgradeproxy.access")
     up = ws_upstream()
-    extra = "timeouts: {drain: 4}\ndrain_tunnels: spread"
-    proxy = make_proxy(proxy_yaml(up.port, extra=extra))
+    proxy = make_proxy(proxy_yaml(up.port, timeouts={"drain": 4}, drain_tunnels="spread"))
     socks = [open_tunnel(proxy)[0] for _ in range(12)]
     started = time.monotonic()
     proxy.drain()
@@ -296,7 +297,7 @@ def test_spread_drain_closes_tunnels_across_the_window(make_proxy, ws_upstream, 
 
 def test_wait_drain_keeps_tunnels_until_the_window_ends(make_proxy, ws_upstream):
     up = ws_upstream()
-    proxy = make_proxy(proxy_yaml(up.port, extra="timeouts: {drain: 1}"))
+    proxy = make_proxy(proxy_yaml(up.port, timeouts={"drain": 1}))
     socks = [open_tunnel(proxy)[0] for _ in range(4)]
     started = time.monotonic()
     proxy.drain()
@@ -307,10 +308,6 @@ def test_wait_drain_keeps_tunnels_until_the_window_ends(make_proxy, ws_upstream)
 
 
 # --- rule 15: PROXY protocol to servers -------------------------------------------------------
-
-
-def accept_key(key: bytes) -> bytes:
-    return base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
 
 
 def read_proxy(conn: RawConn, version: int) -> bytes:
@@ -326,13 +323,8 @@ def read_proxy(conn: RawConn, version: int) -> bytes:
 
 def expected_header(version: int, src: tuple[str, int], dst: tuple[str, int]) -> bytes:
     if version == 1:
-        return b"PROXY TCP4 %s %s %d %d\r\n" % (src[0].encode(), dst[0].encode(), src[1], dst[1])
-    addresses = socket.inet_aton(src[0]) + socket.inet_aton(dst[0])
-    return (
-        b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c"
-        + addresses
-        + struct.pack("!HH", *[src[1], dst[1]])
-    )
+        return proxy_v1_header(src, dst)
+    return proxy_v2_header(src, dst[1], dst[0])
 
 
 def proxy_then_echo(version: int, headers: list[bytes]):
@@ -340,18 +332,8 @@ def proxy_then_echo(version: int, headers: list[bytes]):
 
     def handle(conn: RawConn) -> None:
         headers.append(read_proxy(conn, version))
-        head = conn.read_head()
-        key = next(
-            line.split(b":", 1)[1].strip()
-            for line in head.split(b"\r\n")
-            if line.lower().startswith(b"sec-websocket-key:")
-        )
-        conn.send(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Accept: %s\r\n\r\n" % accept_key(key)
-        )
-        while data := conn.sock.recv(65536):
-            conn.sock.sendall(data)
+        accept_upgrade(conn)
+        echo(conn)
 
     return handle
 
@@ -360,7 +342,7 @@ def proxy_then_echo(version: int, headers: list[bytes]):
 def test_tunnel_upstream_reads_the_exact_proxy_header(make_proxy, raw_upstream, version):
     headers: list[bytes] = []
     up = raw_upstream(proxy_then_echo(version, headers))
-    proxy = make_proxy(proxy_yaml(up.port, upstream=f"proxy_protocol: v{version}"))
+    proxy = make_proxy(proxy_yaml(up.port, upstream={"proxy_protocol": f"v{version}"}))
     sock, _ = open_tunnel(proxy)
     with sock:
         source = sock.getsockname()
@@ -374,7 +356,7 @@ def test_pooled_connection_is_reused_only_for_the_client_it_named(
     make_proxy, raw_upstream, version
 ):
     up = raw_upstream()
-    proxy = make_proxy(proxy_yaml(up.port, upstream=f"proxy_protocol: v{version}"))
+    proxy = make_proxy(proxy_yaml(up.port, upstream={"proxy_protocol": f"v{version}"}))
     clients = [raw_client(proxy.address), raw_client(proxy.address)]
     try:
         for i, sock in enumerate(clients):
@@ -399,13 +381,13 @@ def test_pooled_connection_is_reused_only_for_the_client_it_named(
 def test_proxy_listener_source_is_what_goes_upstream(make_proxy, raw_upstream):
     headers: list[bytes] = []
     up = raw_upstream(proxy_then_echo(1, headers))
-    text = proxy_yaml(up.port, upstream="proxy_protocol: v1").replace(
-        'address: "127.0.0.1:0"', 'address: "127.0.0.1:0"\n    proxy_protocol: true'
-    )
-    proxy = make_proxy(text)
+    proxy = make_proxy(
+        proxy_yaml(up.port, upstream={"proxy_protocol": "v1"},
+                   listen=listener(proxy_protocol=True))
+    )  # fmt: skip
     with raw_client(proxy.address) as sock:
         sock.sendall(b"PROXY TCP4 203.0.113.5 192.0.2.1 4242 443\r\n")
-        sock.sendall(ws_request(b"/", b"X-Forwarded-For: 6.6.6.6\r\n"))
+        sock.sendall(chat_request(b"/", b"X-Forwarded-For: 6.6.6.6\r\n"))
         head, _ = read_response_head(sock)
         assert head.startswith(b"HTTP/1.1 101 ")
         sock.sendall(b"x")
@@ -417,40 +399,31 @@ def test_proxy_listener_source_is_what_goes_upstream(make_proxy, raw_upstream):
 
 
 def scrape(proxy) -> str:
-    import urllib.request
-
-    host, port = proxy.proxy.admin_address
-    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=WAIT) as response:
-        return response.read().decode()
+    return metrics_text(proxy.admin_port)
 
 
 def test_tunnel_gauge_is_labelled_by_route_and_protocol_on_metrics(make_proxy, ws_upstream):
     up = ws_upstream()
-    text = proxy_yaml(
-        up.port,
-        route="host: chat.example.com\npath_prefix: /ws",
-        extra='admin: {address: "127.0.0.1:0"}',
-    )
-    proxy = make_proxy(text)
+    route = {"host": "chat.example.com", "path_prefix": "/ws"}
+    proxy = make_proxy(proxy_yaml(up.port, route=route, admin=0))
     sample = 'upgradeproxy_tunnels_active{protocol="websocket",route="chat.example.com/ws"}'
     with raw_client(proxy.address) as sock:
-        sock.sendall(ws_request(b"/ws/room"))
+        sock.sendall(chat_request(b"/ws/room"))
         assert read_response_head(sock)[0].startswith(b"HTTP/1.1 101 ")
         assert eventually(lambda: f"{sample} 1.0" in scrape(proxy))
     assert eventually(lambda: f"{sample} 0.0" in scrape(proxy))
 
 
 def test_check_reports_bad_edge_values_with_file_and_line(tmp_path):
-    from tests.conftest import run_cli
-
     path = tmp_path / "edge.yaml"
     path.write_text(
         proxy_yaml(
             9000,
-            route='allowed_origins: ["https://chat.example.com/ws", "chat.example.com"]',
-            upstream="proxy_protocol: v3",
-            extra="timeouts: {tunnel_max_lifetime: 500ms}\n"
-            "limits: {max_connections_per_ip: -1}\ndrain_tunnels: later",
+            route={"allowed_origins": ["https://chat.example.com/ws", "chat.example.com"]},
+            upstream={"proxy_protocol": "v3"},
+            timeouts={"tunnel_max_lifetime": "500ms"},
+            limits={"max_connections_per_ip": -1},
+            drain_tunnels="later",
         )
     )
     done = run_cli("check", "--config", str(path))
@@ -471,20 +444,17 @@ def test_check_reports_bad_edge_values_with_file_and_line(tmp_path):
 @pytest.mark.parametrize("version", [1, 2])
 def test_health_checks_start_with_a_proxy_header_naming_the_proxy(make_proxy, version):
     """Rule 15: health checks too, with the proxy's own address as the source."""
-    listener = socket.create_server((LOOPBACK, 0))
-    listener.settimeout(WAIT)
-    port = listener.getsockname()[1]
+    server = socket.create_server((LOOPBACK, 0))
+    server.settimeout(WAIT)
+    port = server.getsockname()[1]
+    check = {"path": "/healthz", "interval": "0.2s", "timeout": "2s"}
     make_proxy(
-        proxy_yaml(
-            port,
-            upstream=f"proxy_protocol: v{version}\n"
-            "health_check: {path: /healthz, interval: 0.2s, timeout: 2s}",
-        )
+        proxy_yaml(port, upstream={"proxy_protocol": f"v{version}", "health_check": check})
     )
     try:
-        sock, peer = listener.accept()
+        sock, peer = server.accept()
     finally:
-        listener.close()
+        server.close()
     with sock:
         sock.settimeout(WAIT)
         conn = RawConn(sock)

@@ -14,35 +14,14 @@ import time
 
 import pytest
 
-from tests.conftest import (
-    FAST_DRAIN,
-    RawConn,
-    RawUpstream,
-    assert_short_error,
-    free_port,
-    ok_response,
-    proxy_yaml,
-    raw_client,
-    read_response,
-    respond_ok_forever,
-)
+from tests.support.clients import closed_by_peer, free_port, raw_client, read_response
+from tests.support.configs import FAST_DRAIN, config_yaml, proxy_yaml, route
+from tests.support.peers import RawConn, RawUpstream, recording_ok, respond_ok_forever
+from tests.support.sentinels import SENTINEL, only_the_sentinel_arrives, sentinel_request
+from tests.support.wire import assert_short_error, decode_chunks
 
 # Every config here drains quickly so a failing test cannot hold the fixture for 30 s.
 # --- helpers ----------------------------------------------------------------------------
-
-
-def closes(sock: socket.socket, leftover: bytes | bytearray = b"", timeout: float = 5) -> bool:
-    """True when the peer closes `sock` (FIN or RST) without sending anything more."""
-    if leftover:
-        return False
-    sock.settimeout(timeout)
-    try:
-        data = sock.recv(65536)
-    except (ConnectionResetError, BrokenPipeError):
-        return True
-    except TimeoutError:
-        return False
-    return data == b""
 
 
 Response = tuple[int, dict[bytes, bytes], bytes, bytearray]
@@ -60,38 +39,16 @@ def assert_400_then_close(address: tuple[str, int], data: bytes) -> None:
         status, headers, _, rest = error_exchange(sock, data)
         assert status == 400, (status, data)
         # "then close": the proxy says so or just does it; we require that it does it.
-        assert closes(sock, rest), f"connection stayed open after 400 for {data!r}"
+        assert closed_by_peer(sock, rest), f"connection stayed open after 400 for {data!r}"
         if b"connection" in headers:
             assert headers[b"connection"].lower() == b"close"
 
 
-def recording_ok(heads: list[bytes]):
-    """A keep-alive upstream handler that answers every bodiless request 200 and keeps its head."""
-
-    def handler(conn: RawConn) -> None:
-        while True:
-            heads.append(conn.read_head(timeout=30))
-            conn.send(ok_response())
-
-    return handler
-
-
-def decode_chunks(data: bytes) -> tuple[bytes, bool]:
-    """(payload, saw the terminating 0-chunk) from possibly truncated chunked bytes."""
-    payload = b""
-    while data:
-        line_end = data.find(b"\r\n")
-        if line_end < 0:
-            break
-        size = int(data[:line_end].split(b";")[0], 16)
-        if size == 0:
-            return payload, True
-        chunk = data[line_end + 2 : line_end + 2 + size]
-        payload += chunk
-        if len(chunk) < size:
-            break
-        data = data[line_end + 2 + size + 2 :]
-    return payload, False
+def _isolation_yaml(dead_port: int, good: RawUpstream) -> str:
+    """/dead goes to a port nothing listens on, everything else to `good`."""
+    return config_yaml({"dead": dead_port, "good": good.port},
+                       [route("dead", path_prefix="/dead"), route("good")],
+                       timeouts=FAST_DRAIN)  # fmt: skip
 
 
 # --- 404 ---------------------------------------------------------------------------------
@@ -100,7 +57,7 @@ def decode_chunks(data: bytes) -> tuple[bytes, bool]:
 def test_404_unknown_host_keeps_connection_usable(make_proxy, raw_upstream):
     heads: list[bytes] = []
     up = raw_upstream(recording_ok(heads))
-    proxy = make_proxy(proxy_yaml(up.port, route='host: "a.example"', extra=FAST_DRAIN))
+    proxy = make_proxy(proxy_yaml(up.port, route={"host": "a.example"}, timeouts=FAST_DRAIN))
     with raw_client(proxy.address) as sock:
         status, _, _, rest = error_exchange(sock, b"GET /x HTTP/1.1\r\nHost: b.example\r\n\r\n")
         assert status == 404
@@ -117,7 +74,7 @@ def test_404_unknown_host_keeps_connection_usable(make_proxy, raw_upstream):
 def test_404_path_prefix_miss_keeps_connection_usable(make_proxy, raw_upstream):
     heads: list[bytes] = []
     up = raw_upstream(recording_ok(heads))
-    proxy = make_proxy(proxy_yaml(up.port, route='path_prefix: "/api"', extra=FAST_DRAIN))
+    proxy = make_proxy(proxy_yaml(up.port, route={"path_prefix": "/api"}, timeouts=FAST_DRAIN))
     with raw_client(proxy.address) as sock:
         status, _, _, rest = error_exchange(sock, b"GET /other HTTP/1.1\r\nHost: x\r\n\r\n")
         assert status == 404
@@ -168,37 +125,41 @@ MALFORMED = {
 @pytest.mark.parametrize("data", list(MALFORMED.values()), ids=list(MALFORMED))
 def test_malformed_request_is_400_then_close(make_proxy, raw_upstream, data):
     up = raw_upstream(respond_ok_forever)
-    proxy = make_proxy(proxy_yaml(up.port, extra=FAST_DRAIN))
+    proxy = make_proxy(proxy_yaml(up.port, timeouts=FAST_DRAIN))
     assert_400_then_close(proxy.address, data)
     # Nothing of it reached the upstream: the proxy never even connected.
-    assert up.conns == []
+    only_the_sentinel_arrives(proxy.address, up)
 
 
 def test_bad_chunk_size_in_one_send_stops_at_the_bad_chunk(make_proxy, raw_upstream):
     up = raw_upstream()  # records, never answers
-    proxy = make_proxy(proxy_yaml(up.port, extra=FAST_DRAIN))
+    proxy = make_proxy(proxy_yaml(up.port, timeouts=FAST_DRAIN))
     assert_400_then_close(
         proxy.address,
         b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
         b"5\r\nhello\r\nzz\r\nSMUGGLED\r\n0\r\n\r\n",
     )
-    try:
-        conn = up.accept(timeout=1)
-    except TimeoutError:
-        return  # the proxy checked the whole body first: nothing arrived at all
-    received = conn.read_until_close()
-    head, _, body = received.partition(b"\r\n\r\n")
+    # A sentinel sent now reaches the upstream behind whatever the proxy sent it before (the
+    # listener accepts in order). The proxy may have checked the whole body first and sent
+    # nothing at all: then the sentinel comes first.
+    with raw_client(proxy.address) as sock:
+        sock.sendall(sentinel_request())
+        first = up.accept(0)
+        head = first.read_head()
+    if head.startswith(b"GET " + SENTINEL + b" "):
+        return
+    body = first.read_until_close()
     assert head.startswith(b"POST /upload HTTP/1.1")
     payload, terminated = decode_chunks(body)
     assert b"hello".startswith(payload)
     assert not terminated, f"a terminating 0-chunk reached the upstream: {body!r}"
-    assert b"SMUGGLED" not in received
+    assert b"SMUGGLED" not in body
     assert b"zz" not in body
 
 
 def test_bad_chunk_size_after_streamed_chunk(make_proxy, raw_upstream):
     up = raw_upstream()
-    proxy = make_proxy(proxy_yaml(up.port, extra=FAST_DRAIN))
+    proxy = make_proxy(proxy_yaml(up.port, timeouts=FAST_DRAIN))
     with raw_client(proxy.address) as sock:
         sock.sendall(
             b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
@@ -210,30 +171,30 @@ def test_bad_chunk_size_after_streamed_chunk(make_proxy, raw_upstream):
         assert conn.read_exactly(10) == b"5\r\nhello\r\n"
         status, _, _, rest = error_exchange(sock, b"zz\r\nSMUGGLED\r\n0\r\n\r\n")
         assert status == 400
-        assert closes(sock, rest)
+        assert closed_by_peer(sock, rest)
     # Nothing past the bad chunk: no bytes at all, and certainly no terminating 0-chunk.
     assert conn.read_until_close() == b""
 
 
 # --- 431 ---------------------------------------------------------------------------------
 
-SMALL_HEAD_LIMIT = "limits: {max_request_header_bytes: 1024}\n" + FAST_DRAIN
+SMALL_HEAD_LIMIT = {"max_request_header_bytes": 1024}
 
 
 def test_431_head_too_large_sent_at_once(make_proxy, raw_upstream):
     up = raw_upstream(respond_ok_forever)
-    proxy = make_proxy(proxy_yaml(up.port, extra=SMALL_HEAD_LIMIT))
+    proxy = make_proxy(proxy_yaml(up.port, limits=SMALL_HEAD_LIMIT, timeouts=FAST_DRAIN))
     with raw_client(proxy.address) as sock:
         # A complete head of ~4 KiB against a 1 KiB limit, in one write.
         data = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 4000 + b"\r\n\r\n"
         status, _, _, _ = error_exchange(sock, data)
         assert status == 431
-    assert up.conns == []
+    only_the_sentinel_arrives(proxy.address, up)
 
 
 def test_431_head_too_large_still_incomplete(make_proxy, raw_upstream):
     up = raw_upstream(respond_ok_forever)
-    proxy = make_proxy(proxy_yaml(up.port, extra=SMALL_HEAD_LIMIT))
+    proxy = make_proxy(proxy_yaml(up.port, limits=SMALL_HEAD_LIMIT, timeouts=FAST_DRAIN))
     with raw_client(proxy.address) as sock:
         # Past the limit and no end of head in sight: answered without waiting for the rest.
         # One write, so the proxy has read everything we sent when it answers (no RST race).
@@ -242,12 +203,12 @@ def test_431_head_too_large_still_incomplete(make_proxy, raw_upstream):
         status, _, body, _ = read_response(sock)
         assert_short_error(body)
         assert status == 431
-    assert up.conns == []
+    only_the_sentinel_arrives(proxy.address, up)
 
 
 def test_head_just_under_the_limit_is_fine(make_proxy, raw_upstream):
     up = raw_upstream(respond_ok_forever)
-    proxy = make_proxy(proxy_yaml(up.port, extra=SMALL_HEAD_LIMIT))
+    proxy = make_proxy(proxy_yaml(up.port, limits=SMALL_HEAD_LIMIT, timeouts=FAST_DRAIN))
     with raw_client(proxy.address) as sock:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Small: " + b"a" * 500 + b"\r\n\r\n")
         status, _, body, _ = read_response(sock)
@@ -259,22 +220,22 @@ def test_head_just_under_the_limit_is_fine(make_proxy, raw_upstream):
 
 def test_408_partial_head_then_close(make_proxy, raw_upstream):
     up = raw_upstream(respond_ok_forever)
-    proxy = make_proxy(proxy_yaml(up.port, extra='timeouts: {request_header: "300ms", drain: 1}'))
+    proxy = make_proxy(proxy_yaml(up.port, timeouts={"request_header": "300ms", "drain": 1}))
     with raw_client(proxy.address) as sock:
         sock.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n")  # no blank line: the head never ends
         status, headers, body, rest = read_response(sock)
         assert_short_error(body)
         assert status == 408
-        assert closes(sock, rest)
+        assert closed_by_peer(sock, rest)
         if b"connection" in headers:
             assert headers[b"connection"].lower() == b"close"
-    assert up.conns == []
+    only_the_sentinel_arrives(proxy.address, up)
 
 
 def test_408_partial_second_request_on_keep_alive(make_proxy, raw_upstream):
     up = raw_upstream(respond_ok_forever)
     proxy = make_proxy(
-        proxy_yaml(up.port, extra='timeouts: {request_header: "300ms", idle: 30, drain: 1}')
+        proxy_yaml(up.port, timeouts={"request_header": "300ms", "idle": 30, "drain": 1})
     )
     with raw_client(proxy.address) as sock:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -284,13 +245,13 @@ def test_408_partial_second_request_on_keep_alive(make_proxy, raw_upstream):
         status, _, body, rest = read_response(sock)
         assert_short_error(body)
         assert status == 408
-        assert closes(sock, rest)
+        assert closed_by_peer(sock, rest)
 
 
 def test_idle_keep_alive_closed_quietly(make_proxy, raw_upstream):
     up = raw_upstream(respond_ok_forever)
     proxy = make_proxy(
-        proxy_yaml(up.port, extra='timeouts: {idle: "300ms", request_header: 30, drain: 1}')
+        proxy_yaml(up.port, timeouts={"idle": "300ms", "request_header": 30, "drain": 1})
     )
     with raw_client(proxy.address) as sock:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -310,13 +271,13 @@ def test_idle_keep_alive_closed_quietly(make_proxy, raw_upstream):
 
 def test_405_connect(make_proxy, raw_upstream):
     up = raw_upstream(respond_ok_forever)
-    proxy = make_proxy(proxy_yaml(up.port, extra=FAST_DRAIN))
+    proxy = make_proxy(proxy_yaml(up.port, timeouts=FAST_DRAIN))
     with raw_client(proxy.address) as sock:
         status, _, _, _ = error_exchange(
             sock, b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n"
         )
         assert status == 405
-    assert up.conns == []
+    only_the_sentinel_arrives(proxy.address, up)
 
 
 # --- 502 ---------------------------------------------------------------------------------
@@ -353,7 +314,7 @@ UPSTREAM_FAILURES = {
 
 
 def test_502_upstream_refused(make_proxy):
-    proxy = make_proxy(proxy_yaml(free_port(), extra=FAST_DRAIN))
+    proxy = make_proxy(proxy_yaml(free_port(), timeouts=FAST_DRAIN))
     with raw_client(proxy.address) as sock:
         status, _, _, _ = error_exchange(sock, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         assert status == 502
@@ -362,7 +323,7 @@ def test_502_upstream_refused(make_proxy):
 @pytest.mark.parametrize("handler", list(UPSTREAM_FAILURES.values()), ids=list(UPSTREAM_FAILURES))
 def test_502_upstream_fails_before_a_response(make_proxy, raw_upstream, handler):
     up = raw_upstream(handler)
-    proxy = make_proxy(proxy_yaml(up.port, extra=FAST_DRAIN))
+    proxy = make_proxy(proxy_yaml(up.port, timeouts=FAST_DRAIN))
     with raw_client(proxy.address) as sock:
         status, _, body, _ = error_exchange(sock, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         assert status == 502
@@ -375,21 +336,7 @@ def test_502_then_client_connection_still_works(make_proxy, raw_upstream):
     heads: list[bytes] = []
     good = raw_upstream(recording_ok(heads))
     dead = free_port()
-    yaml = f"""
-listen:
-  - address: "127.0.0.1:0"
-upstreams:
-  dead:
-    servers: ["127.0.0.1:{dead}"]
-  good:
-    servers: ["127.0.0.1:{good.port}"]
-routes:
-  - path_prefix: /dead
-    upstream: dead
-  - upstream: good
-{FAST_DRAIN}
-"""
-    proxy = make_proxy(yaml)
+    proxy = make_proxy(_isolation_yaml(dead, good))
     with raw_client(proxy.address) as sock:
         status, _, _, rest = error_exchange(sock, b"GET /dead HTTP/1.1\r\nHost: x\r\n\r\n")
         assert status == 502
@@ -409,7 +356,7 @@ def _never_answers(conn: RawConn) -> None:
 def test_504_upstream_too_slow(make_proxy, raw_upstream):
     up = raw_upstream(_never_answers)
     proxy = make_proxy(
-        proxy_yaml(up.port, extra='timeouts: {upstream_response: "300ms", drain: 1}')
+        proxy_yaml(up.port, timeouts={"upstream_response": "300ms", "drain": 1})
     )
     with raw_client(proxy.address) as sock:
         status, _, _, _ = error_exchange(sock, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -419,23 +366,6 @@ def test_504_upstream_too_slow(make_proxy, raw_upstream):
 
 
 # --- isolation ---------------------------------------------------------------------------
-
-
-def _isolation_yaml(dead_port: int, good: RawUpstream) -> str:
-    return f"""
-listen:
-  - address: "127.0.0.1:0"
-upstreams:
-  dead:
-    servers: ["127.0.0.1:{dead_port}"]
-  good:
-    servers: ["127.0.0.1:{good.port}"]
-routes:
-  - path_prefix: /dead
-    upstream: dead
-  - upstream: good
-{FAST_DRAIN}
-"""
 
 
 def test_one_connection_failing_never_affects_another(make_proxy, raw_upstream):

@@ -4,72 +4,41 @@ memory, descriptors and CPU time can be read from /proc."""
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hashlib
 import select
 import shutil
 import socket
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
-from tests.conftest import (
-    RawConn,
-    eventually,
-    proxy_yaml,
+from tests.support.clients import (
+    LOOPBACK,
     read_response,
     read_response_head,
     recv_exactly,
-    respond_ok_forever,
 )
-from tests.soak.proxyproc import LOOPBACK, ProxyProcess, config_yaml, free_port
+from tests.support.configs import proxy_yaml
+from tests.support.peers import RawConn, echo_after_switch, respond_ok_forever
+from tests.support.processes import ProxyProcess
+from tests.support.waiting import eventually
+from tests.support.wire import ws_request
 
 MB = 1 << 20
-KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
-ACCEPT = base64.b64encode(hashlib.sha1(KEY + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
-HANDSHAKE = (
-    b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-    b"Sec-WebSocket-Key: " + KEY + b"\r\nSec-WebSocket-Version: 13\r\n\r\n"
-)
+HANDSHAKE = ws_request(target=b"/ws", host=b"t")
+ws_echo = echo_after_switch()  # a valid 101, then every byte echoed until EOF
 
 
 @pytest.fixture
-def spawn() -> Iterator[Callable[..., ProxyProcess]]:
-    started: list[ProxyProcess] = []
+def spawn(run_proxy) -> Callable[..., ProxyProcess]:
+    """`spawn(upstream_port, wrapper=(), **config_keys)`: `upgradeproxy run` in front of it."""
 
-    def start(upstream_port: int, extra: str = "", wrapper: tuple[str, ...] = ()) -> ProxyProcess:
-        port = free_port()
-        yaml = config_yaml(port, {"app": [upstream_port]}, "  - upstream: app", extra)
-        proc = ProxyProcess(yaml, port, wrapper)
-        started.append(proc)
-        return proc
+    def start(upstream_port: int, wrapper: tuple[str, ...] = (), **keys) -> ProxyProcess:
+        return run_proxy(proxy_yaml(upstream_port, **keys), "--no-access-log", prefix=wrapper)
 
-    yield start
-    for proc in started:
-        proc.stop()
-
-
-def ws_echo(conn: RawConn) -> None:
-    """A WebSocket upstream at the byte level: a valid 101, then every byte echoed until EOF."""
-    try:
-        _ws_echo(conn)
-    finally:
-        conn.close()  # a FIN back, so the proxy's tunnel is done both ways
-
-
-def _ws_echo(conn: RawConn) -> None:
-    conn.read_head()
-    conn.send(
-        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Accept: " + ACCEPT + b"\r\n\r\n"
-    )
-    if conn.received:
-        conn.send(bytes(conn.received))
-    while data := conn.sock.recv(65536):
-        conn.send(data)
+    return start
 
 
 def tunnel_echoes(port: int, payload: bytes = b"are you there?") -> bool:
@@ -182,7 +151,7 @@ def test_an_endless_response_head_is_a_502_in_bounded_memory(spawn, raw_upstream
 @pytest.mark.slow
 def test_two_thousand_silent_clients_do_not_delay_others(spawn, raw_upstream):
     upstream = raw_upstream(respond_ok_forever)
-    proxy = spawn(upstream.port, extra="timeouts:\n  request_header: 60s\n")
+    proxy = spawn(upstream.port, timeouts={"request_header": "60s"})
     silent: list[socket.socket] = []
     try:
         for _ in range(2000):

@@ -4,16 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import (
-    FAST_DRAIN,
-    RawConn,
-    elements,
-    proxy_yaml,
-    raw_client,
-    read_response,
-    read_response_head,
-    respond_ok_forever,
-)
+from tests.support.clients import raw_client, read_response, read_response_head
+from tests.support.configs import FAST_DRAIN, proxy_yaml
+from tests.support.peers import RawConn, respond_ok_forever
+from tests.support.wire import elements
 
 # --- rule 4: forwarding ---------------------------------------------------------------------
 
@@ -24,8 +18,8 @@ def test_several_x_forwarded_for_fields(make_proxy, raw_upstream, trusted):
     which case the proxy appends to them." Several `X-Forwarded-For` fields are one list (RFC
     9110 §5.3): appended to in order when trusted, replaced when not."""
     up = raw_upstream(respond_ok_forever)
-    extra = 'trusted_proxies: ["127.0.0.0/8"]\n' if trusted else ""
-    proxy = make_proxy(proxy_yaml(up.port, extra=extra + FAST_DRAIN))
+    keys = {"trusted_proxies": ["127.0.0.0/8"]} if trusted else {}
+    proxy = make_proxy(proxy_yaml(up.port, timeouts=FAST_DRAIN, **keys))
     with raw_client(proxy.address) as sock:
         sock.sendall(
             b"GET / HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 1.1.1.1\r\n"
@@ -50,7 +44,7 @@ def test_via_appended_on_the_response(make_proxy, raw_upstream):
         conn.send(b"HTTP/1.1 200 OK\r\nVia: 1.1 backend-lb\r\nContent-Length: 2\r\n\r\nok")
 
     up = raw_upstream(handler)
-    proxy = make_proxy(proxy_yaml(up.port, extra=FAST_DRAIN))
+    proxy = make_proxy(proxy_yaml(up.port, timeouts=FAST_DRAIN))
     with raw_client(proxy.address) as sock:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         head, _ = read_response_head(sock)

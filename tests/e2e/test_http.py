@@ -15,16 +15,10 @@ from collections.abc import Callable
 import h11
 import pytest
 
-from tests.conftest import (
-    FAST_DRAIN,
-    RawConn,
-    ok_response,
-    proxy_yaml,
-    raw_client,
-    read_response,
-    read_response_head,
-    respond_ok_forever,
-)
+from tests.support.clients import raw_client, read_response, read_response_head
+from tests.support.configs import FAST_DRAIN, proxy_yaml
+from tests.support.peers import RawConn, respond_ok_forever
+from tests.support.wire import ok_response
 
 BIG = 8 * 1024 * 1024
 
@@ -132,7 +126,7 @@ def split_response(data: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
 
 def test_client_keep_alive_and_upstream_reuse(make_proxy, raw_upstream):
     up = raw_upstream(respond_ok_forever)
-    proxy = make_proxy(proxy_yaml(up.port, extra=FAST_DRAIN))
+    proxy = make_proxy(proxy_yaml(up.port, timeouts=FAST_DRAIN))
     with raw_client(proxy.address) as sock:
         for i in range(3):
             sock.sendall(b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % i)
@@ -144,7 +138,7 @@ def test_client_keep_alive_and_upstream_reuse(make_proxy, raw_upstream):
 
 def test_upstream_connection_pooled_across_client_connections(make_proxy, raw_upstream):
     up = raw_upstream(respond_ok_forever)
-    proxy = make_proxy(proxy_yaml(up.port, extra=FAST_DRAIN))
+    proxy = make_proxy(proxy_yaml(up.port, timeouts=FAST_DRAIN))
     for i in range(3):
         with raw_client(proxy.address) as sock:
             sock.sendall(b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % i)
@@ -215,7 +209,7 @@ def _stream_big_body(proxy_address, chunked: bool) -> tuple[str, str, h11.Respon
 def test_post_8mib_content_length_streamed_both_ways(make_proxy, raw_upstream):
     requests: list[h11.Request] = []
     up = raw_upstream(chunked_echo(requests))
-    proxy = make_proxy(proxy_yaml(up.port, extra=FAST_DRAIN))
+    proxy = make_proxy(proxy_yaml(up.port, timeouts=FAST_DRAIN))
     sent, received, response = _stream_big_body(proxy.address, chunked=False)
     assert response.status_code == 200
     assert sent == received
@@ -226,7 +220,7 @@ def test_post_8mib_content_length_streamed_both_ways(make_proxy, raw_upstream):
 def test_post_8mib_chunked_streamed_both_ways(make_proxy, raw_upstream):
     requests: list[h11.Request] = []
     up = raw_upstream(chunked_echo(requests))
-    proxy = make_proxy(proxy_yaml(up.port, extra=FAST_DRAIN))
+    proxy = make_proxy(proxy_yaml(up.port, timeouts=FAST_DRAIN))
     sent, received, response = _stream_big_body(proxy.address, chunked=True)
     assert response.status_code == 200
     assert sent == received
@@ -244,7 +238,7 @@ def test_close_delimited_response_relayed_chunked(make_proxy, raw_upstream):
         conn.close()
 
     up = raw_upstream(http10_upstream)
-    proxy = make_proxy(proxy_yaml(up.port, extra=FAST_DRAIN))
+    proxy = make_proxy(proxy_yaml(up.port, timeouts=FAST_DRAIN))
     with raw_client(proxy.address) as sock:
         sock.sendall(b"GET /old HTTP/1.1\r\nHost: x\r\n\r\n")
         status, headers, got, rest = read_response(sock)
@@ -269,7 +263,7 @@ def test_expect_100_continue_relayed(make_proxy, raw_upstream):
         conn.read_until_close(timeout=10)
 
     up = raw_upstream(upstream)
-    proxy = make_proxy(proxy_yaml(up.port, extra=FAST_DRAIN))
+    proxy = make_proxy(proxy_yaml(up.port, timeouts=FAST_DRAIN))
     with raw_client(proxy.address) as sock:
         sock.sendall(
             b"POST /upload HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n"
@@ -298,7 +292,7 @@ def test_expect_100_continue_final_status_without_100(make_proxy, raw_upstream):
         (b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic", 401),
     ):
         up = raw_upstream(_answers_without_100(status_line))
-        proxy = make_proxy(proxy_yaml(up.port, extra=FAST_DRAIN))
+        proxy = make_proxy(proxy_yaml(up.port, timeouts=FAST_DRAIN))
         with raw_client(proxy.address) as sock:
             sock.sendall(
                 b"POST /upload HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
@@ -337,7 +331,7 @@ def _next_is_ok(sock: socket.socket, rest: bytearray) -> None:
 
 def test_head_response_keeps_content_length_without_body(make_proxy, raw_upstream):
     up = raw_upstream(_bodiless_upstream)
-    proxy = make_proxy(proxy_yaml(up.port, extra=FAST_DRAIN))
+    proxy = make_proxy(proxy_yaml(up.port, timeouts=FAST_DRAIN))
     with raw_client(proxy.address) as sock:
         sock.sendall(b"HEAD /file HTTP/1.1\r\nHost: x\r\n\r\n")
         head, rest = read_response_head(sock)
@@ -350,7 +344,7 @@ def test_head_response_keeps_content_length_without_body(make_proxy, raw_upstrea
 
 def test_204_and_304(make_proxy, raw_upstream):
     up = raw_upstream(_bodiless_upstream)
-    proxy = make_proxy(proxy_yaml(up.port, extra=FAST_DRAIN))
+    proxy = make_proxy(proxy_yaml(up.port, timeouts=FAST_DRAIN))
     with raw_client(proxy.address) as sock:
         sock.sendall(b"GET /204 HTTP/1.1\r\nHost: x\r\n\r\n")
         head, rest = read_response_head(sock)
@@ -379,7 +373,7 @@ def test_204_and_304(make_proxy, raw_upstream):
 def test_http10_client_gets_response_and_close(make_proxy, raw_upstream, request_bytes):
     requests: list[tuple[h11.Request, bytes]] = []
     up = raw_upstream(h11_upstream(echo_path, requests))
-    proxy = make_proxy(proxy_yaml(up.port, extra=FAST_DRAIN))
+    proxy = make_proxy(proxy_yaml(up.port, timeouts=FAST_DRAIN))
     with raw_client(proxy.address) as sock:
         sock.sendall(request_bytes)
         data = read_until_close(sock)  # bounded: fails on timeout if it never closes
@@ -402,7 +396,7 @@ def test_http10_client_gets_unchunked_body_from_chunked_upstream(make_proxy, raw
         conn.read_until_close(timeout=10)
 
     up = raw_upstream(chunked_upstream)
-    proxy = make_proxy(proxy_yaml(up.port, extra=FAST_DRAIN))
+    proxy = make_proxy(proxy_yaml(up.port, timeouts=FAST_DRAIN))
     with raw_client(proxy.address) as sock:
         sock.sendall(b"GET /old HTTP/1.0\r\nHost: x\r\n\r\n")
         data = read_until_close(sock)
@@ -418,7 +412,7 @@ def test_http10_client_gets_unchunked_body_from_chunked_upstream(make_proxy, raw
 def test_pipelined_requests_answered_in_order(make_proxy, raw_upstream):
     requests: list[tuple[h11.Request, bytes]] = []
     up = raw_upstream(h11_upstream(echo_path, requests))
-    proxy = make_proxy(proxy_yaml(up.port, extra=FAST_DRAIN))
+    proxy = make_proxy(proxy_yaml(up.port, timeouts=FAST_DRAIN))
     with raw_client(proxy.address) as sock:
         sock.sendall(
             b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -454,7 +448,7 @@ def test_client_that_stops_reading_is_dropped_after_idle(make_proxy, raw_upstrea
             upstream_gave_up.set()
 
     up = raw_upstream(flood)
-    proxy = make_proxy(proxy_yaml(up.port, extra='timeouts: {idle: "500ms", drain: 1}'))
+    proxy = make_proxy(proxy_yaml(up.port, timeouts={"idle": "500ms", "drain": 1}))
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.settimeout(5)

@@ -7,7 +7,9 @@ import gc
 
 import h11
 
-from tests.conftest import echo_after_switch, proxy_yaml, raw_client, recv_exactly, ws_upgrade
+from tests.support.clients import raw_client, recv_exactly, ws_upgrade
+from tests.support.configs import proxy_yaml
+from tests.support.peers import echo_after_switch
 from upgradeproxy.connection.context import Client
 
 
@@ -18,7 +20,7 @@ def _live(kind: type) -> int:
 
 def test_an_open_tunnel_holds_no_h11_connection_and_no_client_context(make_proxy, raw_upstream):
     up = raw_upstream(echo_after_switch())
-    proxy = make_proxy(proxy_yaml(up.port, extra="limits: {max_connections_per_ip: 5}"))
+    proxy = make_proxy(proxy_yaml(up.port, limits={"max_connections_per_ip": 5}))
     before = (_live(h11.Connection), _live(Client))
     with raw_client(proxy.address) as sock:
         ws_upgrade(sock)

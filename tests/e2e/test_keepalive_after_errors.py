@@ -11,18 +11,11 @@ import time
 
 import pytest
 
-from tests.conftest import (
-    FAST_DRAIN,
-    WAIT,
-    RawConn,
-    assert_short_error,
-    ok_response,
-    proxy_yaml,
-    raw_client,
-    read_response,
-    read_to_eof,
-    respond_ok_forever,
-)
+from tests.support.clients import raw_client, read_response, read_to_eof
+from tests.support.configs import FAST_DRAIN, proxy_yaml
+from tests.support.peers import RawConn, respond_ok_forever
+from tests.support.waiting import WAIT
+from tests.support.wire import assert_short_error, ok_response
 
 # --- rules 6 and 7: keep-alive and errors -------------------------------------------------------
 
@@ -43,7 +36,7 @@ def test_504_then_client_connection_still_works(make_proxy, raw_upstream):
 
     up = raw_upstream(handler)
     proxy = make_proxy(
-        proxy_yaml(up.port, extra='timeouts: {upstream_response: "300ms", drain: 1}')
+        proxy_yaml(up.port, timeouts={"upstream_response": "300ms", "drain": 1})
     )
     with raw_client(proxy.address) as sock:
         sock.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -62,7 +55,7 @@ def test_404_for_a_request_with_a_body(make_proxy, raw_upstream, body_size):
     body never reaches an upstream, and the connection either carries on or closes; nothing
     hangs."""
     up = raw_upstream(respond_ok_forever)
-    proxy = make_proxy(proxy_yaml(up.port, route='path_prefix: "/api"', extra=FAST_DRAIN))
+    proxy = make_proxy(proxy_yaml(up.port, route={"path_prefix": "/api"}, timeouts=FAST_DRAIN))
     body = b"b" * body_size
     with raw_client(proxy.address) as sock:
         sock.sendall(b"POST /nope HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % body_size)
@@ -91,7 +84,7 @@ def test_head_split_over_many_writes_succeeds(make_proxy, raw_upstream):
     """Rule 7's 408 is for a head not finished within `request_header`; a valid head sent one
     byte per write (TCP_NODELAY, ~100 writes) within that time is proxied normally."""
     up = raw_upstream(respond_ok_forever)
-    proxy = make_proxy(proxy_yaml(up.port, extra="timeouts: {request_header: 10, drain: 1}"))
+    proxy = make_proxy(proxy_yaml(up.port, timeouts={"request_header": 10, "drain": 1}))
     data = b"GET /slowly HTTP/1.1\r\nHost: x\r\nX-Long: " + b"v" * 40 + b"\r\n\r\n"
     with raw_client(proxy.address) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -122,7 +115,7 @@ def test_stalled_request_body_does_not_hang(make_proxy, raw_upstream):
         closed.set()
 
     up = raw_upstream(handler)
-    proxy = make_proxy(proxy_yaml(up.port, extra='timeouts: {idle: "500ms", drain: 1}'))
+    proxy = make_proxy(proxy_yaml(up.port, timeouts={"idle": "500ms", "drain": 1}))
     with raw_client(proxy.address, timeout=WAIT) as sock:
         sock.sendall(b"POST /big HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (100 << 20))
         sock.sendall(b"z" * (1 << 20))
@@ -150,7 +143,7 @@ def test_slow_upload_longer_than_upstream_response_is_not_a_504(make_proxy, raw_
 
     up = raw_upstream(handler)
     proxy = make_proxy(
-        proxy_yaml(up.port, extra='timeouts: {upstream_response: "600ms", idle: 5, drain: 1}')
+        proxy_yaml(up.port, timeouts={"upstream_response": "600ms", "idle": 5, "drain": 1})
     )
     with raw_client(proxy.address, timeout=WAIT) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

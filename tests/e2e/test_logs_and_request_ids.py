@@ -9,13 +9,10 @@ from typing import Any
 import pytest
 from websockets.sync.client import connect
 
-from tests.conftest import (
-    eventually,
-    proxy_yaml,
-    raw_client,
-    read_response,
-    respond_ok_forever,
-)
+from tests.support.clients import raw_client, read_response
+from tests.support.configs import proxy_yaml
+from tests.support.peers import respond_ok_forever
+from tests.support.waiting import eventually
 
 HEX32 = re.compile(rb"[0-9a-f]{32}")
 
@@ -62,7 +59,7 @@ def test_a_fresh_request_id_goes_upstream_on_the_response_and_in_the_log(
 
 def test_a_trusted_peers_request_id_passes_through(make_proxy, raw_upstream, logs):
     up = raw_upstream(respond_ok_forever)
-    proxy = make_proxy(proxy_yaml(up.port, extra="trusted_proxies: ['127.0.0.1']"))
+    proxy = make_proxy(proxy_yaml(up.port, trusted_proxies=["127.0.0.1"]))
     _, headers, _ = get(proxy.address, extra=b"X-Request-ID: abc-123\r\n")
     assert header_values(up.accept().heads[0], b"X-Request-ID") == [b"abc-123"]
     assert headers[b"x-request-id"] == b"abc-123"
@@ -70,7 +67,7 @@ def test_a_trusted_peers_request_id_passes_through(make_proxy, raw_upstream, log
 
 def test_request_id_false_turns_it_all_off(make_proxy, raw_upstream, logs):
     up = raw_upstream(respond_ok_forever)
-    proxy = make_proxy(proxy_yaml(up.port, extra="request_id: false"))
+    proxy = make_proxy(proxy_yaml(up.port, request_id=False))
     _, headers, _ = get(proxy.address, extra=b"X-Request-ID: kept\r\n")
     assert header_values(up.accept().heads[0], b"X-Request-ID") == [b"kept"]
     assert b"x-request-id" not in headers
@@ -80,7 +77,7 @@ def test_request_id_false_turns_it_all_off(make_proxy, raw_upstream, logs):
 
 
 def test_the_proxys_own_error_carries_a_request_id_and_counts_its_bytes(make_proxy, logs):
-    proxy = make_proxy(proxy_yaml(1, route="host: only.test"))
+    proxy = make_proxy(proxy_yaml(1, route={"host": "only.test"}))
     status, headers, body = get(proxy.address, "/nowhere")
     assert status == 404
     assert HEX32.fullmatch(headers[b"x-request-id"])
@@ -118,8 +115,8 @@ def test_a_bad_header_after_a_good_request_line_logs_method_and_path(make_proxy,
 @pytest.mark.parametrize(("query_on", "expected"), [(False, None), (True, "token=abc&x=1")])
 def test_query_is_logged_only_when_asked(make_proxy, raw_upstream, logs, query_on, expected):
     up = raw_upstream(respond_ok_forever)
-    extra = "access_log: {query: true}" if query_on else ""
-    proxy = make_proxy(proxy_yaml(up.port, extra=extra))
+    keys = {"access_log": {"query": True}} if query_on else {}
+    proxy = make_proxy(proxy_yaml(up.port, **keys))
     get(proxy.address, "/ws?token=abc&x=1")
     assert eventually(lambda: access_lines(logs))
     (line,) = access_lines(logs)
@@ -147,7 +144,7 @@ def test_a_client_sent_certificate_subject_never_reaches_the_upstream(
     make_proxy, raw_upstream, logs
 ):
     up = raw_upstream(respond_ok_forever)
-    proxy = make_proxy(proxy_yaml(up.port, extra="trusted_proxies: ['127.0.0.1']"))
+    proxy = make_proxy(proxy_yaml(up.port, trusted_proxies=["127.0.0.1"]))
     get(proxy.address, extra=b"X-Client-Cert-Subject: CN=admin\r\n")
     assert header_values(up.accept().heads[0], b"X-Client-Cert-Subject") == []
 
@@ -162,7 +159,7 @@ def test_a_client_sent_certificate_subject_never_reaches_the_upstream(
     ids=["whole-head-too-large", "incomplete-head-too-large", "head-too-slow"],
 )
 def test_rejected_heads_log_their_request_line(make_proxy, logs, sent, status):
-    proxy = make_proxy(proxy_yaml(1, extra="timeouts: {request_header: 0.3}"))
+    proxy = make_proxy(proxy_yaml(1, timeouts={"request_header": 0.3}))
     with raw_client(proxy.address) as sock:
         sock.sendall(sent)
         assert read_response(sock)[0] == status

@@ -6,13 +6,10 @@ import socket
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import (
-    eventually,
-    proxy_yaml,
-    raw_client,
-    read_response,
-    respond_ok_forever,
-)
+from tests.support.clients import raw_client, read_response
+from tests.support.configs import proxy_yaml
+from tests.support.peers import respond_ok_forever
+from tests.support.waiting import eventually
 
 
 def sample(proxy, name: str, **labels: str) -> float:
@@ -32,7 +29,7 @@ def get(sock: socket.socket) -> int:
 
 def test_connections_active_and_limited(make_proxy, raw_upstream):
     up = raw_upstream(respond_ok_forever)
-    proxy = make_proxy(proxy_yaml(up.port, extra="limits: {max_connections: 1}"))
+    proxy = make_proxy(proxy_yaml(up.port, limits={"max_connections": 1}))
     first = raw_client(proxy.address)
     assert get(first) == 200
     assert sample(proxy, "upgradeproxy_connections_active") == 1

@@ -8,253 +8,43 @@ talks to it over loopback sockets and signals it with `os.kill`, as an operator 
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import re
 import signal
 import socket
-import subprocess
-import sys
-import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
-from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import (
-    LOOPBACK,
-    WAIT,
-    WS_ACCEPT,
-    WS_KEY,
-    RawConn,
-    eventually,
-    free_port,
-    http,
-    ok_response,
-    read_response,
-    read_response_head,
-    refused,
-    respond_ok_forever,
-    scrape,
-)
-
-Line = dict[str, Any]
+from tests.support.clients import LOOPBACK, Tunnel, free_port, http, read_response, refused
+from tests.support.configs import config_yaml, route
+from tests.support.metrics import scrape
+from tests.support.metrics import value as total
+from tests.support.peers import RawConn, echo_after_switch, respond_ok_forever
+from tests.support.waiting import WAIT, eventually
+from tests.support.wire import ok_response
 
 
-def proxy_config(
-    listen: list[int],
-    upstreams: dict[str, int],
-    routes: list[tuple[str, str]],
-    *,
-    admin: int | None = None,
-    extra: str = "",
-) -> str:
-    """A config on loopback; `routes` are (path_prefix, upstream) pairs, first match wins."""
-    lines = ["listen:", *(f'  - address: "{LOOPBACK}:{p}"' for p in listen)]
-    if admin is not None:
-        lines += ["admin:", f'  address: "{LOOPBACK}:{admin}"']
-    lines.append("upstreams:")
-    for name, port in upstreams.items():
-        lines += [f"  {name}:", f'    servers: ["{LOOPBACK}:{port}"]']
-    lines.append("routes:")
-    for prefix, upstream in routes:
-        lines += [f'  - path_prefix: "{prefix}"', f"    upstream: {upstream}"]
-    return "\n".join([*lines, textwrap.dedent(extra), ""])
-
-
-class ProxyProcess:
-    """`upgradeproxy run` in its own process group, its JSON log lines collected as they come."""
-
-    def __init__(
-        self,
-        config: Path,
-        prefix: Sequence[str] = (),
-        command: Sequence[str] = (sys.executable, "-m", "upgradeproxy"),
-        **popen: Any,
-    ) -> None:
-        """`prefix` goes before the command (a wrapper), `command` is what runs `upgradeproxy`
-        (the one-file binary, say); `popen` adds Popen arguments."""
-        self.config = config
-        self.popen = subprocess.Popen(
-            [*prefix, *command, "run", "--config", str(config), "--log-format", "json"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            start_new_session=True, **popen,
-        )  # fmt: skip
-        self.lines: list[Line] = []
-        self._eof = False
-        self._changed = threading.Condition()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.popen.stderr is not None
-        for raw in self.popen.stderr:
-            text = raw.decode(errors="replace").rstrip("\n")
-            try:
-                line = json.loads(text)
-            except ValueError:
-                line = {"msg": text, "not_json": True}
-            with self._changed:
-                self.lines.append(line)
-                self._changed.notify_all()
-        with self._changed:
-            self._eof = True
-            self._changed.notify_all()
-
-    def matching(self, match: Callable[[Line], bool]) -> list[Line]:
-        with self._changed:
-            return [line for line in self.lines if match(line)]
-
-    def wait_for(self, match: Callable[[Line], bool], count: int = 1) -> list[Line]:
-        """The first `count` lines that `match`, waiting up to WAIT for them."""
-        deadline = time.monotonic() + WAIT
-        with self._changed:
-            while len(found := [line for line in self.lines if match(line)]) < count:
-                left = deadline - time.monotonic()
-                if left <= 0 or self._eof:
-                    log = "\n".join(map(str, self.lines))
-                    raise AssertionError(f"{count} matching line(s) not logged; log:\n{log}")
-                self._changed.wait(left)
-        return found[:count]
-
-    def wait_log(self, msg: str, count: int = 1, **fields: object) -> list[Line]:
-        return self.wait_for(
-            lambda line: (
-                line.get("msg") == msg and all(line.get(k) == v for k, v in fields.items())
-            ),
-            count,
-        )
-
-    def rewrite(self, text: str) -> None:
-        """Replace the config file atomically, as a deploy tool would."""
-        tmp = self.config.with_suffix(".tmp")
-        tmp.write_text(text)
-        tmp.replace(self.config)
-
-    def kill(self, sig: int) -> None:
-        os.kill(self.popen.pid, sig)
-
-    def wait_exit(self) -> int:
-        return self.popen.wait(WAIT)
-
-    def close(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.popen.pid, signal.SIGKILL)  # the group: workers too
-        self.popen.wait(WAIT)
-
-
-@pytest.fixture
-def start(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
-    """`start(config_text, workers=1)`: run the proxy and wait until it listens."""
-    started: list[ProxyProcess] = []
-
-    def run(text: str, workers: int = 1, ready: bool = True) -> ProxyProcess:
-        path = tmp_path / "proxy.yaml"
-        path.write_text(text)
-        proc = ProxyProcess(path)
-        started.append(proc)
-        if ready:
-            proc.wait_log("worker ready" if workers > 1 else "listening", count=workers)
-        return proc
-
-    yield run
-    for proc in started:
-        proc.close()
-
-
-# --- clients ---------------------------------------------------------------------------
-
-
-def tunnel_upstream(tag: bytes) -> Callable[[RawConn], None]:
-    """An upstream that accepts the WebSocket upgrade, sends `tag`, then echoes until EOF."""
-
-    def handler(conn: RawConn) -> None:
-        conn.read_head()
-        conn.send(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Accept: " + WS_ACCEPT + b"\r\n\r\n" + tag
-        )
-        conn.sock.settimeout(None)
-        while data := conn.sock.recv(65536):
-            conn.sock.sendall(data)
-        conn.close()
-
-    return handler
-
-
-class Tunnel:
-    """A client's upgraded connection through the proxy; `tag` names the upstream behind it."""
-
-    def __init__(self, port: int, path: str = "/chat") -> None:
-        self.sock = socket.create_connection((LOOPBACK, port), timeout=WAIT)
-        self.sock.sendall(
-            f"GET {path} HTTP/1.1\r\nHost: svc.test\r\nConnection: Upgrade\r\n"
-            "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n".encode()
-            + b"Sec-WebSocket-Key: "
-            + WS_KEY
-            + b"\r\n\r\n"
-        )
-        head, self.buf = read_response_head(self.sock)
-        assert head.startswith(b"HTTP/1.1 101 "), head
-        self.tag = self.recv(1)
-
-    def recv(self, n: int) -> bytes:
-        while len(self.buf) < n:
-            data = self.sock.recv(65536)
-            if not data:
-                raise EOFError("tunnel closed")
-            self.buf += data
-        out, self.buf = bytes(self.buf[:n]), self.buf[n:]
-        return out
-
-    def echo(self, data: bytes) -> bytes:
-        self.sock.sendall(data)
-        return self.recv(len(data))
-
-    def works(self) -> bool:
-        try:
-            return self.echo(b"ping") == b"ping"
-        except (EOFError, OSError):
-            return False
-
-    def closed_by_peer(self) -> bool:
-        """True once the proxy closes it (within WAIT)."""
-        try:
-            return self.sock.recv(1) == b""
-        except ConnectionResetError:
-            return True
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def total(families: dict[str, Any], name: str, **labels: str) -> float:
-    """The sum of the samples `name` whose labels include `labels` (0 if none)."""
-    return sum(
-        s.value
-        for f in families.values()
-        for s in f.samples
-        if s.name == name and labels.items() <= s.labels.items()
-    )
+def open_tunnel(port: int, path: str = "/chat") -> Tunnel:
+    """A tunnel through the proxy; `tag` is the one byte its upstream sends first."""
+    return Tunnel(port, path, tag=1)
 
 
 # --- admin endpoints and access log ------------------------------------------------------
 
 
-def test_health_ready_and_metrics_exposition(start, raw_upstream):
+def test_health_ready_and_metrics_exposition(run_proxy, raw_upstream):
     """/healthz and /readyz answer 200; /metrics has every contract metric with its type,
     HELP, labels and histogram buckets, and counts what the proxy did."""
-    web, chat = raw_upstream(respond_ok_forever), raw_upstream(tunnel_upstream(b"A"))
+    web, chat = raw_upstream(respond_ok_forever), raw_upstream(echo_after_switch(b"A"))
     port, admin = free_port(), free_port()
-    proc = start(
-        proxy_config(
-            [port],
+    proc = run_proxy(
+        config_yaml(
             {"web": web.port, "chat": chat.port, "gone": free_port()},
-            [("/http", "web"), ("/gone", "gone"), ("/", "chat")],
+            [route("web", path_prefix="/http"), route("gone", path_prefix="/gone"), route("chat")],
+            listen=[port],
             admin=admin,
         )
     )
@@ -263,7 +53,7 @@ def test_health_ready_and_metrics_exposition(start, raw_upstream):
     assert http(admin, "/readyz")[0] == 200
     assert http(port, "/http/x")[0] == 200
     assert http(port, "/gone")[0] == 502
-    tunnel = Tunnel(port)
+    tunnel = open_tunnel(port)
     assert tunnel.echo(b"x" * 1000) == b"x" * 1000
     tunnel.close()
     closed = proc.wait_log("tunnel")[0]
@@ -304,7 +94,7 @@ def test_health_ready_and_metrics_exposition(start, raw_upstream):
     assert buckets[-1].value == total(found, f"{hist}_count") == 3
 
 
-def test_access_log_json_lines_for_an_exchange_and_a_tunnel(start, raw_upstream):
+def test_access_log_json_lines_for_an_exchange_and_a_tunnel(run_proxy, raw_upstream):
     """One JSON line per exchange and one per closed tunnel, with every contract field;
     `workers: 1` runs one process with no supervisor."""
 
@@ -313,15 +103,17 @@ def test_access_log_json_lines_for_an_exchange_and_a_tunnel(start, raw_upstream)
         length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
         conn.send(ok_response(b"got " + conn.read_exactly(length)))
 
-    web, chat = raw_upstream(answer_body), raw_upstream(tunnel_upstream(b"A"))
+    web, chat = raw_upstream(answer_body), raw_upstream(echo_after_switch(b"A"))
     port = free_port()
-    proc = start(
-        proxy_config(
-            [port], {"web": web.port, "chat": chat.port}, [("/http", "web"), ("/", "chat")]
+    proc = run_proxy(
+        config_yaml(
+            {"web": web.port, "chat": chat.port},
+            [route("web", path_prefix="/http"), route("chat")],
+            listen=[port],
         )
     )
     assert http(port, "/http/form", method="POST", body=b"hello")[2] == b"got hello"
-    tunnel = Tunnel(port)
+    tunnel = open_tunnel(port)
     assert tunnel.echo(b"y" * 300) == b"y" * 300
     tunnel.sock.shutdown(socket.SHUT_WR)  # the client ends first
     assert tunnel.closed_by_peer()
@@ -354,14 +146,14 @@ def test_access_log_json_lines_for_an_exchange_and_a_tunnel(start, raw_upstream)
 # --- drain -----------------------------------------------------------------------------
 
 
-def test_drain_turns_readyz_503_stops_accepting_and_waits_for_tunnels(start, raw_upstream):
+def test_drain_turns_readyz_503_stops_accepting_and_waits_for_tunnels(run_proxy, raw_upstream):
     """From the drain signal /readyz is 503 and the listener refuses; an open tunnel keeps
     working, and the process exits 0 as soon as it closes."""
-    chat = raw_upstream(tunnel_upstream(b"A"))
+    chat = raw_upstream(echo_after_switch(b"A"))
     port, admin = free_port(), free_port()
-    proc = start(proxy_config([port], {"chat": chat.port}, [("/", "chat")], admin=admin))
-    tunnel = Tunnel(port)
-    proc.kill(signal.SIGTERM)
+    proc = run_proxy(config_yaml({"chat": chat.port}, [route("chat")], listen=[port], admin=admin))
+    tunnel = open_tunnel(port)
+    proc.signal(signal.SIGTERM)
     assert eventually(lambda: http(admin, "/readyz")[0] == 503)
     assert http(admin, "/healthz")[0] == 200
     assert eventually(lambda: refused(port))
@@ -371,7 +163,7 @@ def test_drain_turns_readyz_503_stops_accepting_and_waits_for_tunnels(start, raw
     proc.wait_log("draining", signal="SIGTERM")
 
 
-def test_drain_finishes_inflight_exchange_and_closes_idle_keepalive(start, raw_upstream):
+def test_drain_finishes_inflight_exchange_and_closes_idle_keepalive(run_proxy, raw_upstream):
     """An idle keep-alive connection is closed at once; an exchange in flight gets its
     response, with `Connection: close`, then its connection closes; exit 0."""
     reached, release = threading.Event(), threading.Event()
@@ -384,9 +176,11 @@ def test_drain_finishes_inflight_exchange_and_closes_idle_keepalive(start, raw_u
 
     fast, late = raw_upstream(respond_ok_forever), raw_upstream(slow)
     port = free_port()
-    proc = start(
-        proxy_config(
-            [port], {"fast": fast.port, "late": late.port}, [("/slow", "late"), ("/", "fast")]
+    proc = run_proxy(
+        config_yaml(
+            {"fast": fast.port, "late": late.port},
+            [route("late", path_prefix="/slow"), route("fast")],
+            listen=[port],
         )
     )
     request = b"GET %s HTTP/1.1\r\nHost: svc.test\r\n\r\n"
@@ -398,7 +192,7 @@ def test_drain_finishes_inflight_exchange_and_closes_idle_keepalive(start, raw_u
         assert read_response(idle)[0] == 200
         busy.sendall(request % b"/slow")
         assert reached.wait(WAIT)
-        proc.kill(signal.SIGINT)
+        proc.signal(signal.SIGINT)
         proc.wait_log("draining", signal="SIGINT")
         assert idle.recv(1) == b""
         release.set()
@@ -409,16 +203,16 @@ def test_drain_finishes_inflight_exchange_and_closes_idle_keepalive(start, raw_u
 
 
 @pytest.mark.slow
-def test_tunnel_is_cut_at_the_drain_deadline(start, raw_upstream):
+def test_tunnel_is_cut_at_the_drain_deadline(run_proxy, raw_upstream):
     """A tunnel still open `timeouts.drain` after the signal is closed; exit 0 all the same."""
-    chat = raw_upstream(tunnel_upstream(b"A"))
+    chat = raw_upstream(echo_after_switch(b"A"))
     port = free_port()
-    proc = start(
-        proxy_config([port], {"chat": chat.port}, [("/", "chat")], extra="timeouts: {drain: 1}")
+    proc = run_proxy(
+        config_yaml({"chat": chat.port}, [route("chat")], listen=[port], timeouts={"drain": 1})
     )
-    tunnel = Tunnel(port)
+    tunnel = open_tunnel(port)
     signalled = time.monotonic()
-    proc.kill(signal.SIGTERM)
+    proc.signal(signal.SIGTERM)
     assert tunnel.closed_by_peer()
     assert time.monotonic() - signalled >= 1.0  # the deadline, not the signal, closed it
     assert proc.wait_exit() == 0
@@ -426,16 +220,16 @@ def test_tunnel_is_cut_at_the_drain_deadline(start, raw_upstream):
     assert closed["first_close"] == "cancelled"
 
 
-def test_second_signal_stops_at_once(start, raw_upstream):
-    chat = raw_upstream(tunnel_upstream(b"A"))
+def test_second_signal_stops_at_once(run_proxy, raw_upstream):
+    chat = raw_upstream(echo_after_switch(b"A"))
     port = free_port()
-    proc = start(
-        proxy_config([port], {"chat": chat.port}, [("/", "chat")], extra="timeouts: {drain: 600}")
+    proc = run_proxy(
+        config_yaml({"chat": chat.port}, [route("chat")], listen=[port], timeouts={"drain": 600})
     )
-    tunnel = Tunnel(port)
-    proc.kill(signal.SIGTERM)
+    tunnel = open_tunnel(port)
+    proc.signal(signal.SIGTERM)
     proc.wait_log("draining")
-    proc.kill(signal.SIGINT)
+    proc.signal(signal.SIGINT)
     assert proc.wait_exit() == 0  # well before the 600 s drain
     assert tunnel.closed_by_peer()
     proc.wait_log("stopping now", signal="SIGINT")
@@ -444,74 +238,74 @@ def test_second_signal_stops_at_once(start, raw_upstream):
 # --- reload ----------------------------------------------------------------------------
 
 
-def test_tunnel_outlives_reloads_that_move_routes_and_listeners(start, raw_upstream):
+def test_tunnel_outlives_reloads_that_move_routes_and_listeners(run_proxy, raw_upstream):
     """After SIGHUP new connections use the new upstream and listeners (admin included); a
     tunnel opened before keeps its upstream, even once its listener is gone."""
-    a, b = raw_upstream(tunnel_upstream(b"A")), raw_upstream(tunnel_upstream(b"B"))
+    a, b = raw_upstream(echo_after_switch(b"A")), raw_upstream(echo_after_switch(b"B"))
     first, second, admin, moved = free_port(), free_port(), free_port(), free_port()
-    proc = start(proxy_config([first], {"chat": a.port}, [("/", "chat")]))
-    old = Tunnel(first)
+    proc = run_proxy(config_yaml({"chat": a.port}, [route("chat")], listen=[first]))
+    old = open_tunnel(first)
     assert old.tag == b"A"
 
-    extra = "timeouts: {tunnel_idle: 600}\nlimits: {max_connections: 50}"
     proc.rewrite(
-        proxy_config([first, second], {"chat": b.port}, [("/", "chat")], admin=admin, extra=extra)
-    )
-    proc.kill(signal.SIGHUP)
+        config_yaml({"chat": b.port}, [route("chat")], listen=[first, second], admin=admin,
+                    timeouts={"tunnel_idle": 600}, limits={"max_connections": 50})
+    )  # fmt: skip
+    proc.signal(signal.SIGHUP)
     proc.wait_log("reloaded")
-    assert (Tunnel(first).tag, Tunnel(second).tag) == (b"B", b"B")
+    assert (open_tunnel(first).tag, open_tunnel(second).tag) == (b"B", b"B")
     assert http(admin, "/healthz")[0] == 200
     assert old.echo(b"after the reload") == b"after the reload"
 
-    proc.rewrite(proxy_config([second], {"chat": b.port}, [("/", "chat")], admin=moved))
-    proc.kill(signal.SIGHUP)
+    proc.rewrite(config_yaml({"chat": b.port}, [route("chat")], listen=[second], admin=moved))
+    proc.signal(signal.SIGHUP)
     proc.wait_log("reloaded", count=2)
     assert eventually(lambda: refused(first))
     assert eventually(lambda: refused(admin))
     assert http(moved, "/readyz")[0] == 200
-    assert Tunnel(second).tag == b"B"
+    assert open_tunnel(second).tag == b"B"
     assert old.echo(b"listener gone") == b"listener gone"
 
 
-def test_invalid_reload_logs_every_problem_and_keeps_the_old_routes(start, raw_upstream):
+def test_invalid_reload_logs_every_problem_and_keeps_the_old_routes(run_proxy, raw_upstream):
     """A file that fails validation, or names a port that cannot be bound, changes nothing."""
-    a, b = raw_upstream(tunnel_upstream(b"A")), raw_upstream(tunnel_upstream(b"B"))
+    a, b = raw_upstream(echo_after_switch(b"A")), raw_upstream(echo_after_switch(b"B"))
     port = free_port()
-    good = proxy_config([port], {"chat": a.port}, [("/", "chat")])
-    proc = start(good)
+    good = config_yaml({"chat": a.port}, [route("chat")], listen=[port])
+    proc = run_proxy(good)
     proc.rewrite(good.replace("upstream: chat", "upstream: nope") + "listne: []\n")
-    proc.kill(signal.SIGHUP)
-    rejected = proc.wait_for(lambda line: line["msg"].startswith("reload rejected: "), count=2)
+    proc.signal(signal.SIGHUP)
+    rejected = proc.wait_record(lambda line: line["msg"].startswith("reload rejected: "), count=2)
     assert any("nope" in line["msg"] for line in rejected)
     assert any("listne" in line["msg"] and "listen" in line["msg"] for line in rejected)
-    assert Tunnel(port).tag == b"A"
+    assert open_tunnel(port).tag == b"A"
 
     with socket.create_server((LOOPBACK, 0)) as holder:
         taken = holder.getsockname()[1]
-        proc.rewrite(proxy_config([port, taken], {"chat": b.port}, [("/", "chat")]))
-        proc.kill(signal.SIGHUP)
-        proc.wait_for(lambda line: line["msg"].startswith("reload failed, old config kept: "))
-    assert Tunnel(port).tag == b"A"
+        proc.rewrite(config_yaml({"chat": b.port}, [route("chat")], listen=[port, taken]))
+        proc.signal(signal.SIGHUP)
+        proc.wait_record(lambda line: line["msg"].startswith("reload failed, old config kept: "))
+    assert open_tunnel(port).tag == b"A"
     assert not proc.matching(lambda line: line["msg"] == "reloaded")
 
-    proc.rewrite(proxy_config([port], {"chat": b.port}, [("/", "chat")]))
-    proc.kill(signal.SIGHUP)
+    proc.rewrite(config_yaml({"chat": b.port}, [route("chat")], listen=[port]))
+    proc.signal(signal.SIGHUP)
     proc.wait_log("reloaded")
-    assert Tunnel(port).tag == b"B"
+    assert open_tunnel(port).tag == b"B"
 
 
 # --- limits.max_connections ------------------------------------------------------------
 
 
-def test_max_connections_leaves_extra_clients_in_the_backlog(start, raw_upstream):
+def test_max_connections_leaves_extra_clients_in_the_backlog(run_proxy, raw_upstream):
     """The limit counts across listeners: two clients on one listener fill it, a third on
     the other is neither served nor refused until one of the first two closes. Nothing is
     logged as an error."""
     web = raw_upstream(respond_ok_forever)
     port, other = free_port(), free_port()
-    proc = start(
-        proxy_config(
-            [port, other], {"web": web.port}, [("/", "web")], extra="limits: {max_connections: 2}"
+    proc = run_proxy(
+        config_yaml(
+            {"web": web.port}, [route("web")], listen=[port, other], limits={"max_connections": 2}
         )
     )
     request = b"GET / HTTP/1.1\r\nHost: svc.test\r\n\r\n"
@@ -534,25 +328,25 @@ def test_max_connections_leaves_extra_clients_in_the_backlog(start, raw_upstream
 
 
 @pytest.mark.slow
-def test_two_workers_each_scrape_reports_the_totals(start, raw_upstream):
+def test_two_workers_each_scrape_reports_the_totals(run_proxy, raw_upstream):
     """Requests spread over both workers; every scrape, whichever worker answers it, shows
     the totals of both: requests, the duration histogram and the open tunnels."""
-    web, chat = raw_upstream(respond_ok_forever), raw_upstream(tunnel_upstream(b"A"))
+    web, chat = raw_upstream(respond_ok_forever), raw_upstream(echo_after_switch(b"A"))
     port, admin = free_port(), free_port()
-    config = proxy_config(
-        [port],
+    config = config_yaml(
         {"web": web.port, "chat": chat.port},
-        [("/ws", "chat"), ("/", "web")],
+        [route("chat", path_prefix="/ws"), route("web")],
+        listen=[port],
         admin=admin,
-        extra="workers: 2",
+        workers=2,
     )
-    proc = start(config, workers=2)
+    proc = run_proxy(config, workers=2)
     requests = 40
     for i in range(requests):
         assert http(port, f"/r{i}")[0] == 200
     served = proc.wait_log("http", count=requests)
     assert {line["worker"] for line in served} == {0, 1}
-    tunnels = [Tunnel(port, "/ws") for _ in range(6)]
+    tunnels = [open_tunnel(port, "/ws") for _ in range(6)]
     expected = requests + len(tunnels)
     assert eventually(lambda: total(scrape(admin), "upgradeproxy_requests_total") == expected)
     for _ in range(12):  # fresh connections: SO_REUSEPORT spreads them over both workers
@@ -566,24 +360,24 @@ def test_two_workers_each_scrape_reports_the_totals(start, raw_upstream):
 
 
 @pytest.mark.slow
-def test_killed_worker_is_replaced_and_totals_survive(start, raw_upstream):
+def test_killed_worker_is_replaced_and_totals_survive(run_proxy, raw_upstream):
     """SIGKILL one worker: the parent starts another; the dead worker's counts stay in the
     totals, its tunnels leave the gauge; SIGTERM to the parent drains all and exits 0."""
-    web, chat = raw_upstream(respond_ok_forever), raw_upstream(tunnel_upstream(b"A"))
+    web, chat = raw_upstream(respond_ok_forever), raw_upstream(echo_after_switch(b"A"))
     port, admin = free_port(), free_port()
-    config = proxy_config(
-        [port],
+    config = config_yaml(
         {"web": web.port, "chat": chat.port},
-        [("/ws", "chat"), ("/", "web")],
+        [route("chat", path_prefix="/ws"), route("web")],
+        listen=[port],
         admin=admin,
-        extra="workers: 2",
+        workers=2,
     )
-    proc = start(config, workers=2)
+    proc = run_proxy(config, workers=2)
     pids = {line["worker"]: line["pid"] for line in proc.wait_log("worker ready", count=2)}
     for i in range(10):
         assert http(port, f"/before{i}")[0] == 200
     # Enough that both workers hold some (all on one: a 2**-19 chance).
-    tunnels = [Tunnel(port, "/ws") for _ in range(20)]
+    tunnels = [open_tunnel(port, "/ws") for _ in range(20)]
     assert eventually(lambda: total(scrape(admin), "upgradeproxy_tunnels_active") == 20)
     assert eventually(lambda: total(scrape(admin), "upgradeproxy_connections_active") == 20)
     # process_* per live worker, labelled with its pid (issue 11).
@@ -593,7 +387,7 @@ def test_killed_worker_is_replaced_and_totals_survive(start, raw_upstream):
 
     os.kill(pids[0], signal.SIGKILL)
     proc.wait_log("worker died: replacing it", worker=0)
-    fresh = proc.wait_for(
+    fresh = proc.wait_record(
         lambda line: (
             line["msg"] == "worker ready" and line["worker"] == 0 and line["pid"] != pids[0]
         )
@@ -611,7 +405,7 @@ def test_killed_worker_is_replaced_and_totals_survive(start, raw_upstream):
     expected = 10 + len(tunnels) + 10  # the 101s count as exchanges too
     assert eventually(lambda: total(scrape(admin), "upgradeproxy_requests_total") == expected)
 
-    proc.kill(signal.SIGTERM)
+    proc.signal(signal.SIGTERM)
     for tunnel in alive:
         tunnel.close()
     assert proc.wait_exit() == 0
@@ -621,45 +415,45 @@ def test_killed_worker_is_replaced_and_totals_survive(start, raw_upstream):
 
 
 @pytest.mark.slow
-def test_reload_with_workers_is_validated_by_the_parent(start, raw_upstream):
+def test_reload_with_workers_is_validated_by_the_parent(run_proxy, raw_upstream):
     """SIGHUP to the parent: an invalid file is rejected there (workers untouched); a valid
     one reaches every worker. A new `workers` count is logged as needing a restart."""
-    a, b = raw_upstream(tunnel_upstream(b"A")), raw_upstream(tunnel_upstream(b"B"))
+    a, b = raw_upstream(echo_after_switch(b"A")), raw_upstream(echo_after_switch(b"B"))
     port = free_port()
-    good = proxy_config([port], {"chat": a.port}, [("/", "chat")], extra="workers: 2")
-    proc = start(good, workers=2)
+    good = config_yaml({"chat": a.port}, [route("chat")], listen=[port], workers=2)
+    proc = run_proxy(good, workers=2)
     proc.rewrite(good + "bogus: 1\n")
-    proc.kill(signal.SIGHUP)
-    proc.wait_for(
+    proc.signal(signal.SIGHUP)
+    proc.wait_record(
         lambda line: line["msg"].startswith("reload rejected: ") and "bogus" in line["msg"]
     )
-    assert {Tunnel(port).tag for _ in range(6)} == {b"A"}
+    assert {open_tunnel(port).tag for _ in range(6)} == {b"A"}
 
-    proc.rewrite(proxy_config([port], {"chat": b.port}, [("/", "chat")], extra="workers: 3"))
-    proc.kill(signal.SIGHUP)
+    proc.rewrite(config_yaml({"chat": b.port}, [route("chat")], listen=[port], workers=3))
+    proc.signal(signal.SIGHUP)
     reloaded = proc.wait_log("reloaded", count=2)
     assert {line["worker"] for line in reloaded} == {0, 1}
     assert proc.matching(lambda line: "takes a restart" in line["msg"])
-    assert {Tunnel(port).tag for _ in range(8)} == {b"B"}
+    assert {open_tunnel(port).tag for _ in range(8)} == {b"B"}
     assert len(proc.matching(lambda line: line["msg"] == "worker ready")) == 2
 
 
 @pytest.mark.slow
-def test_worker_signalled_directly_and_by_the_parent_drains_once(start, raw_upstream):
+def test_worker_signalled_directly_and_by_the_parent_drains_once(run_proxy, raw_upstream):
     """systemd's default KillMode signals every process of the unit, so a worker may get
     SIGTERM both directly and from the parent: a repeat must not cut its tunnels."""
-    chat = raw_upstream(tunnel_upstream(b"A"))
+    chat = raw_upstream(echo_after_switch(b"A"))
     port = free_port()
-    config = proxy_config(
-        [port], {"chat": chat.port}, [("/", "chat")], extra="workers: 2\ntimeouts: {drain: 600}"
+    config = config_yaml(
+        {"chat": chat.port}, [route("chat")], listen=[port], workers=2, timeouts={"drain": 600}
     )
-    proc = start(config, workers=2)
+    proc = run_proxy(config, workers=2)
     pids = {line["worker"]: line["pid"] for line in proc.wait_log("worker ready", count=2)}
-    tunnel = Tunnel(port)
+    tunnel = open_tunnel(port)
     worker = proc.wait_log("http", status=101)[0]["worker"]
     os.kill(pids[worker], signal.SIGTERM)
     proc.wait_log("draining", worker=worker)
-    proc.kill(signal.SIGTERM)
+    proc.signal(signal.SIGTERM)
     proc.wait_log("already draining", worker=worker)
     assert tunnel.works()
     assert not proc.matching(lambda line: line["msg"] == "stopping now")
@@ -667,19 +461,19 @@ def test_worker_signalled_directly_and_by_the_parent_drains_once(start, raw_upst
     assert proc.wait_exit() == 0
 
 
-def test_readyz_answers_503_while_a_worker_drains_after_the_other_exited(start, raw_upstream):
+def test_readyz_answers_503_while_a_worker_drains_after_the_other_exited(run_proxy, raw_upstream):
     """workers: 2, SIGTERM with one tunnel open: the idle worker exits at once, and every
     probe that follows still gets its 503 from the worker left draining, never a reset
     (the admin socket is one socket shared by the workers, not one per worker)."""
-    chat = raw_upstream(tunnel_upstream(b"A"))
+    chat = raw_upstream(echo_after_switch(b"A"))
     port, admin = free_port(), free_port()
-    config = proxy_config(
-        [port], {"chat": chat.port}, [("/", "chat")], admin=admin,
-        extra="workers: 2\ntimeouts: {drain: 600}",
+    config = config_yaml(
+        {"chat": chat.port}, [route("chat")], listen=[port], admin=admin, workers=2,
+        timeouts={"drain": 600},
     )  # fmt: skip
-    proc = start(config, workers=2)
+    proc = run_proxy(config, workers=2)
     proc.wait_log("worker ready", count=2)
-    tunnel = Tunnel(port)
+    tunnel = open_tunnel(port)
     answers: list[int | str] = []
     exited = threading.Event()
 
@@ -697,7 +491,7 @@ def test_readyz_answers_503_while_a_worker_drains_after_the_other_exited(start, 
     prober = threading.Thread(target=probe)
     prober.start()
     try:
-        proc.kill(signal.SIGTERM)
+        proc.signal(signal.SIGTERM)
         proc.wait_log("worker exited")  # the idle one
     finally:
         exited.set()
@@ -709,14 +503,16 @@ def test_readyz_answers_503_while_a_worker_drains_after_the_other_exited(start, 
     assert proc.wait_exit() == 0
 
 
-def test_port_in_use_with_workers_exits_1_before_any_worker_starts(start, raw_upstream, tmp_path):
+def test_port_in_use_with_workers_exits_1_before_any_worker_starts(
+    run_proxy, raw_upstream, tmp_path
+):
     """A port held without SO_REUSEPORT: the parent, which binds the listeners for its
     workers, cannot bind it and exits 1 naming the address; no worker is started."""
     web = raw_upstream(respond_ok_forever)
     with socket.create_server((LOOPBACK, 0)) as holder:
         port = holder.getsockname()[1]
-        text = proxy_config([port], {"web": web.port}, [("/", "web")], extra="workers: 2")
-        proc = start(text, ready=False)
+        text = config_yaml({"web": web.port}, [route("web")], listen=[port], workers=2)
+        proc = run_proxy(text, ready=False)
         assert proc.wait_exit() == 1
     proc.wait_log(f"cannot start: listen[0].address {LOOPBACK}:{port}: address already in use")
     assert not proc.matching(lambda line: line["msg"] == "worker ready")

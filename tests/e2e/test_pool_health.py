@@ -4,27 +4,47 @@ slow_start, counts and health across a reload, /upstreams and the per-server gau
 from __future__ import annotations
 
 import collections
-import functools
 import logging
 import signal
 import ssl
 import time
+from typing import Any
 
 import pytest
 import trustme
 
-from tests.conftest import LOOPBACK, eventually, free_port
-from tests.e2e import pool_peers as peers
-from tests.e2e.pool_peers import Backend, Tunnel, admin_json, get, metrics, served_by, wait_tunnels
-from tests.e2e.test_operations import ProxyProcess
+from tests.support.clients import Tunnel, free_port, http
+from tests.support.configs import proxy_yaml
+from tests.support.metrics import admin_json, metrics_text
+from tests.support.peers import Backend
+from tests.support.waiting import eventually
 from upgradeproxy.config.loader import parse_config
 
-FAST_CHECK = "{path: /healthz, interval: 0.05, timeout: 0.5, healthy_after: 2, unhealthy_after: 2}"
-WS_CHECK = FAST_CHECK.replace("}", ", upgrade: websocket}")
+
+def check(interval: float, timeout: float = 0.5, healthy_after: int = 1,
+          unhealthy_after: int = 1, **more: Any) -> dict[str, Any]:  # fmt: skip
+    """A `health_check` on /healthz."""
+    return {"path": "/healthz", "interval": interval, "timeout": timeout,
+            "healthy_after": healthy_after, "unhealthy_after": unhealthy_after, **more}  # fmt: skip
 
 
-# Every pool here has an admin listener: /upstreams and the per-server gauges are read.
-pool_yaml = functools.partial(peers.pool_yaml, admin=True)
+FAST_CHECK = check(0.05, 0.5, 2, 2)
+WS_CHECK = check(0.05, 0.5, 2, 2, upgrade="websocket")
+
+
+def pool_yaml(
+    backends: list[Backend], *, listen: int = 0, admin: int = 0, drain: int = 1, **keys: Any
+) -> str:
+    """A proxy in front of `backends` as upstream `app` (`keys` are more of its keys), with an
+    admin listener: /upstreams and the per-server gauges are read."""
+    return proxy_yaml([b.port for b in backends], upstream=keys, listen=listen, admin=admin,
+                      timeouts={"drain": drain})  # fmt: skip
+
+
+def served_by(address, path: str = "/", extra: bytes = b"") -> str:
+    status, _, body = http(address, path, extra=extra)
+    assert status == 200, (status, body)
+    return body.decode()
 
 
 def rotation(proxy, n: int = 6) -> set[str]:
@@ -32,7 +52,12 @@ def rotation(proxy, n: int = 6) -> set[str]:
 
 
 def upstreams(proxy) -> dict:
-    return admin_json(proxy.proxy.admin_address[1])["app"]
+    return admin_json(proxy.admin_port)["app"]
+
+
+def open_tunnel(address) -> Tunnel:
+    """A WebSocket tunnel, the name of its server read from behind the 101."""
+    return Tunnel(address, "/ws", tag=b"\n")
 
 
 def healthy(proxy, backend: Backend) -> bool:
@@ -46,7 +71,7 @@ def two(raw_upstream) -> list[Backend]:
 
 
 @pytest.mark.parametrize(
-    ("check", "bad"),
+    ("health", "bad"),
     [
         pytest.param(FAST_CHECK, "fail", id="http-503"),
         pytest.param(FAST_CHECK, "garbage", id="http-garbage"),
@@ -55,9 +80,9 @@ def two(raw_upstream) -> list[Backend]:
         pytest.param(WS_CHECK, "no-101", id="ws-no-101"),
     ],
 )  # fmt: skip
-def test_failing_server_leaves_and_rejoins_the_rotation(make_proxy, two, caplog, check, bad):
+def test_failing_server_leaves_and_rejoins_the_rotation(make_proxy, two, caplog, health, bad):
     _a, b = two
-    proxy = make_proxy(pool_yaml(two, f"health_check: {check}"))
+    proxy = make_proxy(pool_yaml(two, health_check=health))
     assert eventually(lambda: len(b.checks) >= 2)
     assert rotation(proxy) == {"a", "b"}
     with caplog.at_level(logging.WARNING, logger="upgradeproxy"):
@@ -75,12 +100,11 @@ def test_failing_server_leaves_and_rejoins_the_rotation(make_proxy, two, caplog,
 
 def test_hanging_health_endpoint_goes_down_and_never_blocks_clients(make_proxy, two):
     _a, b = two
-    check = "{path: /healthz, interval: 0.1, timeout: 1, healthy_after: 1, unhealthy_after: 1}"
-    proxy = make_proxy(pool_yaml(two, f"health_check: {check}"))
+    proxy = make_proxy(pool_yaml(two, health_check=check(0.1, timeout=1)))
     b.health = "hang"
     for i in range(10):  # while checks hang, requests are served at once
         started = time.monotonic()
-        assert get(proxy.address, f"/during{i}")[0] == 200
+        assert http(proxy.address, f"/during{i}")[0] == 200
         assert time.monotonic() - started < 0.5
     assert eventually(lambda: not healthy(proxy, b))
     last = next(s for s in upstreams(proxy)["servers"] if s["address"] == b.address)["last_check"]
@@ -88,18 +112,17 @@ def test_hanging_health_endpoint_goes_down_and_never_blocks_clients(make_proxy, 
 
 
 def test_every_server_down_is_503_at_once(make_proxy, two):
-    check = "{path: /healthz, interval: 2, timeout: 0.5, healthy_after: 1, unhealthy_after: 1}"
-    proxy = make_proxy(pool_yaml(two, f"health_check: {check}"))
+    proxy = make_proxy(pool_yaml(two, health_check=check(2)))
     for backend in two:
         backend.health = "fail"
     assert eventually(lambda: not any(s["healthy"] for s in upstreams(proxy)["servers"]), 5)
     served = [b.served() for b in two]
     started = time.monotonic()
-    status, headers, _ = get(proxy.address, "/x")
+    status, headers, _ = http(proxy.address, "/x")
     assert time.monotonic() - started < 1.0
     assert status == 503
     assert headers[b"retry-after"] == b"2"
-    tunnel = Tunnel(proxy.address)
+    tunnel = open_tunnel(proxy.address)
     assert tunnel.status == 503
     assert b"retry-after" in tunnel.headers
     tunnel.close()
@@ -113,18 +136,11 @@ def test_health_checks_use_tls_to_a_tls_upstream(make_proxy, ws_upstream, tmp_pa
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
     up = ws_upstream(ssl=server_ctx)
-    check = "{path: /healthz, upgrade: websocket, interval: 0.05, timeout: 1, healthy_after: 1}"
-    proxy = make_proxy(f"""
-listen: [{{address: "127.0.0.1:0"}}]
-admin: {{address: "127.0.0.1:0"}}
-upstreams:
-  app:
-    servers: ["127.0.0.1:{up.port}"]
-    tls: {{ca: "{ca_path}"}}
-    health_check: {check}
-routes: [{{upstream: app}}]
-timeouts: {{drain: 1}}
-""")
+    health = check(0.05, timeout=1, upgrade="websocket")
+    proxy = make_proxy(
+        proxy_yaml(up.port, upstream={"tls": {"ca": str(ca_path)}, "health_check": health},
+                   admin=0, timeouts={"drain": 1})
+    )  # fmt: skip
     assert eventually(lambda: len(up.requests) >= 2)
     last = upstreams(proxy)["servers"][0]["last_check"]
     assert last["result"] == "ok"
@@ -133,18 +149,18 @@ timeouts: {{drain: 1}}
 
 def test_max_tunnels_503_then_recovery(make_proxy, raw_upstream):
     a = Backend(raw_upstream, "a")
-    proxy = make_proxy(pool_yaml([a], "max_tunnels: 2"))
-    held = [Tunnel(proxy.address) for _ in range(2)]
+    proxy = make_proxy(pool_yaml([a], max_tunnels=2))
+    held = [open_tunnel(proxy.address) for _ in range(2)]
     try:
         assert [t.status for t in held] == [101, 101]
-        refused = Tunnel(proxy.address)
+        refused = open_tunnel(proxy.address)
         assert refused.status == 503
         assert refused.headers[b"retry-after"] == b"1"
         refused.close()
         assert served_by(proxy.address) == "a"  # plain requests still reach a full server
         held.pop().close()
-        wait_tunnels(proxy, 1)
-        again = Tunnel(proxy.address)
+        assert eventually(lambda: proxy.tunnels_active() == 1)
+        again = open_tunnel(proxy.address)
         assert again.status == 101
         held.append(again)
     finally:
@@ -153,11 +169,11 @@ def test_max_tunnels_503_then_recovery(make_proxy, raw_upstream):
 
 
 def test_full_server_is_skipped_for_tunnels(make_proxy, two):
-    proxy = make_proxy(pool_yaml(two, "max_tunnels: 1"))
-    tunnels = [Tunnel(proxy.address) for _ in range(2)]
+    proxy = make_proxy(pool_yaml(two, max_tunnels=1))
+    tunnels = [open_tunnel(proxy.address) for _ in range(2)]
     try:
         assert sorted(t.server for t in tunnels) == ["a", "b"]
-        assert Tunnel(proxy.address).status == 503
+        assert open_tunnel(proxy.address).status == 503
     finally:
         for t in tunnels:
             t.close()
@@ -165,15 +181,15 @@ def test_full_server_is_skipped_for_tunnels(make_proxy, two):
 
 def test_least_conn_counts_survive_a_reload(make_proxy, two):
     """The issue's case: 6 tunnels over A and B, close the 3 on A, SIGHUP, 3 more: A, A, A."""
-    yaml = pool_yaml(two, "balance: least_conn")
-    proxy = make_proxy(yaml)
-    tunnels = [Tunnel(proxy.address) for _ in range(6)]
+    proxy = make_proxy(pool_yaml(two, balance="least_conn"))
+    again = pool_yaml(two, balance="least_conn", drain=2)
+    tunnels = [open_tunnel(proxy.address) for _ in range(6)]
     assert collections.Counter(t.server for t in tunnels) == {"a": 3, "b": 3}
     for t in [t for t in tunnels if t.server == "a"]:
         t.close()
-    wait_tunnels(proxy, 3)
-    proxy.reload(parse_config(yaml.replace("drain: 1", "drain: 2"), "test.yaml"))
-    more = [Tunnel(proxy.address) for _ in range(3)]
+    assert eventually(lambda: proxy.tunnels_active() == 3)
+    proxy.reload(parse_config(again, "test.yaml"))
+    more = [open_tunnel(proxy.address) for _ in range(3)]
     try:
         assert [t.server for t in more] == ["a", "a", "a"]
         admin = upstreams(proxy)["servers"]
@@ -185,21 +201,20 @@ def test_least_conn_counts_survive_a_reload(make_proxy, two):
 
 def test_health_survives_a_reload(make_proxy, two):
     _a, b = two
-    check = "{path: /healthz, interval: 0.05, timeout: 0.5, healthy_after: 50, unhealthy_after: 1}"
-    yaml = pool_yaml(two, f"health_check: {check}")
-    proxy = make_proxy(yaml)
+    proxy = make_proxy(pool_yaml(two, health_check=check(0.05, healthy_after=50)))
+    again = pool_yaml(two, health_check=check(0.05, healthy_after=50), drain=2)
     b.health = "fail"
     assert eventually(lambda: not healthy(proxy, b))
     b.health = "ok"  # 50 passes to come back: far longer than this test looks
-    proxy.reload(parse_config(yaml.replace("drain: 1", "drain: 2"), "test.yaml"))
+    proxy.reload(parse_config(again, "test.yaml"))
     assert not healthy(proxy, b)
     assert rotation(proxy) == {"a"}
 
 
 def test_slow_start_ramps_a_server_added_by_reload(make_proxy, two):
     a, _b = two
-    proxy = make_proxy(pool_yaml([a], "slow_start: 1h"))
-    proxy.reload(parse_config(pool_yaml(two, "slow_start: 1h"), "test.yaml"))
+    proxy = make_proxy(pool_yaml([a], slow_start="1h"))
+    proxy.reload(parse_config(pool_yaml(two, slow_start="1h"), "test.yaml"))
     picks = collections.Counter(served_by(proxy.address, f"/s{i}") for i in range(22))
     assert picks["b"] == 2, picks  # 0.1 of a's weight: one in eleven
     plain = make_proxy(pool_yaml([a]))
@@ -210,11 +225,10 @@ def test_slow_start_ramps_a_server_added_by_reload(make_proxy, two):
 
 def test_upstreams_endpoint_and_gauges(make_proxy, two):
     a, b = two
-    check = "{path: /healthz, interval: 0.05, timeout: 0.5, healthy_after: 1, unhealthy_after: 1}"
-    proxy = make_proxy(pool_yaml(two, f"balance: least_conn\nhealth_check: {check}"))
+    proxy = make_proxy(pool_yaml(two, balance="least_conn", health_check=check(0.05)))
     b.health = "fail"
     assert eventually(lambda: not healthy(proxy, b))
-    tunnel = Tunnel(proxy.address)
+    tunnel = open_tunnel(proxy.address)
     try:
         assert tunnel.server == "a"
         doc = upstreams(proxy)
@@ -228,23 +242,22 @@ def test_upstreams_endpoint_and_gauges(make_proxy, two):
         assert abs(sa["last_check"]["time"] - time.time()) < 10
         assert (sb["healthy"], sb["tunnels"]) == (False, 0)
         assert sb["last_check"]["result"] == "status 503"
-        text = metrics(proxy.proxy.admin_address[1])
+        text = metrics_text(proxy.admin_port)
         assert f'upgradeproxy_upstream_healthy{{server="{a.address}",upstream="app"}} 1.0' in text
         assert f'upgradeproxy_upstream_healthy{{server="{b.address}",upstream="app"}} 0.0' in text
         assert f'upgradeproxy_upstream_tunnels{{server="{a.address}",upstream="app"}} 1.0' in text
     finally:
         tunnel.close()
-    wait_tunnels(proxy, 0)
-    text = metrics(proxy.proxy.admin_address[1])
+    assert eventually(lambda: proxy.tunnels_active() == 0)
+    text = metrics_text(proxy.admin_port)
     assert f'upgradeproxy_upstream_tunnels{{server="{a.address}",upstream="app"}} 0.0' in text
 
 
 def test_down_servers_keys_go_to_the_next_and_come_back(make_proxy, raw_upstream):
     three = [Backend(raw_upstream, n) for n in "abc"]
     b = three[1]
-    check = "{path: /healthz, interval: 0.05, timeout: 0.5, healthy_after: 1, unhealthy_after: 1}"
     proxy = make_proxy(
-        pool_yaml(three, f"balance: hash\nhash_key: 'query:k'\nhealth_check: {check}")
+        pool_yaml(three, balance="hash", hash_key="query:k", health_check=check(0.05))
     )
 
     def mapping() -> dict[int, str]:
@@ -264,44 +277,35 @@ def test_down_servers_keys_go_to_the_next_and_come_back(make_proxy, raw_upstream
 
 def test_sticky_cookie_to_a_down_server_is_replaced(make_proxy, two):
     b = two[1]
-    check = "{path: /healthz, interval: 0.05, timeout: 0.5, healthy_after: 1, unhealthy_after: 1}"
-    proxy = make_proxy(pool_yaml(two, f"sticky_cookie: upx\nhealth_check: {check}"))
+    proxy = make_proxy(pool_yaml(two, sticky_cookie="upx", health_check=check(0.05)))
     cookies = {}
     while len(cookies) < 2:  # round robin gives each server its turn
-        _, headers, body = get(proxy.address)
+        _, headers, body = http(proxy.address)
         cookies[body.decode()] = headers[b"set-cookie"].split(b";")[0]
     b.health = "fail"
     assert eventually(lambda: not healthy(proxy, b))
-    status, headers, body = get(proxy.address, "/", b"Cookie: " + cookies["b"] + b"\r\n")
+    status, headers, body = http(proxy.address, extra=b"Cookie: " + cookies["b"] + b"\r\n")
     assert (status, body) == (200, b"a")
     assert headers[b"set-cookie"].split(b";")[0] == cookies["a"]
 
 
-def test_least_conn_counts_survive_a_real_sighup(tmp_path, two):
+def test_least_conn_counts_survive_a_real_sighup(run_proxy, two):
     """The issue's case against `upgradeproxy run`, reloaded by the signal itself."""
     port, admin = free_port(), free_port()
-    yaml = pool_yaml(two, "balance: least_conn")
-    yaml = yaml.replace('"127.0.0.1:0"', f'"127.0.0.1:{port}"', 1)
-    yaml = yaml.replace('"127.0.0.1:0"', f'"127.0.0.1:{admin}"', 1)
-    path = tmp_path / "pool.yaml"
-    path.write_text(yaml)
-    proc = ProxyProcess(path)
-    tunnels: list[Tunnel] = []
+    proc = run_proxy(pool_yaml(two, listen=port, admin=admin, balance="least_conn"))
+    tunnels = [open_tunnel(port) for _ in range(6)]
     try:
-        proc.wait_log("listening")
-        tunnels = [Tunnel((LOOPBACK, port)) for _ in range(6)]
         assert collections.Counter(t.server for t in tunnels) == {"a": 3, "b": 3}
         for t in [t for t in tunnels if t.server == "a"]:
             t.close()
         assert eventually(
             lambda: [s["tunnels"] for s in admin_json(admin)["app"]["servers"]] == [0, 3]
         )
-        proc.rewrite(yaml.replace("drain: 1", "drain: 2"))
-        proc.kill(signal.SIGHUP)
+        proc.rewrite(pool_yaml(two, listen=port, admin=admin, balance="least_conn", drain=2))
+        proc.signal(signal.SIGHUP)
         proc.wait_log("reloaded")
-        tunnels += [Tunnel((LOOPBACK, port)) for _ in range(3)]
+        tunnels += [open_tunnel(port) for _ in range(3)]
         assert [t.server for t in tunnels[6:]] == ["a", "a", "a"]
     finally:
         for t in tunnels:
             t.close()
-        proc.close()

@@ -6,13 +6,33 @@ from __future__ import annotations
 import collections
 import socket
 import ssl
+from typing import Any
 
 import pytest
 import trustme
 
-from tests.conftest import read_response
-from tests.e2e.pool_peers import Backend, Tunnel, get, pool_yaml, served_by, wait_tunnels
+from tests.support.clients import Tunnel, http, read_response
+from tests.support.configs import FAST_DRAIN, listener, proxy_yaml
+from tests.support.peers import Backend
+from tests.support.waiting import eventually
 from upgradeproxy.config.loader import parse_config
+
+
+def pool_yaml(backends: list[Backend], *, listen: Any = 0, **keys: Any) -> str:
+    """A proxy in front of `backends` as upstream `app`; `keys` are more of its keys."""
+    return proxy_yaml([b.port for b in backends], upstream=keys, listen=listen,
+                      timeouts=FAST_DRAIN)  # fmt: skip
+
+
+def served_by(address, path: str = "/", extra: bytes = b"", source: str | None = None) -> str:
+    status, _, body = http(address, path, extra=extra, source=source)
+    assert status == 200, (status, body)
+    return body.decode()
+
+
+def open_tunnel(address, path: str = "/ws", extra: bytes = b"") -> Tunnel:
+    """A WebSocket tunnel, the name of its server read from behind the 101."""
+    return Tunnel(address, path, extra, tag=b"\n")
 
 
 @pytest.fixture
@@ -32,18 +52,18 @@ KINDS = [
 
 @pytest.mark.parametrize(("hash_key", "request_for"), KINDS)
 def test_same_key_reaches_same_server(make_proxy, three, hash_key, request_for):
-    proxy = make_proxy(pool_yaml(three, f"balance: hash\nhash_key: '{hash_key}'"))
+    proxy = make_proxy(pool_yaml(three, balance="hash", hash_key=hash_key))
     seen: dict[str, set[str]] = collections.defaultdict(set)
     for _ in range(3):
         for i in range(12):
             path, extra, source = request_for(f"k{i}")
-            seen[f"k{i}"].add(served_by(proxy.address, path, extra, source=source))
+            seen[f"k{i}"].add(served_by(proxy.address, path, extra, source))
     assert all(len(servers) == 1 for servers in seen.values()), seen
     assert len(set.union(*seen.values())) >= 2, "12 keys over 3 servers all hashed to one"
 
 
 def test_request_without_the_key_is_round_robin(make_proxy, three):
-    proxy = make_proxy(pool_yaml(three, "balance: hash\nhash_key: 'header:X-User'"))
+    proxy = make_proxy(pool_yaml(three, balance="hash", hash_key="header:X-User"))
     picks = "".join(served_by(proxy.address) for _ in range(6))
     assert sorted(picks[:3]) == ["a", "b", "c"], picks
     assert picks[3:] == picks[:3], picks
@@ -51,14 +71,14 @@ def test_request_without_the_key_is_round_robin(make_proxy, three):
 
 def test_adding_a_tenth_server_moves_at_most_a_fifth_of_keys_only_to_it(make_proxy, raw_upstream):
     backends = [Backend(raw_upstream, f"s{i}") for i in range(10)]
-    keys = "balance: hash\nhash_key: 'query:k'"
-    proxy = make_proxy(pool_yaml(backends[:9], keys))
+    keys = {"balance": "hash", "hash_key": "query:k"}
+    proxy = make_proxy(pool_yaml(backends[:9], **keys))
 
     def mapping() -> dict[int, str]:
         return {i: served_by(proxy.address, f"/?k=key{i}") for i in range(300)}
 
     before = mapping()
-    proxy.reload(parse_config(pool_yaml(backends, keys), "test.yaml"))
+    proxy.reload(parse_config(pool_yaml(backends, **keys), "test.yaml"))
     after = mapping()
     moved = [i for i in range(300) if before[i] != after[i]]
     assert 0 < len(moved) <= 60, len(moved)
@@ -68,8 +88,8 @@ def test_adding_a_tenth_server_moves_at_most_a_fifth_of_keys_only_to_it(make_pro
 def test_bounded_load_spreads_one_hot_key(make_proxy, raw_upstream):
     """20 tunnels of one key over 4 servers: none above 8 (the bound makes it 7)."""
     four = [Backend(raw_upstream, n) for n in "abcd"]
-    proxy = make_proxy(pool_yaml(four, "balance: hash\nhash_key: 'query:room'"))
-    tunnels = [Tunnel(proxy.address, "/ws?room=hot") for _ in range(20)]
+    proxy = make_proxy(pool_yaml(four, balance="hash", hash_key="query:room"))
+    tunnels = [open_tunnel(proxy.address, "/ws?room=hot") for _ in range(20)]
     try:
         assert all(t.status == 101 for t in tunnels)
         counts = collections.Counter(t.server for t in tunnels)
@@ -82,8 +102,8 @@ def test_bounded_load_spreads_one_hot_key(make_proxy, raw_upstream):
 
 
 def test_sticky_cookie_set_then_honoured_and_stripped(make_proxy, three):
-    proxy = make_proxy(pool_yaml(three, "sticky_cookie: upx"))
-    status, headers, body = get(proxy.address)
+    proxy = make_proxy(pool_yaml(three, sticky_cookie="upx"))
+    status, headers, body = http(proxy.address)
     assert status == 200
     cookie = headers[b"set-cookie"]
     name, _, rest = cookie.partition(b"=")
@@ -96,7 +116,7 @@ def test_sticky_cookie_set_then_honoured_and_stripped(make_proxy, three):
     first = body.decode()
     for i in range(6):  # round robin would rotate; the cookie pins
         extra = b"Cookie: theme=dark; upx=" + token + b"; lang=en\r\n"
-        status, headers, body = get(proxy.address, f"/{i}", extra)
+        status, headers, body = http(proxy.address, f"/{i}", extra=extra)
         assert (status, body.decode()) == (200, first)
         assert b"set-cookie" not in headers  # already pinned there
     server = next(b for b in three if b.name == first)
@@ -106,29 +126,29 @@ def test_sticky_cookie_set_then_honoured_and_stripped(make_proxy, three):
 
 
 def test_sticky_cookie_alone_is_dropped_with_its_header(make_proxy, three):
-    proxy = make_proxy(pool_yaml(three, "sticky_cookie: upx"))
-    token = get(proxy.address)[1][b"set-cookie"].split(b";")[0].split(b"=")[1]
-    get(proxy.address, "/only", b"Cookie: upx=" + token + b"\r\n")
+    proxy = make_proxy(pool_yaml(three, sticky_cookie="upx"))
+    token = http(proxy.address)[1][b"set-cookie"].split(b";")[0].split(b"=")[1]
+    http(proxy.address, "/only", extra=b"Cookie: upx=" + token + b"\r\n")
     head = next(h for b in three for h in b.requests if h.startswith(b"GET /only "))
     assert b"cookie:" not in head.lower()
 
 
 def test_sticky_cookie_on_a_101_and_a_stale_cookie_is_replaced(make_proxy, three):
-    proxy = make_proxy(pool_yaml(three, "sticky_cookie: upx"))
-    tunnel = Tunnel(proxy.address, extra=b"Cookie: upx=0000000000000000\r\n")
+    proxy = make_proxy(pool_yaml(three, sticky_cookie="upx"))
+    tunnel = open_tunnel(proxy.address, extra=b"Cookie: upx=0000000000000000\r\n")
     try:
         assert tunnel.status == 101
         cookie = tunnel.headers[b"set-cookie"]
         assert cookie.startswith(b"upx=")
         token = cookie.split(b";")[0].split(b"=")[1]
         assert token != b"0000000000000000"
-        pinned = Tunnel(proxy.address, extra=b"Cookie: upx=" + token + b"\r\n")
+        pinned = open_tunnel(proxy.address, extra=b"Cookie: upx=" + token + b"\r\n")
         assert pinned.server == tunnel.server
         assert b"set-cookie" not in pinned.headers
         pinned.close()
     finally:
         tunnel.close()
-    wait_tunnels(proxy, 0)
+    assert eventually(lambda: proxy.tunnels_active() == 0)
 
 
 def test_sticky_cookie_is_secure_on_a_tls_listener(make_proxy, three, tmp_path):
@@ -136,8 +156,8 @@ def test_sticky_cookie_is_secure_on_a_tls_listener(make_proxy, three, tmp_path):
     cert = ca.issue_cert("127.0.0.1")
     cert.cert_chain_pems[0].write_to_path(str(tmp_path / "c.pem"))
     cert.private_key_pem.write_to_path(str(tmp_path / "k.pem"))
-    listen = f'\n    tls: {{cert: "{tmp_path / "c.pem"}", key: "{tmp_path / "k.pem"}"}}'
-    proxy = make_proxy(pool_yaml(three, "sticky_cookie: upx", listen=listen))
+    tls = {"cert": str(tmp_path / "c.pem"), "key": str(tmp_path / "k.pem")}
+    proxy = make_proxy(pool_yaml(three, sticky_cookie="upx", listen=listener(tls=tls)))
     ctx = ssl.create_default_context()
     ca.configure_trust(ctx)
     with (
@@ -152,9 +172,9 @@ def test_sticky_cookie_is_secure_on_a_tls_listener(make_proxy, three, tmp_path):
 
 def test_cookie_ids_agree_across_proxies(make_proxy, three):
     """Two proxies (workers, replicas, a restart) give a server the same cookie value."""
-    yaml = pool_yaml(three, "sticky_cookie: upx")
+    yaml = pool_yaml(three, sticky_cookie="upx")
     one, two = make_proxy(yaml), make_proxy(yaml)
-    token = get(one.address)[1][b"set-cookie"].split(b";")[0]
+    token = http(one.address)[1][b"set-cookie"].split(b";")[0]
     first = served_by(one.address, "/", b"Cookie: " + token + b"\r\n")
     for _ in range(3):
         assert served_by(two.address, "/", b"Cookie: " + token + b"\r\n") == first

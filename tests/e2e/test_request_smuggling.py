@@ -8,25 +8,14 @@ sentence (/work/shared/interface.md), the README choice or the RFC section it ch
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
-from tests.conftest import (
-    FAST_DRAIN,
-    QUIET,
-    WAIT,
-    RawConn,
-    assert_short_error,
-    names,
-    ok_response,
-    proxy_yaml,
-    raw_client,
-    read_response,
-    read_to_eof,
-    respond_ok_forever,
-    values,
-)
+from tests.support.clients import http, raw_client, read_response, read_to_eof
+from tests.support.configs import FAST_DRAIN, proxy_yaml
+from tests.support.peers import RawConn, respond_ok_forever
+from tests.support.sentinels import only_the_sentinel_arrives
+from tests.support.waiting import WAIT
+from tests.support.wire import assert_short_error, names, ok_response, values
 
 
 def error_then_close(address: tuple[str, int], data: bytes) -> tuple[int, dict[bytes, bytes]]:
@@ -40,11 +29,6 @@ def error_then_close(address: tuple[str, int], data: bytes) -> tuple[int, dict[b
         assert more == b"", more
         assert closed, f"connection stayed open after {status} for {data!r}"
     return status, headers
-
-
-def no_upstream_connection(up, wait: float = QUIET) -> None:
-    time.sleep(wait)
-    assert up.conns == [], "something of a malformed request reached the upstream"
 
 
 # --- rule 7: malformed requests ------------------------------------------------------------
@@ -103,12 +87,12 @@ def test_more_malformed_requests_are_400_then_close(make_proxy, raw_upstream, da
     colon, NUL/CR/LF inside a field value, a bad request line". "Nothing of a malformed request
     reaches an upstream." (RFC 9112 §2.2, §3, §3.2, §5, §6.3; RFC 9110 §4.2.4 userinfo.)"""
     up = raw_upstream(respond_ok_forever)
-    proxy = make_proxy(proxy_yaml(up.port, extra=FAST_DRAIN))
+    proxy = make_proxy(proxy_yaml(up.port, timeouts=FAST_DRAIN))
     status, headers = error_then_close(proxy.address, data)
     assert status == 400, (status, data)
     if b"connection" in headers:
         assert headers[b"connection"].lower() == b"close"
-    no_upstream_connection(up)
+    only_the_sentinel_arrives(proxy.address, up)
 
 
 TRANSFER_CODINGS = {
@@ -128,14 +112,14 @@ def test_unsupported_transfer_coding_is_rejected_then_close(make_proxy, raw_upst
     twice is invalid). README: "an unknown transfer coding **501**". Either way: an error,
     then close, and nothing reaches the upstream."""
     up = raw_upstream(respond_ok_forever)
-    proxy = make_proxy(proxy_yaml(up.port, extra=FAST_DRAIN))
+    proxy = make_proxy(proxy_yaml(up.port, timeouts=FAST_DRAIN))
     data = (
         b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: " + coding + b"\r\n\r\n"
         b"5\r\nhello\r\n0\r\n\r\n"
     )
     status, _ = error_then_close(proxy.address, data)
     assert status in (400, 501), status
-    no_upstream_connection(up)
+    only_the_sentinel_arrives(proxy.address, up)
 
 
 def test_http10_request_with_transfer_encoding_is_400(make_proxy, raw_upstream):
@@ -145,14 +129,14 @@ def test_http10_request_with_transfer_encoding_is_400(make_proxy, raw_upstream):
     Rule 7: malformed "per RFC 9112 and to shut the door on request smuggling" is a 400 (then
     close), and "Nothing of a malformed request reaches an upstream"."""
     up = raw_upstream(respond_ok_forever)
-    proxy = make_proxy(proxy_yaml(up.port, extra=FAST_DRAIN))
+    proxy = make_proxy(proxy_yaml(up.port, timeouts=FAST_DRAIN))
     data = (
         b"POST /old HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
         b"5\r\nhello\r\n0\r\n\r\n"
     )
     status, _ = error_then_close(proxy.address, data)
     assert status == 400
-    no_upstream_connection(up)
+    only_the_sentinel_arrives(proxy.address, up)
 
 
 BAD_CHUNKS = {
@@ -173,7 +157,7 @@ def test_bad_chunk_is_400_and_nothing_past_it_reaches_upstream(make_proxy, raw_u
     malformed request reaches an upstream (for a bad chunk in a streamed body: nothing past the
     bad chunk)"."""
     up = raw_upstream()
-    proxy = make_proxy(proxy_yaml(up.port, extra=FAST_DRAIN))
+    proxy = make_proxy(proxy_yaml(up.port, timeouts=FAST_DRAIN))
     status, _ = error_then_close(
         proxy.address,
         b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + body,
@@ -196,7 +180,7 @@ def test_bare_lf_chunk_lines_are_answered_promptly(make_proxy, raw_upstream):
     fields only). A chunk-size line ended by a bare LF is a bad chunk: it is answered 400, and
     the client is not left waiting for `timeouts.idle` (here 30 s) for an answer."""
     up = raw_upstream()
-    proxy = make_proxy(proxy_yaml(up.port, extra="timeouts: {idle: 30, drain: 1}"))
+    proxy = make_proxy(proxy_yaml(up.port, timeouts={"idle": 30, "drain": 1}))
     with raw_client(proxy.address, timeout=5) as sock:
         sock.sendall(
             b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\nhello\n0\n\n"
@@ -218,10 +202,10 @@ def test_obs_fold_in_a_head_ending_lf_crlf_is_400(make_proxy, raw_upstream):
     recipient accept a bare LF as a line terminator (h11 does, and ends a head at LF CRLF);
     the obs-fold check must see the same head h11 parses."""
     up = raw_upstream(respond_ok_forever)
-    proxy = make_proxy(proxy_yaml(up.port, extra=FAST_DRAIN))
+    proxy = make_proxy(proxy_yaml(up.port, timeouts=FAST_DRAIN))
     status, _ = error_then_close(proxy.address, b"GET / HTTP/1.1\nHost: x\nX-A: 1\n folded\n\r\n")
     assert status == 400
-    no_upstream_connection(up)
+    only_the_sentinel_arrives(proxy.address, up)
 
 
 def test_431_for_a_whole_head_ending_lf_crlf(make_proxy, raw_upstream):
@@ -229,14 +213,14 @@ def test_431_for_a_whole_head_ending_lf_crlf(make_proxy, raw_upstream):
     arrives whole in one write and ends with LF CRLF (RFC 9112 §2.2 bare-LF leniency)."""
     up = raw_upstream(respond_ok_forever)
     proxy = make_proxy(
-        proxy_yaml(up.port, extra="limits: {max_request_header_bytes: 1024}\n" + FAST_DRAIN)
+        proxy_yaml(up.port, limits={"max_request_header_bytes": 1024}, timeouts=FAST_DRAIN)
     )
     with raw_client(proxy.address) as sock:
         sock.sendall(b"GET / HTTP/1.1\nHost: x\nX-Big: " + b"a" * 4000 + b"\n\r\n")
         status, _, body, _ = read_response(sock)
     assert_short_error(body)
     assert status == 431
-    no_upstream_connection(up)
+    only_the_sentinel_arrives(proxy.address, up)
 
 
 def test_bare_lf_head_with_crlfs_in_its_body(make_proxy, raw_upstream):
@@ -246,7 +230,7 @@ def test_bare_lf_head_with_crlfs_in_its_body(make_proxy, raw_upstream):
     store: list[tuple[bytes, bytes]] = []
     up = _recording_upstream(raw_upstream, store)
     proxy = make_proxy(
-        proxy_yaml(up.port, extra="limits: {max_request_header_bytes: 1024}\n" + FAST_DRAIN)
+        proxy_yaml(up.port, limits={"max_request_header_bytes": 1024}, timeouts=FAST_DRAIN)
     )
     body = b"x" * 2000 + b"\r\n indented line\r\n\r\n"
     with raw_client(proxy.address) as sock:
@@ -321,7 +305,7 @@ def test_valid_but_unusual_framing_is_reframed_cleanly(make_proxy, raw_upstream,
     as one clean framing of exactly the body; trailers are dropped (README rule 3)."""
     store: list[tuple[bytes, bytes]] = []
     up = _recording_upstream(raw_upstream, store)
-    proxy = make_proxy(proxy_yaml(up.port, extra=FAST_DRAIN))
+    proxy = make_proxy(proxy_yaml(up.port, timeouts=FAST_DRAIN))
     with raw_client(proxy.address) as sock:
         sock.sendall(b"POST /up HTTP/1.1\r\nHost: x\r\n" + framing + b"\r\n\r\n" + body)
         status, _, got, _ = read_response(sock)
@@ -339,7 +323,7 @@ def test_bare_lf_head_is_accepted_or_rejected_never_hangs(make_proxy, raw_upstre
     """RFC 9112 §2.2: "a recipient MAY recognize a single LF as a line terminator". Either
     answer is allowed; what reaches the upstream is a clean CRLF head, and a 400 closes."""
     up = raw_upstream(respond_ok_forever)
-    proxy = make_proxy(proxy_yaml(up.port, extra=FAST_DRAIN))
+    proxy = make_proxy(proxy_yaml(up.port, timeouts=FAST_DRAIN))
     with raw_client(proxy.address) as sock:
         sock.sendall(b"GET /lf HTTP/1.1\nHost: x\nX-A: 1\n\n")
         status, _, body, _ = read_response(sock)
@@ -356,7 +340,7 @@ def test_obs_text_value_passes_unchanged(make_proxy, raw_upstream):
     """Rule 1: end-to-end headers go upstream "unchanged"; RFC 9110 §5.5 allows obs-text
     (bytes 0x80-0xFF) in field values."""
     up = raw_upstream(respond_ok_forever)
-    proxy = make_proxy(proxy_yaml(up.port, extra=FAST_DRAIN))
+    proxy = make_proxy(proxy_yaml(up.port, timeouts=FAST_DRAIN))
     with raw_client(proxy.address) as sock:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Name: caf\xe9 \xff\xfe\r\n\r\n")
         assert read_response(sock)[0] == 200
@@ -374,13 +358,13 @@ def test_absolute_form_authority_replaces_a_different_host(make_proxy, raw_upstr
     must never see a Host other than the one the request was routed by (else a route limited
     to `public.example` forwards requests for any virtual host behind it)."""
     up = raw_upstream(respond_ok_forever)
-    proxy = make_proxy(proxy_yaml(up.port, route='host: "public.example"', extra=FAST_DRAIN))
+    proxy = make_proxy(proxy_yaml(up.port, route={"host": "public.example"}, timeouts=FAST_DRAIN))
     with raw_client(proxy.address) as sock:
         sock.sendall(b"GET http://public.example/x?q=1 HTTP/1.1\r\nHost: internal.example\r\n\r\n")
         status, _, body, _ = read_response(sock)
     if status == 400:  # rejecting the mismatch outright is also safe
         assert_short_error(body)
-        no_upstream_connection(up)
+        only_the_sentinel_arrives(proxy.address, up, host=b"public.example")
         return
     assert status == 200
     head = up.accept().heads[0]
@@ -394,12 +378,12 @@ def test_absolute_form_without_host_header_is_400(make_proxy, raw_upstream):
     (RFC 9112 §3.2: "A server MUST respond with a 400 ... to any HTTP/1.1 request message
     that lacks a Host header field")."""
     up = raw_upstream(respond_ok_forever)
-    proxy = make_proxy(proxy_yaml(up.port, extra=FAST_DRAIN))
+    proxy = make_proxy(proxy_yaml(up.port, timeouts=FAST_DRAIN))
     status, _ = error_then_close(
         proxy.address, b"GET http://app.example/ HTTP/1.1\r\nX-A: 1\r\n\r\n"
     )
     assert status == 400
-    no_upstream_connection(up)
+    only_the_sentinel_arrives(proxy.address, up)
 
 
 # --- pipelining ----------------------------------------------------------------------------
@@ -410,7 +394,7 @@ def test_pipelined_malformed_request_in_the_middle(make_proxy, raw_upstream):
     an upstream": with three requests in one packet, the first is answered, the bad second gets
     a 400, the connection closes, and the third never reaches the upstream."""
     up = raw_upstream(respond_ok_forever)
-    proxy = make_proxy(proxy_yaml(up.port, extra=FAST_DRAIN))
+    proxy = make_proxy(proxy_yaml(up.port, timeouts=FAST_DRAIN))
     with raw_client(proxy.address) as sock:
         sock.sendall(
             b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -426,9 +410,12 @@ def test_pipelined_malformed_request_in_the_middle(make_proxy, raw_upstream):
         assert not rest
         assert more == b""
         assert closed
-    time.sleep(QUIET)
+    # A sentinel on a new client connection goes up on the pooled connection of /one, behind
+    # anything the proxy sent there, on the only connection it opened.
+    assert http(proxy.address, "/sentinel")[0] == 200
     heads = [h for c in up.conns for h in c.heads]
-    assert [h.split(b" ")[1] for h in heads] == [b"/one"]
+    assert [h.split(b" ")[1] for h in heads] == [b"/one", b"/sentinel"]
+    assert len(up.conns) == 1
     assert b"/three" not in up.all_received()
 
 
@@ -436,7 +423,7 @@ def test_nothing_after_connection_close_reaches_upstream(make_proxy, raw_upstrea
     """Rule 6 keep-alive, RFC 9112 §9.6: a server that receives "close" "MUST NOT process any
     further requests received on that connection": the pipelined second request is ignored."""
     up = raw_upstream(respond_ok_forever)
-    proxy = make_proxy(proxy_yaml(up.port, extra=FAST_DRAIN))
+    proxy = make_proxy(proxy_yaml(up.port, timeouts=FAST_DRAIN))
     with raw_client(proxy.address) as sock:
         sock.sendall(
             b"GET /a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
@@ -448,5 +435,6 @@ def test_nothing_after_connection_close_reaches_upstream(make_proxy, raw_upstrea
         assert closed
         assert not rest
         assert more == b""
-    time.sleep(QUIET)
-    assert [h.split(b" ")[1] for c in up.conns for h in c.heads] == [b"/a"]
+    assert http(proxy.address, "/sentinel")[0] == 200  # behind anything sent on /a's connection
+    assert [h.split(b" ")[1] for c in up.conns for h in c.heads] == [b"/a", b"/sentinel"]
+    assert len(up.conns) == 1

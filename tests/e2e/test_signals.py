@@ -4,49 +4,42 @@ force; a drain lets an upload and a pending upgrade finish.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import signal
 import socket
 import threading
 
-from tests.conftest import (
-    GOOD_CONFIG,
+from tests.support.clients import (
     LOOPBACK,
-    SWITCH_WS,
-    WAIT,
-    WS_HEADERS,
-    RawConn,
-    Record,
     closed_by_peer,
-    eventually,
     free_port,
     http,
-    named,
-    ok_response,
     read_response,
     read_response_head,
     recv_exactly,
     refused,
-    start_proxy,
-    write,
 )
+from tests.support.configs import proxy_yaml, write_file
+from tests.support.peers import RawConn, echo, named
+from tests.support.processes import Record
+from tests.support.waiting import WAIT, eventually
+from tests.support.wire import WS_HEADERS, ok_response, switching
 
 # --- Signals -------------------------------------------------------------------------------
 
 
-def test_sighup_storm_and_broken_files_keep_the_config_in_force(spawn, tmp_path, raw_upstream):
+def test_sighup_storm_and_broken_files_keep_the_config_in_force(run_proxy, tmp_path, raw_upstream):
     """SIGHUP reloads the file: new connections use the new config ...; an invalid new file is
     logged and the old config stays in force. (Five SIGHUPs at once; then a deleted file, a
     YAML syntax error, an empty file: each logged, none stops the proxy.)"""
     first, second = raw_upstream(named(b"first")), raw_upstream(named(b"second"))
     port = free_port()
-    path = write(tmp_path / "proxy.yaml", GOOD_CONFIG.format(port=port, upstream=first.port))
-    proc = start_proxy(spawn, path)
+    path = write_file(tmp_path / "proxy.yaml", proxy_yaml(first.port, listen=port))
+    proc = run_proxy(path)
     for _ in range(5):
         proc.signal(signal.SIGHUP)
-    proc.wait_msg("reloaded")
+    proc.wait_log("reloaded")
     assert http(port)[2] == b"first"
 
     def rejected(count: int) -> list[Record]:
@@ -59,37 +52,37 @@ def test_sighup_storm_and_broken_files_keep_the_config_in_force(spawn, tmp_path,
     assert str(path) in rejected(1)[0]["msg"]
     assert http(port)[2] == b"first"
 
-    write(path, GOOD_CONFIG.format(port=port, upstream=second.port) + "timeouts: {idle: 5\n")
+    write_file(path, proxy_yaml(second.port, listen=port) + "timeouts: {idle: 5\n")  # broken
     proc.signal(signal.SIGHUP)
     assert re.search(rf"{re.escape(str(path))}:\d+: ", rejected(2)[1]["msg"])
     assert http(port)[2] == b"first"
 
-    write(path, "")
+    write_file(path, "")
     proc.signal(signal.SIGHUP)
     assert str(path) in rejected(3)[2]["msg"]
     assert http(port)[2] == b"first"
 
-    write(path, GOOD_CONFIG.format(port=port, upstream=second.port))
-    before = len(proc.wait_msg("reloaded"))
+    write_file(path, proxy_yaml(second.port, listen=port))
+    before = len(proc.wait_log("reloaded"))
     proc.signal(signal.SIGHUP)
-    proc.wait_msg("reloaded", count=before + 1)
+    proc.wait_log("reloaded", count=before + 1)
     assert http(port)[2] == b"second"
 
     # A Kubernetes ConfigMap update: the file becomes a symlink swapped to a new target.
-    target = write(tmp_path / "data-v2.yaml", GOOD_CONFIG.format(port=port, upstream=first.port))
+    target = write_file(tmp_path / "data-v2.yaml", proxy_yaml(first.port, listen=port))
     link = tmp_path / "proxy.yaml.link"
     link.symlink_to(target)
     link.replace(path)
     proc.signal(signal.SIGHUP)
-    proc.wait_msg("reloaded", count=before + 2)
+    proc.wait_log("reloaded", count=before + 2)
     assert http(port)[2] == b"first"
-    assert proc.popen.poll() is None
+    assert proc.alive()
     assert not [r for r in proc.records() if "Traceback" in json.dumps(r)]
     proc.signal(signal.SIGTERM)
     assert proc.wait_exit() == 0
 
 
-def test_drain_lets_an_upload_and_a_pending_upgrade_finish(spawn, tmp_path, raw_upstream):
+def test_drain_lets_an_upload_and_a_pending_upgrade_finish(run_proxy, tmp_path, raw_upstream):
     """SIGTERM/SIGINT drain gracefully (stop accepting, `/readyz` turns 503, in-flight HTTP
     exchanges finish, open tunnels get `timeouts.drain` seconds, then everything closes,
     exit 0). In flight at the signal: a request whose body is half sent, and an upgrade whose
@@ -103,16 +96,13 @@ def test_drain_lets_an_upload_and_a_pending_upgrade_finish(spawn, tmp_path, raw_
             return
         upgrade_seen.set()
         release.wait(WAIT)
-        echo_after_switch_rest(conn)
+        conn.send(switching(head))  # the 101 only now, with the drain under way
+        echo(conn)
 
     up, other = raw_upstream(upstream), raw_upstream(named(b"reloaded"))
     port, admin = free_port(), free_port()
-    text = (
-        GOOD_CONFIG.format(port=port, upstream=up.port)
-        + f'admin:\n  address: "127.0.0.1:{admin}"\ntimeouts:\n  drain: 2\n'
-    )
-    path = write(tmp_path / "proxy.yaml", text)
-    proc = start_proxy(spawn, path)
+    config = proxy_yaml(up.port, listen=port, admin=admin, timeouts={"drain": 2})
+    proc = run_proxy(config)
     upload = socket.create_connection((LOOPBACK, port), timeout=WAIT)
     upgrade = socket.create_connection((LOOPBACK, port), timeout=WAIT)
     try:
@@ -122,8 +112,8 @@ def test_drain_lets_an_upload_and_a_pending_upgrade_finish(spawn, tmp_path, raw_
         assert eventually(lambda: sum(1 for c in up.conns if c.heads) == 2)
 
         proc.signal(signal.SIGTERM)
-        proc.wait_msg("draining")
-        write(path, GOOD_CONFIG.format(port=port, upstream=other.port))
+        proc.wait_log("draining")
+        proc.rewrite(proxy_yaml(other.port, listen=port, admin=admin))
         proc.signal(signal.SIGHUP)
         upload.sendall(b"67890")
         status, headers, body, _ = read_response(upload)
@@ -145,13 +135,3 @@ def test_drain_lets_an_upload_and_a_pending_upgrade_finish(spawn, tmp_path, raw_
     assert proc.wait_exit() == 0
     assert not [r for r in proc.records() if r.get("msg") == "reloaded"]
     assert [r["first_close"] for r in proc.access() if r.get("msg") == "tunnel"] == ["cancelled"]
-
-
-def echo_after_switch_rest(conn: RawConn) -> None:
-    """The 101 and the echo of `echo_after_switch`, for a head already read."""
-    conn.send(SWITCH_WS)
-    conn.sock.settimeout(None)
-    with contextlib.suppress(OSError):
-        while data := conn.sock.recv(65536):
-            conn.sock.sendall(data)
-    conn.close()

@@ -14,7 +14,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import free_port
+from tests.support.clients import free_port
+from tests.support.configs import FAST_DRAIN, proxy_yaml
 
 socketio = pytest.importorskip("socketio")
 uvicorn = pytest.importorskip("uvicorn")
@@ -83,21 +84,12 @@ def session(url: str, n: int) -> str | None:
         client.disconnect()
 
 
-def proxy_yaml(servers: list[SocketIOServer], keys: str) -> str:
-    addresses = ", ".join(f'"127.0.0.1:{s.port}"' for s in servers)
-    return f"""
-listen: [{{address: "127.0.0.1:0"}}]
-upstreams:
-  app:
-    servers: [{addresses}]
-    {keys}
-routes: [{{upstream: app}}]
-timeouts: {{drain: 1}}
-"""
+def pool_yaml(servers: list[SocketIOServer], **keys: str) -> str:
+    return proxy_yaml([s.port for s in servers], upstream=keys, timeouts=FAST_DRAIN)
 
 
 def test_every_session_works_with_sticky_cookie(make_proxy, servers):
-    proxy = make_proxy(proxy_yaml(servers, "sticky_cookie: upx"))
+    proxy = make_proxy(pool_yaml(servers, sticky_cookie="upx"))
     results = [session(f"http://127.0.0.1:{proxy.port}", n) for n in range(10)]
     assert None not in results, results
     assert set(results) == {"a", "b"}
@@ -109,6 +101,6 @@ def test_round_robin_without_sticky_cookie_fails_every_session(make_proxy, serve
     # A fresh proxy per session: on one long-lived proxy a previous session's straggling poll
     # (or a retried stale connection) shifts the rotation by one, and a session's requests
     # may then meet on one server by chance; the outcome should not hang on that timing.
-    yaml = proxy_yaml(servers, "balance: round_robin")
+    yaml = pool_yaml(servers, balance="round_robin")
     results = [session(f"http://127.0.0.1:{make_proxy(yaml).port}", n) for n in range(10)]
     assert results == [None] * 10, results

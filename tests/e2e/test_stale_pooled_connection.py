@@ -12,7 +12,10 @@ import socket
 import struct
 import threading
 
-from tests.conftest import RawConn, ok_response, proxy_yaml, raw_client, read_response
+from tests.support.clients import raw_client, read_response
+from tests.support.configs import proxy_yaml
+from tests.support.peers import RawConn
+from tests.support.wire import ok_response
 
 
 def _reset(conn: RawConn) -> None:

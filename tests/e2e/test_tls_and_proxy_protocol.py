@@ -3,86 +3,58 @@
 from __future__ import annotations
 
 import socket
-import ssl
 
 import pytest
 import trustme
 from websockets.sync.client import connect
 
-from tests.conftest import proxy_v2_header, read_response, respond_ok_forever
+from tests.support.certs import client_context, server_context, write_ca, write_pair
+from tests.support.clients import read_response
+from tests.support.configs import listener, proxy_yaml
+from tests.support.peers import respond_ok_forever
+from tests.support.sentinels import only_the_sentinel_arrives
+from tests.support.wire import proxy_v1_header, proxy_v2_header
 
 
 @pytest.fixture
-def proxy_cert(ca, tmp_path):
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    cert_path, key_path = tmp_path / "proxy.pem", tmp_path / "proxy-key.pem"
-    cert.cert_chain_pems[0].write_to_path(str(cert_path))
-    cert.private_key_pem.write_to_path(str(key_path))
-    return cert_path, key_path
+def tls(ca, tmp_path) -> dict[str, str]:
+    """A listener's `tls` keys: a certificate for 127.0.0.1 and localhost from `ca`."""
+    cert, key = write_pair(ca.issue_cert("127.0.0.1", "localhost"), tmp_path, "proxy")
+    return {"cert": str(cert), "key": str(key)}
 
 
-def _client_ctx(ca: trustme.CA) -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    ca.configure_trust(ctx)
-    return ctx
-
-
-def test_tls_listener_terminates_and_sets_proto_https(make_proxy, ws_upstream, ca, proxy_cert):
+def test_tls_listener_terminates_and_sets_proto_https(make_proxy, ws_upstream, ca, tls):
     """`tls:` on a listener terminates TLS; upstream sees X-Forwarded-Proto: https."""
     up = ws_upstream()
-    cert, key = proxy_cert
-    proxy = make_proxy(f"""
-listen:
-  - address: "127.0.0.1:0"
-    tls: {{cert: "{cert}", key: "{key}"}}
-upstreams: {{app: {{servers: ["127.0.0.1:{up.port}"]}}}}
-routes: [{{upstream: app}}]
-""")
-    with connect(proxy.url("/secure", scheme="wss"), ssl=_client_ctx(ca)) as ws:
+    proxy = make_proxy(proxy_yaml(up.port, listen=listener(tls=tls)))
+    with connect(proxy.url("/secure", scheme="wss"), ssl=client_context(ca)) as ws:
         ws.send("over tls")
         assert ws.recv() == "over tls"
     assert up.requests[0].headers["X-Forwarded-Proto"] == "https"
 
 
 def test_tls_listener_rejects_plaintext_without_harming_others(
-    make_proxy, ws_upstream, ca, proxy_cert
+    make_proxy, ws_upstream, ca, tls
 ):
     """A client speaking plain HTTP to a TLS listener is dropped; the next TLS client is fine."""
     up = ws_upstream()
-    cert, key = proxy_cert
-    proxy = make_proxy(f"""
-listen:
-  - address: "127.0.0.1:0"
-    tls: {{cert: "{cert}", key: "{key}"}}
-upstreams: {{app: {{servers: ["127.0.0.1:{up.port}"]}}}}
-routes: [{{upstream: app}}]
-""")
+    proxy = make_proxy(proxy_yaml(up.port, listen=listener(tls=tls)))
     with socket.create_connection(proxy.address, timeout=5) as plain:
         plain.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         data = b""
         while chunk := plain.recv(4096):
             data += chunk
         assert b"HTTP/1.1 200" not in data
-    with connect(proxy.url("/", scheme="wss"), ssl=_client_ctx(ca)) as ws:
+    with connect(proxy.url("/", scheme="wss"), ssl=client_context(ca)) as ws:
         ws.send("still fine")
         assert ws.recv() == "still fine"
 
 
 def _proxy_to_tls_upstream(make_proxy, ws_upstream, trusted, issuer, tmp_path):
     """A proxy whose upstream speaks TLS with a cert from `issuer`, verified against `trusted`."""
-    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    issuer.issue_cert("127.0.0.1").configure_cert(server_ctx)
-    up = ws_upstream(ssl=server_ctx)
-    ca_path = tmp_path / "ca.pem"
-    trusted.cert_pem.write_to_path(str(ca_path))
-    return make_proxy(f"""
-listen: [{{address: "127.0.0.1:0"}}]
-upstreams:
-  app:
-    servers: ["127.0.0.1:{up.port}"]
-    tls: {{verify: true, ca: "{ca_path}"}}
-routes: [{{upstream: app}}]
-""")
+    up = ws_upstream(ssl=server_context(issuer))
+    ca_path = write_ca(trusted, tmp_path / "ca.pem")
+    return make_proxy(proxy_yaml(up.port, upstream={"tls": {"verify": True, "ca": str(ca_path)}}))
 
 
 def test_tls_to_upstream_with_verification(make_proxy, ws_upstream, ca, tmp_path):
@@ -103,15 +75,8 @@ def test_tls_upstream_with_untrusted_cert_is_502(make_proxy, ws_upstream, ca, tm
     assert status == 502
 
 
-def _proxy_protocol_proxy(make_proxy, upstream_port: int, trusted: str = ""):
-    return make_proxy(f"""
-listen:
-  - address: "127.0.0.1:0"
-    proxy_protocol: true
-upstreams: {{app: {{servers: ["127.0.0.1:{upstream_port}"]}}}}
-routes: [{{upstream: app}}]
-{trusted}
-""")
+def _proxy_protocol_proxy(make_proxy, upstream_port: int):
+    return make_proxy(proxy_yaml(upstream_port, listen=listener(proxy_protocol=True)))
 
 
 @pytest.mark.parametrize(
@@ -145,7 +110,8 @@ def test_proxy_protocol_missing_header_closes(make_proxy, raw_upstream):
     with socket.create_connection(proxy.address, timeout=5) as sock:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         assert sock.recv(4096) == b""
-    assert up.conns == []
+    header = proxy_v1_header(("203.0.113.9", 1), ("127.0.0.1", 2))
+    only_the_sentinel_arrives(proxy.address, up, prefix=header)
 
 
 def test_ipv6_loopback_listener(make_proxy, raw_upstream):
@@ -154,11 +120,7 @@ def test_ipv6_loopback_listener(make_proxy, raw_upstream):
         pytest.skip("no IPv6 on this machine")
     up = raw_upstream(respond_ok_forever)
     try:
-        proxy = make_proxy(f"""
-listen: [{{address: "[::1]:0"}}]
-upstreams: {{app: {{servers: ["127.0.0.1:{up.port}"]}}}}
-routes: [{{upstream: app}}]
-""")
+        proxy = make_proxy(proxy_yaml(up.port, listen=listener("[::1]:0")))
     except OSError as exc:
         pytest.skip(f"cannot bind ::1: {exc}")
     with socket.create_connection(("::1", proxy.port), timeout=5) as sock:
@@ -177,7 +139,7 @@ routes: [{{upstream: app}}]
     ],
 )
 def test_proxy_protocol_then_tls_then_websocket(
-    make_proxy, ws_upstream, ca, proxy_cert, header, client_ip, together
+    make_proxy, ws_upstream, ca, tls, header, client_ip, together
 ):
     """A PROXY header, then a TLS handshake, then a WebSocket upgrade on one connection: the
     upstream sees the PROXY source as X-Forwarded-For and https as the scheme.
@@ -188,20 +150,12 @@ def test_proxy_protocol_then_tls_then_websocket(
     if together and not hasattr(socket, "TCP_CORK"):
         pytest.skip("TCP_CORK is Linux-only")
     up = ws_upstream()
-    cert, key = proxy_cert
-    proxy = make_proxy(f"""
-listen:
-  - address: "127.0.0.1:0"
-    proxy_protocol: true
-    tls: {{cert: "{cert}", key: "{key}"}}
-upstreams: {{app: {{servers: ["127.0.0.1:{up.port}"]}}}}
-routes: [{{upstream: app}}]
-""")
+    proxy = make_proxy(proxy_yaml(up.port, listen=listener(proxy_protocol=True, tls=tls)))
     sock = socket.create_connection(proxy.address, timeout=5)
     if together:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
     sock.sendall(header)
-    tls = _client_ctx(ca).wrap_socket(sock, server_hostname="127.0.0.1")  # the handshake
+    tls = client_context(ca).wrap_socket(sock, server_hostname="127.0.0.1")  # the handshake
     if together:
         tls.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
     # A ws:// URI over the TLS socket: websockets speaks the upgrade over what it is given.

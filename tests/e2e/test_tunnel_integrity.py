@@ -4,48 +4,26 @@ tunnels, a reset on either side closes the other, a slow reader holds back the w
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import hashlib
 import socket
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.conftest import (
-    FAST_DRAIN,
-    SWITCH_WS,
-    WAIT,
-    WS_GUID,
-    RawConn,
-    eventually,
-    proxy_yaml,
+from tests.support.clients import (
+    Tunnel,
     raw_client,
-    raw_tunnel,
     read_response_head,
     read_to_eof,
     recv_exactly,
     rst,
-    status_of,
-    values,
-    ws_request,
 )
-
-
-def accept_101(conn: RawConn) -> bytes:
-    """Upstream side: read the upgrade head, answer a correct 101; returns the head."""
-    head = conn.read_head(timeout=WAIT)
-    key = values(head, b"sec-websocket-key")[0]
-    accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
-    conn.send(
-        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n"
-    )
-    conn.sock.settimeout(WAIT)
-    return head
-
+from tests.support.configs import FAST_DRAIN, proxy_yaml
+from tests.support.peers import RawConn, accept_upgrade
+from tests.support.waiting import WAIT, eventually, steady
+from tests.support.wire import SWITCH_WS, status_of, ws_request
 
 # --- rule 5: tunnels ---------------------------------------------------------------------------
 
@@ -56,16 +34,16 @@ def test_one_byte_ping_pong_2000_times(make_proxy, raw_upstream):
     rounds = 2000
 
     def handler(conn: RawConn) -> None:
-        accept_101(conn)
+        accept_upgrade(conn)
         for _ in range(rounds):
             b = conn.read_exactly(1, timeout=WAIT)
             conn.send(bytes([(b[0] + 1) % 256]))
 
     up = raw_upstream(handler)
-    proxy = make_proxy(proxy_yaml(up.port, extra=FAST_DRAIN))
-    sock, rest = raw_tunnel(proxy.address)
-    assert rest == b""
-    with sock:
+    proxy = make_proxy(proxy_yaml(up.port, timeouts=FAST_DRAIN))
+    tunnel = Tunnel(proxy.address)
+    assert tunnel.buf == b""
+    with tunnel.sock as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for i in range(rounds):
             sock.sendall(bytes([i % 256]))
@@ -85,7 +63,7 @@ def test_hundred_concurrent_tunnels_with_checksums(make_proxy, raw_upstream):
 
     def handler(conn: RawConn) -> None:
         try:
-            head = accept_101(conn)
+            head = accept_upgrade(conn)
             tag = head.split(b" ")[1]
             threading.Thread(
                 target=lambda: (
@@ -100,12 +78,13 @@ def test_hundred_concurrent_tunnels_with_checksums(make_proxy, raw_upstream):
             errors.append(exc)
 
     up = raw_upstream(handler)
-    proxy = make_proxy(proxy_yaml(up.port, extra=FAST_DRAIN))
+    proxy = make_proxy(proxy_yaml(up.port, timeouts=FAST_DRAIN))
 
     def client(i: int) -> bool:
         tag = b"/t%d" % i
-        sock, rest = raw_tunnel(proxy.address, tag)
-        with sock:
+        tunnel = Tunnel(proxy.address, tag.decode())
+        rest = tunnel.buf
+        with tunnel.sock as sock:
             sock.settimeout(WAIT * 2)
             writer = threading.Thread(
                 target=lambda: (sock.sendall(payload(tag, b"up")), sock.shutdown(socket.SHUT_WR)),
@@ -126,7 +105,7 @@ def test_hundred_concurrent_tunnels_with_checksums(make_proxy, raw_upstream):
     for i in range(n):
         tag = b"/t%d" % i
         assert up_hashes[tag] == hashlib.sha256(payload(tag, b"up")).hexdigest(), tag
-    assert eventually(lambda: proxy.telemetry.tunnels_active == 0), proxy.telemetry.tunnels_active
+    assert eventually(lambda: proxy.tunnels_active() == 0)
 
 
 @pytest.mark.parametrize("side", ["client", "upstream"])
@@ -135,7 +114,7 @@ def test_reset_mid_tunnel_closes_the_other_side(make_proxy, raw_upstream, side):
     side"): after a reset (SO_LINGER 0) by one side mid-tunnel, the other side sees its
     connection closed within 5 s, and `upgradeproxy_tunnels_active` returns to 0."""
     up = raw_upstream()
-    proxy = make_proxy(proxy_yaml(up.port, extra=FAST_DRAIN))
+    proxy = make_proxy(proxy_yaml(up.port, timeouts=FAST_DRAIN))
     client = raw_client(proxy.address, timeout=WAIT)
     try:
         client.sendall(ws_request())
@@ -148,7 +127,7 @@ def test_reset_mid_tunnel_closes_the_other_side(make_proxy, raw_upstream, side):
         assert conn.read_exactly(1000) == b"x" * 1000
         conn.send(b"y" * 1000)
         assert recv_exactly(client, 1000, buf) == b"y" * 1000
-        assert eventually(lambda: proxy.telemetry.tunnels_active == 1)
+        assert eventually(lambda: proxy.tunnels_active() == 1)
         if side == "client":
             rst(client)
             data, closed = read_to_eof(conn.sock, 5)
@@ -160,7 +139,7 @@ def test_reset_mid_tunnel_closes_the_other_side(make_proxy, raw_upstream, side):
     finally:
         with contextlib.suppress(OSError):
             client.close()
-    assert eventually(lambda: proxy.telemetry.tunnels_active == 0), proxy.telemetry.tunnels_active
+    assert eventually(lambda: proxy.tunnels_active() == 0)
 
 
 def test_slow_reader_holds_back_the_writer_end_to_end(make_proxy, raw_upstream):
@@ -175,7 +154,7 @@ def test_slow_reader_holds_back_the_writer_end_to_end(make_proxy, raw_upstream):
 
     def handler(conn: RawConn) -> None:
         conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 10)
-        accept_101(conn)
+        accept_upgrade(conn)
         conn.sock.settimeout(30)
         try:
             while written[0] < total:
@@ -186,7 +165,7 @@ def test_slow_reader_holds_back_the_writer_end_to_end(make_proxy, raw_upstream):
             done.set()
 
     up = raw_upstream(handler)
-    proxy = make_proxy(proxy_yaml(up.port, extra=FAST_DRAIN))
+    proxy = make_proxy(proxy_yaml(up.port, timeouts=FAST_DRAIN))
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
     sock.settimeout(WAIT)
@@ -195,16 +174,8 @@ def test_slow_reader_holds_back_the_writer_end_to_end(make_proxy, raw_upstream):
         sock.sendall(ws_request())
         head, buf = read_response_head(sock)
         assert status_of(head) == 101
-        # Wait until the writer stops making progress (bounded), then check how far it got.
-        last, still_since = -1, time.monotonic()
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not done.is_set():
-            if written[0] != last:
-                last, still_since = written[0], time.monotonic()
-            elif time.monotonic() - still_since > 0.5:
-                break
-            time.sleep(0.05)
-        stalled_at = written[0]
+        # The writer stops making progress (or finishes, which fails below): how far it got.
+        stalled_at = steady(lambda: written[0])
         assert not done.is_set(), "the upstream wrote 96 MiB to a client that never read"
         assert stalled_at < 64 << 20, stalled_at
         got, sha = len(buf), hashlib.sha256(bytes(buf))

@@ -9,29 +9,26 @@ import contextlib
 import hashlib
 import socket
 import threading
-import time
 
 import pytest
 
-from tests.conftest import (
-    FAST_DRAIN,
-    QUIET,
-    SWITCH_WS,
-    WAIT,
-    WS_ACCEPT,
-    RawConn,
-    assert_short_error,
-    elements,
-    eventually,
-    names,
-    proxy_yaml,
-    quiet_read,
+from tests.support.clients import (
     raw_client,
     read_response,
     read_response_head,
     read_to_eof,
     recv_exactly,
-    respond_ok_forever,
+)
+from tests.support.configs import FAST_DRAIN, proxy_yaml
+from tests.support.peers import RawConn, respond_ok_forever
+from tests.support.sentinels import client_answered_by_the_proxy, nothing_more_upstream
+from tests.support.waiting import WAIT, eventually
+from tests.support.wire import (
+    SWITCH_WS,
+    WS_ACCEPT,
+    assert_short_error,
+    elements,
+    names,
     status_of,
     values,
     ws_request,
@@ -47,7 +44,7 @@ def test_offer_split_over_repeated_connection_and_upgrade_fields(make_proxy, raw
     case-insensitively". RFC 9110 §5.3: repeated fields are one comma list; empty list
     elements are ignored (§5.6.1)."""
     up = raw_upstream()
-    proxy = make_proxy(proxy_yaml(up.port, extra=FAST_DRAIN))
+    proxy = make_proxy(proxy_yaml(up.port, timeouts=FAST_DRAIN))
     with raw_client(proxy.address) as sock:
         sock.sendall(
             ws_request(
@@ -75,7 +72,7 @@ def test_upgrade_with_connection_close_still_switches(make_proxy, raw_upstream):
     else it lists; rule 2: on a valid 101 the proxy relays it "and then splice[s] raw bytes
     both ways" (`close` only concerns the HTTP connection that the 101 ends)."""
     up = raw_upstream()
-    proxy = make_proxy(proxy_yaml(up.port, extra=FAST_DRAIN))
+    proxy = make_proxy(proxy_yaml(up.port, timeouts=FAST_DRAIN))
     with raw_client(proxy.address) as sock:
         sock.sendall(ws_request(connection=b"close, Upgrade"))
         conn = up.accept()
@@ -94,7 +91,7 @@ def test_empty_upgrade_value_is_no_offer(make_proxy, raw_upstream):
     """Rule 1: only an `Upgrade` header that "offers protocols" is an offer; rule 2: "a 101 to
     a request that offered none ... is a 502"."""
     up = raw_upstream()
-    proxy = make_proxy(proxy_yaml(up.port, extra=FAST_DRAIN))
+    proxy = make_proxy(proxy_yaml(up.port, timeouts=FAST_DRAIN))
     with raw_client(proxy.address) as sock:
         sock.sendall(ws_request(upgrade=b""))
         conn = up.accept()
@@ -104,8 +101,7 @@ def test_empty_upgrade_value_is_no_offer(make_proxy, raw_upstream):
         conn.send(SWITCH_WS + b"TUNNEL")
         status, _, _, buf = read_response(sock)
         assert status == 502
-        rest, _ = quiet_read(sock)
-        assert b"TUNNEL" not in bytes(buf) + rest
+        assert b"TUNNEL" not in client_answered_by_the_proxy(sock, buf)
 
 
 def test_interim_responses_before_the_101(make_proxy, raw_upstream):
@@ -114,7 +110,7 @@ def test_interim_responses_before_the_101(make_proxy, raw_upstream):
     so a `100` or `103 Early Hints` before the 101 does not end the exchange. README: other 1xx
     are relayed to HTTP/1.1 clients."""
     up = raw_upstream()
-    proxy = make_proxy(proxy_yaml(up.port, extra=FAST_DRAIN))
+    proxy = make_proxy(proxy_yaml(up.port, timeouts=FAST_DRAIN))
     with raw_client(proxy.address) as sock:
         sock.sendall(ws_request())
         conn = up.accept()
@@ -144,7 +140,7 @@ def test_101_naming_two_offered_protocols_is_relayed(make_proxy, raw_upstream):
     (with its `Upgrade`/`Connection` and end-to-end headers)"; RFC 9110 §7.8 lets a server
     switch to a stack of the offered protocols."""
     up = raw_upstream()
-    proxy = make_proxy(proxy_yaml(up.port, route='upgrade: ["foo", "bar"]', extra=FAST_DRAIN))
+    proxy = make_proxy(proxy_yaml(up.port, route={"upgrade": ["foo", "bar"]}, timeouts=FAST_DRAIN))
     with raw_client(proxy.address) as sock:
         sock.sendall(
             b"GET /s HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: foo/2, bar\r\n\r\n"
@@ -167,7 +163,7 @@ def test_101_naming_an_offered_and_an_unoffered_protocol_is_502(make_proxy, raw_
     """Rule 2: "A 101 naming a protocol that was not offered ... is a 502." (even when it also
     names one that was)."""
     up = raw_upstream()
-    proxy = make_proxy(proxy_yaml(up.port, route='upgrade: ["foo", "bar"]', extra=FAST_DRAIN))
+    proxy = make_proxy(proxy_yaml(up.port, route={"upgrade": ["foo", "bar"]}, timeouts=FAST_DRAIN))
     with raw_client(proxy.address) as sock:
         sock.sendall(
             b"GET /s HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: foo/2, bar\r\n\r\n"
@@ -181,10 +177,8 @@ def test_101_naming_an_offered_and_an_unoffered_protocol_is_502(make_proxy, raw_
         status, _, body, buf = read_response(sock)
         assert status == 502
         assert_short_error(body)
-        rest, _ = quiet_read(sock)
-        assert b"TUNNEL" not in bytes(buf) + rest
-        with contextlib.suppress(OSError):
-            sock.sendall(b"client-bytes")
+        # The client's next bytes are a request the proxy answers itself, never tunnel bytes.
+        assert b"TUNNEL" not in client_answered_by_the_proxy(sock, buf)
         assert conn.read_until_close(timeout=5) == b""
 
 
@@ -201,7 +195,7 @@ def test_101_with_framing_and_close_headers_is_relayed_clean(make_proxy, raw_ups
     field in any response with a status code of 1xx". So the client gets a 101 with
     `Connection: upgrade`, no framing header, and the bytes behind it as tunnel bytes."""
     up = raw_upstream()
-    proxy = make_proxy(proxy_yaml(up.port, extra=FAST_DRAIN))
+    proxy = make_proxy(proxy_yaml(up.port, timeouts=FAST_DRAIN))
     with raw_client(proxy.address) as sock:
         sock.sendall(ws_request())
         conn = up.accept()
@@ -231,7 +225,7 @@ def test_101_then_bytes_then_fin_in_one_go(make_proxy, raw_upstream):
     rule 5: "Half-closes are propagated (a FIN one way does not cut the other way)" - even when
     the upstream's FIN arrives together with its 101."""
     up = raw_upstream()
-    proxy = make_proxy(proxy_yaml(up.port, extra=FAST_DRAIN))
+    proxy = make_proxy(proxy_yaml(up.port, timeouts=FAST_DRAIN))
     with raw_client(proxy.address) as sock:
         sock.sendall(ws_request())
         conn = up.accept()
@@ -254,7 +248,7 @@ def test_101_then_immediate_close(make_proxy, raw_upstream):
     """Rule 5: when the upstream is gone right after its 101, the client gets the 101 then EOF,
     and the tunnel is finished (`upgradeproxy_tunnels_active` back to 0)."""
     up = raw_upstream()
-    proxy = make_proxy(proxy_yaml(up.port, extra=FAST_DRAIN))
+    proxy = make_proxy(proxy_yaml(up.port, timeouts=FAST_DRAIN))
     with raw_client(proxy.address) as sock:
         sock.sendall(ws_request())
         conn = up.accept()
@@ -267,7 +261,7 @@ def test_101_then_immediate_close(make_proxy, raw_upstream):
         assert bytes(buf) + data == b""
         assert closed
         sock.close()
-    assert eventually(lambda: proxy.telemetry.tunnels_active == 0), proxy.telemetry.tunnels_active
+    assert eventually(lambda: proxy.tunnels_active() == 0)
 
 
 def test_client_fin_before_the_101(make_proxy, raw_upstream):
@@ -275,13 +269,13 @@ def test_client_fin_before_the_101(make_proxy, raw_upstream):
     that sends its handshake then FIN still gets the 101 and what follows; the upstream sees
     the FIN after the 101, and can keep talking until it closes."""
     up = raw_upstream()
-    proxy = make_proxy(proxy_yaml(up.port, extra=FAST_DRAIN))
+    proxy = make_proxy(proxy_yaml(up.port, timeouts=FAST_DRAIN))
     with raw_client(proxy.address) as sock:
         sock.sendall(ws_request() + b"early")
         sock.shutdown(socket.SHUT_WR)
         conn = up.accept()
         conn.read_head()
-        time.sleep(0.2)  # let the FIN reach the proxy first
+        proxy.settle()  # the proxy has seen the FIN before the 101 comes
         conn.send(SWITCH_WS + b"hello")
         head, buf = read_response_head(sock)
         assert status_of(head) == 101
@@ -302,7 +296,7 @@ def test_a_mebibyte_of_early_bytes_is_held_then_delivered_in_order(make_proxy, r
     it reaches the upstream before the 101, all of it after, in order."""
     early = hashlib.sha256(b"early").digest() * (32 * 1024)  # 1 MiB
     up = raw_upstream()
-    proxy = make_proxy(proxy_yaml(up.port, extra=FAST_DRAIN))
+    proxy = make_proxy(proxy_yaml(up.port, timeouts=FAST_DRAIN))
     with raw_client(proxy.address, timeout=WAIT) as sock:
 
         def send() -> None:
@@ -313,8 +307,7 @@ def test_a_mebibyte_of_early_bytes_is_held_then_delivered_in_order(make_proxy, r
         writer.start()
         conn = up.accept()
         conn.read_head()
-        data, _ = quiet_read(conn.sock, QUIET)
-        assert bytes(conn.received) + data == b"", "early bytes went up before the 101"
+        nothing_more_upstream(proxy, conn)  # no early byte goes up before the 101
         conn.send(SWITCH_WS)
         head, _ = read_response_head(sock)
         assert status_of(head) == 101
@@ -334,7 +327,7 @@ def test_early_final_answer_then_reuse(make_proxy, raw_upstream):
         respond_ok_forever(conn)
 
     up = raw_upstream(handler)
-    proxy = make_proxy(proxy_yaml(up.port, extra=FAST_DRAIN))
+    proxy = make_proxy(proxy_yaml(up.port, timeouts=FAST_DRAIN))
     with raw_client(proxy.address) as sock:
         sock.sendall(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n")
         status, headers, body, rest = read_response(sock)

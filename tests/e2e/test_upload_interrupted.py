@@ -15,14 +15,10 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.conftest import (
-    RawConn,
-    ok_response,
-    proxy_yaml,
-    quiet_read,
-    raw_client,
-    read_response,
-)
+from tests.support.clients import raw_client, read_response, read_to_eof
+from tests.support.configs import proxy_yaml
+from tests.support.peers import RawConn
+from tests.support.wire import ok_response
 
 BODY_SIZE = 4 << 20  # far more than the socket buffers hold, so the client is still uploading
 PIECE = b"u" * 16384
@@ -71,7 +67,7 @@ def test_upstream_reset_mid_upload_is_502_or_close_and_the_next_client_is_served
         conn.close()
 
     up = raw_upstream(_upstream(reset_after_some_body))
-    proxy = make_proxy(proxy_yaml(up.port, extra="timeouts: {drain: 1}"))
+    proxy = make_proxy(proxy_yaml(up.port, timeouts={"drain": 1}))
     stop = threading.Event()
     with raw_client(proxy.address, timeout=10) as c:
         c.sendall(b"PUT /upload HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % BODY_SIZE)
@@ -84,7 +80,7 @@ def test_upstream_reset_mid_upload_is_502_or_close_and_the_next_client_is_served
         else:
             assert status == 502, body
             assert headers.get(b"connection", b"").lower() == b"close"
-            _, closed = quiet_read(c, wait=5)
+            _, closed = read_to_eof(c)
             assert closed, "the client connection stayed open after the 502"
         finally:
             stop.set()
@@ -106,7 +102,7 @@ def test_client_gone_mid_upload_closes_the_upstream_and_the_next_client_is_serve
         closed_upstream.set()
 
     up = raw_upstream(_upstream(read_until_close))
-    proxy = make_proxy(proxy_yaml(up.port, extra="timeouts: {drain: 1}"))
+    proxy = make_proxy(proxy_yaml(up.port, timeouts={"drain": 1}))
     c = raw_client(proxy.address)
     c.sendall(b"PUT /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b"u" * 300)
     up.accept()

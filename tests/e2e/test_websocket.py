@@ -15,13 +15,11 @@ Every wait is bounded; nothing asserts how long something took.
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import os
 import queue
 import socket
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -30,89 +28,21 @@ from websockets.exceptions import ConnectionClosed
 from websockets.extensions.permessage_deflate import PerMessageDeflate
 from websockets.sync.client import connect
 
-from tests.conftest import (
-    WAIT,
-    WS_GUID,
-    RawConn,
-    eventually,
-    proxy_yaml,
-    raw_client,
-    read_response_head,
-)
+from tests.support.clients import Tunnel, read_until_close, readable
+from tests.support.configs import proxy_yaml
+from tests.support.peers import RawConn, accept_upgrade
+from tests.support.waiting import WAIT, eventually
 
 MiB = 1 << 20
 # --- helpers ---------------------------------------------------------------------------
 
 
-def ws_accept(key: str | bytes) -> bytes:
-    """Sec-WebSocket-Accept for a Sec-WebSocket-Key (RFC 6455 §4.2.2)."""
-    key = key.encode() if isinstance(key, str) else key
-    return base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
-
-
-def header_value(head: bytes, name: bytes) -> bytes:
-    """The value of the single header `name` in a raw HTTP head (case-insensitive)."""
-    values = [
-        line.split(b":", 1)[1].strip()
-        for line in head.split(b"\r\n")[1:]
-        if b":" in line and line.split(b":", 1)[0].strip().lower() == name.lower()
-    ]
-    assert len(values) == 1, f"expected one {name!r} header in {head!r}"
-    return values[0]
-
-
-def accept_upgrade(conn: RawConn) -> bytes:
-    """Upstream side: read the upgrade request head and answer a correct 101; returns the head."""
-    head = conn.read_head(timeout=WAIT)
-    key = header_value(head, b"sec-websocket-key")
-    conn.send(
-        b"HTTP/1.1 101 Switching Protocols\r\n"
-        b"Upgrade: websocket\r\n"
-        b"Connection: Upgrade\r\n"
-        b"Sec-WebSocket-Accept: " + ws_accept(key) + b"\r\n\r\n"
-    )
-    conn.sock.settimeout(WAIT)
-    return head
-
-
-def open_raw_tunnel(address: tuple[str, int], path: str = "/tunnel") -> tuple[socket.socket, bytes]:
-    """Client side: send a valid WebSocket handshake head, read the 101.
-
-    Returns the socket (timeout `WAIT`) and any tunnel bytes that arrived with the 101 head.
-    """
-    sock = raw_client(address, timeout=WAIT)
-    key = base64.b64encode(os.urandom(16))
-    host, port = address
-    sock.sendall(
-        f"GET {path} HTTP/1.1\r\n"
-        f"Host: {host}:{port}\r\n"
-        "Upgrade: websocket\r\n"
-        "Connection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: {key.decode()}\r\n"
-        "Sec-WebSocket-Version: 13\r\n\r\n".encode()
-    )
-    head, rest = read_response_head(sock)
-    assert head.startswith(b"HTTP/1.1 101 "), head
-    assert header_value(head, b"sec-websocket-accept") == ws_accept(key)
-    return sock, bytes(rest)
-
-
-def recv_until_eof(sock: socket.socket, already: bytes = b"") -> bytes:
-    """Everything `sock` delivers until the peer's FIN (each recv bounded by the timeout)."""
-    out = bytearray(already)
-    while data := sock.recv(65536):
-        out += data
-    return bytes(out)
-
-
-def recv_exactly(sock: socket.socket, n: int, already: bytes = b"") -> bytes:
-    out = bytearray(already)
-    while len(out) < n:
-        data = sock.recv(65536)
-        if not data:
-            raise EOFError(f"closed after {len(out)} of {n} bytes")
-        out += data
-    return bytes(out)
+def open_raw_tunnel(address: tuple[str, int]) -> tuple[socket.socket, bytes]:
+    """Client side: a valid WebSocket handshake; the socket (timeout `WAIT`) and any tunnel
+    bytes that arrived with the 101 head."""
+    tunnel = Tunnel(address, "/tunnel")
+    assert tunnel.status == 101, tunnel.head
+    return tunnel.sock, bytes(tunnel.buf)
 
 
 class HashingReader:
@@ -436,7 +366,7 @@ def test_client_half_close_keeps_the_way_back_open(make_proxy, raw_upstream):
         sock.sendall(payload)
         sock.shutdown(socket.SHUT_WR)
         assert at_upstream.get(timeout=WAIT) == payload
-        assert recv_until_eof(sock, rest) == reply
+        assert read_until_close(sock, rest) == reply
 
 
 def test_upstream_half_close_keeps_the_way_up_open(make_proxy, raw_upstream):
@@ -461,7 +391,7 @@ def test_upstream_half_close_keeps_the_way_up_open(make_proxy, raw_upstream):
     proxy = make_proxy(proxy_yaml(upstream.port))
     sock, rest = open_raw_tunnel(proxy.address)
     with sock:
-        assert recv_until_eof(sock, rest) == greeting
+        assert read_until_close(sock, rest) == greeting
         sock.sendall(payload)
         sock.shutdown(socket.SHUT_WR)
         assert at_upstream.get(timeout=WAIT) == payload
@@ -479,7 +409,7 @@ def test_idle_tunnel_is_closed_on_both_sides(make_proxy, raw_upstream):
             at_upstream.put(exc)
 
     upstream = raw_upstream(handler)
-    proxy = make_proxy(proxy_yaml(upstream.port, extra='timeouts: {tunnel_idle: "300ms"}'))
+    proxy = make_proxy(proxy_yaml(upstream.port, timeouts={"tunnel_idle": "300ms"}))
     sock, rest = open_raw_tunnel(proxy.address)
     with sock:
         assert rest == b""
@@ -490,47 +420,55 @@ def test_idle_tunnel_is_closed_on_both_sides(make_proxy, raw_upstream):
 
 @pytest.mark.parametrize("traffic", ["echo", "client-only", "upstream-only"])
 def test_tunnel_with_traffic_stays_open_past_idle_timeout(make_proxy, raw_upstream, traffic):
-    """Rule 5: the tunnel closes only when `tunnel_idle` passes "with no bytes either way": a
-    byte every 100 ms for 1.2 s (4x the 300 ms timeout), in either or both directions, keeps it
-    open."""
-    ticks = 12
+    """Rule 5: the tunnel closes only when `tunnel_idle` passes "with no bytes either way":
+    bytes flowing in either or both directions keep it open. Until when: a quiet tunnel
+    opened just after it (the sentinel) has been closed for being idle."""
     at_upstream: queue.Queue[bytes | BaseException] = queue.Queue()
+    stop = threading.Event()  # upstream-only: stop sending
 
     def handler(conn: RawConn) -> None:
         try:
-            accept_upgrade(conn)
+            head = accept_upgrade(conn)
+            if head.startswith(b"GET /quiet "):
+                at_upstream.put(conn.read_until_close(timeout=WAIT))
+                return
             if traffic == "echo":
-                for _ in range(ticks):
-                    conn.send(conn.read_exactly(1, timeout=WAIT))
+                while (byte := conn.read_exactly(1, timeout=WAIT)) != b"!":
+                    conn.send(byte)
             elif traffic == "client-only":
-                at_upstream.put(conn.read_exactly(ticks, timeout=WAIT))
+                got = bytearray()
+                while (byte := conn.read_exactly(1, timeout=WAIT)) != b"!":
+                    got += byte
+                at_upstream.put(bytes(got))
             else:
-                for _ in range(ticks):
+                while not stop.is_set():
                     conn.send(b"d")
-                    time.sleep(0.1)
             conn.send(b"still here")
             at_upstream.put(conn.read_exactly(4, timeout=WAIT))
         except BaseException as exc:
             at_upstream.put(exc)
 
     upstream = raw_upstream(handler)
-    proxy = make_proxy(proxy_yaml(upstream.port, extra='timeouts: {tunnel_idle: "300ms"}'))
-    sock, rest = open_raw_tunnel(proxy.address)
-    with sock:
-        if traffic == "echo":
-            for _ in range(ticks):
+    proxy = make_proxy(proxy_yaml(upstream.port, timeouts={"tunnel_idle": 1}))
+    busy = Tunnel(proxy.address, "/busy")
+    quiet = Tunnel(proxy.address, "/quiet")
+    sent = 0
+    with busy.sock as sock, quiet.sock:
+        while not readable(quiet.sock):  # bytes flow until the quiet tunnel is closed
+            if traffic == "echo":
+                assert busy.echo(b"u") == b"u"
+            elif traffic == "client-only":
                 sock.sendall(b"u")
-                assert sock.recv(1) == b"u"
-                time.sleep(0.1)
-        elif traffic == "client-only":
-            for _ in range(ticks):
-                sock.sendall(b"u")
-                time.sleep(0.1)
-            assert at_upstream.get(timeout=WAIT) == b"u" * ticks
-        else:
-            assert recv_exactly(sock, ticks, rest) == b"d" * ticks
-            rest = b""
-        assert recv_exactly(sock, len(b"still here"), rest) == b"still here"
+                sent += 1
+            else:
+                assert busy.recv(1) == b"d"
+        assert at_upstream.get(timeout=WAIT) == b""  # the quiet one, closed both ways
+        if traffic != "upstream-only":
+            sock.sendall(b"!")
+        if traffic == "client-only":
+            assert at_upstream.get(timeout=WAIT) == b"u" * sent
+        stop.set()
+        assert busy.recv_until(b"still here").strip(b"d") == b""
         sock.sendall(b"ack!")
         assert at_upstream.get(timeout=WAIT) == b"ack!"
 
@@ -561,7 +499,7 @@ def test_tunnel_metrics_count_bytes_and_active_tunnels(make_proxy, raw_upstream)
         sock.sendall(b"u" * up_bytes)
         sock.shutdown(socket.SHUT_WR)
         assert at_upstream.get(timeout=WAIT) == b"u" * up_bytes
-        assert recv_until_eof(sock, rest) == b"d" * down_bytes
+        assert read_until_close(sock, rest) == b"d" * down_bytes
     assert eventually(lambda: telemetry.tunnels_active == 0), telemetry.tunnels_active
     expected = {"up": up_bytes, "down": down_bytes}
     assert eventually(lambda: telemetry.tunnel_bytes == expected), telemetry.tunnel_bytes
@@ -590,4 +528,4 @@ def test_fifty_concurrent_websocket_clients(make_proxy, ws_upstream):
     for i, got in enumerate(results):
         assert got == [f"client {i} message {j}" for j in range(echoes)]
     assert sorted(r.path for r in up.requests) == sorted(f"/c{i}" for i in range(clients))
-    assert eventually(lambda: proxy.telemetry.tunnels_active == 0), proxy.telemetry.tunnels_active
+    assert eventually(lambda: proxy.tunnels_active() == 0)

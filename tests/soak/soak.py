@@ -14,15 +14,21 @@ import argparse
 import itertools
 import os
 import random
+import signal
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import h11
 import trio
 
-from tests.soak.proxyproc import ProxyProcess, config_yaml, free_port
-from tests.soak.upstream import LOOPBACK, Upstream, pattern, reset
+from tests.soak.upstream import Upstream, pattern, reset
 from tests.soak.verdict import Ending, Tally, verdict
+from tests.support.clients import LOOPBACK, free_port
+from tests.support.configs import config_yaml, route
+from tests.support.processes import ROOT, ProxyProcess
+from tests.support.waiting import eventually
 
 MB = 1 << 20
 KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
@@ -281,7 +287,7 @@ class Soak:
         while trio.current_time() + 10 < self.stop_at:
             await trio.sleep(10)
             assert self.proxy is not None
-            self.proxy.reload()
+            self.proxy.signal(signal.SIGHUP)
             self.t.bump(self.t.chaos, "SIGHUP reloads")
 
     async def restart_halfway(self, nursery: trio.Nursery) -> None:
@@ -296,25 +302,26 @@ class Soak:
     # --- the run ----------------------------------------------------------------------
 
     def config(self) -> str:
-        routes = (
-            "  - path_prefix: /ws\n    upstream: tunnels\n"
-            "  - path_prefix: /flood\n    upstream: tunnels\n"
-            "  - upstream: web"
-        )
-        extra = (
-            f"timeouts:\n  connect: 2s\n  request_header: {REQUEST_HEADER:g}s\n  idle: 5s\n"
-            "  upstream_response: 10s\n  tunnel_idle: 60s\n  drain: 5s\n"
-        )
         ports = [self.a.port, self.b.port]
-        return config_yaml(self.port, {"tunnels": ports, "web": ports}, routes, extra)
+        routes = [route("tunnels", path_prefix="/ws"), route("tunnels", path_prefix="/flood"),
+                  route("web")]  # fmt: skip
+        timeouts = {"connect": "2s", "request_header": f"{REQUEST_HEADER:g}s", "idle": "5s",
+                    "upstream_response": "10s", "tunnel_idle": "60s", "drain": "5s"}  # fmt: skip
+        return config_yaml({"tunnels": ports, "web": ports}, routes, listen=self.port,
+                           timeouts=timeouts)  # fmt: skip
 
     async def main(self) -> int:
+        with tempfile.TemporaryDirectory(prefix="upx-soak-") as tmp:
+            return await self.run(Path(tmp) / "upgradeproxy.yaml")
+
+    async def run(self, config: Path) -> int:
         async with trio.open_nursery() as servers:
             await self.a.start(servers)
             await self.b.start(servers)
-            self.proxy = ProxyProcess(self.config(), self.port)
+            config.write_text(self.config())  # now that the upstreams have their ports
+            self.proxy = ProxyProcess(config, "--no-access-log", cwd=ROOT)
             try:
-                await trio.sleep(0.5)
+                await trio.to_thread.run_sync(self.proxy.ready)
                 baseline = self.proxy.descriptors()
                 started = time.monotonic()
                 self.stop_at = trio.current_time() + self.seconds
@@ -340,7 +347,8 @@ class Soak:
                 end = Ending(ran, baseline, settled, fresh, self.proxy.alive(), rss_growth)
                 return verdict(self.t, end, self.proxy.pid, self.proxy.rss_bytes())
             finally:
-                self.proxy.stop()
+                self.proxy.stop(grace=15)
+                self.proxy.close()
                 servers.cancel_scope.cancel()
 
     async def fresh_exchange(self) -> bool:
@@ -360,16 +368,15 @@ class Soak:
 
     async def settle(self, baseline: int) -> int:
         """Proxy descriptors minus the idle pooled upstream connections, once quiet."""
-        assert self.proxy is not None
-        now = baseline + 1
-        with trio.move_on_after(15):
-            while True:
-                pooled = len(self.a.conns) + len(self.b.conns)
-                now = self.proxy.descriptors() - pooled
-                if now <= baseline:
-                    break
-                await trio.sleep(0.2)
-        return now
+        proxy = self.proxy
+        assert proxy is not None
+
+        def held() -> int:
+            return proxy.descriptors() - len(self.a.conns) - len(self.b.conns)
+
+        # Polled from a thread: the upstreams run in this event loop and must keep serving.
+        await trio.to_thread.run_sync(eventually, lambda: held() <= baseline, 15)
+        return held()
 
 
 def main() -> None:

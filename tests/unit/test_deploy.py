@@ -5,7 +5,6 @@ The Kubernetes manifests have their own file, tests/unit/test_kubernetes.py.
 
 from __future__ import annotations
 
-import json
 import re
 import shlex
 import tomllib
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.support.dockerfile import dockerfile_facts, instructions, only
 from upgradeproxy.config.loader import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,7 +25,6 @@ CONFIGS = sorted(
         *ROOT.glob("deploy/kubernetes/*/upgradeproxy.yaml"),
     ]
 )
-DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
@@ -34,42 +33,9 @@ def test_shipped_configs_pass_check(path: Path) -> None:
     load_config(str(path))
 
 
-def _instructions(path: Path) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) per Dockerfile instruction, continuation lines joined."""
-    text = re.sub(r"\\\n\s*", " ", path.read_text())
-    found = []
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            word, _, rest = line.partition(" ")
-            found.append((word.upper(), rest.strip()))
-    return found
-
-
-def _only(path: Path, instruction: str) -> str:
-    values = [rest for word, rest in _instructions(path) if word == instruction]
-    assert len(values) == 1, f"{path.name}: expected one {instruction}, found {values}"
-    return values[0]
-
-
-def dockerfile_facts() -> dict[str, object]:
-    """What the manifests must agree with: user, ports, config path, health-check URL."""
-    cmd = json.loads(_only(DOCKERFILE, "CMD"))
-    health = _only(DOCKERFILE, "HEALTHCHECK")
-    url = re.search(r"http://127\.0\.0\.1:(\d+)(/\w+)", health)
-    assert url is not None, f"HEALTHCHECK asks no local URL: {health}"
-    return {
-        "user": int(_only(DOCKERFILE, "USER")),
-        "ports": {int(p) for p in _only(DOCKERFILE, "EXPOSE").split()},
-        "config": cmd[cmd.index("--config") + 1],
-        "health_port": int(url.group(1)),
-        "health_path": url.group(2),
-    }
-
-
 def test_dockerfile_copy_sources_exist() -> None:
     """Every COPY source is in the repository, which is the build context."""
-    copies = [shlex.split(rest) for word, rest in _instructions(DOCKERFILE) if word == "COPY"]
+    copies = [shlex.split(rest) for word, rest in instructions() if word == "COPY"]
     assert copies
     for args in copies:
         sources = [a for a in args[:-1] if not a.startswith("--")]
@@ -80,8 +46,8 @@ def test_dockerfile_copy_sources_exist() -> None:
 def test_dockerfile_runs_non_root_drains_on_sigterm_and_checks_healthz() -> None:
     facts = dockerfile_facts()
     assert facts["user"] != 0
-    assert _only(DOCKERFILE, "STOPSIGNAL") == "SIGTERM"
-    assert "slim" in _only(DOCKERFILE, "FROM")
+    assert only("STOPSIGNAL") == "SIGTERM"
+    assert "slim" in only("FROM")
     assert facts["health_path"] == "/healthz"
 
 
@@ -90,7 +56,7 @@ def test_image_config_matches_expose_and_healthcheck() -> None:
     facts = dockerfile_facts()
     copied = {
         args[-1]: args[-2]
-        for word, rest in _instructions(DOCKERFILE)
+        for word, rest in instructions()
         if word == "COPY"
         for args in [shlex.split(rest)]
     }

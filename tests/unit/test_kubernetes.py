@@ -14,7 +14,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.unit.test_deploy import dockerfile_facts
+from tests.support.dockerfile import dockerfile_facts
 from upgradeproxy.config.loader import parse_config
 from upgradeproxy.config.model import Config
 

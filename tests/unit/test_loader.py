@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import re
 from pathlib import Path
 
 import pytest
 import trustme
 
+from tests.support.configs import FILLER, complete, problems_of
 from upgradeproxy.config.loader import ConfigError, ConfigProblem, load_config, parse_config
 from upgradeproxy.config.model import (
     Address,
@@ -33,27 +33,6 @@ def write_pems(directory: Path, cert: str = "cert.pem", key: str = "key.pem") ->
 
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "upgradeproxy.yaml"
-
-# Appended after a case's snippet for each required section the snippet leaves out, so the
-# line numbers in a snippet count from its own first line.
-FILLER = {
-    "listen": 'listen:\n  - address: "127.0.0.1:8080"\n',
-    "upstreams": 'upstreams:\n  chat:\n    servers: ["127.0.0.1:9000"]\n',
-    "routes": "routes:\n  - upstream: chat\n",
-}
-
-
-def complete(snippet: str) -> str:
-    """`snippet` plus whichever required top-level sections it does not define itself."""
-    missing = [text for key, text in FILLER.items() if not re.search(rf"^{key}:", snippet, re.M)]
-    return snippet + "".join(missing)
-
-
-def problems_of(text: str, base_dir: Path | None = None) -> list[ConfigProblem]:
-    with pytest.raises(ConfigError) as info:
-        parse_config(text, "proxy.yaml", base_dir=None if base_dir is None else str(base_dir))
-    return list(info.value.problems)
-
 
 # --- the example file and valid configs ------------------------------------------------------
 

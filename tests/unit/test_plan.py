@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.support.configs import config_yaml, route
 from upgradeproxy.config.loader import parse_config
 from upgradeproxy.errors import (
     BadRequest,
@@ -16,18 +17,13 @@ from upgradeproxy.rules.plan import Head, Origin, body_framing, locate, log_fiel
 from upgradeproxy.rules.routing import Router
 
 CONFIG = parse_config(
-    """
-listen: [{address: "127.0.0.1:0"}]
-upstreams:
-  chat: {servers: ["127.0.0.1:9000"]}
-  web: {servers: ["127.0.0.1:9001"]}
-routes:
-  - {host: "chat.example.com", path_prefix: "/ws", upstream: chat}
-  - {path_prefix: "/plain", upstream: web, upgrade: []}
-  - {upstream: web}
-trusted_proxies: ["10.0.0.0/8"]
-"""
-)
+    config_yaml(
+        {"chat": 9000, "web": 9001},
+        [route("chat", host="chat.example.com", path_prefix="/ws"),
+         route("web", path_prefix="/plain", upgrade=[]), route("web")],
+        trusted_proxies=["10.0.0.0/8"],
+    )
+)  # fmt: skip
 ROUTER = Router(CONFIG.routes)
 CLIENT = Origin("192.0.2.7", b"http")
 WS = [
@@ -191,15 +187,12 @@ def test_every_rejection_is_a_proxy_error():
 # --- rule 12: allowed_origins --------------------------------------------------------------
 
 ORIGINS = parse_config(
-    """
-listen: [{address: "127.0.0.1:0"}]
-upstreams: {app: {servers: ["127.0.0.1:9000"]}}
-routes:
-  - {path_prefix: "/ws", upstream: app, allowed_origins: ["https://chat.example.com"]}
-  - {path_prefix: "/none", upstream: app, upgrade: [], allowed_origins: []}
-  - {upstream: app}
-"""
-)
+    config_yaml(
+        {"app": 9000},
+        [route(path_prefix="/ws", allowed_origins=["https://chat.example.com"]),
+         route(path_prefix="/none", upgrade=[], allowed_origins=[]), route()],
+    )
+)  # fmt: skip
 
 
 def origin_plan(target: bytes, extra: list[tuple[bytes, bytes]], ws: bool = True):

@@ -4,26 +4,19 @@ from __future__ import annotations
 
 import trio
 
+from tests.support.configs import config_yaml, upstream
 from upgradeproxy.config.loader import parse_config
 from upgradeproxy.connection.context import Runtime, Shared
 from upgradeproxy.upstream.health_checks import Probers
 
 
 def config(a_interval: str, b_interval: str, c_check: bool = True) -> str:
-    check_c = "\n    health_check: {interval: 60}" if c_check else ""
-    return f"""
-listen: [{{address: "127.0.0.1:0"}}]
-upstreams:
-  a:
-    servers: ["127.0.0.1:9"]
-    health_check: {{interval: {a_interval}}}
-  b:
-    servers: ["127.0.0.1:9"]
-    health_check: {{interval: {b_interval}}}
-  c:
-    servers: ["127.0.0.1:9"]{check_c}
-routes: [{{upstream: a}}]
-"""
+    c_keys = {"health_check": {"interval": 60}} if c_check else {}
+    return config_yaml({
+        "a": upstream(9, health_check={"interval": a_interval}),
+        "b": upstream(9, health_check={"interval": b_interval}),
+        "c": upstream(9, **c_keys),
+    })  # fmt: skip
 
 
 async def test_reload_restarts_the_probes_of_changed_upstreams_only() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.test_loader import complete
+from tests.support.configs import proxy_yaml
 from upgradeproxy.config.loader import parse_config
 from upgradeproxy.config.model import Config
 from upgradeproxy.service.sockets import (
@@ -26,10 +26,8 @@ LOOPBACK = "127.0.0.1"
 
 
 def config(*ports: int, admin: int | None = None) -> Config:
-    listen = "".join(f'  - address: "{LOOPBACK}:{p}"\n' for p in ports)
-    admin_text = f'admin:\n  address: "127.0.0.2:{admin}"\n' if admin is not None else ""
-    text = f"listen:\n{listen}" + admin_text
-    return parse_config(complete(text))
+    admin_keys = {"admin": {"address": f"127.0.0.2:{admin}"}} if admin is not None else {}
+    return parse_config(proxy_yaml(9000, listen=list(ports), **admin_keys))
 
 
 @pytest.fixture

@@ -22,7 +22,9 @@ from trio.testing import (
     memory_stream_pair,
 )
 
-from tests.conftest import proxy_v2_header
+from tests.support.certs import write_pair
+from tests.support.configs import listener, proxy_yaml
+from tests.support.wire import proxy_v2_header
 from upgradeproxy.config.loader import parse_config
 from upgradeproxy.service.accept import open_client
 from upgradeproxy.transport.streams import PrefixedStream
@@ -159,16 +161,9 @@ class _HeaderFirst(trio.abc.Stream):
 def server_ctx(ca, tmp_path) -> ssl.SSLContext:
     """The listener's TLS context, built from a config exactly as the server builds it."""
     cert = ca.issue_cert("localhost")
-    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
-    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
-    config = parse_config(f"""
-listen:
-  - address: "127.0.0.1:0"
-    proxy_protocol: true
-    tls: {{cert: "{tmp_path / "cert.pem"}", key: "{tmp_path / "key.pem"}"}}
-upstreams: {{app: {{servers: ["127.0.0.1:1"]}}}}
-routes: [{{upstream: app}}]
-""")
+    cert_path, key_path = write_pair(cert, tmp_path, "cert")
+    tls = {"cert": str(cert_path), "key": str(key_path)}
+    config = parse_config(proxy_yaml(1, listen=listener(proxy_protocol=True, tls=tls)))
     ctx = server_tls_context(config.listeners[0].tls)
     assert ctx is not None
     return ctx

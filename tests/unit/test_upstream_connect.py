@@ -13,8 +13,8 @@ import socket
 import pytest
 import trio
 
-from tests.conftest import free_port, recv_exactly
-from tests.e2e.test_balancing_weights_and_timeouts import blackhole
+from tests.support.clients import free_port, recv_exactly
+from tests.support.peers import blackhole
 from upgradeproxy.config.model import Address, Server
 from upgradeproxy.upstream.connections import ConnectFailed, connect
 

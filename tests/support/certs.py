@@ -1,0 +1,38 @@
+"""Certificates for TLS tests: trustme pairs written to files, client and server contexts."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+import trustme
+
+
+def write_pair(cert: trustme.LeafCert, directory: Path, name: str) -> tuple[Path, Path]:
+    """`cert` as DIRECTORY/NAME.pem (the chain) and NAME-key.pem: (cert path, key path)."""
+    cert_path, key_path = directory / f"{name}.pem", directory / f"{name}-key.pem"
+    cert.cert_chain_pems[0].write_to_path(str(cert_path))
+    cert.private_key_pem.write_to_path(str(key_path))
+    return cert_path, key_path
+
+
+def write_ca(ca: trustme.CA, path: Path) -> Path:
+    """The CA's certificate as a PEM file (what `ca:` and `client_ca:` name)."""
+    ca.cert_pem.write_to_path(str(path))
+    return path
+
+
+def client_context(ca: trustme.CA, **versions: ssl.TLSVersion) -> ssl.SSLContext:
+    """A client that trusts `ca` (`versions` set minimum_version/maximum_version)."""
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    for attr, version in versions.items():
+        setattr(ctx, attr, version)
+    return ctx
+
+
+def server_context(ca: trustme.CA, *hosts: str) -> ssl.SSLContext:
+    """A server presenting a certificate from `ca` for `hosts` (127.0.0.1 by default)."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(*(hosts or ("127.0.0.1",))).configure_cert(ctx)
+    return ctx
