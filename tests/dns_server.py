@@ -55,10 +55,8 @@ class DnsServer:
         self.default_mode = "answer"
         self.queries: list[Query] = []
         self._lock = threading.Lock()
-        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.udp.bind((host, port))
+        self.udp, self.tcp = _bind_both(host, port)
         self.host, self.port = self.udp.getsockname()[:2]
-        self.tcp = socket.create_server((host, self.port))
         self._closed = False
         for target in (self._serve_udp, self._serve_tcp):
             threading.Thread(target=target, daemon=True).start()
@@ -73,10 +71,10 @@ class DnsServer:
         self,
         name: str,
         *,
-        A: Sequence[str] = (),  # noqa: N803 (record types are spelled upper-case)
-        AAAA: Sequence[str] = (),  # noqa: N803
-        SRV: Sequence[Srv] = (),  # noqa: N803
-        CNAME: str | None = None,  # noqa: N803
+        A: Sequence[str] = (),  # record types, spelled as DNS spells them
+        AAAA: Sequence[str] = (),
+        SRV: Sequence[Srv] = (),
+        CNAME: str | None = None,
         glue: bool = False,
     ) -> None:
         """Replace every record of `name` (no records at all: the name exists, NODATA)."""
@@ -121,7 +119,7 @@ class DnsServer:
         """The response to one query, or None to stay silent."""
         try:
             query = dns.message.from_wire(wire)
-        except Exception:  # noqa: BLE001 (a test server: ignore what it cannot parse)
+        except Exception:  # a test server: what it cannot parse, it does not answer
             return None
         question = query.question[0]
         key = _key(question.name.to_text())
@@ -172,10 +170,9 @@ class DnsServer:
             for value in values:
                 target = _key(value.split()[3])
                 for family in ("A", "AAAA"):
-                    if addresses := self.records.get((target, family)):
-                        response.additional.append(
-                            dns.rrset.from_text_list(target + ".", self.ttl, "IN", family, addresses)
-                        )
+                    if found := self.records.get((target, family)):
+                        glue = dns.rrset.from_text_list(target + ".", self.ttl, "IN", family, found)
+                        response.additional.append(glue)
 
     # --- transports ------------------------------------------------------------------------
 
@@ -216,6 +213,20 @@ class DnsServer:
         self._closed = True
         self.udp.close()
         self.tcp.close()
+
+
+def _bind_both(host: str, port: int) -> tuple[socket.socket, socket.socket]:
+    """A UDP and a TCP socket on one port (a fresh one unless `port` is given)."""
+    for _ in range(50):
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp.bind((host, port))
+        try:
+            return udp, socket.create_server((host, udp.getsockname()[1]))
+        except OSError:
+            udp.close()
+            if port:
+                raise
+    raise RuntimeError("no port free for both UDP and TCP")
 
 
 def _read(conn: socket.socket, n: int) -> bytes:

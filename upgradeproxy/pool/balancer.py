@@ -20,7 +20,7 @@ from typing import Final
 
 from upgradeproxy.config.model import Address, Balance, Server, Upstream
 from upgradeproxy.errors import NoServerAvailable
-from upgradeproxy.pool.hashring import Ring, under_bound
+from upgradeproxy.pool.hashring import PointCache, Ring, under_bound
 from upgradeproxy.pool.health import slow_start_weight
 from upgradeproxy.pool.servers import Closable, ServerState, UpstreamState
 from upgradeproxy.pool.sticky import server_token, set_cookie
@@ -80,8 +80,10 @@ class Balancer:
         self._token_of: dict[Server, str] = {}
         self._set_servers(servers)
 
-    # An upstream whose servers come from DNS may have none for a while (rule 16).
+    # An upstream whose servers come from DNS may have none for a while (rule 16), and keeps
+    # its servers' ring points between sets.
     may_be_empty = False
+    _ring_points: PointCache | None = None
 
     def _set_servers(self, servers: Sequence[Server]) -> None:
         """Build the per-pick structures for `servers`; a server already known keeps its
@@ -103,7 +105,8 @@ class Balancer:
         self._peers = peers
         self._by_server.update((p.server, p) for p in peers)
         ring = self.policy == "hash" and peers
-        self._ring = Ring([(str(s.address), s.weight) for s in servers]) if ring else None
+        members = [(str(s.address), s.weight) for s in servers]
+        self._ring = Ring(members, self._ring_points) if ring else None
         self._tokens = {self._token(p.server.address): p for p in peers}
         self._token_of.update((p.server, token) for token, p in self._tokens.items())
         self._weights: tuple[int, float, float] | None = None  # (version, W, ramping until)

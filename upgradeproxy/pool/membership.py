@@ -30,6 +30,7 @@ class DiscoveredBalancer(Balancer):
         assert upstream.discover is not None
         assert found is not None
         same = found.source == upstream.discover.source
+        self._ring_points = found.ring_points
         super().__init__(
             found.servers if same else (), upstream.balance, state, name=upstream.name,
             max_tunnels=upstream.max_tunnels, slow_start=upstream.slow_start,
@@ -48,6 +49,10 @@ class DiscoveredBalancer(Balancer):
         for server in [s for s in self._by_server if s.address not in known]:
             del self._by_server[server]
             self._token_of.pop(server, None)
+        if self._ring_points is not None:
+            names = {str(address) for address in known}
+            for key in [k for k in self._ring_points if k[0] not in names]:
+                del self._ring_points[key]
 
     def hold_tunnel(self, server: Server, ending: Closable | None = None) -> None:
         super().hold_tunnel(server)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from upgradeproxy.config.model import Address, Config, Server, Upstream
+from upgradeproxy.pool.hashring import PointCache
 from upgradeproxy.pool.health import Health
 
 if TYPE_CHECKING:
@@ -64,6 +65,7 @@ class Discovered:
     result: str = ""  # ok | empty | error; "" before the first lookup
     detail: str = ""
     gone: dict[Address, float] = field(default_factory=dict)  # left the set -> when (trio clock)
+    ring_points: PointCache = field(default_factory=dict)  # balance: hash, by server
     followers: weakref.WeakSet[DiscoveredBalancer] = field(default_factory=weakref.WeakSet)
 
 
