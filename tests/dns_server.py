@@ -58,8 +58,12 @@ class DnsServer:
         self.udp, self.tcp = _bind_both(host, port)
         self.host, self.port = self.udp.getsockname()[:2]
         self._closed = False
-        for target in (self._serve_udp, self._serve_tcp):
-            threading.Thread(target=target, daemon=True).start()
+        self._threads = [
+            threading.Thread(target=target, daemon=True)
+            for target in (self._serve_udp, self._serve_tcp)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     @property
     def address(self) -> str:
@@ -182,6 +186,8 @@ class DnsServer:
                 wire, peer = self.udp.recvfrom(65535)
             except OSError:
                 return
+            if self._closed:
+                return
             reply = self._answer(wire, "udp")
             if reply is not None:
                 with contextlib.suppress(OSError):
@@ -210,7 +216,14 @@ class DnsServer:
                 return
 
     def close(self) -> None:
+        """Stop answering and free the port (a thread blocked on a socket would keep it)."""
         self._closed = True
+        with contextlib.suppress(OSError):
+            self.tcp.shutdown(socket.SHUT_RDWR)  # wakes accept()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as poke, contextlib.suppress(OSError):
+            poke.sendto(b"", (self.host, self.port))  # wakes recvfrom()
+        for thread in self._threads:
+            thread.join(5)
         self.udp.close()
         self.tcp.close()
 

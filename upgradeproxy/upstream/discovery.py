@@ -151,8 +151,8 @@ class Discovery:
         found.result, found.detail = lookup.result, lookup.detail
         self.telemetry.discovery_lookup(name, lookup.result)
         _log_lookup(name, discover, lookup, len(found.servers) if same else 0, self._started)
-        self._install(name, upstream, next_servers(found.servers, lookup, same_source=same), now)
         found.source = discover.source
+        self._install(name, upstream, next_servers(found.servers, lookup, same_source=same), now)
         self._sweep(name, upstream, drain, now)
 
     def _install(

@@ -293,7 +293,8 @@ def test_health_checks_probe_each_discovered_server(make_proxy, dns, make_pods):
         return {s["address"]: s["healthy"] for s in page(proxy)["servers"]}
 
     assert eventually(lambda: health() == {good.address: True, bad.address: False})
-    assert good.checks and bad.checks
+    assert good.checks
+    assert bad.checks
     assert {served_by(proxy.address) for _ in range(4)} == {good.host}
     labels = {"upstream": "app", "server": bad.address}
     assert value(scrape(admin(proxy)), "upgradeproxy_upstream_healthy", **labels) == 0
@@ -324,7 +325,7 @@ def test_upstreams_metrics_and_log_follow_the_set(make_proxy, dns, make_pods, ca
     assert not _series(admin(proxy), healthy, gone)
     changes = [r for r in caplog.records if "servers changed" in r.getMessage()]
     assert [r.__dict__["removed"] for r in changes][-1] == [b.address]
-    assert [r.__dict__["added"] for r in changes][0] == [a.address, b.address]
+    assert next(r.__dict__["added"] for r in changes) == [a.address, b.address]
     assert any(r.getMessage() == f"upstream app: {NAME}: 2 servers" for r in caplog.records)
 
 
