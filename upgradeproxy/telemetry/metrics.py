@@ -368,6 +368,8 @@ class Telemetry:
     def server_gone(self, upstream: str, server: str) -> None:
         """A discovered server left and holds no tunnel: drop its per-server series (in this
         process; with workers, a dead series stays in the shared files until the restart)."""
+        if self.multiprocess_dir is not None:
+            return  # prometheus-client cannot remove a series from the shared files
         for tag, family in (("h", self._upstream_healthy), ("t", self._upstream_tunnels)):
             if self._server_gauges.pop((tag, upstream, server), None) is not None:
                 with contextlib.suppress(KeyError):

@@ -105,7 +105,11 @@ class Discovery:
             if not self._started:
                 self._use_seed(name, upstream, now)
             if name in fresh:
-                self._apply(name, upstream, config.timeouts.drain, fresh[name], now)
+                try:
+                    self._apply(name, upstream, config.timeouts.drain, fresh[name], now)
+                except Exception:
+                    # A bug must cost one lookup, never the start or the reload.
+                    log.exception("upstream %s: applying a lookup failed", name)
             self.telemetry.upstream_servers(name, len(self._found(name).servers))
             if name not in self._running:
                 wanted = _Spec(discover, config.timeouts.connect, config.timeouts.drain)
