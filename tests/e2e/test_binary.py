@@ -28,7 +28,7 @@ from upgradeproxy import __version__
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILD = ROOT / "deploy" / "binary" / "build.sh"
-BUILD_TIMEOUT = 600  # seconds; it takes well under a minute here (docs/deployment.md)
+BUILD_TIMEOUT = 600  # seconds; it takes well under a minute here (README, "Standalone binary")
 WAIT = 15.0  # the bound on every wait; tests pass in a fraction of it
 
 
