@@ -8,15 +8,19 @@ so tunnels opened before a SIGHUP still count after it and a kept server keeps i
 from __future__ import annotations
 
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from upgradeproxy.config.model import Address, Config, Server, Upstream
 from upgradeproxy.pool.hashring import PointCache
 from upgradeproxy.pool.health import Health
 
-if TYPE_CHECKING:
-    from upgradeproxy.pool.membership import DiscoveredBalancer
+
+class Follower(Protocol):
+    """A balancer of a discovered upstream (pool.membership), as the set's owner sees it."""
+
+    def follow(self, servers: Sequence[Server]) -> None: ...
 
 
 class Closable(Protocol):
@@ -66,7 +70,7 @@ class Discovered:
     detail: str = ""
     gone: dict[Address, float] = field(default_factory=dict)  # left the set -> when (trio clock)
     ring_points: PointCache = field(default_factory=dict)  # balance: hash, by server
-    followers: weakref.WeakSet[DiscoveredBalancer] = field(default_factory=weakref.WeakSet)
+    followers: weakref.WeakSet[Follower] = field(default_factory=weakref.WeakSet)
 
 
 @dataclass(slots=True, eq=False)
