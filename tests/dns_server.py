@@ -16,6 +16,7 @@ import random
 import socket
 import struct
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -37,6 +38,7 @@ class Query:
     name: str  # lower-case, without the final dot
     rdtype: str
     transport: str  # "udp" | "tcp"
+    at: float  # time.monotonic() when it arrived
 
 
 def _key(name: str) -> str:
@@ -129,7 +131,7 @@ class DnsServer:
         key = _key(question.name.to_text())
         rdtype = dns.rdatatype.to_text(question.rdtype)
         with self._lock:
-            self.queries.append(Query(key, rdtype, transport))
+            self.queries.append(Query(key, rdtype, transport, time.monotonic()))
             mode = self.mode.get(key, self.default_mode)
             response = dns.message.make_response(query)
             response.flags |= dns.flags.AA

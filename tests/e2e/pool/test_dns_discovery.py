@@ -7,6 +7,7 @@ Waits are on what the proxy shows (/upstreams, the lookup counter), never on the
 
 from __future__ import annotations
 
+import itertools
 import logging
 import socket
 import time
@@ -114,7 +115,7 @@ def test_with_drain_a_leaving_addresss_tunnels_close_spread_over_the_window(
     # Closed at the middles of three slices of the 3 s window (0.5, 1.5, 2.5 s after the
     # removal, which /upstreams showed up to a lookup's time late): spread, and inside it.
     assert closed[-1] - closed[0] >= 1.0, closed
-    assert closed[-1] <= 3.0, closed
+    assert closed[-1] <= 3.0 + 1.0, closed  # the window, and a second for this thread to see it
     assert served_by(proxy.address) == staying.host
 
 
@@ -342,13 +343,13 @@ def test_a_lookup_is_never_more_frequent_than_the_interval(make_proxy, dns, make
     """A TTL of 1 s and an interval of 3 s: the name is asked once per 3 s, not per second."""
     pod = make_pods(1)[0]
     proxy = start(make_proxy, dns, [pod], interval="3s")
+    assert dns.ttl == 1
     first = lookups(proxy, "ok")
-    asked = dns.asked(NAME, "A")
-    assert eventually(lambda: lookups(proxy, "ok") >= first + 1, timeout=10)
-    started = time.monotonic()
-    assert eventually(lambda: lookups(proxy, "ok") >= first + 2, timeout=10)
-    assert time.monotonic() - started >= 2.5
-    assert dns.asked(NAME, "A") - asked <= 3
+    assert eventually(lambda: lookups(proxy, "ok") >= first + 2, timeout=15)
+    asked = [q.at for q in dns.queries if q.name == NAME and q.rdtype == "A"]
+    assert len(asked) >= 3
+    gaps = [later - earlier for earlier, later in itertools.pairwise(asked)]
+    assert min(gaps) >= 2.5, gaps
 
 
 def test_a_client_connection_made_before_a_change_follows_it(make_proxy, dns, make_pods):
