@@ -71,12 +71,16 @@ class Discovery:
 
     async def look_ahead(self, config: Config) -> dict[str, Lookup]:
         """First lookups, all at once, not yet applied: at start of every discovered upstream,
-        on a reload of those whose name, port or resolvers are new."""
+        on a reload of those whose name, port or resolvers are new (or that come back)."""
         wanted = {
             name: upstream.discover
             for name, upstream in config.upstreams.items()
             if upstream.discover is not None
-            and (not self._started or self._source(name) != upstream.discover.source)
+            and (
+                not self._started
+                or name not in self._running
+                or self._source(name) != upstream.discover.source
+            )
         }
         found: dict[str, Lookup] = {}
 
@@ -122,7 +126,8 @@ class Discovery:
 
     def seed_env(self) -> dict[str, str]:
         """The environment that hands every known set to a new generation (SIGUSR2)."""
-        return {SEED_ENV: seed_text(self._sets())} if self._sets() else {}
+        sets = self._sets()
+        return {SEED_ENV: seed_text(sets)} if sets else {}
 
     # --- the loop ---------------------------------------------------------------------------
 
