@@ -15,8 +15,11 @@ from typing import Any
 import pytest
 import trustme
 
+from tests.support import pods as pod_peers
 from tests.support.clients import Address, raw_client
+from tests.support.dns_server import DnsServer
 from tests.support.peers import Handler, RawUpstream, WsUpstream
+from tests.support.pods import Pod
 from tests.support.processes import PY_M, DemoProcess, Process, ProxyProcess
 from tests.support.proxy_thread import ProxyThread
 
@@ -38,11 +41,13 @@ def make_proxy() -> Iterator[Callable[[str], ProxyThread]]:
 
 @pytest.fixture
 def ws_upstream() -> Iterator[Callable[..., WsUpstream]]:
-    """`ws_upstream(handler=None, **serve_kwargs)`: an echo (or custom) websockets upstream."""
+    """`ws_upstream(handler=None, plain=None, **serve_kwargs)`: an echo (or custom) websockets
+    upstream; `plain` answers requests that are no upgrade."""
     made: list[WsUpstream] = []
 
-    def make(handler: Callable[..., Any] | None = None, **kwargs: Any) -> WsUpstream:
-        up = WsUpstream(handler, **kwargs)
+    def make(handler: Callable[..., Any] | None = None, plain: str | None = None,
+             **kwargs: Any) -> WsUpstream:  # fmt: skip
+        up = WsUpstream(handler, plain, **kwargs)
         made.append(up)
         return up
 
@@ -134,3 +139,26 @@ def demo() -> Iterator[DemoProcess]:
     process = DemoProcess()
     yield process
     process.close()
+
+
+@pytest.fixture
+def make_pods() -> Iterator[Callable[..., list[Pod]]]:
+    """`make_pods(n, first=2, port=None)`: pods on 127.0.0.FIRST.. (one port for all)."""
+    made: list[Pod] = []
+
+    def make(n: int, first: int = 2, port: int | None = None) -> list[Pod]:
+        pods = pod_peers.make_pods(n, first, port)
+        made.extend(pods)
+        return pods
+
+    yield make
+    for pod in made:
+        pod.close()
+
+
+@pytest.fixture
+def dns() -> Iterator[DnsServer]:
+    """A DNS server on loopback answering from a table the test edits."""
+    server = DnsServer()
+    yield server
+    server.close()

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from tests.support.clients import Tunnel, free_port, http, raw_client, read_response
+from tests.support.clients import free_port, http, raw_client, read_response
 from tests.support.configs import address, proxy_yaml
-from tests.support.peers import Backend, blackhole
+from tests.support.peers import Backend, blackhole, named_tunnel, served_by
 from tests.support.waiting import WAIT, eventually
 from tests.support.wire import assert_short_error
 
@@ -35,19 +35,13 @@ def named(raw_upstream, *names: str, hold: threading.Event | None = None) -> lis
     return [Backend(raw_upstream, name, close=True, hold=hold) for name in names]
 
 
-def served_by(proxy, path: str) -> str:
-    status, _, body = http(proxy.address, path)
-    assert status == 200, (status, body)
-    return body.decode()
-
-
 @pytest.mark.parametrize("balance", ["round_robin", "least_conn"])
 def test_refused_server_is_skipped(make_proxy, raw_upstream, balance):
     """Rule 8: "A server that refuses the connection is skipped and the next one tried"."""
     (good,) = named(raw_upstream, "good")
     proxy = make_proxy(balanced_yaml([free_port(), good.port], balance))
     for i in range(4):
-        assert served_by(proxy, f"/{i}") == "good"
+        assert served_by(proxy.address, f"/{i}") == "good"
     assert len(good.requests) == 4
 
 
@@ -57,7 +51,7 @@ def test_refused_server_is_skipped_for_an_upgrade(make_proxy, raw_upstream):
     (good,) = named(raw_upstream, "good")
     proxy = make_proxy(balanced_yaml([free_port(), good.port]))
     for _ in range(2):
-        tunnel = Tunnel(proxy.address, "/ws", tag=b"\n")
+        tunnel = named_tunnel(proxy.address)
         with tunnel.sock:
             assert (tunnel.status, tunnel.server) == (101, "good")
 
@@ -77,7 +71,7 @@ def test_all_servers_refusing_is_502(make_proxy):
 def test_round_robin_weights_3_to_1(make_proxy, raw_upstream):
     a, b = named(raw_upstream, "a", "b")
     proxy = make_proxy(balanced_yaml(weighted((a, 3), (b, 1))))
-    picks = [served_by(proxy, f"/{i}") for i in range(8)]
+    picks = [served_by(proxy.address, f"/{i}") for i in range(8)]
     assert picks.count("a") == 6, picks
     assert picks.count("b") == 2, picks
     # Deterministic: every cycle of 4 holds exactly one pick of b.
@@ -90,7 +84,7 @@ def test_round_robin_5_1_1_is_smooth_and_repeats(make_proxy, raw_upstream):
     weighted round robin ... (`5,1,1` gives `a a b a c a a`)". Three cycles of 7 picks."""
     a, b, c = named(raw_upstream, "a", "b", "c")
     proxy = make_proxy(balanced_yaml(weighted((a, 5), (b, 1), (c, 1))))
-    picks = [served_by(proxy, f"/{i}") for i in range(21)]
+    picks = [served_by(proxy.address, f"/{i}") for i in range(21)]
     assert picks[:7] == ["a", "a", "b", "a", "c", "a", "a"], picks
     assert picks[7:14] == picks[:7], picks
     assert picks[14:] == picks[:7], picks
@@ -102,14 +96,14 @@ def test_least_conn_counts_open_tunnels(make_proxy, raw_upstream):
     a, b = named(raw_upstream, "a", "b")
     proxy = make_proxy(balanced_yaml([a.port, b.port], "least_conn"))
     by_name = {"a": a, "b": b}
-    tunnel = Tunnel(proxy.address, "/ws", tag=b"\n")
+    tunnel = named_tunnel(proxy.address)
     try:
         assert tunnel.echo(b"ping") == b"ping"  # the tunnel is open
         held = by_name[tunnel.server]
         other = b if held is a else a
         assert (len(held.requests), other.requests) == (1, [])
         for i in range(4):
-            assert served_by(proxy, f"/during/{i}") == other.name, i
+            assert served_by(proxy.address, f"/during/{i}") == other.name, i
             other.wait_closed(i + 1)  # the proxy is done with this request
         assert len(held.requests) == 1
     finally:
@@ -120,7 +114,7 @@ def test_least_conn_counts_open_tunnels(make_proxy, raw_upstream):
     assert eventually(lambda: proxy.tunnels_active() == 0)
     picks = collections.Counter()
     for i in range(4):
-        picks[name := served_by(proxy, f"/after/{i}")] += 1
+        picks[name := served_by(proxy.address, f"/after/{i}")] += 1
         by_name[name].wait_closed(len(by_name[name].requests))
     assert set(picks) == {"a", "b"}, picks
 
@@ -137,7 +131,7 @@ def test_least_conn_counts_in_flight_requests(make_proxy, raw_upstream):
         assert eventually(lambda: len(a.requests) + len(b.requests) == 1)
         busy, other = (a, b) if a.requests else (b, a)
         for i in range(4):
-            assert served_by(proxy, f"/during/{i}") == other.name, i
+            assert served_by(proxy.address, f"/during/{i}") == other.name, i
         hold.set()
         assert read_response(held)[2] == busy.name.encode()
     finally:
@@ -162,7 +156,7 @@ def test_server_not_accepting_within_connect_timeout_is_skipped(make_proxy, raw_
         silent = address(hole.getsockname()[1])
         proxy = make_proxy(balanced_yaml([silent, good.port], connect="300ms"))
         for i in range(3):
-            assert served_by(proxy, f"/{i}") == "good"
+            assert served_by(proxy.address, f"/{i}") == "good"
         alone = make_proxy(balanced_yaml([silent], connect="300ms"))
         status, _, body = http(alone.address)
         assert status == 504

@@ -5,10 +5,9 @@ output and on the page alike."""
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
+from tests.support.processes import run_cli
 from upgradeproxy.demo import main as demo
 
 PAGE = Path(demo.__file__).with_name("static") / "demo.html"
@@ -24,10 +23,7 @@ def _section(out: str, title: str) -> list[str]:
 
 
 def test_selftest_marks_every_header_the_proxy_added() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "upgradeproxy", "demo", "--selftest", "--log-format", "json"],
-        capture_output=True, text=True, timeout=30, check=False,
-    )  # fmt: skip
+    result = run_cli("demo", "--selftest", "--log-format", "json")
     assert result.returncode == 0, result.stdout + result.stderr
     sent = {line.split(":")[0].lower() for line in _section(result.stdout, "request head sent")}
     received = _section(result.stdout, "request head the upstream received")

@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 import trustme
 
-from tests.support.clients import Tunnel, free_port, http
+from tests.support.clients import free_port, http
 from tests.support.configs import proxy_yaml
 from tests.support.metrics import admin_json, metrics_text
-from tests.support.peers import Backend
+from tests.support.peers import Backend, named_tunnel, served_by
 from tests.support.waiting import eventually
 from upgradeproxy.config.loader import parse_config
 
@@ -41,23 +41,12 @@ def pool_yaml(
                       timeouts={"drain": drain})  # fmt: skip
 
 
-def served_by(address, path: str = "/", extra: bytes = b"") -> str:
-    status, _, body = http(address, path, extra=extra)
-    assert status == 200, (status, body)
-    return body.decode()
-
-
 def rotation(proxy, n: int = 6) -> set[str]:
     return {served_by(proxy.address, f"/r{i}") for i in range(n)}
 
 
 def upstreams(proxy) -> dict:
     return admin_json(proxy.admin_port)["app"]
-
-
-def open_tunnel(address) -> Tunnel:
-    """A WebSocket tunnel, the name of its server read from behind the 101."""
-    return Tunnel(address, "/ws", tag=b"\n")
 
 
 def healthy(proxy, backend: Backend) -> bool:
@@ -122,7 +111,7 @@ def test_every_server_down_is_503_at_once(make_proxy, two):
     assert time.monotonic() - started < 1.0
     assert status == 503
     assert headers[b"retry-after"] == b"2"
-    tunnel = open_tunnel(proxy.address)
+    tunnel = named_tunnel(proxy.address)
     assert tunnel.status == 503
     assert b"retry-after" in tunnel.headers
     tunnel.close()
@@ -150,17 +139,17 @@ def test_health_checks_use_tls_to_a_tls_upstream(make_proxy, ws_upstream, tmp_pa
 def test_max_tunnels_503_then_recovery(make_proxy, raw_upstream):
     a = Backend(raw_upstream, "a")
     proxy = make_proxy(pool_yaml([a], max_tunnels=2))
-    held = [open_tunnel(proxy.address) for _ in range(2)]
+    held = [named_tunnel(proxy.address) for _ in range(2)]
     try:
         assert [t.status for t in held] == [101, 101]
-        refused = open_tunnel(proxy.address)
+        refused = named_tunnel(proxy.address)
         assert refused.status == 503
         assert refused.headers[b"retry-after"] == b"1"
         refused.close()
         assert served_by(proxy.address) == "a"  # plain requests still reach a full server
         held.pop().close()
         assert eventually(lambda: proxy.tunnels_active() == 1)
-        again = open_tunnel(proxy.address)
+        again = named_tunnel(proxy.address)
         assert again.status == 101
         held.append(again)
     finally:
@@ -170,10 +159,10 @@ def test_max_tunnels_503_then_recovery(make_proxy, raw_upstream):
 
 def test_full_server_is_skipped_for_tunnels(make_proxy, two):
     proxy = make_proxy(pool_yaml(two, max_tunnels=1))
-    tunnels = [open_tunnel(proxy.address) for _ in range(2)]
+    tunnels = [named_tunnel(proxy.address) for _ in range(2)]
     try:
         assert sorted(t.server for t in tunnels) == ["a", "b"]
-        assert open_tunnel(proxy.address).status == 503
+        assert named_tunnel(proxy.address).status == 503
     finally:
         for t in tunnels:
             t.close()
@@ -183,13 +172,13 @@ def test_least_conn_counts_survive_a_reload(make_proxy, two):
     """The issue's case: 6 tunnels over A and B, close the 3 on A, SIGHUP, 3 more: A, A, A."""
     proxy = make_proxy(pool_yaml(two, balance="least_conn"))
     again = pool_yaml(two, balance="least_conn", drain=2)
-    tunnels = [open_tunnel(proxy.address) for _ in range(6)]
+    tunnels = [named_tunnel(proxy.address) for _ in range(6)]
     assert collections.Counter(t.server for t in tunnels) == {"a": 3, "b": 3}
     for t in [t for t in tunnels if t.server == "a"]:
         t.close()
     assert eventually(lambda: proxy.tunnels_active() == 3)
     proxy.reload(parse_config(again, "test.yaml"))
-    more = [open_tunnel(proxy.address) for _ in range(3)]
+    more = [named_tunnel(proxy.address) for _ in range(3)]
     try:
         assert [t.server for t in more] == ["a", "a", "a"]
         admin = upstreams(proxy)["servers"]
@@ -228,7 +217,7 @@ def test_upstreams_endpoint_and_gauges(make_proxy, two):
     proxy = make_proxy(pool_yaml(two, balance="least_conn", health_check=check(0.05)))
     b.health = "fail"
     assert eventually(lambda: not healthy(proxy, b))
-    tunnel = open_tunnel(proxy.address)
+    tunnel = named_tunnel(proxy.address)
     try:
         assert tunnel.server == "a"
         doc = upstreams(proxy)
@@ -293,7 +282,7 @@ def test_least_conn_counts_survive_a_real_sighup(run_proxy, two):
     """The issue's case against `upgradeproxy run`, reloaded by the signal itself."""
     port, admin = free_port(), free_port()
     proc = run_proxy(pool_yaml(two, listen=port, admin=admin, balance="least_conn"))
-    tunnels = [open_tunnel(port) for _ in range(6)]
+    tunnels = [named_tunnel(port) for _ in range(6)]
     try:
         assert collections.Counter(t.server for t in tunnels) == {"a": 3, "b": 3}
         for t in [t for t in tunnels if t.server == "a"]:
@@ -304,7 +293,7 @@ def test_least_conn_counts_survive_a_real_sighup(run_proxy, two):
         proc.rewrite(pool_yaml(two, listen=port, admin=admin, balance="least_conn", drain=2))
         proc.signal(signal.SIGHUP)
         proc.wait_log("reloaded")
-        tunnels += [open_tunnel(port) for _ in range(3)]
+        tunnels += [named_tunnel(port) for _ in range(3)]
         assert [t.server for t in tunnels[6:]] == ["a", "a", "a"]
     finally:
         for t in tunnels:

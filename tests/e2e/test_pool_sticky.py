@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import trustme
 
-from tests.support.clients import Tunnel, http, read_response
+from tests.support.clients import http, read_response
 from tests.support.configs import FAST_DRAIN, listener, proxy_yaml
-from tests.support.peers import Backend
+from tests.support.peers import Backend, named_tunnel, served_by
 from tests.support.waiting import eventually
 from upgradeproxy.config.loader import parse_config
 
@@ -22,17 +22,6 @@ def pool_yaml(backends: list[Backend], *, listen: Any = 0, **keys: Any) -> str:
     """A proxy in front of `backends` as upstream `app`; `keys` are more of its keys."""
     return proxy_yaml([b.port for b in backends], upstream=keys, listen=listen,
                       timeouts=FAST_DRAIN)  # fmt: skip
-
-
-def served_by(address, path: str = "/", extra: bytes = b"", source: str | None = None) -> str:
-    status, _, body = http(address, path, extra=extra, source=source)
-    assert status == 200, (status, body)
-    return body.decode()
-
-
-def open_tunnel(address, path: str = "/ws", extra: bytes = b"") -> Tunnel:
-    """A WebSocket tunnel, the name of its server read from behind the 101."""
-    return Tunnel(address, path, extra, tag=b"\n")
 
 
 @pytest.fixture
@@ -89,7 +78,7 @@ def test_bounded_load_spreads_one_hot_key(make_proxy, raw_upstream):
     """20 tunnels of one key over 4 servers: none above 8 (the bound makes it 7)."""
     four = [Backend(raw_upstream, n) for n in "abcd"]
     proxy = make_proxy(pool_yaml(four, balance="hash", hash_key="query:room"))
-    tunnels = [open_tunnel(proxy.address, "/ws?room=hot") for _ in range(20)]
+    tunnels = [named_tunnel(proxy.address, "/ws?room=hot") for _ in range(20)]
     try:
         assert all(t.status == 101 for t in tunnels)
         counts = collections.Counter(t.server for t in tunnels)
@@ -135,14 +124,14 @@ def test_sticky_cookie_alone_is_dropped_with_its_header(make_proxy, three):
 
 def test_sticky_cookie_on_a_101_and_a_stale_cookie_is_replaced(make_proxy, three):
     proxy = make_proxy(pool_yaml(three, sticky_cookie="upx"))
-    tunnel = open_tunnel(proxy.address, extra=b"Cookie: upx=0000000000000000\r\n")
+    tunnel = named_tunnel(proxy.address, extra=b"Cookie: upx=0000000000000000\r\n")
     try:
         assert tunnel.status == 101
         cookie = tunnel.headers[b"set-cookie"]
         assert cookie.startswith(b"upx=")
         token = cookie.split(b";")[0].split(b"=")[1]
         assert token != b"0000000000000000"
-        pinned = open_tunnel(proxy.address, extra=b"Cookie: upx=" + token + b"\r\n")
+        pinned = named_tunnel(proxy.address, extra=b"Cookie: upx=" + token + b"\r\n")
         assert pinned.server == tunnel.server
         assert b"set-cookie" not in pinned.headers
         pinned.close()

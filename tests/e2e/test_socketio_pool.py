@@ -8,54 +8,18 @@ every session connects, upgrades and echoes, and both servers get sessions.
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 
 import pytest
 
-from tests.support.clients import free_port
 from tests.support.configs import FAST_DRAIN, proxy_yaml
 
-socketio = pytest.importorskip("socketio")
-uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("socketio")
+pytest.importorskip("uvicorn")
+
+from tests.support.socketio_peers import SocketIOServer, session
 
 pytestmark = pytest.mark.slow
-
-
-class SocketIOServer:
-    """A python-socketio ASGI app under uvicorn in a thread; `echo` answers with its name."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.sessions: list[str] = []
-        # Short pings so a poll stranded on the wrong server ends quickly.
-        sio = socketio.AsyncServer(async_mode="asgi", ping_interval=2, ping_timeout=2)
-
-        @sio.event
-        async def connect(sid: str, environ: dict) -> None:
-            self.sessions.append(sid)
-
-        @sio.event
-        async def echo(sid: str, data: object) -> dict:
-            return {"server": name, "data": data}
-
-        self.port = free_port()
-        config = uvicorn.Config(
-            socketio.ASGIApp(sio), host="127.0.0.1", port=self.port,
-            log_level="warning", lifespan="off",
-        )  # fmt: skip
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.01)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 @pytest.fixture
@@ -64,24 +28,6 @@ def servers() -> Iterator[list[SocketIOServer]]:
     yield made
     for server in made:
         server.stop()
-
-
-def session(url: str, n: int) -> str | None:
-    """One client session: connect by polling, upgrade, echo. The server's name, or None."""
-    client = socketio.Client()
-    try:
-        client.connect(url, wait_timeout=3)
-        deadline = time.monotonic() + 3
-        while client.transport() != "websocket" and time.monotonic() < deadline:
-            time.sleep(0.02)
-        if client.transport() != "websocket":
-            return None
-        answer = client.call("echo", n, timeout=3)
-        return answer["server"] if answer["data"] == n else None
-    except (socketio.exceptions.ConnectionError, socketio.exceptions.TimeoutError):
-        return None
-    finally:
-        client.disconnect()
 
 
 def pool_yaml(servers: list[SocketIOServer], **keys: str) -> str:

@@ -15,9 +15,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any
 
-from tests.support.clients import LOOPBACK, readable
+from tests.support.clients import LOOPBACK, Address, Tunnel, http, readable
 from tests.support.waiting import WAIT, eventually
 from tests.support.wire import header, ok_response, switching
 
@@ -25,9 +26,13 @@ from tests.support.wire import header, ok_response, switching
 
 
 class WsUpstream:
-    """A `websockets` server in an asyncio thread; records each handshake's request."""
+    """A `websockets` server in an asyncio thread; records each handshake's request. With
+    `plain`, a request that is no upgrade is answered 200 with that text."""
 
-    def __init__(self, handler: Callable[..., Any] | None = None, **serve_kwargs: Any) -> None:
+    def __init__(
+        self, handler: Callable[..., Any] | None = None, plain: str | None = None,
+        **serve_kwargs: Any,
+    ) -> None:  # fmt: skip
         from websockets.asyncio.server import serve
 
         self.requests: list[Any] = []
@@ -41,8 +46,11 @@ class WsUpstream:
             self._loop = asyncio.get_running_loop()
             self._stop = self._loop.create_future()
 
-            def record(connection: Any, request: Any) -> None:
+            def record(connection: Any, request: Any) -> Any:
                 self.requests.append(request)
+                if plain is not None and request.headers.get("Upgrade") is None:
+                    return connection.respond(HTTPStatus.OK, plain)
+                return None
 
             async with serve(
                 self._handler, LOOPBACK, 0, process_request=record, max_size=None, **serve_kwargs
@@ -140,9 +148,10 @@ class RawUpstream:
     Every connection is kept in `self.conns` so tests can check what reached the upstream.
     """
 
-    def __init__(self, handler: Handler | None = None) -> None:
-        self.listener = socket.create_server((LOOPBACK, 0))
-        self.port = self.listener.getsockname()[1]
+    def __init__(self, handler: Handler | None = None, host: str = LOOPBACK, port: int = 0) -> None:
+        self.host = host
+        self.listener = socket.create_server((host, port))
+        self.port = int(self.listener.getsockname()[1])
         self.conns: list[RawConn] = []
         self.handler = handler
         self._accepted = threading.Condition()
@@ -152,7 +161,7 @@ class RawUpstream:
 
     @property
     def address(self) -> str:
-        return f"{LOOPBACK}:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def _accept_loop(self) -> None:
         while not self._closed:
@@ -286,7 +295,7 @@ class Backend:
 
     @property
     def port(self) -> int:
-        return int(self.up.port)
+        return self.up.port
 
     @property
     def address(self) -> str:
@@ -372,3 +381,16 @@ def blackhole() -> tuple[socket.socket, list[socket.socket]]:
             break
         fillers.append(s)
     return listener, fillers
+
+
+def served_by(target: int | Address, path: str = "/", extra: bytes = b"",
+              source: str | None = None) -> str:  # fmt: skip
+    """The name of the `Backend` that answered `GET path` (it must answer 200)."""
+    status, _, body = http(target, path, extra=extra, source=source)
+    assert status == 200, (status, body)
+    return body.decode()
+
+
+def named_tunnel(target: int | Address, path: str = "/ws", extra: bytes = b"") -> Tunnel:
+    """A WebSocket tunnel to a `Backend`: `server` is the name it sent behind the 101."""
+    return Tunnel(target, path, extra, tag=b"\n")

@@ -181,13 +181,16 @@ class Process:
             raise AssertionError(f"{what} within {timeout} s; stderr:\n{self.text()}")
 
     def wait_lines(
-        self, match: Callable[[str], bool], count: int = 1, timeout: float = WAIT
-    ) -> list[str]:
-        """The first `count` stderr lines that `match`, once there are that many."""
-        def found() -> list[str]:
-            return [line for line in self.lines() if match(line)]
+        self, match: Callable[[str], bool], count: int = 1, timeout: float = WAIT,
+        stdout: bool = False,
+    ) -> list[str]:  # fmt: skip
+        """The first `count` stderr (or stdout) lines that `match`, once there are that many."""
+        read = self.stdout_lines if stdout else self.lines
 
-        self._wait(found, count, f"{count} matching stderr line(s)", timeout)
+        def found() -> list[str]:
+            return [line for line in read() if match(line)]
+
+        self._wait(found, count, f"{count} matching line(s)", timeout)
         return found()[:count]
 
     def wait_line(self, match: Callable[[str], bool], timeout: float = WAIT) -> str:
