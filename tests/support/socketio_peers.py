@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-import socketio
+import socketio  # type: ignore[import-untyped]
 import uvicorn
 
 from tests.support.clients import LOOPBACK, free_port
@@ -24,11 +24,11 @@ class SocketIOServer:
         # Short pings so a poll stranded on the wrong server ends quickly.
         sio = socketio.AsyncServer(async_mode="asgi", ping_interval=2, ping_timeout=2)
 
-        @sio.event
+        @sio.event  # type: ignore[untyped-decorator]
         async def connect(sid: str, environ: dict[str, Any]) -> None:
             self.sessions.append(sid)
 
-        @sio.event
+        @sio.event  # type: ignore[untyped-decorator]
         async def echo(sid: str, data: object) -> dict[str, object]:
             return {"server": name, "data": data}
 
