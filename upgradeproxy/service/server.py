@@ -52,7 +52,10 @@ def _close_all(socks: list[trio.socket.SocketType]) -> None:
 
 
 def _contexts(listeners: Sequence[Listener]) -> list[ssl.SSLContext | None]:
-    return [server_tls_context(lsn.tls, f"listen[{i}].tls") for i, lsn in enumerate(listeners)]
+    return [
+        server_tls_context(lsn.tls, f"listen[{i}].tls", http2=lsn.http2)
+        for i, lsn in enumerate(listeners)
+    ]
 
 
 @dataclass(slots=True)
