@@ -95,10 +95,8 @@ def _field_problem(name: bytes, value: bytes) -> str | None:
         return f"upper-case field name {name.decode('latin-1')!r}"
     if not name or any(c in name for c in b" \t\r\n\0:"):
         return "invalid field name"
-    if any(c in value for c in b"\r\n\0") or value[:1] in (b" ", b"\t") or value[-1:] in (
-        b" ",
-        b"\t",
-    ):
+    edges = value[:1] + value[-1:]
+    if any(c in value for c in b"\r\n\0") or b" " in edges or b"\t" in edges:
         return f"invalid value in field {name.decode('latin-1')!r}"
     if name in CONNECTION_SPECIFIC:
         return f"connection-specific field {name.decode('latin-1')!r}"

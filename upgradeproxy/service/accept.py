@@ -16,13 +16,19 @@ from typing import Final
 import trio
 
 from upgradeproxy.connection.context import Peer
+from upgradeproxy.rules.http2 import preface_match
 from upgradeproxy.rules.proxy_protocol import (
     MAX_HEADER_BYTES,
     NEED_MORE,
     ProxyProtocolError,
     parse_proxy_header,
 )
-from upgradeproxy.transport.streams import STREAM_ERRORS, PrefixedStream, stdlib_socket
+from upgradeproxy.transport.streams import (
+    MAX_RECV,
+    STREAM_ERRORS,
+    PrefixedStream,
+    stdlib_socket,
+)
 from upgradeproxy.transport.tls import client_subject
 
 log = logging.getLogger("upgradeproxy")
@@ -164,3 +170,19 @@ async def _read_proxy_header(
             return None
         buf += data
     return None
+
+
+async def sniff_preface(stream: trio.abc.Stream, buf: bytes) -> tuple[bool, bytes] | None:
+    """On a cleartext `http2` listener: (whether the client sent the HTTP/2 preface, the
+    bytes read), or None if it left. Decided from the first bytes: an HTTP/1.1 request line
+    differs from the preface in its first byte or two, so only a client whose bytes so far
+    are a prefix of the preface is waited on. Every byte read is handed on, to h2 or h11."""
+    while (found := preface_match(buf)) == "more":
+        try:
+            data = await stream.receive_some(MAX_RECV)
+        except STREAM_ERRORS:
+            return None
+        if not data:
+            return None if not buf else (False, buf)
+        buf += data
+    return found == "h2", buf

@@ -1,0 +1,187 @@
+"""A blocking HTTP/2 client for the tests, built on the `h2` library (the raw client): it
+sends what a test tells it to, hostile frames included, and records every event."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.settings
+
+from tests.conftest import LOOPBACK
+
+Fields = list[tuple[bytes, bytes]]
+
+
+class H2Peer:
+    """One HTTP/2 connection to the proxy; `events` holds everything received, in order."""
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        *,
+        tls: ssl.SSLContext | None = None,
+        window: int | None = None,
+        preface: bool = True,
+    ) -> None:
+        raw = socket.create_connection(address, timeout=5)
+        self.sock: socket.socket = (
+            tls.wrap_socket(raw, server_hostname="localhost") if tls is not None else raw
+        )
+        config = h2.config.H2Configuration(
+            client_side=True,
+            header_encoding=None,
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+            validate_inbound_headers=False,
+        )
+        self.conn = h2.connection.H2Connection(config)
+        self.events: list[h2.events.Event] = []
+        self.closed = False
+        self.auto_ack = True
+        if window is not None:
+            self.conn.local_settings = h2.settings.Settings(
+                client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window}
+            )
+        if preface:
+            self.conn.initiate_connection()
+            self.flush()
+
+    def flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data:
+            self.sock.sendall(data)
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def request(
+        self,
+        path: str = "/",
+        *,
+        method: str = "GET",
+        authority: str = "localhost",
+        extra: Fields | None = None,
+        end: bool = True,
+        fields: Fields | None = None,
+    ) -> int:
+        sid = self.conn.get_next_available_stream_id()
+        if fields is None:
+            fields = [
+                (b":method", method.encode()),
+                (b":scheme", b"http"),
+                (b":authority", authority.encode()),
+                (b":path", path.encode()),
+                *(extra or []),
+            ]
+        self.conn.send_headers(sid, fields, end_stream=end)
+        self.flush()
+        return sid
+
+    def websocket(self, path: str = "/", extra: Fields | None = None, protocol: bytes = b"websocket") -> int:
+        """An extended CONNECT (RFC 8441)."""
+        return self.request(
+            fields=[
+                (b":method", b"CONNECT"),
+                (b":protocol", protocol),
+                (b":scheme", b"http"),
+                (b":authority", b"localhost"),
+                (b":path", path.encode()),
+                (b"sec-websocket-version", b"13"),
+                *(extra or []),
+            ],
+            end=False,
+        )
+
+    def send(self, sid: int, data: bytes, *, end: bool = False) -> None:
+        self.conn.send_data(sid, data, end_stream=end)
+        self.flush()
+
+    def pump(self, timeout: float = 5) -> bool:
+        """Read once (up to `timeout`); False when the connection closed."""
+        if self.closed:
+            return False
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(65536)
+        except (ConnectionResetError, ssl.SSLError, OSError):
+            data = b""
+        if not data:
+            self.closed = True
+            return False
+        for event in self.conn.receive_data(data):
+            self.events.append(event)
+            if isinstance(event, h2.events.DataReceived) and self.auto_ack:
+                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+        try:
+            self.flush()
+        except OSError:
+            self.closed = True
+        return True
+
+    def until(self, predicate: Callable[[], bool], timeout: float = 10) -> bool:
+        end = time.monotonic() + timeout
+        while not predicate():
+            left = end - time.monotonic()
+            if left <= 0 or not self.pump(min(left, 5)):
+                return predicate()
+        return True
+
+    def of(self, sid: int, kind: type[Any] | None = None) -> list[Any]:
+        return [
+            e for e in self.events
+            if getattr(e, "stream_id", None) == sid and (kind is None or isinstance(e, kind))
+        ]  # fmt: skip
+
+    def finished(self, sid: int) -> bool:
+        return bool(self.of(sid, h2.events.StreamEnded) or self.of(sid, h2.events.StreamReset))
+
+    def response(self, sid: int, timeout: float = 10) -> tuple[int, dict[bytes, bytes], bytes]:
+        """(status, headers, body) of a complete response; status 0 when the stream was reset."""
+        assert self.until(lambda: self.finished(sid) or self.closed, timeout), "no response"
+        heads = self.of(sid, h2.events.ResponseReceived)
+        if not heads:
+            return 0, {}, b""
+        fields = dict(heads[0].headers)
+        body = b"".join(e.data for e in self.of(sid, h2.events.DataReceived))
+        return int(fields[b":status"]), fields, body
+
+    def head(self, sid: int, timeout: float = 10) -> dict[bytes, bytes]:
+        assert self.until(
+            lambda: bool(self.of(sid, h2.events.ResponseReceived)) or self.finished(sid), timeout
+        )
+        heads = self.of(sid, h2.events.ResponseReceived)
+        return dict(heads[0].headers) if heads else {}
+
+    def data(self, sid: int) -> bytes:
+        return b"".join(e.data for e in self.of(sid, h2.events.DataReceived))
+
+    def goaway(self) -> h2.events.ConnectionTerminated | None:
+        found = [e for e in self.events if isinstance(e, h2.events.ConnectionTerminated)]
+        return found[0] if found else None
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def h2_yaml(upstream_port: int, *, tls: str = "", route: str = "", extra: str = "") -> str:
+    """A one-route config whose listener has `http2: true` (and `tls`, when given)."""
+    tls_block = f"\n    tls: {tls}" if tls else ""
+    route_keys = "".join("\n    " + line for line in route.strip().splitlines()) if route else ""
+    return f"""
+listen:
+  - address: "{LOOPBACK}:0"
+    http2: true{tls_block}
+upstreams:
+  app:
+    servers: ["{LOOPBACK}:{upstream_port}"]
+routes:
+  - upstream: app{route_keys}
+{extra}
+"""
