@@ -289,15 +289,18 @@ class _BodyPump:
     async def _pump(self, scope: trio.CancelScope) -> None:
         channel, st = self.edge.conn.channel, self.edge.st
         idle = self.edge.rt.config.timeouts.idle
+        held = 0  # read from the stream, not yet credited back
         try:
             while True:
                 with trio.fail_after(idle):
                     data = await channel.receive(st)
                 if data is None:
                     break
-                self.rec.bytes_in += len(data)
+                held = len(data)
+                self.rec.bytes_in += held
                 await self._send(h11.Data(data=data))
-                channel.ack(st, len(data))
+                channel.ack(st, held)
+                held = 0
                 await channel.flush()
             trailers = st.trailers if self.chunked else []
             await self._send(h11.EndOfMessage(headers=trailers))
@@ -310,6 +313,8 @@ class _BodyPump:
             self.error = BadRequest(f"bad request body: {exc}")
         except (trio.BrokenResourceError, ClientGone) as exc:
             self.error = ClientGone(str(exc))
+        finally:
+            channel.ack(st, held)  # cancelled mid-send: the connection's window gets it back
         scope.cancel()
 
     async def _send(self, event: h11.Event) -> None:

@@ -63,6 +63,8 @@ class StreamIO(trio.abc.HalfCloseableStream):
 
     async def aclose(self) -> None:
         st = self.st
+        self.channel.ack(st, self._owed)  # the connection's window must not shrink for good
+        self._owed = 0
         if not (st.ended and st.closed_out):
             self.channel.reset(st, h2.errors.ErrorCodes.CANCEL)
         await self._flush()

@@ -93,7 +93,7 @@ class _Driver:
                 nursery.cancel_scope.cancel()
 
     async def _read_loop(self, first: bytes) -> None:
-        h2conn, channel, shared = self.channel.h2, self.channel, self.conn.shared
+        h2conn, channel = self.channel.h2, self.channel
         await channel.flush()  # our SETTINGS
         data: bytes | None = first
         while True:
@@ -114,7 +114,7 @@ class _Driver:
                     await channel.flush()
                     return
                 await channel.flush()
-            if (shared.draining or self.conn.refused) and not self.goaway_sent:
+            if self._should_goaway():
                 self.goaway_sent = True
                 await channel.goaway(self.last_stream)
             if self.goaway_sent and not self.active:
@@ -150,10 +150,16 @@ class _Driver:
                 return None
             if self.channel.dead:
                 return None
-            if shared.draining and not self.goaway_sent:
+            if self._should_goaway():
                 return b""  # let the loop send GOAWAY
             if self.goaway_sent and not self.active:
                 return None
+
+    def _should_goaway(self) -> bool:
+        """A drain (or retirement) began, or a 429's stream is done (rule 14: then close)."""
+        if self.goaway_sent:
+            return False
+        return self.conn.shared.draining or (self.conn.refused and not self.active)
 
     # --- events --------------------------------------------------------------------------
 
@@ -250,6 +256,8 @@ class _Driver:
                 channel.reset(st, h2.errors.ErrorCodes.NO_ERROR)
             channel.discard(st)
             self.active -= 1
+            if self.conn.refused and not self.goaway_sent:
+                self.read_scope.cancel()  # rule 14: GOAWAY after the 429, then close
             if not self.active:
                 self.deadline = trio.current_time() + self.conn.rt.config.timeouts.idle
                 if self.goaway_sent:

@@ -84,7 +84,9 @@ class H2Peer:
         self.flush()
         return sid
 
-    def websocket(self, path: str = "/", extra: Fields | None = None, protocol: bytes = b"websocket") -> int:
+    def websocket(
+        self, path: str = "/", extra: Fields | None = None, protocol: bytes = b"websocket"
+    ) -> int:
         """An extended CONNECT (RFC 8441)."""
         return self.request(
             fields=[
@@ -117,6 +119,10 @@ class H2Peer:
             return False
         for event in self.conn.receive_data(data):
             self.events.append(event)
+            if isinstance(event, h2.events.ConnectionTerminated):
+                # h2 closes its state machine on any GOAWAY; a graceful one (RFC 9113 §6.8)
+                # lets the streams below its last id finish, so keep reading them.
+                self.conn.state_machine.state = h2.connection.ConnectionState.CLIENT_OPEN
             if isinstance(event, h2.events.DataReceived) and self.auto_ack:
                 self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
         try:
@@ -185,3 +191,31 @@ routes:
   - upstream: app{route_keys}
 {extra}
 """
+
+
+def tls_pair(directory: Any) -> tuple[str, Any]:
+    """A trustme CA and a `localhost` certificate: (the listener's `tls` YAML, the CA)."""
+    import trustme
+
+    ca = trustme.CA()
+    leaf = ca.issue_cert("localhost", LOOPBACK)
+    cert, key = directory / "proxy.pem", directory / "proxy-key.pem"
+    leaf.private_key_and_cert_chain_pem.write_to_path(cert)
+    leaf.private_key_pem.write_to_path(key)
+    return f'{{cert: "{cert}", key: "{key}"}}', ca
+
+
+def client_tls(ca: Any, alpn: list[str] | None = None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    ctx.set_alpn_protocols(alpn if alpn is not None else ["h2", "http/1.1"])
+    return ctx
+
+
+def access_records(caplog: Any, kind: str = "http") -> list[dict[str, Any]]:
+    """The access-log records (`http` or `tunnel`) the in-process proxy wrote."""
+    return [
+        r.record
+        for r in list(caplog.records)
+        if r.name == "upgradeproxy.access" and r.getMessage() == kind
+    ]
