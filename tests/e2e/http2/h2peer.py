@@ -45,6 +45,7 @@ class H2Peer:
         self.events: list[h2.events.Event] = []
         self.closed = False
         self.auto_ack = True
+        self.no_ack: set[int] = set()  # streams whose window the client keeps shut
         if window is not None:
             self.conn.local_settings = h2.settings.Settings(
                 client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window}
@@ -101,9 +102,22 @@ class H2Peer:
             end=False,
         )
 
-    def send(self, sid: int, data: bytes, *, end: bool = False) -> None:
-        self.conn.send_data(sid, data, end_stream=end)
-        self.flush()
+    def send(self, sid: int, data: bytes, *, end: bool = False, timeout: float = 20) -> None:
+        """Send DATA as the proxy's windows allow, reading its WINDOW_UPDATEs meanwhile."""
+        while data:
+            window = self.conn.local_flow_control_window(sid)
+            if window <= 0:
+                assert self.until(lambda: self.conn.local_flow_control_window(sid) > 0, timeout), (
+                    "the proxy's window stayed shut"
+                )
+                continue
+            n = min(window, self.conn.max_outbound_frame_size, len(data))
+            self.conn.send_data(sid, data[:n])
+            self.flush()
+            data = data[n:]
+        if end:
+            self.conn.end_stream(sid)
+            self.flush()
 
     def pump(self, timeout: float = 5) -> bool:
         """Read once (up to `timeout`); False when the connection closed."""
@@ -124,7 +138,14 @@ class H2Peer:
                 # lets the streams below its last id finish, so keep reading them.
                 self.conn.state_machine.state = h2.connection.ConnectionState.CLIENT_OPEN
             if isinstance(event, h2.events.DataReceived) and self.auto_ack:
-                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                n = event.flow_controlled_length
+                if event.stream_id in self.no_ack:
+                    # The stream's window stays shut; the connection's is credited, as a
+                    # browser does for a socket whose page is busy.
+                    if n:
+                        self.conn.increment_flow_control_window(n)
+                else:
+                    self.conn.acknowledge_received_data(n, event.stream_id)
         try:
             self.flush()
         except OSError:
@@ -219,3 +240,46 @@ def access_records(caplog: Any, kind: str = "http") -> list[dict[str, Any]]:
         for r in list(caplog.records)
         if r.name == "upgradeproxy.access" and r.getMessage() == kind
     ]
+
+
+class WsOverH2:
+    """A WebSocket client (wsproto framing) on an accepted extended CONNECT stream."""
+
+    def __init__(self, peer: H2Peer, sid: int, extensions: list[Any] | None = None) -> None:
+        from wsproto.connection import Connection, ConnectionType
+
+        self.peer, self.sid = peer, sid
+        self.ws = Connection(ConnectionType.CLIENT, extensions=extensions or [])
+        self._fed = 0  # DATA events of the stream already given to wsproto
+        self._parts: list[Any] = []
+        self.messages: list[str | bytes] = []
+
+    def send(self, message: str | bytes) -> None:
+        from wsproto.events import BytesMessage, TextMessage
+
+        event: Any = (
+            TextMessage(data=message) if isinstance(message, str) else BytesMessage(data=message)
+        )
+        self.peer.send(self.sid, self.ws.send(event))
+
+    def recv(self, timeout: float = 20) -> str | bytes:
+        """The next whole message from the upstream."""
+        from wsproto.events import Message
+
+        def ready() -> bool:
+            data = self.peer.of(self.sid, h2.events.DataReceived)
+            for event in data[self._fed :]:
+                self.ws.receive_data(event.data)
+            self._fed = len(data)
+            for ev in self.ws.events():
+                if isinstance(ev, Message):
+                    self._parts.append(ev.data)
+                    if ev.message_finished:
+                        first = self._parts[0]
+                        joined = ("" if isinstance(first, str) else b"").join(self._parts)
+                        self._parts = []
+                        self.messages.append(joined)
+            return bool(self.messages)
+
+        assert self.peer.until(ready, timeout), "no message"
+        return self.messages.pop(0)

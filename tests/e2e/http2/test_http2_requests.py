@@ -229,9 +229,10 @@ def test_expect_100_continue(make_proxy, raw_upstream):
     extra = [(b"content-length", b"4"), (b"expect", b"100-continue")]
     sid = client.request("/big", method="POST", end=False, extra=extra)
     assert client.until(lambda: bool(client.of(sid, h2.events.InformationalResponseReceived)))
-    assert dict(client.of(sid, h2.events.InformationalResponseReceived)[0].headers)[
-        b":status"
-    ] == b"100"
+    assert (
+        dict(client.of(sid, h2.events.InformationalResponseReceived)[0].headers)[b":status"]
+        == b"100"
+    )
     client.send(sid, b"data", end=True)
     assert client.response(sid)[::2] == (200, b"done")
     assert b"expect: 100-continue" in got["head"]
