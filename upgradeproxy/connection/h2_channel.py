@@ -90,6 +90,7 @@ class Channel:
         self.write_timeout = math.inf
         self.dead = False
         self._lock = trio.Lock()
+        self._pending = b""  # bytes queued beside h2's (a recoded GOAWAY)
         self.h2.initiate_connection()
         window = min(max_streams * STREAM_WINDOW, MAX_WINDOW)
         if window > STREAM_WINDOW:
@@ -101,7 +102,8 @@ class Channel:
         """Write whatever h2 has queued; raises ClientGone when the client does not take it
         within `write_timeout` or the stream broke (the connection is then dead)."""
         async with self._lock:
-            data = self.h2.data_to_send()
+            data = self._pending + self.h2.data_to_send()
+            self._pending = b""
             if not data or self.dead:
                 return
             with trio.move_on_after(self.write_timeout) as scope:
@@ -132,6 +134,17 @@ class Channel:
                     pass
             self.dead = True
             raise ClientGone("client stopped reading")
+
+    def recode_goaway(self, code: int) -> None:
+        """Give the GOAWAY h2 just queued (its last frame) the error `code` instead."""
+        data = self.h2.data_to_send()
+        frame = GoAwayFrame(0)
+        frame.last_stream_id = self.h2.highest_inbound_stream_id
+        frame.error_code = code
+        ours = frame.serialize()
+        if len(data) >= len(ours) and data[-len(ours) + 3] == GoAwayFrame.type:
+            data = data[: -len(ours)]
+        self._pending = data + ours  # written first by the next flush
 
     async def send_headers(self, st: StreamState, fields: Fields, *, end: bool = False) -> None:
         if st.reset or st.closed_out:

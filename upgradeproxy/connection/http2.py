@@ -22,6 +22,7 @@ from typing import Final
 import h2.errors
 import h2.events
 import h2.exceptions
+import hpack
 import trio
 
 from upgradeproxy.connection.admission import admit_at_accept, release
@@ -104,6 +105,9 @@ class _Driver:
                         self._dispatch(event)
                 except h2.exceptions.ProtocolError as exc:
                     log.info("%s: HTTP/2 connection error: %s", self.conn.origin.ip, exc)
+                    if isinstance(exc.__cause__, hpack.HPACKError):
+                        # RFC 9113 §4.3: COMPRESSION_ERROR, where h2 says PROTOCOL_ERROR.
+                        channel.recode_goaway(h2.errors.ErrorCodes.COMPRESSION_ERROR)
                     await channel.flush()  # h2 queued its GOAWAY
                     return
                 except _Flood as exc:
