@@ -28,11 +28,26 @@ import trio
 from hyperframe.frame import GoAwayFrame
 
 from upgradeproxy.errors import ClientGone
-from upgradeproxy.transport.streams import STREAM_ERRORS
+from upgradeproxy.transport.streams import STREAM_ERRORS, stdlib_socket
 
 STREAM_WINDOW: Final = 65535  # RFC 9113's initial window: no SETTINGS change needed
 MAX_WINDOW: Final = 2**31 - 1
 Fields = list[tuple[bytes, bytes]]
+
+
+class _ClosedMap:
+    """h2 refuses frames on a stream or connection that closed under us (a reset or a GOAWAY
+    crossed ours): for the stream's task, the client is gone."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, typ: object, exc: BaseException | None, tb: object) -> None:
+        if isinstance(exc, h2.exceptions.ProtocolError):
+            raise ClientGone(f"stream closed: {exc}") from None
+
+
+_CLOSED: Final = _ClosedMap()
 
 
 @dataclass(slots=True, eq=False)
@@ -72,6 +87,10 @@ class Channel:
             # connection error, where RFC 9113 §8.1.1 wants a stream error (or a 400).
             validate_inbound_headers=False,
             normalize_inbound_headers=False,
+            # What we send is checked already: h11 parsed the upstream's fields, and names
+            # are lower-cased by rules.http2.response_fields.
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
         )
         self.h2 = h2.connection.H2Connection(config)
         self.h2.local_settings = h2.settings.Settings(
@@ -90,7 +109,8 @@ class Channel:
         self.write_timeout = math.inf
         self.dead = False
         self._lock = trio.Lock()
-        self._pending = b""  # bytes queued beside h2's (a recoded GOAWAY)
+        self._pending = b""  # bytes queued beside h2's (a GOAWAY of ours)
+        self._sock = stdlib_socket(stream.socket) if type(stream) is trio.SocketStream else None
         self.h2.initiate_connection()
         window = min(max_streams * STREAM_WINDOW, MAX_WINDOW)
         if window > STREAM_WINDOW:
@@ -100,21 +120,46 @@ class Channel:
 
     async def flush(self) -> None:
         """Write whatever h2 has queued; raises ClientGone when the client does not take it
-        within `write_timeout` or the stream broke (the connection is then dead)."""
-        async with self._lock:
-            data = self._pending + self.h2.data_to_send()
-            self._pending = b""
-            if not data or self.dead:
-                return
-            with trio.move_on_after(self.write_timeout) as scope:
-                try:
-                    await self.stream.send_all(data)
-                except STREAM_ERRORS as exc:
-                    self.dead = True
-                    raise ClientGone(f"client connection broke: {exc}") from None
-            if scope.cancelled_caught:
+        within `write_timeout` or the stream broke (the connection is then dead).
+
+        On a plain socket, a write that fits goes out at once, without a trip through the
+        scheduler (as `transport.streams.HttpStream` does for HTTP/1.1); the rest waits its
+        turn on the lock, so frames leave in the order h2 queued them.
+        """
+        data = self._pending + self.h2.data_to_send()
+        self._pending = b""
+        if not data or self.dead:
+            return
+        sock = self._sock
+        if sock is not None and not self._lock.locked():
+            try:
+                sent = sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
                 self.dead = True
-                raise ClientGone("client stopped reading")
+                raise ClientGone(f"client connection broke: {exc}") from None
+            if sent == len(data):
+                return
+            data = data[sent:]
+            self._lock.acquire_nowait()  # no await: nobody may write between our two parts
+        else:
+            await self._lock.acquire()
+        try:
+            await self._send_all(data)
+        finally:
+            self._lock.release()
+
+    async def _send_all(self, data: bytes) -> None:
+        with trio.move_on_after(self.write_timeout) as scope:
+            try:
+                await self.stream.send_all(data)
+            except STREAM_ERRORS as exc:
+                self.dead = True
+                raise ClientGone(f"client connection broke: {exc}") from None
+        if scope.cancelled_caught:
+            self.dead = True
+            raise ClientGone("client stopped reading")
 
     async def goaway(self, last_stream_id: int) -> None:
         """A graceful GOAWAY (drain): streams up to `last_stream_id` go on. Written beside
@@ -122,18 +167,8 @@ class Channel:
         frame = GoAwayFrame(0)
         frame.last_stream_id = last_stream_id
         frame.error_code = h2.errors.ErrorCodes.NO_ERROR
-        async with self._lock:
-            data = self.h2.data_to_send() + frame.serialize()
-            if self.dead:
-                return
-            with trio.move_on_after(self.write_timeout):
-                try:
-                    await self.stream.send_all(data)
-                    return
-                except STREAM_ERRORS:
-                    pass
-            self.dead = True
-            raise ClientGone("client stopped reading")
+        self._pending += self.h2.data_to_send() + frame.serialize()
+        await self.flush()
 
     def recode_goaway(self, code: int) -> None:
         """Give the GOAWAY h2 just queued (its last frame) the error `code` instead."""
@@ -146,34 +181,51 @@ class Channel:
             data = data[: -len(ours)]
         self._pending = data + ours  # written first by the next flush
 
-    async def send_headers(self, st: StreamState, fields: Fields, *, end: bool = False) -> None:
+    async def send_headers(
+        self, st: StreamState, fields: Fields, *, end: bool = False, flush: bool = True
+    ) -> None:
+        """Queue a HEADERS frame (and write it, unless `flush` is False: more follows)."""
         if st.reset or st.closed_out:
             raise ClientGone("stream reset by the client")
-        self.h2.send_headers(st.id, fields, end_stream=end)
+        with _CLOSED:
+            self.h2.send_headers(st.id, fields, end_stream=end)
         st.closed_out = end
-        await self.flush()
+        if flush:
+            await self.flush()
 
     async def send_data(
-        self, st: StreamState, data: bytes, *, end: bool = False, timeout: float = math.inf
+        self,
+        st: StreamState,
+        data: bytes,
+        *,
+        end: bool = False,
+        timeout: float = math.inf,
+        flush: bool = True,
     ) -> None:
         """Send `data` as the stream's and the connection's windows allow, waiting for them
-        to open (at most `timeout` each time: a client that stops reading is gone)."""
+        to open (at most `timeout` each time: a client that stops reading is gone). With
+        `flush` False, what the windows allow at once stays queued for the next flush."""
         view = memoryview(data)
         while view:
-            window = await self.wait_window(st, timeout)
+            window = self.h2.local_flow_control_window(st.id) if not st.reset else 0
+            if window <= 0:
+                await self.flush()  # what is queued goes before we wait
+                window = await self.wait_window(st, timeout)
             n = min(window, self.h2.max_outbound_frame_size, len(view))
-            self.h2.send_data(st.id, view[:n].tobytes())
+            with _CLOSED:
+                self.h2.send_data(st.id, view[:n].tobytes())
             view = view[n:]
-            await self.flush()
         if end:
             await self.end_stream(st)
+        elif flush:
+            await self.flush()
 
     async def wait_window(self, st: StreamState, timeout: float = math.inf) -> int:
         """The stream's send window once it is open; raises ClientGone on a reset or when it
         stays shut for `timeout`."""
         with trio.move_on_after(timeout):
             while True:
-                if st.reset or st.closed_out:
+                if st.reset or st.closed_out or self.dead:
                     raise ClientGone("stream reset by the client")
                 window = self.h2.local_flow_control_window(st.id)
                 if window > 0:
@@ -184,10 +236,11 @@ class Channel:
     async def end_stream(self, st: StreamState, trailers: Fields | None = None) -> None:
         if st.reset or st.closed_out:
             return
-        if trailers:
-            self.h2.send_headers(st.id, trailers, end_stream=True)
-        else:
-            self.h2.end_stream(st.id)
+        with _CLOSED:
+            if trailers:
+                self.h2.send_headers(st.id, trailers, end_stream=True)
+            else:
+                self.h2.end_stream(st.id)
         st.closed_out = True
         await self.flush()
 
@@ -197,7 +250,8 @@ class Channel:
             return
         st.reset = True
         st.wake()
-        with contextlib.suppress(h2.exceptions.StreamClosedError):  # closed both ways already
+        # Closed both ways already, or the connection is: nothing to reset.
+        with contextlib.suppress(h2.exceptions.ProtocolError):
             self.h2.reset_stream(st.id, code)
 
     # --- reading -------------------------------------------------------------------------

@@ -332,6 +332,10 @@ async def _upstream_event(
     timeout = edge.rt.config.timeouts.upstream_response
     try:
         while (event := conn.http.h11.next_event()) is h11.NEED_DATA:
+            if conn.http.try_receive():
+                continue  # no scope, and no write yet: what is queued may grow
+            # Nothing more now: what is queued for the client leaves in one write.
+            await edge.conn.channel.flush()
             with trio.CancelScope() as scope:
                 if pump is not None and not pump.finished.is_set():
                     pump.response_wait = scope  # the pump starts the clock when it is done
@@ -359,7 +363,7 @@ async def _relay(
         event = await _upstream_event(edge, conn, started, pump)
         if isinstance(event, h11.Data):
             ex.rec.bytes_out += len(event.data)
-            await channel.send_data(st, event.data, timeout=idle)
+            await channel.send_data(st, event.data, timeout=idle, flush=False)
         elif isinstance(event, h11.Response):
             started = True
             header_time(edge, ex)
@@ -367,7 +371,7 @@ async def _relay(
             if ex.plan.offer:
                 count_upgrade(edge, ex, "declined")
             st.headers_sent = True
-            await channel.send_headers(st, _response_fields(event, ex))
+            await channel.send_headers(st, _response_fields(event, ex), flush=False)
         elif isinstance(event, h11.EndOfMessage):
             trailers = rules.response_fields(list(event.headers.raw_items()))
             await channel.end_stream(st, trailers)

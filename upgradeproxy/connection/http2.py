@@ -19,6 +19,7 @@ import logging
 import math
 from typing import Final
 
+import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
@@ -105,7 +106,9 @@ class _Driver:
                         self._dispatch(event)
                 except h2.exceptions.ProtocolError as exc:
                     log.info("%s: HTTP/2 connection error: %s", self.conn.origin.ip, exc)
-                    if isinstance(exc.__cause__, hpack.HPACKError):
+                    if isinstance(exc.__cause__, hpack.HPACKError) and not isinstance(
+                        exc, h2.exceptions.DenialOfServiceError  # too large: ENHANCE_YOUR_CALM
+                    ):
                         # RFC 9113 §4.3: COMPRESSION_ERROR, where h2 says PROTOCOL_ERROR.
                         channel.recode_goaway(h2.errors.ErrorCodes.COMPRESSION_ERROR)
                     await channel.flush()  # h2 queued its GOAWAY
@@ -203,7 +206,11 @@ class _Driver:
             if not self.control.spend(now):
                 raise _Flood("PING flood")
         elif isinstance(event, h2.events.ConnectionTerminated):
-            self.goaway_sent = True  # the client is leaving: no new streams, finish the rest
+            # The client is leaving: no new streams; those it had open finish (RFC 9113
+            # §6.8), which h2, having closed its state machine, would refuse to send on.
+            self.goaway_sent = True
+            if event.error_code == h2.errors.ErrorCodes.NO_ERROR:
+                self.channel.h2.state_machine.state = h2.connection.ConnectionState.SERVER_OPEN
 
     def _open(self, event: h2.events.RequestReceived) -> None:
         sid = event.stream_id
