@@ -1,5 +1,5 @@
-"""HTTP/2 rows of the bench (rule 17; `--tests h2`), beside HAProxy, which speaks h2 with prior
-and RFC 8441 too (its bench frontend as it is: HAProxy detects the preface itself).
+"""HTTP/2 rows of the bench (rule 17; `--tests h2`), beside HAProxy, which speaks h2 with
+prior knowledge and RFC 8441 too (its bench frontend as it is: HAProxy detects the preface itself).
 
 - requests: h2load (Debian's nghttp2-client) over cleartext prior knowledge, `/http`;
 - WebSocket over HTTP/2: a client on the `h2` library opening extended CONNECT streams on
