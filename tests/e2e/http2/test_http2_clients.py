@@ -3,6 +3,7 @@ with ALPN and in cleartext with prior knowledge."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 
@@ -13,6 +14,8 @@ from tests.conftest import RawConn, ok_response, respond_ok_forever
 from tests.e2e.http2.h2peer import client_tls, h2_yaml, tls_pair
 
 CURL = shutil.which("curl")
+if CURL is None and os.environ.get("CI"):
+    raise RuntimeError("curl is missing: tests/run.sh installs it")
 
 
 def _echo_body(conn: RawConn) -> None:
