@@ -111,6 +111,7 @@ class Channel:
         self._lock = trio.Lock()
         self._pending = b""  # bytes queued beside h2's (a GOAWAY of ours)
         self._sock = stdlib_socket(stream.socket) if type(stream) is trio.SocketStream else None
+        self._write_scope: trio.CancelScope | None = None  # the shielded write in progress
         self.h2.initiate_connection()
         window = min(max_streams * STREAM_WINDOW, MAX_WINDOW)
         if window > STREAM_WINDOW:
@@ -123,15 +124,18 @@ class Channel:
         within `write_timeout` or the stream broke (the connection is then dead).
 
         On a plain socket, a write that fits goes out at once, without a trip through the
-        scheduler (as `transport.streams.HttpStream` does for HTTP/1.1); the rest waits its
-        turn on the lock, so frames leave in the order h2 queued them.
+        scheduler (as `transport.streams.HttpStream` does for HTTP/1.1). Otherwise the bytes
+        are taken from h2 only once the lock is ours, and written shielded: a stream task
+        cancelled mid-write (its stream was reset) must not leave half a frame on a
+        connection that other streams share.
         """
-        data = self._pending + self.h2.data_to_send()
-        self._pending = b""
-        if not data or self.dead:
+        if self.dead:
             return
         sock = self._sock
         if sock is not None and not self._lock.locked():
+            data = self._take()
+            if not data:
+                return
             try:
                 sent = sock.send(data)
             except BlockingIOError:
@@ -141,25 +145,46 @@ class Channel:
                 raise ClientGone(f"client connection broke: {exc}") from None
             if sent == len(data):
                 return
-            data = data[sent:]
             self._lock.acquire_nowait()  # no await: nobody may write between our two parts
+            data = data[sent:]
         else:
             await self._lock.acquire()
+            data = self._take()
         try:
             await self._send_all(data)
         finally:
             self._lock.release()
 
+    def _take(self) -> bytes:
+        data = self._pending + self.h2.data_to_send()
+        self._pending = b""
+        return data
+
     async def _send_all(self, data: bytes) -> None:
-        with trio.move_on_after(self.write_timeout) as scope:
+        if not data or self.dead:
+            return
+        deadline = trio.current_time() + self.write_timeout
+        with trio.CancelScope(shield=True, deadline=deadline) as scope:
+            self._write_scope = scope
             try:
                 await self.stream.send_all(data)
             except STREAM_ERRORS as exc:
                 self.dead = True
                 raise ClientGone(f"client connection broke: {exc}") from None
+            finally:
+                self._write_scope = None
         if scope.cancelled_caught:
             self.dead = True
             raise ClientGone("client stopped reading")
+
+    def hurry(self, grace: float) -> None:
+        """The connection is ending: a write in progress, and any after it, get at most
+        `grace` seconds more (shielded writes ignore the cancel that ends the connection)."""
+        self.write_timeout = min(self.write_timeout, grace)
+        if self._write_scope is not None:
+            self._write_scope.deadline = min(
+                self._write_scope.deadline, trio.current_time() + grace
+            )
 
     async def goaway(self, last_stream_id: int) -> None:
         """A graceful GOAWAY (drain): streams up to `last_stream_id` go on. Written beside

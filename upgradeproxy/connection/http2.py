@@ -29,7 +29,8 @@ import trio
 from upgradeproxy.connection.admission import admit_at_accept, release
 from upgradeproxy.connection.context import Peer, Runtime, Shared
 from upgradeproxy.connection.h2_channel import Channel, StreamState
-from upgradeproxy.connection.h2_request import H2Client, serve_stream
+from upgradeproxy.connection.h2_edge import H2Client
+from upgradeproxy.connection.h2_request import serve_stream
 from upgradeproxy.errors import ClientGone
 from upgradeproxy.rules import http2 as rules
 from upgradeproxy.rules.plan import Origin
@@ -40,8 +41,12 @@ log = logging.getLogger("upgradeproxy")
 # PING, SETTINGS and empty DATA frames a client may send at once, and per second after.
 CONTROL_BURST: Final = 100
 CONTROL_RATE: Final = 20.0
-# Client resets: every stream of a full connection at once (a page navigated away), twice;
-# half of them per second after that.
+# Client resets (rapid reset budget): every stream of a full connection at once (a page
+# navigated away), twice; half of them per second after that. In streams of
+# limits.http2_max_concurrent_streams.
+RESET_BURST: Final = 2.0
+RESET_RATE: Final = 0.5
+# What a stream's last write, or any write once the connection ends, may still take.
 _STREAM_END_GRACE: Final = 1.0
 
 
@@ -76,7 +81,7 @@ class _Driver:
         config = conn.rt.config
         now = trio.current_time()
         n = config.limits.http2_max_concurrent_streams
-        self.resets = rules.Budget(2.0 * n, n / 2, now)
+        self.resets = rules.Budget(RESET_BURST * n, RESET_RATE * n, now)
         self.control = rules.Budget(CONTROL_BURST, CONTROL_RATE, now)
         self.active = 0
         self.last_stream = 0  # the highest stream id given a task
@@ -93,6 +98,7 @@ class _Driver:
                 await self._read_loop(first)
             finally:
                 nursery.cancel_scope.cancel()
+                self.channel.hurry(_STREAM_END_GRACE)
 
     async def _read_loop(self, first: bytes) -> None:
         h2conn, channel = self.channel.h2, self.channel
