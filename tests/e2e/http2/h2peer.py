@@ -126,6 +126,8 @@ class H2Peer:
         self.sock.settimeout(timeout)
         try:
             data = self.sock.recv(65536)
+        except TimeoutError:
+            return True  # nothing yet: still open
         except (ConnectionResetError, ssl.SSLError, OSError):
             data = b""
         if not data:

@@ -329,3 +329,58 @@ routes:
         assert ws.recv() == f"m{i}" * 1000
     assert client.response(client.request("/plain"))[0] == 426  # websockets' answer to GET
     assert len(client.data(stalled)) == 65535
+
+
+def test_the_clients_window_opens_only_as_the_upstream_takes_bytes(make_proxy, raw_upstream):
+    """An upstream that stops reading shuts the client's window for the stream (after the
+    kernel's buffers are full), and every byte arrives, in order, once it reads again."""
+    import threading
+
+    total = 8 << 20
+    reading = threading.Event()
+    got = bytearray()
+
+    def slow_reader(conn: RawConn) -> None:
+        # A small receive buffer: the kernel's own buffering must not hide the proxy's.
+        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        reading.wait(30)
+        while len(got) < total and (data := conn.sock.recv(1 << 20)):
+            got.extend(data)
+
+    up = raw_upstream(raw_ws(slow_reader))
+    proxy = make_proxy(h2_yaml(up.port))
+    client = H2Peer(proxy.address)
+    sid, head = _open(client)
+    assert head[b":status"] == b"200"
+    payload = bytes(range(256)) * (total // 256)
+    sent = 0
+    stalled = False
+    while sent < total and not stalled:
+        window = min(client.conn.local_flow_control_window(sid), total - sent)
+        if window > 0:
+            while window > 0:  # all the window allows, in one write
+                n = min(window, client.conn.max_outbound_frame_size)
+                client.conn.send_data(sid, payload[sent : sent + n])
+                sent += n
+                window -= n
+            client.flush()
+            client.pump(0.05)  # the proxy's WINDOW_UPDATEs, if any came
+            continue
+        # Shut: a PING round trip shows the proxy has read everything sent so far and
+        # still credits nothing.
+        client.conn.ping(b"sentinel")
+        client.flush()
+        acks = len([e for e in client.events if isinstance(e, h2.events.PingAckReceived)])
+        assert client.until(
+            lambda acks=acks: len(
+                [e for e in client.events if isinstance(e, h2.events.PingAckReceived)]
+            )
+            > acks
+        )
+        stalled = client.conn.local_flow_control_window(sid) <= 0
+    assert stalled
+    assert sent < total
+    reading.set()
+    client.send(sid, payload[sent:])
+    assert eventually(lambda: len(got) == total, timeout=30)
+    assert bytes(got) == payload
