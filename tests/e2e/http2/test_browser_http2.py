@@ -103,6 +103,9 @@ def test_chromium_carries_the_pages_websocket_inside_http2(tls_demo: TlsDemo) ->
             page.fill("#msg", "over h2")
             page.click("#send")
             expect(page.locator("#log")).to_contain_text("echo: over h2")
+            # The page's /metrics poll counts the socket as an open tunnel (every label set
+            # of upgradeproxy_tunnels_active summed).
+            expect(page.locator("#tunnels")).to_have_text("1")
             page.close()
         finally:
             browser.close()
