@@ -7,7 +7,6 @@ hands back, so a caller (the CLI, a test) can read bound addresses, reload and d
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import json
 import logging
@@ -26,7 +25,7 @@ from upgradeproxy.connection.http2 import serve_http2
 from upgradeproxy.pool.discovery import Lookup
 from upgradeproxy.pool.servers import describe
 from upgradeproxy.rules.plan import route_label
-from upgradeproxy.service.accept import accept_clients, open_client, sniff_preface
+from upgradeproxy.service.accept import accept_clients, open_client, open_negotiated
 from upgradeproxy.service.admin import open_admin, serve_admin
 from upgradeproxy.service.sockets import (
     Handed,
@@ -406,39 +405,26 @@ class Proxy:
     async def _serve_h2_capable(
         self, stream: trio.SocketStream, bound: _Bound, rt: Runtime
     ) -> None:
-        """An `http2` listener's connection (rule 17): HTTP/2 when TLS's ALPN chose `h2`, or,
-        in cleartext, when the first bytes are the connection preface; else HTTP/1.1."""
+        """An `http2` listener's connection: HTTP/2 or HTTP/1.1 as negotiated (rule 17)."""
         try:
             peer_ip, peer_port = stream.socket.getpeername()[:2]
             local = stream.socket.getsockname()[:2]
         except OSError:
             return
-        opened = None
-        h2 = False
-        with trio.move_on_after(rt.config.timeouts.request_header):
-            opened = await open_client(
-                stream,
-                str(peer_ip),
-                proxy_protocol=bound.config.proxy_protocol,
-                tls=bound.tls,
-                port=int(peer_port),
-                local=(str(local[0]), int(local[1])),
-            )
-            if opened is not None and bound.tls is None:
-                sniffed = await sniff_preface(opened[0], opened[1].leftover)
-                if sniffed is None:
-                    return
-                h2 = sniffed[0]
-                opened = (opened[0], dataclasses.replace(opened[1], leftover=sniffed[1]))
+        opened = await open_negotiated(
+            stream,
+            str(peer_ip),
+            deadline=trio.current_time() + rt.config.timeouts.request_header,
+            proxy_protocol=bound.config.proxy_protocol,
+            tls=bound.tls,
+            port=int(peer_port),
+            local=(str(local[0]), int(local[1])),
+        )
         if opened is None:
             return
-        client, peer = opened
-        if isinstance(client, trio.SSLStream):
-            h2 = client.selected_alpn_protocol() == "h2"
-        if h2:
-            await serve_http2(client, peer, rt, self.shared)
-        else:
-            await serve_client(client, peer, rt, self.shared)
+        client, peer, h2 = opened
+        serve = serve_http2 if h2 else serve_client
+        await serve(client, peer, rt, self.shared)
 
 
 def _route_protocols(config: Config) -> list[tuple[str, tuple[str, ...]]]:

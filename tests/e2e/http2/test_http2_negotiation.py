@@ -144,3 +144,19 @@ def test_without_http2_a_preface_is_an_http1_error(make_proxy, raw_upstream):
         sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
         data = sock.recv(65536)
     assert data.startswith(b"HTTP/1.1 4")
+
+
+@pytest.mark.parametrize("sent", [b"", b"PRI * HT"], ids=["nothing", "part of the preface"])
+def test_a_client_that_stalls_gets_the_http1_408(make_proxy, raw_upstream, sent):
+    """Rule 7's 408 holds on an `http2` listener too: a client that stops before the
+    preface check could decide is HTTP/1.1's, and HTTP/1.1 answers it (after up to twice
+    `request_header`: one for the check, one for the head)."""
+    up = raw_upstream(respond_ok_forever)
+    proxy = make_proxy(h2_yaml(up.port, extra="timeouts: {request_header: 0.2}"))
+    with socket.create_connection(proxy.address, timeout=5) as sock:
+        sock.sendall(sent)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 408 "), data
+    assert not up.conns
