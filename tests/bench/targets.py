@@ -24,7 +24,7 @@ from typing import Final
 
 from procs import Managed, Processes, tree, wait_for_port
 
-from tests.support.configs import config_yaml, route
+from tests.support.configs import config_yaml, listener, route
 
 HERE: Final = Path(__file__).resolve().parent
 REPO: Final = HERE.parent.parent
@@ -150,12 +150,14 @@ http {{
     )
 
 
-def upgradeproxy_conf(port: int, ws_port: int, http_port: int, workers: int) -> str:
+def upgradeproxy_conf(
+    port: int, ws_port: int, http_port: int, workers: int, http2: bool = False
+) -> str:
     # No admin listener (nginx has none either); the access log goes to a file.
     return config_yaml(
         {"ws": ws_port, "http": http_port},
         [route("http", path_prefix="/http"), route("ws", path_prefix="/")],
-        listen=port,
+        listen=listener(port, http2=True) if http2 else port,
         workers=workers,
         timeouts={"idle": 75, "tunnel_idle": 3600, "drain": 1},
         limits={"max_connections": NOFILE // 2},

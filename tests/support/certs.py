@@ -22,13 +22,29 @@ def write_ca(ca: trustme.CA, path: Path) -> Path:
     return path
 
 
-def client_context(ca: trustme.CA, **versions: ssl.TLSVersion) -> ssl.SSLContext:
-    """A client that trusts `ca` (`versions` set minimum_version/maximum_version)."""
+def client_context(
+    ca: trustme.CA, alpn: list[str] | None = None, **versions: ssl.TLSVersion
+) -> ssl.SSLContext:
+    """A client that trusts `ca`, offering `alpn` (`versions` set minimum_version or
+    maximum_version)."""
     ctx = ssl.create_default_context()
     ca.configure_trust(ctx)
+    if alpn is not None:
+        ctx.set_alpn_protocols(alpn)
     for attr, version in versions.items():
         setattr(ctx, attr, version)
     return ctx
+
+
+def tls_pair(directory: Path) -> tuple[dict[str, str], trustme.CA]:
+    """A fresh CA and a certificate from it for localhost and 127.0.0.1: (a listener's `tls`
+    keys naming the files, the CA)."""
+    ca = trustme.CA()
+    leaf = ca.issue_cert("localhost", "127.0.0.1")
+    cert, key = directory / "proxy.pem", directory / "proxy-key.pem"
+    leaf.private_key_and_cert_chain_pem.write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    return {"cert": str(cert), "key": str(key)}, ca
 
 
 def server_context(ca: trustme.CA, *hosts: str) -> ssl.SSLContext:

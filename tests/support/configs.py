@@ -108,6 +108,15 @@ def proxy_yaml(
 _upstream = upstream  # `proxy_yaml`'s keyword of the same name hides it there
 
 
+def h2_yaml(
+    servers: Servers, *, tls: Mapping[str, Any] | None = None,
+    route: Mapping[str, Any] | None = None, **keys: Any,
+) -> str:  # fmt: skip
+    """`proxy_yaml` on one listener with `http2: true` (and `tls`, when given)."""
+    found = listener(http2=True, tls=dict(tls)) if tls else listener(http2=True)
+    return proxy_yaml(servers, route=route, listen=found, **keys)
+
+
 def write_file(path: Path, text: str) -> Path:
     """Replace `path` atomically, as a deploy tool would."""
     tmp = path.with_name(path.name + ".tmp")

@@ -306,7 +306,7 @@ class DemoProcess(Process):
         port_args = ("--port", port) if port is not None else ()
         super().__init__([*command, "demo", *port_args, "--log-format", "json", *extra], env=env)
         self.banner = self._wait_banner()
-        found = re.search(r"Open\s+(http://127\.0\.0\.1:(\d+)/)", self.banner)
+        found = re.search(r"Open\s+(https?://[\w.]+:(\d+)/)", self.banner)
         upstream = re.search(r"built-in upstream 127\.0\.0\.1:(\d+)", self.banner)
         assert found, self.banner
         assert upstream, self.banner

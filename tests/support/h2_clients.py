@@ -1,5 +1,6 @@
-"""A blocking HTTP/2 client for the tests, built on the `h2` library (the raw client): it
-sends what a test tells it to, hostile frames included, and records every event."""
+"""HTTP/2 clients for the tests: a blocking client built on the `h2` library (the raw client)
+that sends what a test tells it to, hostile frames included, and records every event; and a
+WebSocket client (wsproto framing) on one of its extended CONNECT streams (RFC 8441)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,6 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.settings
-
-from tests.conftest import LOOPBACK
 
 Fields = list[tuple[bytes, bytes]]
 
@@ -197,51 +196,6 @@ class H2Peer:
 
     def close(self) -> None:
         self.sock.close()
-
-
-def h2_yaml(upstream_port: int, *, tls: str = "", route: str = "", extra: str = "") -> str:
-    """A one-route config whose listener has `http2: true` (and `tls`, when given)."""
-    tls_block = f"\n    tls: {tls}" if tls else ""
-    route_keys = "".join("\n    " + line for line in route.strip().splitlines()) if route else ""
-    return f"""
-listen:
-  - address: "{LOOPBACK}:0"
-    http2: true{tls_block}
-upstreams:
-  app:
-    servers: ["{LOOPBACK}:{upstream_port}"]
-routes:
-  - upstream: app{route_keys}
-{extra}
-"""
-
-
-def tls_pair(directory: Any) -> tuple[str, Any]:
-    """A trustme CA and a `localhost` certificate: (the listener's `tls` YAML, the CA)."""
-    import trustme
-
-    ca = trustme.CA()
-    leaf = ca.issue_cert("localhost", LOOPBACK)
-    cert, key = directory / "proxy.pem", directory / "proxy-key.pem"
-    leaf.private_key_and_cert_chain_pem.write_to_path(cert)
-    leaf.private_key_pem.write_to_path(key)
-    return f'{{cert: "{cert}", key: "{key}"}}', ca
-
-
-def client_tls(ca: Any, alpn: list[str] | None = None) -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    ca.configure_trust(ctx)
-    ctx.set_alpn_protocols(alpn if alpn is not None else ["h2", "http/1.1"])
-    return ctx
-
-
-def access_records(caplog: Any, kind: str = "http") -> list[dict[str, Any]]:
-    """The access-log records (`http` or `tunnel`) the in-process proxy wrote."""
-    return [
-        r.record
-        for r in list(caplog.records)
-        if r.name == "upgradeproxy.access" and r.getMessage() == kind
-    ]
 
 
 class WsOverH2:
