@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import signal
 import socket
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -159,13 +159,11 @@ def test_run_invalid_config_never_listens(tmp_path):
     connected: list[bool] = []
 
     def probe() -> None:
-        while not stop.is_set():
-            try:
+        """Connects over and over for as long as the process runs (its exit ends the watch)."""
+        while not stop.wait(0.005):
+            with contextlib.suppress(OSError):
                 socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
                 connected.append(True)
-            except OSError:
-                pass
-            time.sleep(0.005)
 
     prober = threading.Thread(target=probe, daemon=True)
     prober.start()

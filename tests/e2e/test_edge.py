@@ -13,6 +13,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
+from tests.support.access_log import access_records
 from tests.support.clients import (
     LOOPBACK,
     raw_client,
@@ -31,14 +32,6 @@ from tests.support.wire import proxy_v1_header, proxy_v2_header, ws_request
 def chat_request(path: bytes = b"/", extra: bytes = b"") -> bytes:
     """A WebSocket handshake to chat.example.com; `extra` adds header lines (with their CRLF)."""
     return ws_request(*extra.splitlines(), target=path, host=b"chat.example.com")
-
-
-def records(caplog: pytest.LogCaptureFixture, kind: str) -> list[dict[str, object]]:
-    return [
-        r.record  # type: ignore[attr-defined]
-        for r in caplog.records
-        if r.name == "upgradeproxy.access" and r.getMessage() == kind
-    ]
 
 
 # --- rule 12: allowed_origins ----------------------------------------------------------------
@@ -101,8 +94,8 @@ def test_malformed_origin_is_a_403_never_a_500(make_proxy, raw_upstream, extra, 
         status, _, body, _ = read_response(sock)
     assert (status, body) == (403, b"403 Forbidden\n")
     assert up.conns == []
-    assert eventually(lambda: records(caplog, "http"))
-    assert "Origin" in str(records(caplog, "http")[-1]["error"])
+    assert eventually(lambda: access_records(caplog, "http"))
+    assert "Origin" in str(access_records(caplog, "http")[-1]["error"])
 
 
 def test_no_origin_and_plain_http_are_not_checked(make_proxy, raw_upstream):
@@ -151,8 +144,8 @@ def test_limit_refuses_with_429_then_recovers_after_a_close(make_proxy, ws_upstr
     with connect(proxy.url("/a"), open_timeout=WAIT) as first:
         status, headers, closed = limited_request(proxy)
         assert (status, headers[b"connection"], closed) == (429, b"close", True)
-        assert eventually(lambda: any(r["status"] == 429 for r in records(caplog, "http")))
-        refusal = next(r for r in records(caplog, "http") if r["status"] == 429)
+        assert eventually(lambda: any(r["status"] == 429 for r in access_records(caplog, "http")))
+        refusal = next(r for r in access_records(caplog, "http") if r["status"] == 429)
         assert "max_connections_per_ip" in str(refusal["error"])
         text = proxy.telemetry.render()
         assert 'upgradeproxy_limit_refusals_total{route="*/"} 1.0' in text
@@ -234,8 +227,8 @@ def test_tunnel_lifetime_closes_between_1_0_and_1_1_s(make_proxy, ws_upstream, c
             sock.settimeout(WAIT)
             lived = closed_at(sock) - switched
             assert 1.0 - 0.01 <= lived <= 1.1 + LATE_MARGIN, lived
-    assert eventually(lambda: len(records(caplog, "tunnel")) == 3)
-    assert {r["first_close"] for r in records(caplog, "tunnel")} == {"lifetime"}
+    assert eventually(lambda: len(access_records(caplog, "tunnel")) == 3)
+    assert {r["first_close"] for r in access_records(caplog, "tunnel")} == {"lifetime"}
 
 
 def test_without_lifetime_a_tunnel_stays_open(make_proxy, ws_upstream):
@@ -291,8 +284,8 @@ def test_spread_drain_closes_tunnels_across_the_window(make_proxy, ws_upstream, 
     assert len({int(t) for t in times}) >= 3, times  # at least 3 distinct 1-second buckets
     assert times[-1] - times[0] >= 2.5, times  # evenly over 4 s: the ends are 3.67 s apart
     assert times[-1] <= 4 + LATE_MARGIN, times
-    assert eventually(lambda: len(records(caplog, "tunnel")) == 12)
-    assert {r["first_close"] for r in records(caplog, "tunnel")} == {"drain"}
+    assert eventually(lambda: len(access_records(caplog, "tunnel")) == 12)
+    assert {r["first_close"] for r in access_records(caplog, "tunnel")} == {"drain"}
 
 
 def test_wait_drain_keeps_tunnels_until_the_window_ends(make_proxy, ws_upstream):

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import trustme
 
+from tests.support.access_log import access_records
 from tests.support.certs import client_context, server_context, write_ca, write_pair
 from tests.support.clients import LOOPBACK, read_response
 from tests.support.configs import listener, proxy_yaml
@@ -137,11 +138,8 @@ def test_client_auth_require(client_auth_proxy, ca, caplog):
     head = up.accept().heads[0]
     (subject,) = [line for line in head.split(b"\r\n") if line.startswith(b"X-Client-Cert-Subject")]
     assert subject.startswith(b"X-Client-Cert-Subject: CN=alice,")
-    def access() -> list[dict]:
-        return [r.record for r in caplog.records if r.name == "upgradeproxy.access"]
-
-    assert eventually(access)  # written just after the response
-    (line,) = access()
+    assert eventually(lambda: access_records(caplog))  # written just after the response
+    (line,) = access_records(caplog)
     assert line["client_cert"] == subject.split(b": ", 1)[1].decode()
 
 

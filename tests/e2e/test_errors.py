@@ -17,7 +17,7 @@ import pytest
 from tests.support.clients import closed_by_peer, free_port, raw_client, read_response
 from tests.support.configs import FAST_DRAIN, config_yaml, proxy_yaml, route
 from tests.support.peers import RawConn, RawUpstream, recording_ok, respond_ok_forever
-from tests.support.sentinels import SENTINEL, only_the_sentinel_arrives, sentinel_request
+from tests.support.sentinels import first_upstream_request, is_sentinel, only_the_sentinel_arrives
 from tests.support.wire import assert_short_error, decode_chunks
 
 # Every config here drains quickly so a failing test cannot hold the fixture for 30 s.
@@ -139,14 +139,10 @@ def test_bad_chunk_size_in_one_send_stops_at_the_bad_chunk(make_proxy, raw_upstr
         b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
         b"5\r\nhello\r\nzz\r\nSMUGGLED\r\n0\r\n\r\n",
     )
-    # A sentinel sent now reaches the upstream behind whatever the proxy sent it before (the
-    # listener accepts in order). The proxy may have checked the whole body first and sent
-    # nothing at all: then the sentinel comes first.
-    with raw_client(proxy.address) as sock:
-        sock.sendall(sentinel_request())
-        first = up.accept(0)
-        head = first.read_head()
-    if head.startswith(b"GET " + SENTINEL + b" "):
+    # The proxy may have checked the whole body first and sent nothing at all: then a
+    # sentinel sent now is the first request the upstream sees.
+    first, head = first_upstream_request(proxy.address, up)
+    if is_sentinel(head):
         return
     body = first.read_until_close()
     assert head.startswith(b"POST /upload HTTP/1.1")

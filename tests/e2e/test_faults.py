@@ -9,6 +9,7 @@ import select
 import shutil
 import socket
 import statistics
+import threading
 import time
 from collections.abc import Callable
 
@@ -53,6 +54,7 @@ def tunnel_echoes(port: int, payload: bytes = b"are you there?") -> bool:
 
 
 def cpu_over(proc: ProxyProcess, seconds: float) -> float:
+    """CPU seconds `proc` uses over a window of `seconds` (a measurement, not a wait)."""
     before = proc.cpu_seconds()
     time.sleep(seconds)
     return proc.cpu_seconds() - before
@@ -105,7 +107,8 @@ def test_out_of_descriptors_the_proxy_stays_up_idles_and_recovers(spawn, raw_ups
 
 
 def test_upload_to_an_upstream_that_never_reads_is_bounded_by_back_pressure(spawn, raw_upstream):
-    upstream = raw_upstream(lambda conn: time.sleep(30))  # accepts, never reads
+    never = threading.Event()
+    upstream = raw_upstream(lambda conn: never.wait(60))  # accepts, never reads
     proxy = spawn(upstream.port)
     rss_before = proxy.rss_bytes()
     sent = 0

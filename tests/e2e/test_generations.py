@@ -313,11 +313,12 @@ def test_clients_queued_on_a_dead_workers_socket_are_served_by_its_replacement(
     os.kill(pids[0], signal.SIGSTOP)
     clients = []
     try:
-        for i in range(16):  # all on worker 1's socket: a 2**-16 chance
+        # The kernel puts each connection in one worker's queue as it is made: worker 1
+        # takes its share, worker 0's waits. (All on worker 1's socket: a 2**-16 chance.)
+        for i in range(16):
             sock = socket.create_connection((LOOPBACK, port), timeout=WAIT)
             sock.sendall(f"GET /{i} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n".encode())
             clients.append(sock)
-        time.sleep(0.2)  # worker 1 takes its share; worker 0's share waits in its queue
     finally:
         os.kill(pids[0], signal.SIGKILL)
     fresh = proc.wait_record(

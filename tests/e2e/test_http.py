@@ -18,6 +18,7 @@ import pytest
 from tests.support.clients import raw_client, read_response, read_response_head
 from tests.support.configs import FAST_DRAIN, proxy_yaml
 from tests.support.peers import RawConn, respond_ok_forever
+from tests.support.waiting import eventually
 from tests.support.wire import ok_response
 
 BIG = 8 * 1024 * 1024
@@ -468,6 +469,8 @@ def test_retry_after_stale_pooled_connections_goes_to_a_fresh_one(make_proxy, ra
     release = threading.Event()
     both_here = threading.Barrier(2)
 
+    closed: list[RawConn] = []
+
     def answer_once_then_close(conn: RawConn) -> None:
         conn.read_head()
         # Answer only once both requests are here: a proxy that finished the first exchange
@@ -477,6 +480,7 @@ def test_retry_after_stale_pooled_connections_goes_to_a_fresh_one(make_proxy, ra
         conn.send(ok_response(b"first"))  # keep-alive by default: the proxy pools it
         release.wait(10)
         conn.close()  # the upstream "restarts": every idle connection goes away
+        closed.append(conn)
 
     def answer(conn: RawConn) -> None:
         if len(up.conns) <= 2:
@@ -493,8 +497,10 @@ def test_retry_after_stale_pooled_connections_goes_to_a_fresh_one(make_proxy, ra
     for sock in clients:
         assert read_response(sock)[0] == 200
     release.set()
-    # Let both closes reach the proxy's sockets.
-    threading.Event().wait(0.3)
+    # Both closes are sent (a FIN on loopback is in the proxy's socket as close returns), and
+    # the proxy has seen them.
+    assert eventually(lambda: len(closed) == 2)
+    proxy.settle()
     with raw_client(proxy.address) as sock:
         sock.sendall(b"GET /two HTTP/1.1\r\nHost: x\r\n\r\n")
         status, _, body, _ = read_response(sock)

@@ -7,12 +7,11 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
-import time
 
 import pytest
 
-from tests.support.clients import raw_client, read_response, read_to_eof
-from tests.support.configs import FAST_DRAIN, proxy_yaml
+from tests.support.clients import http, raw_client, read_response, read_to_eof
+from tests.support.configs import FAST_DRAIN, config_yaml, proxy_yaml, route
 from tests.support.peers import RawConn, respond_ok_forever
 from tests.support.waiting import WAIT
 from tests.support.wire import assert_short_error, ok_response
@@ -82,7 +81,8 @@ def test_404_for_a_request_with_a_body(make_proxy, raw_upstream, body_size):
 
 def test_head_split_over_many_writes_succeeds(make_proxy, raw_upstream):
     """Rule 7's 408 is for a head not finished within `request_header`; a valid head sent one
-    byte per write (TCP_NODELAY, ~100 writes) within that time is proxied normally."""
+    byte per write (TCP_NODELAY, ~100 writes) within that time is proxied normally. The proxy
+    has read each byte before the next is sent: it parses the head in ~100 reads."""
     up = raw_upstream(respond_ok_forever)
     proxy = make_proxy(proxy_yaml(up.port, timeouts={"request_header": 10, "drain": 1}))
     data = b"GET /slowly HTTP/1.1\r\nHost: x\r\nX-Long: " + b"v" * 40 + b"\r\n\r\n"
@@ -90,7 +90,7 @@ def test_head_split_over_many_writes_succeeds(make_proxy, raw_upstream):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for i in range(len(data)):
             sock.sendall(data[i : i + 1])
-            time.sleep(0.002)
+            proxy.settle()
         status, _, body, _ = read_response(sock)
         assert (status, body) == (200, b"ok")
     assert up.accept().heads[0].startswith(b"GET /slowly HTTP/1.1\r\n")
@@ -130,29 +130,29 @@ def test_stalled_request_body_does_not_hang(make_proxy, raw_upstream):
 
 def test_slow_upload_longer_than_upstream_response_is_not_a_504(make_proxy, raw_upstream):
     """Config: "upstream_response: 60  # upstream must start its response within this"; rule 6:
-    "streamed bodies in both directions". An upload that takes 2 s, with a byte every 0.2 s
-    (well within `idle`), to an upstream that answers as soon as the body is complete, gets
-    the upstream's answer: the upstream cannot be "slower than `upstream_response`" before it
-    has the request it must respond to (nginx's proxy_read_timeout and Envoy's route timeout
-    also start once the request is sent)."""
+    "streamed bodies in both directions". An upload that lasts longer than `upstream_response`
+    (but pauses well within `idle`), to an upstream that answers as soon as the body is
+    complete, gets the upstream's answer: the upstream cannot be "slower than
+    `upstream_response`" before it has the request it must respond to (nginx's
+    proxy_read_timeout and Envoy's route timeout also start once the request is sent).
+
+    How long the upload lasts is measured on the proxy's own clock: halfway through it, a
+    request to an upstream that never answers gets its 504 (`upstream_response` has passed)."""
 
     def handler(conn: RawConn) -> None:
         conn.read_head(timeout=WAIT)
         body = conn.read_exactly(10, timeout=WAIT)
         conn.send(ok_response(b"got " + body))
 
-    up = raw_upstream(handler)
+    up, silent = raw_upstream(handler), raw_upstream(lambda conn: conn.read_until_close(WAIT))
     proxy = make_proxy(
-        proxy_yaml(up.port, timeouts={"upstream_response": "600ms", "idle": 5, "drain": 1})
-    )
+        config_yaml({"up": up.port, "silent": silent.port},
+                    [route("silent", path_prefix="/silent"), route("up")],
+                    timeouts={"upstream_response": "600ms", "idle": 5, "drain": 1})
+    )  # fmt: skip
     with raw_client(proxy.address, timeout=WAIT) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n")
-        for i in range(10):
-            time.sleep(0.2)
-            try:
-                sock.sendall(b"%d" % i)
-            except OSError:
-                break  # the proxy gave up on us; the response below says why
+        sock.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n01234")
+        assert http(proxy.address, "/silent")[0] == 504  # upstream_response since the upload began
+        sock.sendall(b"56789")
         status, _, body, _ = read_response(sock)
     assert (status, body) == (200, b"got 0123456789")

@@ -4,25 +4,17 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any
 
 import pytest
 from websockets.sync.client import connect
 
+from tests.support.access_log import access_records
 from tests.support.clients import raw_client, read_response
 from tests.support.configs import proxy_yaml
 from tests.support.peers import respond_ok_forever
 from tests.support.waiting import eventually
 
 HEX32 = re.compile(rb"[0-9a-f]{32}")
-
-
-def access_lines(caplog: pytest.LogCaptureFixture, msg: str = "http") -> list[dict[str, Any]]:
-    return [
-        r.record  # type: ignore[attr-defined]
-        for r in caplog.records
-        if r.name == "upgradeproxy.access" and r.getMessage() == msg
-    ]
 
 
 def header_values(head: bytes, name: bytes) -> list[bytes]:
@@ -53,8 +45,8 @@ def test_a_fresh_request_id_goes_upstream_on_the_response_and_in_the_log(
     (sent,) = header_values(up.accept().heads[0], b"X-Request-ID")
     assert HEX32.fullmatch(sent), "an untrusted client's id is replaced by a fresh one"
     assert headers[b"x-request-id"] == sent
-    assert eventually(lambda: access_lines(logs))
-    assert access_lines(logs)[0]["request_id"] == sent.decode()
+    assert eventually(lambda: access_records(logs))
+    assert access_records(logs)[0]["request_id"] == sent.decode()
 
 
 def test_a_trusted_peers_request_id_passes_through(make_proxy, raw_upstream, logs):
@@ -81,8 +73,8 @@ def test_the_proxys_own_error_carries_a_request_id_and_counts_its_bytes(make_pro
     status, headers, body = get(proxy.address, "/nowhere")
     assert status == 404
     assert HEX32.fullmatch(headers[b"x-request-id"])
-    assert eventually(lambda: access_lines(logs))
-    (line,) = access_lines(logs)
+    assert eventually(lambda: access_records(logs))
+    (line,) = access_records(logs)
     assert line["status"] == 404
     assert line["bytes_out"] == len(body) > 0
     assert line["request_id"] == headers[b"x-request-id"].decode()
@@ -106,8 +98,8 @@ def test_a_bad_header_after_a_good_request_line_logs_method_and_path(make_proxy,
         sock.sendall(b"POST /upload?token=x HTTP/1.1\r\nHost: a\r\nBad Header: 1\r\n\r\n")
         status, _, _, _ = read_response(sock)
     assert status == 400
-    assert eventually(lambda: access_lines(logs))
-    (line,) = access_lines(logs)
+    assert eventually(lambda: access_records(logs))
+    (line,) = access_records(logs)
     assert (line["method"], line["path"], line["status"]) == ("POST", "/upload", 400)
     assert "query" not in line
 
@@ -118,8 +110,8 @@ def test_query_is_logged_only_when_asked(make_proxy, raw_upstream, logs, query_o
     keys = {"access_log": {"query": True}} if query_on else {}
     proxy = make_proxy(proxy_yaml(up.port, **keys))
     get(proxy.address, "/ws?token=abc&x=1")
-    assert eventually(lambda: access_lines(logs))
-    (line,) = access_lines(logs)
+    assert eventually(lambda: access_records(logs))
+    (line,) = access_records(logs)
     assert line.get("query") == expected
     assert line["path"] == "/ws"
 
@@ -131,8 +123,8 @@ def test_user_agent_and_upstream_timings(make_proxy, raw_upstream, logs):
         for _ in range(2):  # the second request reuses the pooled upstream connection
             sock.sendall(b"GET / HTTP/1.1\r\nHost: a\r\nUser-Agent: probe/1.0\r\n\r\n")
             assert read_response(sock)[0] == 200
-    assert eventually(lambda: len(access_lines(logs)) == 2)
-    first, second = access_lines(logs)
+    assert eventually(lambda: len(access_records(logs)) == 2)
+    first, second = access_records(logs)
     assert first["user_agent"] == second["user_agent"] == "probe/1.0"
     assert 0 < first["upstream_connect"] <= first["upstream_header"] <= first["duration"]
     assert second["upstream_connect"] == 0
@@ -163,7 +155,7 @@ def test_rejected_heads_log_their_request_line(make_proxy, logs, sent, status):
     with raw_client(proxy.address) as sock:
         sock.sendall(sent)
         assert read_response(sock)[0] == status
-    assert eventually(lambda: access_lines(logs))
-    (line,) = access_lines(logs)
+    assert eventually(lambda: access_records(logs))
+    (line,) = access_records(logs)
     assert (line["method"], line["path"], line["status"]) == ("GET", "/big", status)
     assert HEX32.fullmatch(line["request_id"].encode())

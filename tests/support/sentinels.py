@@ -39,6 +39,21 @@ def next_connection_carries_sentinel(
     return conn
 
 
+def first_upstream_request(proxy: Address, up: RawUpstream) -> tuple[RawConn, bytes]:
+    """The first connection `up` accepted and the first head it carried, once a sentinel sent
+    now on a fresh client connection has reached `up` (for an upstream without a handler):
+    when nothing went up before, that is the sentinel's."""
+    with raw_client(proxy) as sock:
+        sock.sendall(sentinel_request())
+        first = up.accept(0)
+        head = first.read_head()
+    return first, head
+
+
+def is_sentinel(head: bytes) -> bool:
+    return head.startswith(b"GET " + SENTINEL + b" ")
+
+
 def only_the_sentinel_arrives(
     proxy: Address, up: RawUpstream, host: bytes = b"x", prefix: bytes = b""
 ) -> None:
