@@ -6,7 +6,8 @@ import json
 import re
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support.processes import ROOT
+
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 
 

@@ -12,7 +12,13 @@ from __future__ import annotations
 import contextlib
 import socket
 
-from tests.support.clients import Address, raw_client, read_response_head, read_to_eof
+from tests.support.clients import (
+    Address,
+    raw_client,
+    read_response,
+    read_response_head,
+    read_to_eof,
+)
 from tests.support.peers import RawConn, RawUpstream
 from tests.support.proxy_thread import ProxyThread
 
@@ -87,7 +93,7 @@ def nothing_more_upstream(proxy: ProxyThread, conn: RawConn) -> None:
     assert conn.nothing_pending(), f"the upstream received more: {bytes(conn.received)!r}"
 
 
-def client_answered_by_the_proxy(sock: socket.socket, already: bytes = b"") -> bytes:
+def client_answered_by_the_proxy(sock: socket.socket, already: bytes | bytearray = b"") -> bytes:
     """Send the client's sentinel, a request the proxy answers itself (a 400, then close),
     and return what the client got before that answer (or before the proxy closed)."""
     with contextlib.suppress(OSError):
@@ -96,3 +102,14 @@ def client_answered_by_the_proxy(sock: socket.socket, already: bytes = b"") -> b
     data = bytes(already) + data
     before, found, _ = data.partition(b"HTTP/1.1 400 ")
     return before if found else data
+
+
+def assert_502_and_no_tunnel(client: socket.socket, conn: RawConn, leaked: bytes) -> None:
+    """The client gets a 502 and never `leaked`; its next bytes (a request the proxy answers
+    itself) are no tunnel data; the failed upstream connection `conn` is closed with nothing
+    more sent, never spliced and never reused."""
+    status, headers, _, buf = read_response(client)
+    assert status == 502
+    assert b"upgrade" not in headers
+    assert leaked not in client_answered_by_the_proxy(client, buf)
+    assert conn.read_until_close() == b""

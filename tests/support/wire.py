@@ -60,6 +60,24 @@ def ws_request(
     return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 
+def request(
+    *lines: bytes, target: bytes = b"/chat", method: bytes = b"GET", host: bytes = b"app.example",
+    body: bytes = b"",
+) -> bytes:  # fmt: skip
+    """A request head (plus `lines`, without their CRLF) and `body`, as given: no framing added."""
+    head = [method + b" " + target + b" HTTP/1.1", b"Host: " + host, *lines]
+    return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+# A masked client text frame "Hello" (RFC 6455 §5.7) and an unmasked server one.
+CLIENT_FRAME = b"\x81\x85\x37\xfa\x21\x3d\x7f\x9f\x4d\x51\x58"
+SERVER_FRAME = b"\x81\x05Hello"
+# h2c (RFC 7540 §3.2): the settings a client offers and the first frame a server sends.
+H2_SETTINGS = b"AAMAAABkAARAAAAAAAIAAAAA"
+H2_SERVER_PREFACE = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # an empty SETTINGS frame
+SWITCH_H2C = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+
+
 def ok_response(body: bytes = b"ok", extra: bytes = b"") -> bytes:
     """A 200 with a Content-Length (`extra` adds header lines, each ending in CRLF)."""
     return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), extra, body)
@@ -97,6 +115,19 @@ def elements(head: bytes, name: bytes) -> list[bytes]:
 def names(head: bytes) -> set[bytes]:
     """The lower-cased field names of a head."""
     return {n.strip().lower() for n, _ in parse_head(head)[1]}
+
+
+def assert_no_upgrade_offer(head: bytes) -> None:
+    """A plain request upstream: no Upgrade, no `upgrade` in Connection, no HTTP2-Settings."""
+    assert b"upgrade" not in names(head), head
+    assert b"http2-settings" not in names(head), head
+    assert b"upgrade" not in [t.lower() for t in elements(head, b"connection")], head
+
+
+def assert_offer(head: bytes, protocols: list[bytes]) -> None:
+    """An upgrade offer upstream: `Connection: upgrade` alone, and exactly `protocols`."""
+    assert [t.lower() for t in elements(head, b"connection")] == [b"upgrade"], head
+    assert elements(head, b"upgrade") == protocols, head
 
 
 def status_of(head: bytes) -> int:

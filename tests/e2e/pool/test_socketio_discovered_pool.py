@@ -8,7 +8,6 @@ workers, and every pod gets sessions.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import yaml
@@ -16,6 +15,7 @@ import yaml
 from tests.support.clients import free_port
 from tests.support.metrics import admin_json
 from tests.support.pods import common_port
+from tests.support.processes import ROOT
 
 pytest.importorskip("socketio")
 pytest.importorskip("uvicorn")
@@ -24,7 +24,7 @@ from tests.support.socketio_peers import SocketIOServer, session
 
 pytestmark = pytest.mark.slow
 
-LAYOUT = Path(__file__).resolve().parents[3] / "deploy" / "kubernetes" / "pool"
+LAYOUT = ROOT / "deploy" / "kubernetes" / "pool"
 HOSTS = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
 
 
