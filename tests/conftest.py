@@ -7,6 +7,7 @@ real loopback sockets with blocking clients, exactly as an outside user would.
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 import trustme
 
 from tests.support import pods as pod_peers
+from tests.support.certs import tls_keys, write_pair
 from tests.support.clients import Address, raw_client
 from tests.support.dns_server import DnsServer
 from tests.support.peers import Handler, RawUpstream, WsUpstream
@@ -86,10 +88,23 @@ def client() -> Iterator[Callable[[ProxyThread | Address], socket.socket]]:
         sock.close()
 
 
+@pytest.fixture
+def logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    """`caplog`, capturing the access log of in-process proxies (read it with access_records)."""
+    caplog.set_level(logging.INFO, logger="upgradeproxy.access")
+    return caplog
+
+
 @pytest.fixture(scope="session")
 def ca() -> trustme.CA:
     """A throw-away certificate authority."""
     return trustme.CA()
+
+
+@pytest.fixture
+def listener_tls(ca: trustme.CA, tmp_path: Path) -> dict[str, object]:
+    """A listener's `tls` keys: a certificate from `ca` for localhost and 127.0.0.1."""
+    return tls_keys(write_pair(ca.issue_cert("localhost", "127.0.0.1"), tmp_path, "proxy"))
 
 
 @pytest.fixture

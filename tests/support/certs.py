@@ -16,6 +16,11 @@ def write_pair(cert: trustme.LeafCert, directory: Path, name: str) -> tuple[Path
     return cert_path, key_path
 
 
+def tls_keys(files: tuple[Path, Path], **more: object) -> dict[str, object]:
+    """The `tls` keys naming a (cert, key) pair of files, and `more` keys."""
+    return {"cert": str(files[0]), "key": str(files[1]), **more}
+
+
 def write_ca(ca: trustme.CA, path: Path) -> Path:
     """The CA's certificate as a PEM file (what `ca:` and `client_ca:` name)."""
     ca.cert_pem.write_to_path(str(path))

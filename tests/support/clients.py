@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import os
 import socket
+import ssl
 import struct
 
 from tests.support.waiting import WAIT
@@ -193,6 +194,24 @@ def http(
         sock.sendall(head + b"\r\n" + (body or b""))
         status, headers, data, _ = read_response(sock)
     return status, headers, data
+
+
+def raw_tunnel(target: int | Address, path: str = "/tunnel") -> tuple[socket.socket, bytes]:
+    """A WebSocket handshake (a fresh key, its Accept checked) on a fresh connection: the socket
+    and any tunnel bytes that came with the 101."""
+    tunnel = Tunnel(target, path)
+    assert tunnel.status == 101, tunnel.head
+    return tunnel.sock, bytes(tunnel.buf)
+
+
+def tls_get(context: ssl.SSLContext, target: int | Address, sni: str = "localhost") -> int:
+    """The status of one `GET /` over TLS (`sni` as the server name) on a fresh connection."""
+    with (
+        socket.create_connection(address_of(target), timeout=WAIT) as raw,
+        context.wrap_socket(raw, server_hostname=sni) as sock,
+    ):
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        return read_response(sock)[0]
 
 
 def ws_upgrade(sock: socket.socket, path: str = "/ws", host: str = "svc.test") -> bytearray:

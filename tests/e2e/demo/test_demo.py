@@ -18,6 +18,7 @@ import pytest
 import trio
 from websockets.sync.client import connect
 
+from tests.support.clients import read_until_close
 from tests.support.processes import DemoProcess, run_cli
 from upgradeproxy.demo import main as demo_module
 from upgradeproxy.demo.main import SelftestFailed, round_trip, selftest
@@ -117,14 +118,14 @@ def test_bad_input_closes_one_connection_not_the_upstream(demo: DemoProcess) -> 
     """Garbage HTTP and a broken frame end those connections; the demo keeps serving."""
     with socket.create_connection(("127.0.0.1", demo.upstream_port), timeout=5) as sock:
         sock.sendall(b"NOT HTTP AT ALL\r\n\r\n")
-        assert _read_to_eof(sock).startswith(b"HTTP/1.1 400 ")
+        assert read_until_close(sock).startswith(b"HTTP/1.1 400 ")
     with socket.create_connection(("127.0.0.1", demo.upstream_port), timeout=5) as sock:
         sock.sendall(
             b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
             b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
         )
         sock.sendall(b"\x8f\x80\x00\x00\x00\x00")  # reserved opcode 0xF: a protocol error
-        data = _read_to_eof(sock)
+        data = read_until_close(sock)
         assert data.startswith(b"HTTP/1.1 101 ")
         assert b"\x88" in data  # a close frame before the connection ends
     status, _, _ = http_get(demo.url)
@@ -225,13 +226,6 @@ def tunnel_bytes(metrics: str) -> dict[str, int]:
         r'^upgradeproxy_tunnel_bytes_total\{direction="(\w+)"\} (\S+)$', metrics, re.M
     )
     return {direction: int(float(value)) for direction, value in found}
-
-
-def _read_to_eof(sock: socket.socket) -> bytes:
-    data = b""
-    while chunk := sock.recv(65536):
-        data += chunk
-    return data
 
 
 def test_default_port_taken_falls_back_to_a_free_one() -> None:

@@ -20,12 +20,6 @@ from tests.support.peers import respond_ok_forever
 from tests.support.waiting import WAIT, eventually
 from tests.support.wire import ws_request
 
-
-def chat_request(path: bytes = b"/", extra: bytes = b"") -> bytes:
-    """A WebSocket handshake to chat.example.com; `extra` adds header lines (with their CRLF)."""
-    return ws_request(*extra.splitlines(), target=path, host=b"chat.example.com")
-
-
 ORIGINS = {
     "allowed_origins": [
         "https://chat.example.com", "https://*.apps.example.com", "http://localhost:3000"
@@ -80,7 +74,7 @@ def test_malformed_origin_is_a_403_never_a_500(make_proxy, raw_upstream, extra, 
     up = raw_upstream()
     proxy = make_proxy(proxy_yaml(up.port, route=ORIGINS))
     with raw_client(proxy.address) as sock:
-        sock.sendall(chat_request(b"/", extra))
+        sock.sendall(ws_request(*extra.splitlines(), target=b"/", host=b"chat.example.com"))
         status, _, body, _ = read_response(sock)
     assert (status, body) == (403, b"403 Forbidden\n")
     assert up.conns == []
@@ -95,7 +89,7 @@ def test_no_origin_and_plain_http_are_not_checked(make_proxy, raw_upstream):
         sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nOrigin: https://evil.example\r\n\r\n")
         assert read_response(sock)[0] == 200
     with raw_client(proxy.address) as sock:
-        sock.sendall(chat_request())  # no Origin: not a browser
+        sock.sendall(ws_request(target=b"/", host=b"chat.example.com"))  # no Origin: not a browser
         assert read_response(sock)[0] == 200  # the raw upstream declines with a 200
 
 
@@ -104,7 +98,8 @@ def test_origin_refusals_are_counted_by_route(make_proxy, ws_upstream):
     proxy = make_proxy(proxy_yaml(up.port, route={"path_prefix": "/ws", **ORIGINS}))
     for _ in range(2):
         with raw_client(proxy.address) as sock:
-            sock.sendall(chat_request(b"/ws", b"Origin: https://evil.example\r\n"))
+            origin = b"Origin: https://evil.example"
+            sock.sendall(ws_request(origin, target=b"/ws", host=b"chat.example.com"))
             assert read_response(sock)[0] == 403
     text = proxy.telemetry.render()
     assert 'upgradeproxy_origin_refusals_total{route="*/ws"} 2.0' in text

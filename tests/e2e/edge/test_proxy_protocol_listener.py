@@ -9,19 +9,12 @@ import socket
 import pytest
 from websockets.sync.client import connect
 
-from tests.support.certs import client_context, write_pair
+from tests.support.certs import client_context
 from tests.support.clients import read_response
 from tests.support.configs import listener, proxy_yaml
 from tests.support.peers import respond_ok_forever
 from tests.support.sentinels import only_the_sentinel_arrives
 from tests.support.wire import proxy_v1_header, proxy_v2_header
-
-
-@pytest.fixture
-def tls(ca, tmp_path) -> dict[str, str]:
-    """A listener's `tls` keys: a certificate for 127.0.0.1 and localhost from `ca`."""
-    cert, key = write_pair(ca.issue_cert("127.0.0.1", "localhost"), tmp_path, "proxy")
-    return {"cert": str(cert), "key": str(key)}
 
 
 def _proxy_protocol_proxy(make_proxy, upstream_port: int):
@@ -72,7 +65,7 @@ def test_proxy_protocol_missing_header_closes(make_proxy, raw_upstream):
     ],
 )
 def test_proxy_protocol_then_tls_then_websocket(
-    make_proxy, ws_upstream, ca, tls, header, client_ip, together
+    make_proxy, ws_upstream, ca, listener_tls, header, client_ip, together
 ):
     """A PROXY header, then a TLS handshake, then a WebSocket upgrade on one connection: the
     upstream sees the PROXY source as X-Forwarded-For and https as the scheme.
@@ -83,7 +76,7 @@ def test_proxy_protocol_then_tls_then_websocket(
     if together and not hasattr(socket, "TCP_CORK"):
         pytest.skip("TCP_CORK is Linux-only")
     up = ws_upstream()
-    proxy = make_proxy(proxy_yaml(up.port, listen=listener(proxy_protocol=True, tls=tls)))
+    proxy = make_proxy(proxy_yaml(up.port, listen=listener(proxy_protocol=True, tls=listener_tls)))
     sock = socket.create_connection(proxy.address, timeout=5)
     if together:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)

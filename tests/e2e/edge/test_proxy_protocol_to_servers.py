@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import socket
 import struct
-import time
 
 import pytest
 
 from tests.support.clients import (
     LOOPBACK,
     raw_client,
+    raw_tunnel,
     read_response,
     read_response_head,
     recv_exactly,
@@ -21,22 +21,6 @@ from tests.support.configs import listener, proxy_yaml
 from tests.support.peers import RawConn, accept_upgrade, echo
 from tests.support.waiting import WAIT
 from tests.support.wire import proxy_v1_header, proxy_v2_header, ws_request
-
-
-def chat_request(path: bytes = b"/", extra: bytes = b"") -> bytes:
-    """A WebSocket handshake to chat.example.com; `extra` adds header lines (with their CRLF)."""
-    return ws_request(*extra.splitlines(), target=path, host=b"chat.example.com")
-
-
-def open_tunnel(proxy) -> tuple[socket.socket, float]:
-    """A raw WebSocket tunnel through `proxy` and the moment its 101 arrived."""
-    sock = raw_client(proxy.address, timeout=WAIT)
-    sock.sendall(chat_request(b"/"))
-    head, rest = read_response_head(sock)
-    switched = time.monotonic()
-    assert head.startswith(b"HTTP/1.1 101 "), head
-    assert not rest
-    return sock, switched
 
 
 def read_proxy(conn: RawConn, version: int) -> bytes:
@@ -72,7 +56,8 @@ def test_tunnel_upstream_reads_the_exact_proxy_header(make_proxy, raw_upstream, 
     headers: list[bytes] = []
     up = raw_upstream(proxy_then_echo(version, headers))
     proxy = make_proxy(proxy_yaml(up.port, upstream={"proxy_protocol": f"v{version}"}))
-    sock, _ = open_tunnel(proxy)
+    sock, rest = raw_tunnel(proxy.address, "/")
+    assert rest == b""
     with sock:
         source = sock.getsockname()
         sock.sendall(b"hello")
@@ -116,7 +101,7 @@ def test_proxy_listener_source_is_what_goes_upstream(make_proxy, raw_upstream):
     )  # fmt: skip
     with raw_client(proxy.address) as sock:
         sock.sendall(b"PROXY TCP4 203.0.113.5 192.0.2.1 4242 443\r\n")
-        sock.sendall(chat_request(b"/", b"X-Forwarded-For: 6.6.6.6\r\n"))
+        sock.sendall(ws_request(b"X-Forwarded-For: 6.6.6.6", target=b"/", host=b"chat.example.com"))
         head, _ = read_response_head(sock)
         assert head.startswith(b"HTTP/1.1 101 ")
         sock.sendall(b"x")

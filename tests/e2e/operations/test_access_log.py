@@ -4,7 +4,6 @@ user agent, timings and rejected heads."""
 
 from __future__ import annotations
 
-import logging
 import re
 import socket
 
@@ -25,7 +24,7 @@ from tests.support.configs import config_yaml, proxy_yaml, route
 from tests.support.metrics import scrape, value
 from tests.support.peers import RawConn, echo_after_switch, respond_ok_forever
 from tests.support.waiting import WAIT, eventually
-from tests.support.wire import ok_response
+from tests.support.wire import ok_response, values
 
 FIELDS = {
     "time": str, "client": str, "method": str, "host": str, "path": str, "route": str,
@@ -128,11 +127,6 @@ def test_error_exchanges_are_logged_and_counted(run_proxy, raw_upstream):
     assert (logged(), counted) == (expected, expected), "\n".join(map(str, proc.access()))
 
 
-def open_tunnel(port: int, path: str = "/chat") -> Tunnel:
-    """A tunnel through the proxy; `tag` is the one byte its upstream sends first."""
-    return Tunnel(port, path, tag=1)
-
-
 def test_access_log_json_lines_for_an_exchange_and_a_tunnel(run_proxy, raw_upstream):
     """One JSON line per exchange and one per closed tunnel, with every contract field;
     `workers: 1` runs one process with no supervisor."""
@@ -152,7 +146,7 @@ def test_access_log_json_lines_for_an_exchange_and_a_tunnel(run_proxy, raw_upstr
         )
     )
     assert http(port, "/http/form", method="POST", body=b"hello")[2] == b"got hello"
-    tunnel = open_tunnel(port)
+    tunnel = Tunnel(port, tag=1)
     assert tunnel.echo(b"y" * 300) == b"y" * 300
     tunnel.sock.shutdown(socket.SHUT_WR)  # the client ends first
     assert tunnel.closed_by_peer()
@@ -185,24 +179,6 @@ def test_access_log_json_lines_for_an_exchange_and_a_tunnel(run_proxy, raw_upstr
 HEX32 = re.compile(rb"[0-9a-f]{32}")
 
 
-def header_values(head: bytes, name: bytes) -> list[bytes]:
-    pattern = rb"(?im)^" + re.escape(name) + rb":[ \t]*(.*?)[ \t]*\r$"
-    return re.findall(pattern, head)
-
-
-def get(address: tuple[str, int], target: str = "/", extra: bytes = b"") -> tuple[int, dict, bytes]:
-    with raw_client(address) as sock:
-        sock.sendall(b"GET %s HTTP/1.1\r\nHost: app.test\r\n%s\r\n" % (target.encode(), extra))
-        status, headers, body, _ = read_response(sock)
-    return status, headers, body
-
-
-@pytest.fixture
-def logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
-    caplog.set_level(logging.INFO, logger="upgradeproxy.access")
-    return caplog
-
-
 def test_a_bad_header_after_a_good_request_line_logs_method_and_path(make_proxy, logs):
     """Regression (issue 11): a 400 logged `method="" path=""` when the request line parsed."""
     proxy = make_proxy(proxy_yaml(1))
@@ -221,7 +197,7 @@ def test_query_is_logged_only_when_asked(make_proxy, raw_upstream, logs, query_o
     up = raw_upstream(respond_ok_forever)
     keys = {"access_log": {"query": True}} if query_on else {}
     proxy = make_proxy(proxy_yaml(up.port, **keys))
-    get(proxy.address, "/ws?token=abc&x=1")
+    http(proxy.address, "/ws?token=abc&x=1", host="app.test", close=False)
     assert eventually(lambda: access_records(logs))
     (line,) = access_records(logs)
     assert line.get("query") == expected
@@ -249,8 +225,8 @@ def test_a_client_sent_certificate_subject_never_reaches_the_upstream(
 ):
     up = raw_upstream(respond_ok_forever)
     proxy = make_proxy(proxy_yaml(up.port, trusted_proxies=["127.0.0.1"]))
-    get(proxy.address, extra=b"X-Client-Cert-Subject: CN=admin\r\n")
-    assert header_values(up.accept().heads[0], b"X-Client-Cert-Subject") == []
+    http(proxy.address, host="app.test", close=False, extra=b"X-Client-Cert-Subject: CN=admin\r\n")
+    assert values(up.accept().heads[0], b"X-Client-Cert-Subject") == []
 
 
 @pytest.mark.parametrize(

@@ -84,11 +84,6 @@ def test_admin_head_answers_like_get(run_proxy, raw_upstream):
             assert int(headers[b"content-length"]) == len(get_body), (path, head)
 
 
-def open_tunnel(port: int, path: str = "/chat") -> Tunnel:
-    """A tunnel through the proxy; `tag` is the one byte its upstream sends first."""
-    return Tunnel(port, path, tag=1)
-
-
 def test_health_ready_and_metrics_exposition(run_proxy, raw_upstream):
     """/healthz and /readyz answer 200; /metrics has every contract metric with its type,
     HELP, labels and histogram buckets, and counts what the proxy did."""
@@ -107,7 +102,7 @@ def test_health_ready_and_metrics_exposition(run_proxy, raw_upstream):
     assert http(admin, "/readyz")[0] == 200
     assert http(port, "/http/x")[0] == 200
     assert http(port, "/gone")[0] == 502
-    tunnel = open_tunnel(port)
+    tunnel = Tunnel(port, tag=1)
     assert tunnel.echo(b"x" * 1000) == b"x" * 1000
     tunnel.close()
     closed = proc.wait_log("tunnel")[0]

@@ -173,22 +173,11 @@ def test_version():
     assert re.search(r"\b\d+\.\d+(\.\d+)?\b", result.stdout + result.stderr)
 
 
-def config_text(port: int, upstream_port: int) -> str:
-    return proxy_yaml(upstream_port, listen=port, timeouts={"drain": 2})
-
-
-def get_on_port(port: int, path: bytes = b"/hello") -> tuple[int, bytes]:
-    with raw_client(("127.0.0.1", port)) as sock:
-        sock.sendall(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
-        status, _, body, _ = read_response(sock)
-    return status, body
-
-
 def test_run_serves_logs_json_and_stops_on_sigterm(raw_upstream, run_proxy):
     up = raw_upstream(named(b"from upstream"))
     port = free_port()
-    proxy = run_proxy(config_text(port, up.port), log_format=None)
-    assert get_on_port(port) == (200, b"from upstream")
+    proxy = run_proxy(proxy_yaml(up.port, listen=port, timeouts={"drain": 2}), log_format=None)
+    assert http(port, "/hello")[::2] == (200, b"from upstream")
 
     access = proxy.wait_line(lambda line: '"/hello"' in line and '"status"' in line)
     proxy.signal(signal.SIGTERM)
@@ -210,8 +199,9 @@ def test_no_access_log_silences_only_the_access_log(raw_upstream, run_proxy):
     """`run --no-access-log` writes no access lines; other logs (listening, draining) remain."""
     up = raw_upstream(named(b"quiet"))
     port = free_port()
-    proxy = run_proxy(config_text(port, up.port), "--no-access-log", log_format=None)
-    assert get_on_port(port) == (200, b"quiet")
+    config = proxy_yaml(up.port, listen=port, timeouts={"drain": 2})
+    proxy = run_proxy(config, "--no-access-log", log_format=None)
+    assert http(port, "/hello")[::2] == (200, b"quiet")
     proxy.signal(signal.SIGTERM)
     assert proxy.wait_exit() == 0
     records = [json.loads(line) for line in proxy.lines() if line.strip()]

@@ -28,18 +28,13 @@ from tests.support.waiting import WAIT, eventually
 from tests.support.wire import WS_HEADERS, ok_response, switching
 
 
-def open_tunnel(port: int, path: str = "/chat") -> Tunnel:
-    """A tunnel through the proxy; `tag` is the one byte its upstream sends first."""
-    return Tunnel(port, path, tag=1)
-
-
 def test_drain_turns_readyz_503_stops_accepting_and_waits_for_tunnels(run_proxy, raw_upstream):
     """From the drain signal /readyz is 503 and the listener refuses; an open tunnel keeps
     working, and the process exits 0 as soon as it closes."""
     chat = raw_upstream(echo_after_switch(b"A"))
     port, admin = free_port(), free_port()
     proc = run_proxy(config_yaml({"chat": chat.port}, [route("chat")], listen=[port], admin=admin))
-    tunnel = open_tunnel(port)
+    tunnel = Tunnel(port, tag=1)
     proc.signal(signal.SIGTERM)
     assert eventually(lambda: http(admin, "/readyz")[0] == 503)
     assert http(admin, "/healthz")[0] == 200
@@ -97,7 +92,7 @@ def test_tunnel_is_cut_at_the_drain_deadline(run_proxy, raw_upstream):
     proc = run_proxy(
         config_yaml({"chat": chat.port}, [route("chat")], listen=[port], timeouts={"drain": 1})
     )
-    tunnel = open_tunnel(port)
+    tunnel = Tunnel(port, tag=1)
     signalled = time.monotonic()
     proc.signal(signal.SIGTERM)
     assert tunnel.closed_by_peer()
@@ -113,7 +108,7 @@ def test_second_signal_stops_at_once(run_proxy, raw_upstream):
     proc = run_proxy(
         config_yaml({"chat": chat.port}, [route("chat")], listen=[port], timeouts={"drain": 600})
     )
-    tunnel = open_tunnel(port)
+    tunnel = Tunnel(port, tag=1)
     proc.signal(signal.SIGTERM)
     proc.wait_log("draining")
     proc.signal(signal.SIGINT)

@@ -12,10 +12,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.clients import (
     LOOPBACK,
-    Tunnel,
     free_port,
     http,
     raw_client,
+    raw_tunnel,
     read_response,
     read_response_head,
     read_until_close,
@@ -190,14 +190,6 @@ def test_process_metrics_in_one_process(make_proxy):
     assert sample(proxy, "process_open_fds") > 0
 
 
-def open_raw_tunnel(address: tuple[str, int]) -> tuple[socket.socket, bytes]:
-    """Client side: a valid WebSocket handshake; the socket (timeout `WAIT`) and any tunnel
-    bytes that arrived with the 101 head."""
-    tunnel = Tunnel(address, "/tunnel")
-    assert tunnel.status == 101, tunnel.head
-    return tunnel.sock, bytes(tunnel.buf)
-
-
 def test_tunnel_metrics_count_bytes_and_active_tunnels(make_proxy, raw_upstream):
     """`upgradeproxy_tunnels_active` counts the open tunnel and returns to 0 once it closes;
     `upgradeproxy_tunnel_bytes_total{direction}` counts exactly the bytes relayed each way (the
@@ -218,7 +210,7 @@ def test_tunnel_metrics_count_bytes_and_active_tunnels(make_proxy, raw_upstream)
     upstream = raw_upstream(handler)
     proxy = make_proxy(proxy_yaml(upstream.port))
     telemetry = proxy.telemetry
-    sock, rest = open_raw_tunnel(proxy.address)
+    sock, rest = raw_tunnel(proxy.address)
     with sock:
         assert eventually(lambda: telemetry.tunnels_active == 1)
         sock.sendall(b"u" * up_bytes)
@@ -230,18 +222,13 @@ def test_tunnel_metrics_count_bytes_and_active_tunnels(make_proxy, raw_upstream)
     assert eventually(lambda: telemetry.tunnel_bytes == expected), telemetry.tunnel_bytes
 
 
-def chat_request(path: bytes = b"/", extra: bytes = b"") -> bytes:
-    """A WebSocket handshake to chat.example.com; `extra` adds header lines (with their CRLF)."""
-    return ws_request(*extra.splitlines(), target=path, host=b"chat.example.com")
-
-
 def test_tunnel_gauge_is_labelled_by_route_and_protocol_on_metrics(make_proxy, ws_upstream):
     up = ws_upstream()
     route = {"host": "chat.example.com", "path_prefix": "/ws"}
     proxy = make_proxy(proxy_yaml(up.port, route=route, admin=0))
     sample = 'upgradeproxy_tunnels_active{protocol="websocket",route="chat.example.com/ws"}'
     with raw_client(proxy.address) as sock:
-        sock.sendall(chat_request(b"/ws/room"))
+        sock.sendall(ws_request(target=b"/ws/room", host=b"chat.example.com"))
         assert read_response_head(sock)[0].startswith(b"HTTP/1.1 101 ")
         assert eventually(lambda: f"{sample} 1.0" in metrics_text(proxy.admin_port))
     assert eventually(lambda: f"{sample} 0.0" in metrics_text(proxy.admin_port))

@@ -24,54 +24,39 @@ from tests.support.processes import Record
 from tests.support.waiting import eventually
 
 
-def config_text(port: int, upstream_port: int) -> str:
-    return proxy_yaml(upstream_port, listen=port, timeouts={"drain": 2})
-
-
-def get_on_port(port: int, path: bytes = b"/hello") -> tuple[int, bytes]:
-    with raw_client(("127.0.0.1", port)) as sock:
-        sock.sendall(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
-        status, _, body, _ = read_response(sock)
-    return status, body
-
-
 def test_sighup_reloads_new_connections_use_new_config(tmp_path, raw_upstream, run_proxy):
     first = raw_upstream(named(b"first"))
     second = raw_upstream(named(b"second"))
     port = free_port()
     config = tmp_path / "proxy.yaml"
-    config.write_text(config_text(port, first.port))
+    config.write_text(proxy_yaml(first.port, listen=port, timeouts={"drain": 2}))
     proxy = run_proxy(config, log_format=None)
-    assert get_on_port(port) == (200, b"first")
+    assert http(port, "/hello")[::2] == (200, b"first")
 
     # An established keep-alive connection, opened before the reload.
     established = raw_client(("127.0.0.1", port))
     established.sendall(b"GET /before HTTP/1.1\r\nHost: x\r\n\r\n")
     assert read_response(established)[2] == b"first"
 
-    config.write_text(config_text(port, second.port))
+    config.write_text(proxy_yaml(second.port, listen=port, timeouts={"drain": 2}))
     proxy.signal(signal.SIGHUP)
     proxy.wait_line(lambda line: "reload" in line.lower())
-    assert get_on_port(port) == (200, b"second")
+    assert http(port, "/hello")[::2] == (200, b"second")
     # Established connections are untouched: still the old config.
     established.sendall(b"GET /still HTTP/1.1\r\nHost: x\r\n\r\n")
     assert read_response(established)[2] == b"first"
     established.close()
 
     # An invalid file is logged and the config in force stays.
-    config.write_text(config_text(port, second.port) + "  idle: forever\n")
+    broken = proxy_yaml(second.port, listen=port, timeouts={"drain": 2}) + "  idle: forever\n"
+    config.write_text(broken)  # timeouts.idle: forever
     proxy.signal(signal.SIGHUP)
     rejected = proxy.wait_line(lambda line: "timeouts.idle" in line)
     assert json.loads(rejected)["level"] in ("error", "warning")
-    assert get_on_port(port) == (200, b"second")
+    assert http(port, "/hello")[::2] == (200, b"second")
     assert proxy.alive()
     proxy.signal(signal.SIGTERM)
     assert proxy.wait_exit() == 0
-
-
-def open_tunnel(port: int, path: str = "/chat") -> Tunnel:
-    """A tunnel through the proxy; `tag` is the one byte its upstream sends first."""
-    return Tunnel(port, path, tag=1)
 
 
 def test_tunnel_outlives_reloads_that_move_routes_and_listeners(run_proxy, raw_upstream):
@@ -80,7 +65,7 @@ def test_tunnel_outlives_reloads_that_move_routes_and_listeners(run_proxy, raw_u
     a, b = raw_upstream(echo_after_switch(b"A")), raw_upstream(echo_after_switch(b"B"))
     first, second, admin, moved = free_port(), free_port(), free_port(), free_port()
     proc = run_proxy(config_yaml({"chat": a.port}, [route("chat")], listen=[first]))
-    old = open_tunnel(first)
+    old = Tunnel(first, tag=1)
     assert old.tag == b"A"
 
     proc.rewrite(
@@ -89,7 +74,7 @@ def test_tunnel_outlives_reloads_that_move_routes_and_listeners(run_proxy, raw_u
     )  # fmt: skip
     proc.signal(signal.SIGHUP)
     proc.wait_log("reloaded")
-    assert (open_tunnel(first).tag, open_tunnel(second).tag) == (b"B", b"B")
+    assert (Tunnel(first, tag=1).tag, Tunnel(second, tag=1).tag) == (b"B", b"B")
     assert http(admin, "/healthz")[0] == 200
     assert old.echo(b"after the reload") == b"after the reload"
 
@@ -99,7 +84,7 @@ def test_tunnel_outlives_reloads_that_move_routes_and_listeners(run_proxy, raw_u
     assert eventually(lambda: refused(first))
     assert eventually(lambda: refused(admin))
     assert http(moved, "/readyz")[0] == 200
-    assert open_tunnel(second).tag == b"B"
+    assert Tunnel(second, tag=1).tag == b"B"
     assert old.echo(b"listener gone") == b"listener gone"
 
 
@@ -114,20 +99,20 @@ def test_invalid_reload_logs_every_problem_and_keeps_the_old_routes(run_proxy, r
     rejected = proc.wait_record(lambda line: line["msg"].startswith("reload rejected: "), count=2)
     assert any("nope" in line["msg"] for line in rejected)
     assert any("listne" in line["msg"] and "listen" in line["msg"] for line in rejected)
-    assert open_tunnel(port).tag == b"A"
+    assert Tunnel(port, tag=1).tag == b"A"
 
     with socket.create_server((LOOPBACK, 0)) as holder:
         taken = holder.getsockname()[1]
         proc.rewrite(config_yaml({"chat": b.port}, [route("chat")], listen=[port, taken]))
         proc.signal(signal.SIGHUP)
         proc.wait_record(lambda line: line["msg"].startswith("reload failed, old config kept: "))
-    assert open_tunnel(port).tag == b"A"
+    assert Tunnel(port, tag=1).tag == b"A"
     assert not proc.matching(lambda line: line["msg"] == "reloaded")
 
     proc.rewrite(config_yaml({"chat": b.port}, [route("chat")], listen=[port]))
     proc.signal(signal.SIGHUP)
     proc.wait_log("reloaded")
-    assert open_tunnel(port).tag == b"B"
+    assert Tunnel(port, tag=1).tag == b"B"
 
 
 def test_sighup_storm_and_broken_files_keep_the_config_in_force(run_proxy, tmp_path, raw_upstream):

@@ -4,37 +4,18 @@ relayed 101 carry one too."""
 
 from __future__ import annotations
 
-import logging
 import re
 
-import pytest
 from websockets.sync.client import connect
 
 from tests.support.access_log import access_records
-from tests.support.clients import raw_client, read_response
+from tests.support.clients import http
 from tests.support.configs import proxy_yaml
 from tests.support.peers import respond_ok_forever
 from tests.support.waiting import eventually
+from tests.support.wire import values
 
 HEX32 = re.compile(rb"[0-9a-f]{32}")
-
-
-def header_values(head: bytes, name: bytes) -> list[bytes]:
-    pattern = rb"(?im)^" + re.escape(name) + rb":[ \t]*(.*?)[ \t]*\r$"
-    return re.findall(pattern, head)
-
-
-def get(address: tuple[str, int], target: str = "/", extra: bytes = b"") -> tuple[int, dict, bytes]:
-    with raw_client(address) as sock:
-        sock.sendall(b"GET %s HTTP/1.1\r\nHost: app.test\r\n%s\r\n" % (target.encode(), extra))
-        status, headers, body, _ = read_response(sock)
-    return status, headers, body
-
-
-@pytest.fixture
-def logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
-    caplog.set_level(logging.INFO, logger="upgradeproxy.access")
-    return caplog
 
 
 def test_a_fresh_request_id_goes_upstream_on_the_response_and_in_the_log(
@@ -42,9 +23,10 @@ def test_a_fresh_request_id_goes_upstream_on_the_response_and_in_the_log(
 ):
     up = raw_upstream(respond_ok_forever)
     proxy = make_proxy(proxy_yaml(up.port))
-    status, headers, _ = get(proxy.address, extra=b"X-Request-ID: from-the-client\r\n")
+    extra = b"X-Request-ID: from-the-client\r\n"
+    status, headers, _ = http(proxy.address, host="app.test", close=False, extra=extra)
     assert status == 200
-    (sent,) = header_values(up.accept().heads[0], b"X-Request-ID")
+    (sent,) = values(up.accept().heads[0], b"X-Request-ID")
     assert HEX32.fullmatch(sent), "an untrusted client's id is replaced by a fresh one"
     assert headers[b"x-request-id"] == sent
     assert eventually(lambda: access_records(logs))
@@ -54,25 +36,27 @@ def test_a_fresh_request_id_goes_upstream_on_the_response_and_in_the_log(
 def test_a_trusted_peers_request_id_passes_through(make_proxy, raw_upstream, logs):
     up = raw_upstream(respond_ok_forever)
     proxy = make_proxy(proxy_yaml(up.port, trusted_proxies=["127.0.0.1"]))
-    _, headers, _ = get(proxy.address, extra=b"X-Request-ID: abc-123\r\n")
-    assert header_values(up.accept().heads[0], b"X-Request-ID") == [b"abc-123"]
+    extra = b"X-Request-ID: abc-123\r\n"
+    _, headers, _ = http(proxy.address, host="app.test", close=False, extra=extra)
+    assert values(up.accept().heads[0], b"X-Request-ID") == [b"abc-123"]
     assert headers[b"x-request-id"] == b"abc-123"
 
 
 def test_request_id_false_turns_it_all_off(make_proxy, raw_upstream, logs):
     up = raw_upstream(respond_ok_forever)
     proxy = make_proxy(proxy_yaml(up.port, request_id=False))
-    _, headers, _ = get(proxy.address, extra=b"X-Request-ID: kept\r\n")
-    assert header_values(up.accept().heads[0], b"X-Request-ID") == [b"kept"]
+    extra = b"X-Request-ID: kept\r\n"
+    _, headers, _ = http(proxy.address, host="app.test", close=False, extra=extra)
+    assert values(up.accept().heads[0], b"X-Request-ID") == [b"kept"]
     assert b"x-request-id" not in headers
-    _, headers, _ = get(proxy.address)
+    _, headers, _ = http(proxy.address, host="app.test", close=False)
     assert b"x-request-id" not in headers
-    assert header_values(up.accept().heads[-1], b"X-Request-ID") == []
+    assert values(up.accept().heads[-1], b"X-Request-ID") == []
 
 
 def test_the_proxys_own_error_carries_a_request_id_and_counts_its_bytes(make_proxy, logs):
     proxy = make_proxy(proxy_yaml(1, route={"host": "only.test"}))
-    status, headers, body = get(proxy.address, "/nowhere")
+    status, headers, body = http(proxy.address, "/nowhere", host="app.test", close=False)
     assert status == 404
     assert HEX32.fullmatch(headers[b"x-request-id"])
     assert eventually(lambda: access_records(logs))

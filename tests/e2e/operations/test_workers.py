@@ -21,11 +21,6 @@ from tests.support.peers import echo_after_switch, respond_ok_forever
 from tests.support.waiting import eventually
 
 
-def open_tunnel(port: int, path: str = "/chat") -> Tunnel:
-    """A tunnel through the proxy; `tag` is the one byte its upstream sends first."""
-    return Tunnel(port, path, tag=1)
-
-
 @pytest.mark.slow
 def test_two_workers_each_scrape_reports_the_totals(run_proxy, raw_upstream):
     """Requests spread over both workers; every scrape, whichever worker answers it, shows
@@ -45,7 +40,7 @@ def test_two_workers_each_scrape_reports_the_totals(run_proxy, raw_upstream):
         assert http(port, f"/r{i}")[0] == 200
     served = proc.wait_log("http", count=requests)
     assert {line["worker"] for line in served} == {0, 1}
-    tunnels = [open_tunnel(port, "/ws") for _ in range(6)]
+    tunnels = [Tunnel(port, "/ws", tag=1) for _ in range(6)]
     expected = requests + len(tunnels)
     assert eventually(lambda: total(scrape(admin), "upgradeproxy_requests_total") == expected)
     for _ in range(12):  # fresh connections: SO_REUSEPORT spreads them over both workers
@@ -76,7 +71,7 @@ def test_killed_worker_is_replaced_and_totals_survive(run_proxy, raw_upstream):
     for i in range(10):
         assert http(port, f"/before{i}")[0] == 200
     # Enough that both workers hold some (all on one: a 2**-19 chance).
-    tunnels = [open_tunnel(port, "/ws") for _ in range(20)]
+    tunnels = [Tunnel(port, "/ws", tag=1) for _ in range(20)]
     assert eventually(lambda: total(scrape(admin), "upgradeproxy_tunnels_active") == 20)
     assert eventually(lambda: total(scrape(admin), "upgradeproxy_connections_active") == 20)
     # process_* per live worker, labelled with its pid (issue 11).
@@ -126,14 +121,14 @@ def test_reload_with_workers_is_validated_by_the_parent(run_proxy, raw_upstream)
     proc.wait_record(
         lambda line: line["msg"].startswith("reload rejected: ") and "bogus" in line["msg"]
     )
-    assert {open_tunnel(port).tag for _ in range(6)} == {b"A"}
+    assert {Tunnel(port, tag=1).tag for _ in range(6)} == {b"A"}
 
     proc.rewrite(config_yaml({"chat": b.port}, [route("chat")], listen=[port], workers=3))
     proc.signal(signal.SIGHUP)
     reloaded = proc.wait_log("reloaded", count=2)
     assert {line["worker"] for line in reloaded} == {0, 1}
     assert proc.matching(lambda line: "takes a restart" in line["msg"])
-    assert {open_tunnel(port).tag for _ in range(8)} == {b"B"}
+    assert {Tunnel(port, tag=1).tag for _ in range(8)} == {b"B"}
     assert len(proc.matching(lambda line: line["msg"] == "worker ready")) == 2
 
 
@@ -148,7 +143,7 @@ def test_worker_signalled_directly_and_by_the_parent_drains_once(run_proxy, raw_
     )
     proc = run_proxy(config, workers=2)
     pids = {line["worker"]: line["pid"] for line in proc.wait_log("worker ready", count=2)}
-    tunnel = open_tunnel(port)
+    tunnel = Tunnel(port, tag=1)
     worker = proc.wait_log("http", status=101)[0]["worker"]
     os.kill(pids[worker], signal.SIGTERM)
     proc.wait_log("draining", worker=worker)
@@ -172,7 +167,7 @@ def test_readyz_answers_503_while_a_worker_drains_after_the_other_exited(run_pro
     )  # fmt: skip
     proc = run_proxy(config, workers=2)
     proc.wait_log("worker ready", count=2)
-    tunnel = open_tunnel(port)
+    tunnel = Tunnel(port, tag=1)
     answers: list[int | str] = []
     exited = threading.Event()
 

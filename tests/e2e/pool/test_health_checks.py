@@ -6,13 +6,12 @@ from __future__ import annotations
 import collections
 import logging
 import signal
-import ssl
 import time
 from typing import Any
 
 import pytest
-import trustme
 
+from tests.support.certs import server_context, write_ca
 from tests.support.clients import free_port, http
 from tests.support.configs import proxy_yaml
 from tests.support.metrics import admin_json, metrics_text
@@ -118,13 +117,9 @@ def test_every_server_down_is_503_at_once(make_proxy, two):
     assert [b.served() for b in two] == served  # no server was asked
 
 
-def test_health_checks_use_tls_to_a_tls_upstream(make_proxy, ws_upstream, tmp_path):
-    ca = trustme.CA()
-    ca_path = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_path))
-    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
-    up = ws_upstream(ssl=server_ctx)
+def test_health_checks_use_tls_to_a_tls_upstream(make_proxy, ws_upstream, ca, tmp_path):
+    ca_path = write_ca(ca, tmp_path / "ca.pem")
+    up = ws_upstream(ssl=server_context(ca))
     health = check(0.05, timeout=1, upgrade="websocket")
     proxy = make_proxy(
         proxy_yaml(up.port, upstream={"tls": {"ca": str(ca_path)}, "health_check": health},

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import collections
 import socket
-import ssl
 from typing import Any
 
 import pytest
-import trustme
 
+from tests.support.certs import client_context
 from tests.support.clients import http, read_response
 from tests.support.configs import FAST_DRAIN, listener, proxy_yaml
 from tests.support.peers import Backend, named_tunnel, served_by
@@ -140,15 +139,9 @@ def test_sticky_cookie_on_a_101_and_a_stale_cookie_is_replaced(make_proxy, three
     assert eventually(lambda: proxy.tunnels_active() == 0)
 
 
-def test_sticky_cookie_is_secure_on_a_tls_listener(make_proxy, three, tmp_path):
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1")
-    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "c.pem"))
-    cert.private_key_pem.write_to_path(str(tmp_path / "k.pem"))
-    tls = {"cert": str(tmp_path / "c.pem"), "key": str(tmp_path / "k.pem")}
-    proxy = make_proxy(pool_yaml(three, sticky_cookie="upx", listen=listener(tls=tls)))
-    ctx = ssl.create_default_context()
-    ca.configure_trust(ctx)
+def test_sticky_cookie_is_secure_on_a_tls_listener(make_proxy, three, ca, listener_tls):
+    proxy = make_proxy(pool_yaml(three, sticky_cookie="upx", listen=listener(tls=listener_tls)))
+    ctx = client_context(ca)
     with (
         socket.create_connection(proxy.address, timeout=10) as raw,
         ctx.wrap_socket(raw, server_hostname="127.0.0.1") as sock,

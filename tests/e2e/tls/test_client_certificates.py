@@ -8,55 +8,25 @@ import logging
 import socket
 import ssl
 import threading
-from pathlib import Path
-from typing import Any
 
 import pytest
 import trustme
 
 from tests.support.access_log import access_records
-from tests.support.certs import client_context, server_context, write_ca, write_pair
-from tests.support.clients import LOOPBACK, read_response
+from tests.support.certs import client_context, server_context, tls_keys, write_ca, write_pair
+from tests.support.clients import LOOPBACK, read_response, tls_get
 from tests.support.configs import listener, proxy_yaml
 from tests.support.peers import respond_ok_forever
 from tests.support.waiting import eventually
 
 
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-def tls_proxy_yaml(upstream_port: int, **tls: Any) -> str:
-    """One upstream behind a TLS listener with these `tls` keys."""
-    return proxy_yaml(upstream_port, listen=listener(tls=tls))
-
-
-def pair(files: tuple[Path, Path], **more: Any) -> dict[str, Any]:
-    return {"cert": str(files[0]), "key": str(files[1]), **more}
-
-
-def request(ctx: ssl.SSLContext, address: tuple[str, int], sni: str = "localhost") -> int:
-    with (
-        socket.create_connection(address, timeout=5) as raw,
-        ctx.wrap_socket(raw, server_hostname=sni) as sock,
-    ):
-        sock.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
-        return read_response(sock)[0]
-
-
 @pytest.fixture
-def localhost_pair(ca, tmp_path) -> tuple[Path, Path]:
-    return write_pair(ca.issue_cert("localhost"), tmp_path, "proxy")
-
-
-@pytest.fixture
-def client_auth_proxy(make_proxy, raw_upstream, ca, localhost_pair, tmp_path):
+def client_auth_proxy(make_proxy, raw_upstream, ca, listener_tls, tmp_path):
     def make(mode: str):
         up = raw_upstream(respond_ok_forever)
         clients_ca = write_ca(ca, tmp_path / "clients-ca.pem")
-        tls = pair(localhost_pair, client_ca=str(clients_ca), client_auth=mode)
-        return make_proxy(tls_proxy_yaml(up.port, **tls)), up
+        tls = {**listener_tls, "client_ca": str(clients_ca), "client_auth": mode}
+        return make_proxy(proxy_yaml(up.port, listen=listener(tls=tls))), up
 
     return make
 
@@ -71,11 +41,11 @@ def test_client_auth_require(client_auth_proxy, ca, caplog):
     caplog.set_level(logging.INFO, logger="upgradeproxy.access")
     proxy, up = client_auth_proxy("require")
     with pytest.raises((ssl.SSLError, ConnectionError, EOFError)):
-        request(client_context(ca), proxy.address)  # TLS 1.3: refused at the first read
+        tls_get(client_context(ca), proxy.address)  # TLS 1.3: refused at the first read
     stranger = trustme.CA()  # a certificate from a CA the listener does not trust
     with pytest.raises((ssl.SSLError, ConnectionError, EOFError)):
-        request(_foreign(ca, stranger), proxy.address)
-    assert request(with_client_cert(ca), proxy.address) == 200
+        tls_get(_foreign(ca, stranger), proxy.address)
+    assert tls_get(with_client_cert(ca), proxy.address) == 200
     head = up.accept().heads[0]
     (subject,) = [line for line in head.split(b"\r\n") if line.startswith(b"X-Client-Cert-Subject")]
     assert subject.startswith(b"X-Client-Cert-Subject: CN=alice,")
@@ -92,7 +62,7 @@ def _foreign(trusted: trustme.CA, stranger: trustme.CA) -> ssl.SSLContext:
 
 def test_client_auth_request_lets_a_client_without_cert_in(client_auth_proxy, ca):
     proxy, up = client_auth_proxy("request")
-    assert request(client_context(ca), proxy.address) == 200
+    assert tls_get(client_context(ca), proxy.address) == 200
     with (
         socket.create_connection(proxy.address, timeout=5) as raw,
         client_context(ca).wrap_socket(raw, server_hostname="localhost") as sock,
@@ -100,7 +70,7 @@ def test_client_auth_request_lets_a_client_without_cert_in(client_auth_proxy, ca
         sock.sendall(b"GET / HTTP/1.1\r\nHost: a\r\nX-Client-Cert-Subject: CN=admin\r\n\r\n")
         assert read_response(sock)[0] == 200
     assert all(b"X-Client-Cert-Subject" not in h for c in up.conns for h in c.heads)
-    assert request(with_client_cert(ca), proxy.address) == 200
+    assert tls_get(with_client_cert(ca), proxy.address) == 200
     heads = [head for conn in up.conns for head in conn.heads]
     assert b"X-Client-Cert-Subject: CN=alice," in heads[-1]
 
@@ -128,7 +98,7 @@ def test_upstream_sees_the_client_certificate_the_proxy_presents(make_proxy, ca,
     ours = write_pair(ca.issue_cert("proxy.internal", common_name="proxy"), tmp_path, "c")
     ca_path = write_ca(ca, tmp_path / "ca.pem")
     port = server.getsockname()[1]
-    proxy = make_proxy(proxy_yaml(port, upstream={"tls": pair(ours, ca=str(ca_path))}))
+    proxy = make_proxy(proxy_yaml(port, upstream={"tls": tls_keys(ours, ca=str(ca_path))}))
     with socket.create_connection(proxy.address, timeout=5) as sock:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
         assert read_response(sock)[0] == 200

@@ -5,30 +5,20 @@ from __future__ import annotations
 
 import socket
 import ssl
-from pathlib import Path
-from typing import Any
 
 import pytest
-import trustme
 from websockets.sync.client import connect
 
-from tests.support.certs import client_context, write_pair
-from tests.support.clients import read_response
+from tests.support.certs import client_context, tls_keys, write_pair
+from tests.support.clients import tls_get
 from tests.support.configs import listener, proxy_yaml
 from tests.support.peers import respond_ok_forever
 
 
-@pytest.fixture
-def tls(ca, tmp_path) -> dict[str, str]:
-    """A listener's `tls` keys: a certificate for 127.0.0.1 and localhost from `ca`."""
-    cert, key = write_pair(ca.issue_cert("127.0.0.1", "localhost"), tmp_path, "proxy")
-    return {"cert": str(cert), "key": str(key)}
-
-
-def test_tls_listener_terminates_and_sets_proto_https(make_proxy, ws_upstream, ca, tls):
+def test_tls_listener_terminates_and_sets_proto_https(make_proxy, ws_upstream, ca, listener_tls):
     """`tls:` on a listener terminates TLS; upstream sees X-Forwarded-Proto: https."""
     up = ws_upstream()
-    proxy = make_proxy(proxy_yaml(up.port, listen=listener(tls=tls)))
+    proxy = make_proxy(proxy_yaml(up.port, listen=listener(tls=listener_tls)))
     with connect(proxy.url("/secure", scheme="wss"), ssl=client_context(ca)) as ws:
         ws.send("over tls")
         assert ws.recv() == "over tls"
@@ -36,11 +26,11 @@ def test_tls_listener_terminates_and_sets_proto_https(make_proxy, ws_upstream, c
 
 
 def test_tls_listener_rejects_plaintext_without_harming_others(
-    make_proxy, ws_upstream, ca, tls
+    make_proxy, ws_upstream, ca, listener_tls
 ):
     """A client speaking plain HTTP to a TLS listener is dropped; the next TLS client is fine."""
     up = ws_upstream()
-    proxy = make_proxy(proxy_yaml(up.port, listen=listener(tls=tls)))
+    proxy = make_proxy(proxy_yaml(up.port, listen=listener(tls=listener_tls)))
     with socket.create_connection(proxy.address, timeout=5) as plain:
         plain.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         data = b""
@@ -50,29 +40,6 @@ def test_tls_listener_rejects_plaintext_without_harming_others(
     with connect(proxy.url("/", scheme="wss"), ssl=client_context(ca)) as ws:
         ws.send("still fine")
         assert ws.recv() == "still fine"
-
-
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-def tls_proxy_yaml(upstream_port: int, **tls: Any) -> str:
-    """One upstream behind a TLS listener with these `tls` keys."""
-    return proxy_yaml(upstream_port, listen=listener(tls=tls))
-
-
-def pair(files: tuple[Path, Path], **more: Any) -> dict[str, Any]:
-    return {"cert": str(files[0]), "key": str(files[1]), **more}
-
-
-def request(ctx: ssl.SSLContext, address: tuple[str, int], sni: str = "localhost") -> int:
-    with (
-        socket.create_connection(address, timeout=5) as raw,
-        ctx.wrap_socket(raw, server_hostname=sni) as sock,
-    ):
-        sock.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
-        return read_response(sock)[0]
 
 
 def peer_san(ctx: ssl.SSLContext, address: tuple[str, int], sni: str) -> list[str]:
@@ -85,41 +52,38 @@ def peer_san(ctx: ssl.SSLContext, address: tuple[str, int], sni: str) -> list[st
     return [value for kind, value in cert["subjectAltName"] if kind == "DNS"]
 
 
-@pytest.fixture
-def localhost_pair(ca, tmp_path) -> tuple[Path, Path]:
-    return write_pair(ca.issue_cert("localhost"), tmp_path, "proxy")
-
-
 @pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1_1 is deprecated:DeprecationWarning")
-def test_default_min_version_refuses_a_tls_1_1_client(make_proxy, raw_upstream, ca, localhost_pair):
+def test_default_min_version_refuses_a_tls_1_1_client(make_proxy, raw_upstream, ca, listener_tls):
     up = raw_upstream(respond_ok_forever)
-    proxy = make_proxy(tls_proxy_yaml(up.port, **pair(localhost_pair)))
+    proxy = make_proxy(proxy_yaml(up.port, listen=listener(tls=listener_tls)))
     old = client_context(ca, minimum_version=ssl.TLSVersion.TLSv1_1,
                      maximum_version=ssl.TLSVersion.TLSv1_1)  # fmt: skip
     old.set_ciphers("DEFAULT:@SECLEVEL=0")  # so that our own client is willing to offer 1.1
     with pytest.raises((ssl.SSLError, ConnectionError)):
-        request(old, proxy.address)
-    assert request(client_context(ca), proxy.address) == 200
+        tls_get(old, proxy.address)
+    assert tls_get(client_context(ca), proxy.address) == 200
 
 
-def test_min_version_tls_1_3_refuses_a_tls_1_2_client(make_proxy, raw_upstream, ca, localhost_pair):
+def test_min_version_tls_1_3_refuses_a_tls_1_2_client(make_proxy, raw_upstream, ca, listener_tls):
     up = raw_upstream(respond_ok_forever)
-    proxy = make_proxy(tls_proxy_yaml(up.port, **pair(localhost_pair), min_version="TLSv1.3"))
+    tls = {**listener_tls, "min_version": "TLSv1.3"}
+    proxy = make_proxy(proxy_yaml(up.port, listen=listener(tls=tls)))
     with pytest.raises((ssl.SSLError, ConnectionError)):
-        request(client_context(ca, maximum_version=ssl.TLSVersion.TLSv1_2), proxy.address)
-    assert request(client_context(ca, minimum_version=ssl.TLSVersion.TLSv1_3), proxy.address) == 200
+        tls_get(client_context(ca, maximum_version=ssl.TLSVersion.TLSv1_2), proxy.address)
+    assert tls_get(client_context(ca, minimum_version=ssl.TLSVersion.TLSv1_3), proxy.address) == 200
 
 
-def test_ciphers_limit_what_tls_1_2_clients_can_use(make_proxy, raw_upstream, ca, localhost_pair):
+def test_ciphers_limit_what_tls_1_2_clients_can_use(make_proxy, raw_upstream, ca, listener_tls):
     up = raw_upstream(respond_ok_forever)
-    proxy = make_proxy(tls_proxy_yaml(up.port, **pair(localhost_pair), ciphers="ECDHE+AESGCM"))
+    tls = {**listener_tls, "ciphers": "ECDHE+AESGCM"}
+    proxy = make_proxy(proxy_yaml(up.port, listen=listener(tls=tls)))
     chacha = client_context(ca, maximum_version=ssl.TLSVersion.TLSv1_2)
     chacha.set_ciphers("ECDHE+CHACHA20")
     with pytest.raises((ssl.SSLError, ConnectionError)):
-        request(chacha, proxy.address)
+        tls_get(chacha, proxy.address)
     aes = client_context(ca, maximum_version=ssl.TLSVersion.TLSv1_2)
     aes.set_ciphers("ECDHE+AESGCM")
-    assert request(aes, proxy.address) == 200
+    assert tls_get(aes, proxy.address) == 200
 
 
 def test_sni_picks_the_certificate(make_proxy, raw_upstream, ca, tmp_path):
@@ -128,8 +92,9 @@ def test_sni_picks_the_certificate(make_proxy, raw_upstream, ca, tmp_path):
     chat = write_pair(ca.issue_cert("chat.test"), tmp_path, "chat")
     games = write_pair(ca.issue_cert("*.games.test"), tmp_path, "games")
     named = write_pair(ca.issue_cert("unrelated.test"), tmp_path, "named")
-    certificates = [pair(default), pair(chat), pair(games), pair(named, names=["api.test"])]
-    proxy = make_proxy(tls_proxy_yaml(up.port, certificates=certificates))
+    certificates = [tls_keys(default), tls_keys(chat), tls_keys(games),
+                    tls_keys(named, names=["api.test"])]  # fmt: skip
+    proxy = make_proxy(proxy_yaml(up.port, listen=listener(tls={"certificates": certificates})))
     ctx = client_context(ca)
     assert peer_san(ctx, proxy.address, "chat.test") == ["chat.test"]
     assert peer_san(ctx, proxy.address, "CHAT.test") == ["chat.test"]
@@ -137,4 +102,4 @@ def test_sni_picks_the_certificate(make_proxy, raw_upstream, ca, tmp_path):
     assert peer_san(ctx, proxy.address, "a.eu.games.test") == ["default.test"]  # one label only
     assert peer_san(ctx, proxy.address, "api.test") == ["unrelated.test"]  # by `names`
     assert peer_san(ctx, proxy.address, "other.test") == ["default.test"]
-    assert request(client_context(ca), proxy.address, sni="chat.test") == 200
+    assert tls_get(client_context(ca), proxy.address, sni="chat.test") == 200

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from tests.support.clients import (
     Tunnel,
+    raw_tunnel,
     read_response_head,
 )
 from tests.support.configs import FAST_DRAIN, proxy_yaml
@@ -149,14 +150,6 @@ def test_slow_reader_holds_back_the_writer_end_to_end(make_proxy, raw_upstream):
 MiB = 1 << 20
 
 
-def open_raw_tunnel(address: tuple[str, int]) -> tuple[socket.socket, bytes]:
-    """Client side: a valid WebSocket handshake; the socket (timeout `WAIT`) and any tunnel
-    bytes that arrived with the 101 head."""
-    tunnel = Tunnel(address, "/tunnel")
-    assert tunnel.status == 101, tunnel.head
-    return tunnel.sock, bytes(tunnel.buf)
-
-
 class HashingReader:
     """Reads a socket to EOF, keeping only a running sha256 and a byte count."""
 
@@ -212,7 +205,7 @@ def test_32_mib_each_way_at_once_through_raw_tunnel(make_proxy, raw_upstream):
 
     upstream = raw_upstream(handler)
     proxy = make_proxy(proxy_yaml(upstream.port))
-    sock, rest = open_raw_tunnel(proxy.address)
+    sock, rest = raw_tunnel(proxy.address)
     client_errors: list[BaseException] = []
     writer = threading.Thread(target=send_then_fin, args=(sock, up_payload, client_errors))
     writer.start()

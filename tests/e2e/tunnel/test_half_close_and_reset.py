@@ -10,8 +10,8 @@ import socket
 import pytest
 
 from tests.support.clients import (
-    Tunnel,
     raw_client,
+    raw_tunnel,
     read_response_head,
     read_to_eof,
     read_until_close,
@@ -22,14 +22,6 @@ from tests.support.configs import FAST_DRAIN, proxy_yaml
 from tests.support.peers import RawConn, accept_upgrade
 from tests.support.waiting import WAIT, eventually
 from tests.support.wire import SWITCH_WS, status_of, ws_request
-
-
-def open_raw_tunnel(address: tuple[str, int]) -> tuple[socket.socket, bytes]:
-    """Client side: a valid WebSocket handshake; the socket (timeout `WAIT`) and any tunnel
-    bytes that arrived with the 101 head."""
-    tunnel = Tunnel(address, "/tunnel")
-    assert tunnel.status == 101, tunnel.head
-    return tunnel.sock, bytes(tunnel.buf)
 
 
 def test_client_half_close_keeps_the_way_back_open(make_proxy, raw_upstream):
@@ -52,7 +44,7 @@ def test_client_half_close_keeps_the_way_back_open(make_proxy, raw_upstream):
 
     upstream = raw_upstream(handler)
     proxy = make_proxy(proxy_yaml(upstream.port))
-    sock, rest = open_raw_tunnel(proxy.address)
+    sock, rest = raw_tunnel(proxy.address)
     with sock:
         sock.sendall(payload)
         sock.shutdown(socket.SHUT_WR)
@@ -80,7 +72,7 @@ def test_upstream_half_close_keeps_the_way_up_open(make_proxy, raw_upstream):
 
     upstream = raw_upstream(handler)
     proxy = make_proxy(proxy_yaml(upstream.port))
-    sock, rest = open_raw_tunnel(proxy.address)
+    sock, rest = raw_tunnel(proxy.address)
     with sock:
         assert read_until_close(sock, rest) == greeting
         sock.sendall(payload)

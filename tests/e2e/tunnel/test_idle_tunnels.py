@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gc
 import queue
-import socket
 import threading
 
 import h11
@@ -14,6 +13,7 @@ import pytest
 from tests.support.clients import (
     Tunnel,
     raw_client,
+    raw_tunnel,
     readable,
     recv_exactly,
     ws_upgrade,
@@ -22,14 +22,6 @@ from tests.support.configs import proxy_yaml
 from tests.support.peers import RawConn, accept_upgrade, echo_after_switch
 from tests.support.waiting import WAIT, eventually
 from upgradeproxy.connection.context import Client
-
-
-def open_raw_tunnel(address: tuple[str, int]) -> tuple[socket.socket, bytes]:
-    """Client side: a valid WebSocket handshake; the socket (timeout `WAIT`) and any tunnel
-    bytes that arrived with the 101 head."""
-    tunnel = Tunnel(address, "/tunnel")
-    assert tunnel.status == 101, tunnel.head
-    return tunnel.sock, bytes(tunnel.buf)
 
 
 def test_idle_tunnel_is_closed_on_both_sides(make_proxy, raw_upstream):
@@ -45,7 +37,7 @@ def test_idle_tunnel_is_closed_on_both_sides(make_proxy, raw_upstream):
 
     upstream = raw_upstream(handler)
     proxy = make_proxy(proxy_yaml(upstream.port, timeouts={"tunnel_idle": "300ms"}))
-    sock, rest = open_raw_tunnel(proxy.address)
+    sock, rest = raw_tunnel(proxy.address)
     with sock:
         assert rest == b""
         assert sock.recv(65536) == b"", "the proxy should close the idle client side"

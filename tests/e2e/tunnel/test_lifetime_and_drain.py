@@ -20,12 +20,6 @@ from tests.support.configs import proxy_yaml
 from tests.support.waiting import WAIT, eventually
 from tests.support.wire import ws_request
 
-
-def chat_request(path: bytes = b"/", extra: bytes = b"") -> bytes:
-    """A WebSocket handshake to chat.example.com; `extra` adds header lines (with their CRLF)."""
-    return ws_request(*extra.splitlines(), target=path, host=b"chat.example.com")
-
-
 # The real clock: the proxy runs in its own thread, so wake-ups on a loaded 2-core machine can
 # be late. A tunnel is never closed early (the jitter only adds), so the lower bound allows
 # only the client thread's own wake-up lag after the 101 (10 ms); the upper bound, 1.1 s,
@@ -36,7 +30,7 @@ LATE_MARGIN = 0.4
 def open_tunnel(proxy) -> tuple[socket.socket, float]:
     """A raw WebSocket tunnel through `proxy` and the moment its 101 arrived."""
     sock = raw_client(proxy.address, timeout=WAIT)
-    sock.sendall(chat_request(b"/"))
+    sock.sendall(ws_request(target=b"/", host=b"chat.example.com"))
     head, rest = read_response_head(sock)
     switched = time.monotonic()
     assert head.startswith(b"HTTP/1.1 101 "), head
