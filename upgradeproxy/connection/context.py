@@ -17,7 +17,8 @@ from upgradeproxy.rules.routing import Router
 from upgradeproxy.telemetry.metrics import Telemetry
 from upgradeproxy.transport.streams import HttpStream
 from upgradeproxy.transport.tls import client_tls_context
-from upgradeproxy.tunnel.relay import Ending
+from upgradeproxy.tunnel.parking import Parking
+from upgradeproxy.tunnel.state import Ending
 from upgradeproxy.upstream.connections import Pool
 
 
@@ -59,6 +60,7 @@ class Shared:
     idle_waits: set[trio.CancelScope] = field(default_factory=set)
     per_ip: AddressCounts = field(default_factory=AddressCounts)  # rule 14, this worker
     tunnels: set[Ending] = field(default_factory=set)  # open tunnels, for a spread drain
+    parking: Parking | None = None  # the waiter for idle tunnels, while the server runs it
     book: ServerBook = field(default_factory=ServerBook)
 
 

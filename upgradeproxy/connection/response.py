@@ -240,4 +240,5 @@ async def _switch(
         telemetry=client.shared.telemetry,
         lifetime=client.rt.config.timeouts.tunnel_max_lifetime,
         tunnels=client.shared.tunnels,
+        parking=client.shared.parking,
     )

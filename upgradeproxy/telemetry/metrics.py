@@ -228,6 +228,12 @@ class Telemetry:
             multiprocess_mode="livesum",
         )
         self._server_gauges: dict[tuple[str, str, str], Gauge] = {}
+        self._tunnels_parked = Gauge(
+            "upgradeproxy_tunnels_parked",
+            "Open tunnels parked now: idle, watched by the waiter (counted in tunnels_active too).",
+            registry=reg,
+            multiprocess_mode="livesum",
+        )
 
     # --- hooks called by the exchange code ----------------------------------------------
 
@@ -243,6 +249,10 @@ class Telemetry:
 
     def upstream_error(self, upstream: str, kind: str) -> None:
         self._upstream_errors.inc(upstream, kind)
+
+    def tunnels_parked(self, count: int) -> None:
+        """How many of this process's open tunnels are parked now."""
+        self._tunnels_parked.set(count)
 
     def tunnel_opened(self, rec: ExchangeRecord | None = None) -> None:
         """Count an open tunnel under its record's route and protocol (the same at close)."""
