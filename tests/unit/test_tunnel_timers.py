@@ -67,7 +67,7 @@ def _pair() -> tuple[trio.SocketStream, trio.socket.SocketType]:
 
 @asynccontextmanager
 async def tunnel(
-    idle: float = 60.0, lifetime: float = 0.0, tunnels: set[Ending] | None = None
+    idle: float = 60.0, lifetime: float = 0.0, tunnels: dict[Ending, None] | None = None
 ) -> AsyncIterator[Rig]:
     parking = Parking(PARK)
     client_side, client_app = _pair()
@@ -142,7 +142,7 @@ async def test_a_spread_drain_plan_reaches_a_parked_tunnel(
 ) -> None:
     """Rule 13, drain_tunnels: spread: an end planned while the tunnel is parked ends it then,
     with first_close drain (the waiter wakes earlier than it planned to)."""
-    tunnels: set[Ending] = set()
+    tunnels: dict[Ending, None] = {}
     async with tunnel(tunnels=tunnels) as rig:
         await rig.until_parked()
         (ending,) = tunnels
@@ -151,7 +151,7 @@ async def test_a_spread_drain_plan_reaches_a_parked_tunnel(
         await rig.until_closed()
         assert plan <= rig.ended_at <= plan + 0.01
         assert rig.first_close == "drain"
-        assert tunnels == set()
+        assert tunnels == {}
 
 
 async def test_cancelling_the_waiter_ends_every_parked_tunnel(

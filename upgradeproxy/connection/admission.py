@@ -10,7 +10,6 @@ is in `X-Forwarded-For`). Over the limit, that first request gets a 429.
 from __future__ import annotations
 
 import contextlib
-from typing import Protocol
 
 from upgradeproxy.config.model import Upstream
 from upgradeproxy.connection.context import Client, Held, Shared
@@ -55,38 +54,9 @@ def admit(client: Client, head: planning.Head, rec: ExchangeRecord) -> None:
     )
 
 
-class ConnectionOwner(Protocol):
-    """Who accepted the connection (the server): told when a connection it let go ends."""
-
-    def connection_done(self, token: object) -> None:
-        """Give back the connection's slot (max_connections) and its count."""
-
-
-class Lease:
-    """What a connection held, passed to its tunnel when the tunnel parks and the
-    connection's task returns; let go when the tunnel ends."""
-
-    __slots__ = ("held", "owner", "shared", "token")
-
-    def __init__(
-        self, held: Held, shared: Shared, owner: ConnectionOwner | None, token: object
-    ) -> None:
-        self.held, self.shared, self.owner, self.token = held, shared, owner, token
-
-    def let_go(self) -> None:
-        release(self.held, self.shared)
-        if self.owner is not None:
-            self.owner.connection_done(self.token)
-
-
 def release(held: Held, shared: Shared) -> None:
     """Give back what the connection held: its per-address count and its own pool."""
-    if held.admitted is not None:
-        shared.per_ip.release(held.admitted)
-        held.admitted = None
-    if held.own_pool is not None:
-        held.own_pool.close_all()
-        held.own_pool = None
+    held.release(shared)
 
 
 def upstream_pool(client: Client, upstream: Upstream) -> Pool:

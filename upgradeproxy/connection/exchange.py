@@ -18,8 +18,6 @@ import h11
 import trio
 
 from upgradeproxy.connection.admission import (
-    ConnectionOwner,
-    Lease,
     admit,
     admit_at_accept,
     preamble,
@@ -27,7 +25,14 @@ from upgradeproxy.connection.admission import (
     upstream_pool,
 )
 from upgradeproxy.connection.body import BodyPump
-from upgradeproxy.connection.context import Client, Peer, Runtime, Shared, new_request_id
+from upgradeproxy.connection.context import (
+    Client,
+    ConnectionOwner,
+    Peer,
+    Runtime,
+    Shared,
+    new_request_id,
+)
 from upgradeproxy.connection.outcome import Done, Outcome
 from upgradeproxy.connection.reply import send_error
 from upgradeproxy.connection.request import read_request
@@ -90,7 +95,8 @@ async def serve_client(
             # tunnel holds only what `Switched` and `held` carry.
             del client, conn
             if parked := await switched.run():
-                switched.owner = Lease(held, shared, owner, token)
+                held.shared, held.owner, held.token = shared, owner, token
+                switched.owner = held
     finally:
         if not parked:
             release(held, shared)  # first: nothing below may skip it

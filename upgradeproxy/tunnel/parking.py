@@ -12,7 +12,6 @@ tunnel there and then. Cancelling the waiter (the end of a drain) ends every par
 from __future__ import annotations
 
 import heapq
-import itertools
 import logging
 import math
 import os
@@ -64,10 +63,12 @@ class Parking:
         self._on_count = on_count  # told how many are parked after each change
         self.running: set[Tunnel] = set()  # parkable tunnels whose pumps run: looked at in turn
         self.parked = 0
-        self._by_fd: dict[int, Tunnel] = {}
-        self._heap: list[tuple[float, int, Tunnel]] = []
-        self._stale = 0  # heap entries of tunnels woken or re-planned since
-        self._seq = itertools.count()
+        # Indexed by descriptor: 8 bytes a socket where a dict takes about 50.
+        self._by_fd: list[Tunnel | None] = []
+        # (when, tunnel), the tunnel's `entry` while it is the live one: a tunnel woken or
+        # re-planned leaves a stale entry behind, dropped when it comes up or at a rebuild.
+        self._heap: list[tuple[float, Tunnel]] = []
+        self._stale = 0
         self._epoll: select.epoll | None = None
         self._nursery: trio.Nursery | None = None
         self._sleep: trio.CancelScope | None = None
@@ -90,7 +91,7 @@ class Parking:
                 await self._watch(self._epoll.fileno())
         finally:
             self._nursery = None
-            for tun in {*self._by_fd.values()}:
+            for tun in {tun for tun in self._by_fd if tun is not None}:
                 self._end(tun, "cancelled")
             self._epoll.close()
 
@@ -102,11 +103,14 @@ class Parking:
             tun.finished("cancelled")
             self._ended(tun)
             return
+        by_fd = self._by_fd
         for sock, watched in ((tun.client, tun.up_open), (tun.upstream, tun.down_open)):
             if watched and sock is not None:
                 fd = sock.fileno()
                 epoll.register(fd, _EVENTS)
-                self._by_fd[fd] = tun
+                if fd >= len(by_fd):
+                    by_fd.extend([None] * (fd + 1 - len(by_fd)))
+                by_fd[fd] = tun
         tun.ending.parked = tun
         self.parked += 1
         if self._on_count is not None:
@@ -120,7 +124,7 @@ class Parking:
     def _plan(self, tun: Tunnel) -> None:
         if tun.entry is not None:
             self._stale += 1
-        entry = tun.entry = (tun.due_at(), next(self._seq), tun)
+        entry = tun.entry = (tun.due_at(), tun)
         heapq.heappush(self._heap, entry)
         if self._sleep is not None and entry[0] < self._sleep.deadline:
             self._sleep.deadline = entry[0]
@@ -132,7 +136,7 @@ class Parking:
             if watched and sock is not None:
                 fd = sock.fileno()
                 self._epoll.unregister(fd)
-                del self._by_fd[fd]
+                self._by_fd[fd] = None
         tun.ending.parked = None
         if tun.entry is not None:
             tun.entry = None
@@ -164,7 +168,7 @@ class Parking:
         while True:
             events = self._epoll.poll(0, _BATCH)
             for fd, _ in events:
-                tun = self._by_fd.get(fd)
+                tun = self._by_fd[fd]
                 if tun is None:
                     continue  # its other side woke it in this batch
                 self._unpark(tun)
@@ -181,7 +185,7 @@ class Parking:
         heap = self._heap
         while heap and heap[0][0] <= now:
             entry = heapq.heappop(heap)
-            tun = entry[2]
+            tun = entry[1]
             if tun.entry is not entry:
                 self._stale -= 1
                 continue
@@ -202,7 +206,7 @@ class Parking:
                 tun.ending.scope.cancel()
 
     def _compact(self) -> None:
-        self._heap = [entry for entry in self._heap if entry[2].entry is entry]
+        self._heap = [entry for entry in self._heap if entry[1].entry is entry]
         heapq.heapify(self._heap)
         self._stale = 0
 

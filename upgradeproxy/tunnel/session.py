@@ -57,7 +57,7 @@ class Switched:
     telemetry: Telemetry
     release: tuple[Balancer, Server] | None = None
     lifetime: float = 0.0  # timeouts.tunnel_max_lifetime; 0: none
-    tunnels: set[Ending] | None = None  # the process's open tunnels, for a spread drain
+    tunnels: dict[Ending, None] | None = None  # the process's open tunnels, for a spread drain
     parking: Parking | None = None  # the process's waiter, if tunnels may park
     owner: Owner | None = None  # set by the connection when its tunnel parks
     tun: Tunnel | None = None  # a parkable tunnel's state
@@ -76,7 +76,7 @@ class Switched:
             late = 1 + random.random() * LIFETIME_JITTER
             ending.at(trio.current_time() + self.lifetime * late, "lifetime")
         if self.tunnels is not None:
-            self.tunnels.add(ending)
+            self.tunnels[ending] = None
         self._count_tunnel(opened=True)
         parked = False
         try:
@@ -97,12 +97,14 @@ class Switched:
                     self.client,
                     self.upstream,
                     idle_timeout=self.idle,
-                    on_bytes=telemetry.tunnel_moved,
+                    on_bytes=telemetry.count_tunnel_bytes,
                     stats=stats,
                     ending=ending,
                 )
             else:
-                tun = self.tun = Tunnel(stats, self.idle, _BUFFER, telemetry.tunnel_moved, ending)
+                tun = self.tun = Tunnel(
+                    stats, self.idle, _BUFFER, telemetry.count_tunnel_bytes, ending
+                )
                 make_parkable(tun, client, upstream, parking, self)
                 self.client = self.upstream = None  # the trio wrappers go; the sockets stay
                 parked = await run_parkable(tun)
@@ -155,7 +157,7 @@ class Switched:
     def _end(self, stats: TunnelStats, ending: Ending) -> None:
         """The tunnel is closed: forget it, uncount it, write its line."""
         if self.tunnels is not None:
-            self.tunnels.discard(ending)
+            self.tunnels.pop(ending, None)
         self._count_tunnel(opened=False)
         rec = self.rec
         rec.bytes_in, rec.bytes_out = stats.bytes_up, stats.bytes_down

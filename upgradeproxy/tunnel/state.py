@@ -147,7 +147,11 @@ class Tunnel:
         self.wants_park = False  # the waiter asked the running pumps to stop
         self.seen = -1  # bytes moved when the waiter last looked
         self.writing = 0  # pumps waiting for their destination to take bytes
-        self.entry: tuple[float, int, Tunnel] | None = None  # the waiter's heap entry
+        self.entry: tuple[float, Tunnel] | None = None  # the waiter's heap entry
+
+    def __lt__(self, other: Tunnel) -> bool:
+        """Any order, so heap entries (when, tunnel) with equal `when` compare."""
+        return id(self) < id(other)
 
     def touch(self) -> None:
         """Record activity: the tunnel is not idle."""
