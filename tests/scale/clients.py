@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Final
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import wire  # noqa: E402  (tests/bench: the frames and the handshake the bench upstream speaks)
+import wire
 
 IO_TIMEOUT: Final = 30.0
 BATCH: Final = 250
@@ -100,7 +100,9 @@ class Clients:
 
     def echo(self, seed: int, k: int) -> dict[str, object]:
         """Echo one frame on `k` tunnels picked with `seed` (all of them for k < 0)."""
-        picked = self.socks if k < 0 else random.Random(seed).sample(self.socks, min(k, len(self.socks)))
+        picked = (
+            self.socks if k < 0 else random.Random(seed).sample(self.socks, min(k, len(self.socks)))
+        )
         bad = 0
         for sock in picked:
             try:

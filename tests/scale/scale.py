@@ -11,6 +11,7 @@ with FAIL and why. Prints the plan it chose, then a table, then PASS or FAIL (ex
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -90,7 +91,8 @@ def plan_for(tunnels: int) -> Plan:
                     f"more than fs.file-max {file_max:,}")  # fmt: skip
     available = _meminfo()["MemAvailable"]
     if tunnels * KERNEL_KIB_PER_TUNNEL > available // 2:
-        raise Unfit(f"{tunnels:,} tunnels need about {tunnels * KERNEL_KIB_PER_TUNNEL // 1024:,} MiB, "
+        need = tunnels * KERNEL_KIB_PER_TUNNEL // 1024
+        raise Unfit(f"{tunnels:,} tunnels need about {need:,} MiB, "
                     f"more than half of the {available // 1024:,} MiB available")  # fmt: skip
     if soft < min(nofile, tunnels + SPARE_FDS):
         resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, hard))  # children inherit it
@@ -128,10 +130,8 @@ def children(pid: int) -> list[int]:
 def rss_kib(pids: list[int]) -> int:
     total = 0
     for pid in pids:
-        try:
+        with contextlib.suppress(OSError):
             total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE_KIB
-        except OSError:
-            pass
     return total
 
 
@@ -184,7 +184,8 @@ class Client:
         )  # fmt: skip
 
     def ask(self, command: str) -> dict[str, Any]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
+        assert self.proc.stdin is not None
+        assert self.proc.stdout is not None
         self.proc.stdin.write(command + "\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
@@ -314,8 +315,8 @@ class Run:
         seed = random.randrange(1 << 30)
         checks = self.all_clients(lambda i: f"echo {seed + i} {sample}")
         checked, bad = sum(a["checked"] for a in checks), sum(a["bad"] for a in checks)
-        self.row("echo check", f"{checked:,} tunnels {'(all)' if self.args.all else '(a random sample)'}, "
-                               f"{bad} failed")  # fmt: skip
+        which = "(all)" if self.args.all else "(a random sample)"
+        self.row("echo check", f"{checked:,} tunnels {which}, {bad} failed")
         if bad:
             raise Failed(f"{bad} of {checked} sampled tunnels did not echo")
         time.sleep(self.args.idle)
@@ -326,8 +327,8 @@ class Run:
         per = (rss_after - rss_before) / n
         self.row("proxy RSS", f"{rss_before / 1024:,.1f} MiB -> {rss_after / 1024:,.1f} MiB over "
                               f"{len(pids)} worker(s): {per:.2f} KiB per idle tunnel")  # fmt: skip
-        self.row("kernel sockets", f"TCP sockets {sock_before['alloc']:,} -> {sock_after['alloc']:,}; "
-                                   f"TCP buffer memory {sock_before['mem_kib']:,} -> "
+        sockets = f"TCP sockets {sock_before['alloc']:,} -> {sock_after['alloc']:,}"
+        self.row("kernel sockets", f"{sockets}; TCP buffer memory {sock_before['mem_kib']:,} -> "
                                    f"{sock_after['mem_kib']:,} KiB; slab "
                                    f"{(slab_after - slab_before) / n:.2f} KiB per tunnel "
                                    f"(4 sockets: client, 2 in the proxy, upstream)")  # fmt: skip
@@ -370,14 +371,10 @@ class Run:
         for client in self.clients:
             client.quit()
         for proc in [*([self.proxy] if self.proxy else []), *self.procs]:
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(10)
-            except subprocess.TimeoutExpired:
-                pass
         if hasattr(self, "log"):
             self.log.close()
 
