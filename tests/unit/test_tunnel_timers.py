@@ -57,6 +57,12 @@ class Rig:
         self.ended_at = trio.current_time()
 
 
+async def send_all(sock: trio.socket.SocketType, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[await sock.send(view) :]
+
+
 def _pair() -> tuple[trio.SocketStream, trio.socket.SocketType]:
     proxy_side, app_side = socket.socketpair()
     proxy_side.setblocking(False)
@@ -94,20 +100,30 @@ async def tunnel(
 async def test_a_quiet_tunnel_parks_and_wakes_with_its_bytes(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    """No byte for a park delay: the tunnel parks; a message from either side wakes it and
-    arrives, and it parks again."""
+    """No byte for a park delay: the tunnel parks; a message from either side is relayed by
+    the waiter and the tunnel stays parked; a burst brings its pumps back, then it parks
+    again."""
     async with tunnel() as rig:
         await rig.until_parked()
         parked_at = trio.current_time()
         assert PARK <= parked_at <= 2 * PARK + 0.02  # the polling step
         await rig.client.send(b"hello")
         assert await rig.upstream.recv(100) == b"hello"
-        assert rig.parking.parked == 0
-        await rig.until_parked()
         await rig.upstream.send(b"back")
         assert await rig.client.recv(100) == b"back"
+        assert rig.parking.parked == 1
+        assert rig.parking.running == set()
+        burst = bytes(range(256)) * 1024  # more than one read: the pumps take over
+        received = bytearray()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_all, rig.upstream, burst)
+            while len(received) < len(burst):
+                received += await rig.client.recv(1 << 20)
+        assert received == burst
         await rig.until_parked()
-        assert (rig.switched.tun.stats.bytes_up, rig.switched.tun.stats.bytes_down) == (5, 4)
+        tun = rig.switched.tun
+        assert tun is not None
+        assert (tun.stats.bytes_up, tun.stats.bytes_down) == (5, 4 + len(burst))
 
 
 async def test_tunnel_idle_counts_from_the_last_byte_not_from_parking(
@@ -174,13 +190,7 @@ async def test_a_stalled_writer_never_parks_and_loses_nothing(
     payload = bytes(range(256)) * 8192  # 2 MiB: more than both socket buffers hold
     async with tunnel() as rig:
         async with trio.open_nursery() as nursery:
-
-            async def send() -> None:
-                view = memoryview(payload)
-                while view:
-                    view = view[await rig.client.send(view) :]
-
-            nursery.start_soon(send)
+            nursery.start_soon(send_all, rig.client, payload)
             await trio.sleep(10 * PARK)  # the upstream reads nothing all this while
             assert rig.parking.parked == 0
             received = bytearray()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+from typing import Final
 
 import trio
 
@@ -18,7 +19,7 @@ from upgradeproxy.transport.streams import STREAM_ERRORS
 from upgradeproxy.tunnel.relay import SMALL, pump_splice, write_all
 from upgradeproxy.tunnel.state import Direction, FdPump, Session, Tunnel, Waiter
 
-__all__ = ["close_sockets", "make_parkable", "run_parkable", "wake"]
+__all__ = ["OVER", "RUN", "STAY", "close_sockets", "make_parkable", "relay_ready", "run_parkable"]
 
 
 def make_parkable(
@@ -121,10 +122,16 @@ def _direction_done(tun: Tunnel, direction: Direction) -> None:
         dst.shutdown(socket.SHUT_WR)
 
 
-def wake(tun: Tunnel, fd: int) -> bool:
-    """Parked `tun`'s source `fd` turned ready: relay what it holds now, as the pump's first
-    step would, so the first message after a quiet spell waits for no extra scheduler pass.
-    False when that ended the tunnel (`first_close` is set)."""
+# What `relay_ready` leaves to the waiter.
+STAY: Final = 0  # all relayed: the tunnel stays parked
+RUN: Final = 1  # more than a read's worth, or a destination that is full: the pumps take over
+OVER: Final = 2  # the tunnel ended (`first_close` is set)
+
+
+def relay_ready(tun: Tunnel, fd: int) -> int:
+    """Parked `tun`'s source `fd` turned ready: relay what it holds now, as a pump's step
+    would (one read, one write), so a message to a parked tunnel waits for no extra trip
+    through the scheduler and light traffic never brings the tasks back."""
     client, upstream = tun.client, tun.upstream
     assert client is not None
     assert upstream is not None
@@ -134,22 +141,23 @@ def wake(tun: Tunnel, fd: int) -> bool:
         data = os.read(fd, SMALL)
         if not data:
             _direction_done(tun, direction)
-            return tun.up_open or tun.down_open
+            return STAY if tun.up_open or tun.down_open else OVER
         try:
             sent = os.write(dst.fileno(), data)
         except BlockingIOError:
             sent = 0
     except BlockingIOError:
-        return True
+        return STAY
     except OSError:
         tun.failed = True
         tun.finished("error")
-        return False
+        return OVER
     if sent:
         tun.moved(direction, sent)
     if sent < len(data):
         tun.hold(direction, memoryview(data)[sent:])
-    return True
+        return RUN
+    return RUN if len(data) == SMALL else STAY
 
 
 def close_sockets(tun: Tunnel) -> None:

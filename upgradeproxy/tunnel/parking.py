@@ -16,12 +16,13 @@ import logging
 import math
 import os
 import select
+import socket
 from collections.abc import Callable, Mapping
 from typing import Final
 
 import trio
 
-from upgradeproxy.tunnel.parkable import wake
+from upgradeproxy.tunnel.parkable import OVER, STAY, relay_ready
 from upgradeproxy.tunnel.state import Tunnel
 
 __all__ = ["PARK_AFTER", "PARK_AFTER_ENV", "Parking", "park_after_from_env"]
@@ -131,12 +132,9 @@ class Parking:
 
     def _unpark(self, tun: Tunnel) -> None:
         """Forget `tun`'s descriptors and heap entry (before anything can close them)."""
-        assert self._epoll is not None
-        for sock, watched in ((tun.client, tun.up_open), (tun.upstream, tun.down_open)):
-            if watched and sock is not None:
-                fd = sock.fileno()
-                self._epoll.unregister(fd)
-                self._by_fd[fd] = None
+        for sock in (tun.client, tun.upstream):
+            if sock is not None:
+                self._forget(sock.fileno(), tun)
         tun.ending.parked = None
         if tun.entry is not None:
             tun.entry = None
@@ -144,6 +142,13 @@ class Parking:
         self.parked -= 1
         if self._on_count is not None:
             self._on_count(self.parked)
+
+    def _forget(self, fd: int, tun: Tunnel) -> None:
+        """Stop watching `fd` if it is one of `tun`'s."""
+        if 0 <= fd < len(self._by_fd) and self._by_fd[fd] is tun:
+            assert self._epoll is not None
+            self._epoll.unregister(fd)
+            self._by_fd[fd] = None
 
     async def _watch(self, epoll_fd: int) -> None:
         next_look = trio.current_time() + self.park_after
@@ -162,7 +167,7 @@ class Parking:
                 self._compact()
 
     def _wake_ready(self) -> None:
-        """Resume every parked tunnel with a side that turned ready."""
+        """Relay what parked tunnels' ready sides hold; resume those that need their pumps."""
         assert self._epoll is not None
         assert self._nursery is not None
         while True:
@@ -170,9 +175,14 @@ class Parking:
             for fd, _ in events:
                 tun = self._by_fd[fd]
                 if tun is None:
-                    continue  # its other side woke it in this batch
+                    continue  # its other side resumed or ended it in this batch
+                what = relay_ready(tun, fd)
+                if what == STAY:
+                    if not (tun.up_open if fd == _fileno(tun.client) else tun.down_open):
+                        self._forget(fd, tun)  # that side sent its FIN: half-closed, parked
+                    continue
                 self._unpark(tun)
-                if not wake(tun, fd):
+                if what == OVER:
                     self._ended(tun)
                     continue
                 assert tun.session is not None
@@ -188,6 +198,11 @@ class Parking:
             tun = entry[1]
             if tun.entry is not entry:
                 self._stale -= 1
+                continue
+            due = tun.due_at()
+            if due > now:  # bytes moved while it was parked: its idle end moved on
+                entry = tun.entry = (due, tun)
+                heapq.heappush(heap, entry)
                 continue
             tun.entry = None
             ending = tun.ending
@@ -219,3 +234,7 @@ class Parking:
     def _ended(tun: Tunnel) -> None:
         assert tun.session is not None
         tun.session.end_parked()
+
+
+def _fileno(sock: socket.socket | None) -> int:
+    return -1 if sock is None else sock.fileno()
