@@ -88,6 +88,7 @@ class Parking:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                nursery.start_soon(self._timers, name="parked tunnels' deadlines")
                 task_status.started()
                 await self._watch(self._epoll.fileno())
         finally:
@@ -151,13 +152,20 @@ class Parking:
             self._by_fd[fd] = None
 
     async def _watch(self, epoll_fd: int) -> None:
+        """Relay for parked tunnels as their sides turn ready: per message, the same steps as
+        a running tunnel's pump (no scope, no timer), plus one epoll_wait per batch."""
+        while True:
+            await trio.lowlevel.wait_readable(epoll_fd)
+            self._wake_ready()
+
+    async def _timers(self) -> None:
+        """End parked tunnels that are due, and look for running ones to park."""
         next_look = trio.current_time() + self.park_after
         while True:
             wake_at = min(next_look, self._heap[0][0]) if self._heap else next_look
             with trio.CancelScope(deadline=wake_at) as self._sleep:
-                await trio.lowlevel.wait_readable(epoll_fd)
+                await trio.sleep_forever()
             self._sleep = None
-            self._wake_ready()
             now = trio.current_time()
             self._expire(now)
             if now >= next_look:
