@@ -106,13 +106,23 @@ class Parking:
             self._ended(tun)
             return
         by_fd = self._by_fd
-        for sock, watched in ((tun.client, tun.up_open), (tun.upstream, tun.down_open)):
-            if watched and sock is not None:
-                fd = sock.fileno()
-                epoll.register(fd, _EVENTS)
-                if fd >= len(by_fd):
-                    by_fd.extend([None] * (fd + 1 - len(by_fd)))
-                by_fd[fd] = tun
+        try:
+            for sock, watched in ((tun.client, tun.up_open), (tun.upstream, tun.down_open)):
+                if watched and sock is not None:
+                    fd = sock.fileno()
+                    epoll.register(fd, _EVENTS)
+                    if fd >= len(by_fd):
+                        by_fd.extend([None] * (fd + 1 - len(by_fd)))
+                    by_fd[fd] = tun
+        except OSError as exc:
+            # No room in the epoll set (fs.epoll.max_user_watches): it keeps running instead.
+            log.warning("cannot park a tunnel: %s", exc)
+            for sock in (tun.client, tun.upstream):
+                if sock is not None:
+                    self._forget(sock.fileno(), tun)
+            assert tun.session is not None
+            self._nursery.start_soon(tun.session.resume, name="tunnel resumed")
+            return
         tun.ending.parked = tun
         self.parked += 1
         if self._on_count is not None:
@@ -184,7 +194,13 @@ class Parking:
                 tun = self._by_fd[fd]
                 if tun is None:
                     continue  # its other side resumed or ended it in this batch
-                what = relay_ready(tun, fd)
+                try:
+                    what = relay_ready(tun, fd)
+                except Exception:
+                    # A bug must cost this tunnel, never the waiter and every tunnel in it.
+                    log.exception("unexpected error in a parked tunnel")
+                    tun.finished("error")
+                    what = OVER
                 if what == STAY:
                     if not (tun.up_open if fd == _fileno(tun.client) else tun.down_open):
                         self._forget(fd, tun)  # that side sent its FIN: half-closed, parked

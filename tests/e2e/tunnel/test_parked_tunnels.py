@@ -120,10 +120,10 @@ def port_of(proc: ProxyProcess) -> int:
 # --- bytes, counts, log line (rules 5, 8, 11) ------------------------------------------
 
 
-def test_a_parked_tunnel_wakes_for_either_side_and_counts_every_byte(start, raw_upstream):
-    """Rule 5 and the access log: bytes from either side wake a parked tunnel and arrive in
-    order, unchanged; while parked it counts in tunnels_active and on its server; its log line
-    has every byte."""
+def test_a_parked_tunnel_relays_either_side_and_counts_every_byte(start, raw_upstream):
+    """Rule 5 and the access log: bytes from either side of a parked tunnel arrive in order,
+    unchanged (a message relayed by the waiter, a burst by the pumps it brings back); while
+    parked it counts in tunnels_active and on its server; its log line has every byte."""
     up = raw_upstream(hold_after_switch)
     admin = free_port()
     proc = start(config(up.port, admin))
@@ -135,7 +135,7 @@ def test_a_parked_tunnel_wakes_for_either_side_and_counts_every_byte(start, raw_
     assert value(families, "upgradeproxy_upstream_tunnels", server=f"{LOOPBACK}:{up.port}") == 1
     client.sendall(b"from the client, after a quiet spell")
     assert conn.read_exactly(36) == b"from the client, after a quiet spell"
-    assert parked(admin, 1)  # parked again
+    assert parked(admin, 1)  # still (or again) parked
     conn.send(b"x" * 70000)  # more than one read: the waiter relays some, the pumps the rest
     assert recv_exactly(client, 70000) == b"x" * 70000
     assert parked(admin, 1)
