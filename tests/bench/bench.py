@@ -49,7 +49,7 @@ TESTS: Final = (
 )  # fmt: skip
 PROFILED: Final = ("handshakes", "http", "rtt", "tunnel_up", "tunnel_down")
 MB: Final = 1e6  # throughput is in MB/s, 10^6 bytes per second
-# Longer than two of upgradeproxy's park delays (a tunnel parks 1-2 s after its last byte):
+# Longer than upgradeproxy's park delay (a tunnel parks 0.5-1 s after its last byte), twice:
 # idle tunnels are weighed parked, and a "quiet" tunnel is a parked one.
 QUIET: Final = 2.5
 

@@ -120,11 +120,14 @@ def _meminfo() -> dict[str, int]:
 
 
 def children(pid: int) -> list[int]:
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    return [int(x) for x in text.split()]
+    """The child processes of `pid`, whichever of its threads started them."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(x) for x in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return sorted(found)
 
 
 def rss_kib(pids: list[int]) -> int:
@@ -271,7 +274,10 @@ class Run:
 
     def workers(self) -> list[int]:
         assert self.proxy is not None
-        return children(self.proxy.pid) if self.plan.workers > 1 else [self.proxy.pid]
+        pids = children(self.proxy.pid) if self.plan.workers > 1 else [self.proxy.pid]
+        if len(pids) != self.plan.workers:
+            raise Failed(f"found {len(pids)} worker processes, expected {self.plan.workers}")
+        return pids
 
     def parked(self) -> int:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.admin}/metrics", timeout=10) as r:
