@@ -105,6 +105,28 @@ class Held:
             self.owner.connection_done(self.token)
 
 
+class Edge(Protocol):
+    """What the shared request path reads of a client connection, HTTP/1.1 (`Client`) or
+    HTTP/2 (`connection.http2`) alike: routing, admission, the upstream pool and preamble."""
+
+    @property
+    def origin(self) -> Origin: ...
+    @property
+    def rt(self) -> Runtime: ...
+    @property
+    def shared(self) -> Shared: ...
+    @property
+    def first(self) -> bool: ...
+    @property
+    def peer(self) -> Peer | None: ...
+    @property
+    def over_limit(self) -> str | None: ...
+    @property
+    def held(self) -> Held: ...
+    @property
+    def peer_ip(self) -> str: ...
+
+
 @dataclass(slots=True, eq=False)
 class Client:
     """One client connection's context."""
