@@ -157,6 +157,8 @@ class Switched:
 
     def _end(self, stats: TunnelStats, ending: Ending) -> None:
         """The tunnel is closed: forget it, uncount it, write its line."""
+        if self.tun is not None:
+            self.tun.session = None  # no cycle left for the garbage collector to find
         if self.tunnels is not None:
             self.tunnels.pop(ending, None)
         self._count_tunnel(ending, opened=False)
