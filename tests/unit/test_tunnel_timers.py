@@ -14,6 +14,7 @@ import pytest
 import trio
 
 from upgradeproxy.telemetry.metrics import ExchangeRecord, Telemetry
+from upgradeproxy.tunnel import parking as parking_module
 from upgradeproxy.tunnel.parking import PARK_AFTER, Parking, park_after_from_env
 from upgradeproxy.tunnel.session import Switched
 from upgradeproxy.tunnel.state import Ending
@@ -142,6 +143,43 @@ async def test_tunnel_idle_counts_from_the_last_byte_not_from_parking(
         assert rig.first_close == "idle"
         assert rig.owner.let_go_calls == 1
         assert rig.parking.parked == 0
+
+
+async def test_bytes_relayed_while_parked_move_the_idle_end(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Rule 5: a message relayed by the waiter (the tunnel stays parked) is a byte like any
+    other: with tunnel_idle 10, the tunnel closes 10 s after it, not after it parked."""
+    async with tunnel(idle=10.0) as rig:
+        await rig.until_parked()
+        await trio.sleep(6)
+        await rig.upstream.send(b"tick")
+        assert await rig.client.recv(4) == b"tick"
+        last_byte = trio.current_time()
+        assert rig.parking.parked == 1  # relayed without leaving the waiter
+        await rig.until_closed()
+        assert last_byte + 10 <= rig.ended_at <= last_byte + 10.1 + 0.01
+        assert rig.first_close == "idle"
+
+
+async def test_stale_deadlines_do_not_pile_up(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each burst brings the pumps back and leaves the old heap entry behind; past a bound the
+    waiter rebuilds its heap, so entries stay within a few of the tunnels parked."""
+    monkeypatch.setattr(parking_module, "_COMPACT_AT", 4)
+    burst = b"b" * 65536  # more than one read: the pumps take over
+    async with tunnel(idle=3600.0) as rig:
+        for _ in range(12):
+            await rig.until_parked()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send_all, rig.client, burst)
+                got = 0
+                while got < len(burst):
+                    got += len(await rig.upstream.recv(1 << 20))
+        await rig.until_parked()
+        await trio.sleep(3 * PARK)  # the waiter's timer task runs (and compacts) meanwhile
+        assert len(rig.parking._heap) <= 4 + 2 * rig.parking.parked
 
 
 async def test_a_lifetime_ends_a_parked_tunnel(autojump_clock: trio.testing.MockClock) -> None:
