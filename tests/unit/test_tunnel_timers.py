@@ -16,8 +16,9 @@ import trio
 from upgradeproxy.telemetry.metrics import ExchangeRecord, Telemetry
 from upgradeproxy.tunnel import parking as parking_module
 from upgradeproxy.tunnel.parking import PARK_AFTER, Parking, park_after_from_env
+from upgradeproxy.tunnel.relay import pump_splice
 from upgradeproxy.tunnel.session import Switched
-from upgradeproxy.tunnel.state import Ending
+from upgradeproxy.tunnel.state import Direction, Ending, Tunnel
 
 PARK = 1.0  # seconds: a tunnel parks between 1 and 2 s after its last byte
 
@@ -180,6 +181,28 @@ async def test_stale_deadlines_do_not_pile_up(
         await rig.until_parked()
         await trio.sleep(3 * PARK)  # the waiter's timer task runs (and compacts) meanwhile
         assert len(rig.parking._heap) <= 4 + 2 * rig.parking.parked
+
+
+async def test_a_tunnel_with_a_pump_of_its_own_gets_it_back_for_its_bytes(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A tunnel whose pump is not the byte splice (a frame-aware one, say) is not relayed by
+    the waiter: a message to it brings its pumps back, and they carry it."""
+    carried: list[str] = []
+
+    async def own_pump(tun: Tunnel, direction: Direction, src: int, dst: int) -> None:
+        carried.append(direction)
+        await pump_splice(tun, direction, src, dst)
+
+    async with tunnel() as rig:
+        await rig.until_parked()
+        tun = rig.switched.tun
+        assert tun is not None
+        tun.pump = own_pump
+        await rig.client.send(b"through its own pump")
+        assert await rig.upstream.recv(100) == b"through its own pump"
+        assert sorted(carried) == ["down", "up"]
+        await rig.until_parked()
 
 
 async def test_a_lifetime_ends_a_parked_tunnel(autojump_clock: trio.testing.MockClock) -> None:

@@ -131,7 +131,12 @@ OVER: Final = 2  # the tunnel ended (`first_close` is set)
 def relay_ready(tun: Tunnel, fd: int) -> int:
     """Parked `tun`'s source `fd` turned ready: relay what it holds now, as a pump's step
     would (one read, one write), so a message to a parked tunnel waits for no extra trip
-    through the scheduler and light traffic never brings the tasks back."""
+    through the scheduler and light traffic never brings the tasks back.
+
+    Only for the byte splice: a tunnel with a pump of its own (one that reads frames, say)
+    gets its pumps back instead, so that every byte goes through that pump."""
+    if tun.pump is not pump_splice:
+        return RUN
     client, upstream = tun.client, tun.upstream
     assert client is not None
     assert upstream is not None
