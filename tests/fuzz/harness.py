@@ -28,7 +28,7 @@ from tests.fuzz.strict import Rejected, Request, parse_requests
 from tests.support.configs import config_yaml, route
 from tests.support.wire import ws_accept
 from upgradeproxy.config.loader import parse_config
-from upgradeproxy.connection import exchange
+from upgradeproxy.connection import exchange, forward
 from upgradeproxy.connection.context import Peer, Runtime, Shared
 
 CONFIG = config_yaml(
@@ -148,12 +148,13 @@ async def _serve(data: bytes, eof: bool) -> Outcome:
 
 @contextmanager
 def _patched_connect(fn: Any) -> Iterator[None]:
-    original = exchange.connect
-    exchange.connect = fn  # type: ignore[assignment]
+    """Upstream connections come from `fn`: forward.py is where the exchange connects."""
+    original = forward.connect
+    forward.connect = fn  # type: ignore[assignment]
     try:
         yield
     finally:
-        exchange.connect = original  # type: ignore[assignment]
+        forward.connect = original  # type: ignore[assignment]
 
 
 # A request h11 lets be answered by anything, a 101 included.

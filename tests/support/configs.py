@@ -12,16 +12,13 @@ YAML text (line numbers, syntax errors) write it by hand.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 from tests.support.clients import LOOPBACK
-from upgradeproxy.config.loader import ConfigError, ConfigProblem, parse_config
 
 Data = dict[str, Any]
 Servers = int | str | Sequence[int | str]
@@ -123,27 +120,3 @@ def write_file(path: Path, text: str) -> Path:
     tmp.write_text(text)
     tmp.replace(path)
     return path
-
-
-# --- exact text, for the loader's line numbers ------------------------------------------------
-
-# Appended after a snippet for each required section it leaves out, so the line numbers in a
-# snippet count from its own first line.
-FILLER = {
-    "listen": 'listen:\n  - address: "127.0.0.1:8080"\n',
-    "upstreams": 'upstreams:\n  chat:\n    servers: ["127.0.0.1:9000"]\n',
-    "routes": "routes:\n  - upstream: chat\n",
-}
-
-
-def complete(snippet: str) -> str:
-    """YAML `snippet` plus whichever required top-level sections it does not define itself."""
-    missing = [text for key, text in FILLER.items() if not re.search(rf"^{key}:", snippet, re.M)]
-    return snippet + "".join(missing)
-
-
-def problems_of(text: str, base_dir: Path | None = None) -> list[ConfigProblem]:
-    """The problems the loader finds in `text` (it must find some)."""
-    with pytest.raises(ConfigError) as info:
-        parse_config(text, "proxy.yaml", base_dir=None if base_dir is None else str(base_dir))
-    return list(info.value.problems)

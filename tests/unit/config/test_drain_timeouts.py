@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support.configs import complete, problems_of
+from tests.support.config_text import complete, problems_of
 from upgradeproxy.config.loader import parse_config
 from upgradeproxy.config.model import Timeouts
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from tests.support.configs import FILLER, complete, problems_of
+from tests.support.config_text import FILLER, complete, problems_of
 from tests.support.processes import ROOT
 from upgradeproxy.config.loader import ConfigError, ConfigProblem, load_config, parse_config
 from upgradeproxy.config.model import (
