@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import ssl
 from dataclasses import dataclass, field
@@ -51,15 +52,42 @@ class Runtime:
 
 @dataclass(slots=True)
 class Shared:
-    """Process-wide state that outlives a reload."""
+    """Process-wide state that outlives a reload.
+
+    The drain, as a connection handler sees it: `draining` is the flag a response tests (from
+    then on it says `Connection: close`), `drain_began` the event a handler may wait on (an
+    HTTP/2 one sends GOAWAY), and every wait for a connection's next request registers its
+    cancel scope in `idle_waits`, whose deadline `begin_drain` shortens to the keep-alive grace.
+    """
 
     telemetry: Telemetry = field(default_factory=Telemetry)
     pool: Pool = field(default_factory=Pool)
     draining: bool = False
+    drain_began: trio.Event = field(default_factory=trio.Event)
+    drain_since: float = math.inf  # trio time the drain (or retirement) began
+    keepalive_grace: float = 0.0  # timeouts.keepalive_drain in force when it began
     idle_waits: set[trio.CancelScope] = field(default_factory=set)
     per_ip: AddressCounts = field(default_factory=AddressCounts)  # rule 14, this worker
     tunnels: set[Ending] = field(default_factory=set)  # open tunnels, for a spread drain
     book: ServerBook = field(default_factory=ServerBook)
+
+    def begin_drain(self, keepalive_grace: float) -> None:
+        """From now on responses say `Connection: close`, and a connection waiting for its next
+        request waits at most `keepalive_grace` more (see `idle_deadline`)."""
+        if self.draining:
+            return
+        self.draining = True
+        self.drain_since = trio.current_time()
+        self.keepalive_grace = keepalive_grace
+        end = self.drain_since + keepalive_grace
+        for scope in self.idle_waits:
+            scope.deadline = min(scope.deadline, end)
+        self.drain_began.set()
+
+    def idle_deadline(self, deadline: float) -> float:
+        """`deadline` for a wait for a next request that starts now, during a drain: a
+        connection that goes idle (or is accepted) after the drain began gets the whole grace."""
+        return min(deadline, trio.current_time() + self.keepalive_grace)
 
 
 @dataclass(slots=True, eq=False)

@@ -30,7 +30,8 @@ async def read_request(client: Client, rec: ExchangeRecord) -> h11.Request | Non
     """
     conn = client.http.h11
     timeouts = client.rt.config.timeouts
-    started = client.first or bool(conn.trailing_data[0])
+    arrived = bool(conn.trailing_data[0])  # a byte of this request is here already
+    started = client.first or arrived
     deadline = trio.current_time() + (timeouts.request_header if started else timeouts.idle)
     head = _check_raw_head(conn, client.rt.config.limits.max_request_header_bytes)
     while True:
@@ -44,34 +45,52 @@ async def read_request(client: Client, rec: ExchangeRecord) -> h11.Request | Non
             return event
         if event is not h11.NEED_DATA:
             return None  # ConnectionClosed
-        data = await _receive_until(client, deadline, started)
+        data = await _receive_until(client, deadline, started, idle=not arrived)
         if data is None:
             return None
-        if not started and data:
-            started = True
-            deadline = trio.current_time() + timeouts.request_header
+        if data and not arrived:
+            arrived = True
+            if not started:
+                started = True
+                deadline = trio.current_time() + timeouts.request_header
         conn.receive_data(data)
         if data:
             head = _check_raw_head(conn, client.rt.config.limits.max_request_header_bytes)
 
 
-async def _receive_until(client: Client, deadline: float, started: bool) -> bytes | None:
-    """One read before `deadline`; None if an idle keep-alive wait ran out (close quietly).
+async def _receive_until(
+    client: Client, deadline: float, started: bool, *, idle: bool
+) -> bytes | None:
+    """One read before `deadline`; None if an idle wait ran out (close quietly).
 
-    Raises RequestTimeout when a started head runs out of time, ClientGone on a broken stream.
+    `idle`: no byte of the request has arrived yet, so a drain may end the wait early (its
+    scope is in `shared.idle_waits`). Raises RequestTimeout when a started head runs out of
+    time, ClientGone on a broken stream.
     """
     with CLIENT_IO:
         data = client.http.try_receive_some()  # no scope when the bytes are already there
     if data is not None:
         return data
+    shared = client.shared
     with trio.CancelScope(deadline=deadline) as scope:
-        if not started:
-            client.shared.idle_waits.add(scope)
+        if idle:
+            shared.idle_waits.add(scope)
+            if shared.draining:
+                scope.deadline = shared.idle_deadline(deadline)
         try:
             with CLIENT_IO:
                 return await client.http.receive_some()
         finally:
-            client.shared.idle_waits.discard(scope)
+            shared.idle_waits.discard(scope)
+    if idle:
+        # Cancelling a wait does not look at the socket: bytes that came in the meantime (a
+        # request sent as the grace ran out) are read and answered, not reset by the close.
+        with CLIENT_IO:
+            data = await client.http.last_look(client.rt.config.timeouts.request_header)
+        if data is not None:
+            return data
+        if shared.draining:
+            return None  # no request on its way, not even a first one: close quietly
     if started:
         raise RequestTimeout("request head not received in time")
     return None
