@@ -1,8 +1,11 @@
 """The wait for a connection's next request during a drain (contract "Operations additions"):
 an idle keep-alive connection stays open for `timeouts.keepalive_drain`, a request that
 arrives in that time is read, and the wait's end never loses bytes already on the socket.
+Idle connections close at a random time between one and two graces, so their clients
+reconnect spread over a grace (docs/draining.md).
 
-`read_request` over a real socketpair, on trio's autojump clock: times are virtual and exact.
+`read_request` over a real socketpair, on trio's autojump clock: times are virtual and exact,
+and the random draw is fixed by the `draw` fixture.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import pytest
 import trio
 
 from upgradeproxy.config.loader import parse_config
+from upgradeproxy.connection import context
 from upgradeproxy.connection.context import Client, Runtime, Shared
 from upgradeproxy.connection.request import read_request
 from upgradeproxy.rules.plan import Origin
@@ -37,6 +41,14 @@ class Peers:
     client: Client
     shared: Shared
     peer: socket.socket  # the client's end, written to synchronously
+
+
+@pytest.fixture(params=[0.0, 0.5, 0.999], ids=["earliest", "middle", "latest"])
+def draw(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> float:
+    """The random draw that spreads idle closes over the second grace."""
+    value: float = request.param
+    monkeypatch.setattr(context.random, "random", lambda: value)
+    return value
 
 
 @pytest.fixture
@@ -69,45 +81,59 @@ async def read_in_background(peers: Peers, nursery: trio.Nursery) -> list[object
     return done
 
 
-async def test_an_idle_connection_is_released_when_the_grace_ends(peers, autojump_clock):
-    """Idle when the drain begins (at t=5): the wait ends at 5 + grace, not at the idle timeout
-    (t=60), and not at once."""
+def spread(draw: float) -> float:
+    """How long after it began (or met the drain) an idle wait ends: one to two graces."""
+    return GRACE * (1 + draw)
+
+
+async def test_an_idle_connection_is_released_after_the_grace(peers, draw, autojump_clock):
+    """Idle when the drain begins (at t=5): the wait ends one to two graces later, not at the
+    idle timeout (t=60), and not at once."""
     async with trio.open_nursery() as nursery:
         done = await read_in_background(peers, nursery)
         await trio.sleep(5)
         peers.shared.begin_drain(GRACE)
-    assert done == [None, 5 + GRACE]
+    assert done == [None, 5 + spread(draw)]
 
 
 async def test_a_connection_that_goes_idle_during_the_drain_gets_the_whole_grace(
-    peers, autojump_clock
+    peers, draw, autojump_clock
 ):
     """The drain began at t=0; a connection whose wait starts at t=10 (its last response left
     before the drain) still gets the grace for its next request."""
     peers.shared.begin_drain(GRACE)
     await trio.sleep(10)
-    assert await read(peers) == (None, 10 + GRACE)
+    assert await read(peers) == (None, 10 + spread(draw))
 
 
-async def test_a_connection_that_never_sent_a_request_is_idle_too(peers, autojump_clock):
+async def test_a_connection_that_never_sent_a_request_is_idle_too(peers, draw, autojump_clock):
     """An accepted connection still waiting for its first request (`request_header` 30 s)
-    is closed quietly at the end of the grace: no 408."""
+    is closed quietly after the grace: no 408."""
     peers.client.first = True
     async with trio.open_nursery() as nursery:
         done = await read_in_background(peers, nursery)
         peers.shared.begin_drain(GRACE)
-    assert done == [None, GRACE]
+    assert done == [None, spread(draw)]
 
 
-async def test_a_request_sent_inside_the_grace_is_read(peers, autojump_clock):
+async def test_a_request_sent_inside_the_grace_is_read(peers, draw, autojump_clock):
     async with trio.open_nursery() as nursery:
         done = await read_in_background(peers, nursery)
         peers.shared.begin_drain(GRACE)
-        await trio.sleep(GRACE - 0.5)
+        await trio.sleep(GRACE - 0.01)
         peers.peer.sendall(REQUEST)
     request, at = done
     assert isinstance(request, h11.Request)
-    assert (request.target, at) == (b"/next", GRACE - 0.5)
+    assert (request.target, at) == (b"/next", GRACE - 0.01)
+
+
+async def test_a_zero_grace_ends_idle_waits_at_once(peers, draw, autojump_clock):
+    """`keepalive_drain: 0`: nothing to spread, the wait ends as the drain begins."""
+    async with trio.open_nursery() as nursery:
+        done = await read_in_background(peers, nursery)
+        await trio.sleep(5)
+        peers.shared.begin_drain(0.0)
+    assert done == [None, 5.0]
 
 
 @pytest.mark.parametrize("grace", [pytest.param(GRACE, id="grace"), pytest.param(0.0, id="zero")])

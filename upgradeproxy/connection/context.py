@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import ssl
 from dataclasses import dataclass, field
 
@@ -73,21 +74,26 @@ class Shared:
 
     def begin_drain(self, keepalive_grace: float) -> None:
         """From now on responses say `Connection: close`, and a connection waiting for its next
-        request waits at most `keepalive_grace` more (see `idle_deadline`)."""
+        request waits no longer than `_idle_end` allows."""
         if self.draining:
             return
         self.draining = True
         self.drain_since = trio.current_time()
         self.keepalive_grace = keepalive_grace
-        end = self.drain_since + keepalive_grace
         for scope in self.idle_waits:
-            scope.deadline = min(scope.deadline, end)
+            scope.deadline = min(scope.deadline, self._idle_end(self.drain_since))
         self.drain_began.set()
 
     def idle_deadline(self, deadline: float) -> float:
         """`deadline` for a wait for a next request that starts now, during a drain: a
         connection that goes idle (or is accepted) after the drain began gets the whole grace."""
-        return min(deadline, trio.current_time() + self.keepalive_grace)
+        return min(deadline, self._idle_end(trio.current_time()))
+
+    def _idle_end(self, start: float) -> float:
+        """When an idle wait that began (or met the drain) at `start` ends: a random time
+        between one and two graces later, so that idle clients reconnect spread over a grace
+        rather than all at once (HAProxy's close-spread-time; docs/draining.md measures it)."""
+        return start + self.keepalive_grace * (1.0 + random.random())
 
 
 @dataclass(slots=True, eq=False)
