@@ -11,6 +11,7 @@ and the random draw is fixed by the `draw` fixture.
 from __future__ import annotations
 
 import socket
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -154,3 +155,44 @@ async def test_bytes_already_on_the_socket_when_the_wait_is_cut_are_read(peers, 
 
 async def test_without_a_drain_the_idle_timeout_still_applies(peers, autojump_clock):
     assert await read(peers) == (None, 60.0)
+
+
+async def test_behind_tls_bytes_on_the_socket_when_the_wait_is_cut_are_read(ca):
+    """The same behind TLS, where the socket (not the TLS layer) tells that something came."""
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("proxy.test").configure_cert(server_ctx)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    ours, theirs = trio.socket.socketpair()
+    tls = trio.SSLStream(trio.SocketStream(ours), server_ctx, server_side=True)
+    peer = client_ctx.wrap_socket(
+        socket.socket(fileno=theirs.detach()),
+        server_hostname="proxy.test",
+        do_handshake_on_connect=False,
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.to_thread.run_sync, peer.do_handshake)
+        await tls.do_handshake()
+    shared = Shared()
+    rt = Runtime.build(parse_config(CONFIG, "t.yaml"))
+    client = Client(
+        HttpStream(h11.Connection(h11.SERVER), tls),
+        Origin("127.0.0.1", b"https"),
+        rt,
+        shared,
+        first=False,
+    )
+    peers = Peers(client, shared, peer)
+    try:
+        async with trio.open_nursery() as nursery:
+            done = await read_in_background(peers, nursery)
+            shared.begin_drain(GRACE)
+            peer.sendall(REQUEST)
+            for scope in list(shared.idle_waits):
+                scope.cancel()
+        request, _ = done
+        assert isinstance(request, h11.Request)
+        assert request.target == b"/next"
+    finally:
+        peer.close()
+        ours.close()
