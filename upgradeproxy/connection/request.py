@@ -30,8 +30,7 @@ async def read_request(client: Client, rec: ExchangeRecord) -> h11.Request | Non
     """
     conn = client.http.h11
     timeouts = client.rt.config.timeouts
-    arrived = bool(conn.trailing_data[0])  # a byte of this request is here already
-    started = client.first or arrived
+    started = client.first or bool(conn.trailing_data[0])
     deadline = trio.current_time() + (timeouts.request_header if started else timeouts.idle)
     head = _check_raw_head(conn, client.rt.config.limits.max_request_header_bytes)
     while True:
@@ -45,33 +44,32 @@ async def read_request(client: Client, rec: ExchangeRecord) -> h11.Request | Non
             return event
         if event is not h11.NEED_DATA:
             return None  # ConnectionClosed
-        data = await _receive_until(client, deadline, started, idle=not arrived)
+        data = await _receive_until(client, deadline, started)
         if data is None:
             return None
-        if data and not arrived:
-            arrived = True
-            if not started:
-                started = True
-                deadline = trio.current_time() + timeouts.request_header
+        if not started and data:
+            started = True
+            deadline = trio.current_time() + timeouts.request_header
         conn.receive_data(data)
         if data:
             head = _check_raw_head(conn, client.rt.config.limits.max_request_header_bytes)
 
 
-async def _receive_until(
-    client: Client, deadline: float, started: bool, *, idle: bool
-) -> bytes | None:
+async def _receive_until(client: Client, deadline: float, started: bool) -> bytes | None:
     """One read before `deadline`; None if an idle wait ran out (close quietly).
 
-    `idle`: no byte of the request has arrived yet, so a drain may end the wait early (its
-    scope is in `shared.idle_waits`). Raises RequestTimeout when a started head runs out of
-    time, ClientGone on a broken stream.
+    A wait before any byte of the request (a keep-alive connection between requests, or a new
+    one before its first) is idle: a drain may end it early (its scope is in
+    `shared.idle_waits`). Raises RequestTimeout when a started head runs out of time,
+    ClientGone on a broken stream.
     """
     with CLIENT_IO:
         data = client.http.try_receive_some()  # no scope when the bytes are already there
     if data is not None:
         return data
     shared = client.shared
+    # Between requests `started` says it; a first request has its own deadline from the start.
+    idle = not started or (client.first and not client.http.h11.trailing_data[0])
     with trio.CancelScope(deadline=deadline) as scope:
         if idle:
             shared.idle_waits.add(scope)
