@@ -146,7 +146,7 @@ async def test_bytes_already_on_the_socket_when_the_wait_is_cut_are_read(peers, 
         done = await read_in_background(peers, nursery)
         peers.shared.begin_drain(grace)
         peers.peer.sendall(REQUEST)
-        for scope in list(peers.shared.idle_waits):
+        for scope in list(peers.shared.keepalive_waits):
             scope.cancel()
     request, _ = done
     assert isinstance(request, h11.Request)
@@ -188,7 +188,7 @@ async def test_behind_tls_bytes_on_the_socket_when_the_wait_is_cut_are_read(ca):
             done = await read_in_background(peers, nursery)
             shared.begin_drain(GRACE)
             peer.sendall(REQUEST)
-            for scope in list(shared.idle_waits):
+            for scope in list(shared.keepalive_waits):
                 scope.cancel()
         request, _ = done
         assert isinstance(request, h11.Request)

@@ -7,6 +7,7 @@ import os
 import random
 import ssl
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import trio
 
@@ -54,10 +55,12 @@ class Runtime:
 class Shared:
     """Process-wide state that outlives a reload.
 
-    The drain, as a connection handler sees it: `draining` is the flag a response tests (from
-    then on it says `Connection: close`), `drain_began` the event a handler may wait on (an
-    HTTP/2 one sends GOAWAY), and every wait for a connection's next request registers its
-    cancel scope in `idle_waits`, whose deadline `begin_drain` shortens to the keep-alive grace.
+    The drain, as a connection handler sees it (`begin_drain` starts it): `draining` is the
+    flag a response tests (from then on it says `Connection: close`); `drain_began` an event a
+    handler may wait on; a cancel scope in `idle_waits` is cancelled the moment the drain
+    begins (an HTTP/2 connection's read, which then sends GOAWAY); and an HTTP/1.1 wait for a
+    next request registers its scope in `keepalive_waits`, whose deadline the drain shortens
+    to the keep-alive grace (see `idle_deadline`).
     """
 
     telemetry: Telemetry = field(default_factory=Telemetry)
@@ -66,21 +69,24 @@ class Shared:
     drain_began: trio.Event = field(default_factory=trio.Event)
     drain_since: float = math.inf  # trio time the drain (or retirement) began
     keepalive_grace: float = 0.0  # timeouts.keepalive_drain in force when it began
-    idle_waits: set[trio.CancelScope] = field(default_factory=set)
+    idle_waits: set[trio.CancelScope] = field(default_factory=set)  # woken when it begins
+    keepalive_waits: set[trio.CancelScope] = field(default_factory=set)  # given the grace
     per_ip: AddressCounts = field(default_factory=AddressCounts)  # rule 14, this worker
     tunnels: set[Ending] = field(default_factory=set)  # open tunnels, for a spread drain
     book: ServerBook = field(default_factory=ServerBook)
 
     def begin_drain(self, keepalive_grace: float) -> None:
-        """From now on responses say `Connection: close`, and a connection waiting for its next
-        request waits no longer than `_idle_end` allows."""
+        """From now on responses say `Connection: close`, a connection waiting for its next
+        request waits no longer than `_idle_end` allows, and `idle_waits` are woken."""
         if self.draining:
             return
         self.draining = True
         self.drain_since = trio.current_time()
         self.keepalive_grace = keepalive_grace
-        for scope in self.idle_waits:
+        for scope in self.keepalive_waits:
             scope.deadline = min(scope.deadline, self._idle_end(self.drain_since))
+        for scope in list(self.idle_waits):
+            scope.cancel()
         self.drain_began.set()
 
     def idle_deadline(self, deadline: float) -> float:
@@ -103,6 +109,28 @@ class Held:
     admitted: str | None = None  # the address counted against max_connections_per_ip
     # Keep-alive connections whose PROXY header named this client: reused by it alone.
     own_pool: Pool | None = None
+
+
+class Edge(Protocol):
+    """What the shared request path reads of a client connection, HTTP/1.1 (`Client`) or
+    HTTP/2 (`connection.http2`) alike: routing, admission, the upstream pool and preamble."""
+
+    @property
+    def origin(self) -> Origin: ...
+    @property
+    def rt(self) -> Runtime: ...
+    @property
+    def shared(self) -> Shared: ...
+    @property
+    def first(self) -> bool: ...
+    @property
+    def peer(self) -> Peer | None: ...
+    @property
+    def over_limit(self) -> str | None: ...
+    @property
+    def held(self) -> Held: ...
+    @property
+    def peer_ip(self) -> str: ...
 
 
 @dataclass(slots=True, eq=False)

@@ -60,7 +60,7 @@ async def _receive_until(client: Client, deadline: float, started: bool) -> byte
 
     A wait before any byte of the request (a keep-alive connection between requests, or a new
     one before its first) is idle: a drain may end it early (its scope is in
-    `shared.idle_waits`). Raises RequestTimeout when a started head runs out of time,
+    `shared.keepalive_waits`). Raises RequestTimeout when a started head runs out of time,
     ClientGone on a broken stream.
     """
     with CLIENT_IO:
@@ -72,14 +72,14 @@ async def _receive_until(client: Client, deadline: float, started: bool) -> byte
     idle = not started or (client.first and not client.http.h11.trailing_data[0])
     with trio.CancelScope(deadline=deadline) as scope:
         if idle:
-            shared.idle_waits.add(scope)
+            shared.keepalive_waits.add(scope)
             if shared.draining:
                 scope.deadline = shared.idle_deadline(deadline)
         try:
             with CLIENT_IO:
                 return await client.http.receive_some()
         finally:
-            shared.idle_waits.discard(scope)
+            shared.keepalive_waits.discard(scope)
     if idle:
         # Cancelling a wait does not look at the socket: bytes that came in the meantime (a
         # request sent as the grace ran out) are read and answered, not reset by the close.

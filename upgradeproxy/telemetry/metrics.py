@@ -84,6 +84,7 @@ class ExchangeRecord:
     request_id: str = ""
     user_agent: str = ""
     client_cert: str = ""  # the verified TLS client certificate's subject
+    http_version: str = "1.1"  # the client's: "1.0", "1.1" or "2" (tunnel lines too)
 
     def as_log(self) -> dict[str, object]:
         """The log fields: every field the contract lists, even when empty (so a line always
