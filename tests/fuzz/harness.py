@@ -28,7 +28,7 @@ import trio.testing
 
 from tests.fuzz.strict import Rejected, Request, parse_requests
 from upgradeproxy.config.loader import parse_config
-from upgradeproxy.connection import exchange
+from upgradeproxy.connection import exchange, forward
 from upgradeproxy.connection.context import Peer, Runtime, Shared
 
 CONFIG = """
@@ -166,12 +166,12 @@ async def _serve(data: bytes, eof: bool) -> Outcome:
 
 @contextmanager
 def _patched_connect(fn: Any) -> Iterator[None]:
-    original = exchange.connect
-    exchange.connect = fn  # type: ignore[assignment]
+    original = forward.connect
+    forward.connect = fn  # type: ignore[assignment]
     try:
         yield
     finally:
-        exchange.connect = original  # type: ignore[assignment]
+        forward.connect = original  # type: ignore[assignment]
 
 
 # A request h11 lets be answered by anything, a 101 included.
