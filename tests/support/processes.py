@@ -130,8 +130,9 @@ class Process:
         return self.popen.poll() is None
 
     def finished(self) -> bool:
-        """Exited, with everything it wrote readable."""
-        if self.popen.poll() is None:
+        """Exited, with everything it wrote readable: no process of its session (a worker, a
+        generation it handed over to) is left to write to the same files."""
+        if self.popen.poll() is None or procfs.session(self.pid):
             return False
         if self._pump is not None:
             self._pump.join(WAIT)
@@ -293,6 +294,51 @@ class ProxyProcess(Process):
         """Log lines at error level or worse, or with a traceback: never expected."""
         bad = re.compile(r'"level": "(error|critical)"|Traceback')
         return [line for line in self.lines() if bad.search(line)]
+
+    # --- generations: after a SIGUSR2 a lone process hands over to a new one -------------
+
+    @property
+    def serving_pid(self) -> int:
+        """The process that takes signals: ours, or the generation it last handed over to
+        (not our child: it logs to our stderr all the same)."""
+        for line in reversed(self.lines()):  # the newest handover (a JSON log only)
+            if '"upgrade: new process accepts; retiring"' in line:
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    return int(json.loads(line)["new_pid"])
+        return self.pid
+
+    def serving(self) -> bool:
+        """Whether the serving process (see `serving_pid`) is alive."""
+        pid = self.serving_pid
+        return self.alive() if pid == self.pid else not procfs.gone(pid)
+
+    def processes(self) -> set[int]:
+        """Every live process of this proxy: supervisor, workers, every generation."""
+        return procfs.session(self.pid)
+
+    def all_descriptors(self) -> int:
+        """Descriptors held by all of `processes()` (one that exits meanwhile counts 0)."""
+        total = 0
+        for pid in self.processes():
+            with contextlib.suppress(OSError):
+                total += procfs.descriptors(pid)
+        return total
+
+    def reload(self) -> None:
+        os.kill(self.serving_pid, signal.SIGHUP)
+
+    def upgrade(self) -> None:
+        """SIGUSR2 to the serving process: a new generation takes the sockets over."""
+        os.kill(self.serving_pid, signal.SIGUSR2)
+
+    def stop(self, grace: float = WAIT, group: bool = False) -> int | None:
+        """As `Process.stop`; after an upgrade the SIGTERM goes to the serving generation and
+        the wait is for every process of the proxy."""
+        if self.serving_pid != self.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.serving_pid, signal.SIGTERM)
+            eventually(lambda: not self.processes(), grace)
+        return super().stop(grace, group)
 
 
 class DemoProcess(Process):

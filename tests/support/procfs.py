@@ -54,3 +54,16 @@ def gone(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
     except FileNotFoundError:
         return True
+
+
+def session(sid: int) -> set[int]:
+    """The live processes of session `sid` (a process started in a new session has its own pid
+    as the id; its workers and every generation it hands over to inherit it)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+                if fields[0] != "Z" and int(fields[3]) == sid:
+                    found.add(int(entry))
+    return found

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import operator
-import select
 import socket
 from collections.abc import Callable
 from types import TracebackType
@@ -125,6 +124,20 @@ class HttpStream:
             return sock.recv(MAX_RECV)
         except BlockingIOError:
             return None
+
+    async def last_look(self, wait: float) -> bytes | None:
+        """After a cancelled read: what arrived meanwhile (b"" at EOF), None if nothing did.
+
+        Behind TLS (or a PROXY header) the socket only tells that something came: it is read
+        within `wait`. Raises STREAM_ERRORS.
+        """
+        if self._sock is not None:
+            return self.try_receive_some()
+        if not bytes_waiting(self.stream):
+            return None
+        with trio.move_on_after(wait):
+            return cast(bytes, await self.stream.receive_some(MAX_RECV))
+        return None
 
     def try_receive(self) -> bool:
         """`try_receive_some` into h11: True if it read (or saw EOF); raises PeerClosed."""
@@ -267,13 +280,36 @@ def raw_socket(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
             return None
 
 
+def bytes_waiting(stream: trio.abc.Stream) -> bool:
+    """Whether the socket under `stream` has something to read now (bytes, or an EOF)."""
+    sock = raw_socket(stream)
+    inner = None if sock is None or sock.fileno() < 0 else _inner_socket(sock)
+    if inner is None:
+        return False
+    try:
+        inner.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True  # a reset: the next read says so
+    return True
+
+
 def looks_closed(stream: trio.abc.Stream) -> bool:
     """An idle keep-alive connection that turned readable was closed (or is talking out of turn)."""
     sock = raw_socket(stream)
-    if sock is None or sock.fileno() < 0:
+    inner = None if sock is None else _inner_socket(sock)
+    if inner is None or inner.fileno() < 0:
         return True
-    readable, _, _ = select.select([sock.fileno()], [], [], 0)
-    return bool(readable)
+    # A peek rather than select(): select() cannot take a descriptor of 1024 or more, and a
+    # proxy holding thousands of tunnels has those.
+    try:
+        inner.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    return True  # EOF, or bytes nobody asked for
 
 
 async def linger(stream: trio.abc.Stream, seconds: float = 1.0, limit: int = 1 << 20) -> None:
