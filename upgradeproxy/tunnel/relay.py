@@ -14,13 +14,13 @@ import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Final, Literal
+from typing import Final, Literal, Protocol
 
 import trio
 
 from upgradeproxy.transport.streams import STREAM_ERRORS
 
-__all__ = ["Direction", "Ending", "TunnelStats", "run_tunnel"]
+__all__ = ["Direction", "Ending", "FrameRelay", "TunnelStats", "run_tunnel"]
 
 Direction = Literal["up", "down"]  # up = client->upstream, down = upstream->client
 OnBytes = Callable[[Direction, int], None]
@@ -45,6 +45,14 @@ _SMALL: Final = 16384
 _BULK_PIPE_SIZE: Final = 262144
 
 
+class FrameRelay(Protocol):
+    """Pumps that read what they relay (tunnel/websocket.py), in place of the byte splice."""
+
+    def pumps(
+        self, tun: _Tunnel, client: trio.abc.Stream, upstream: trio.abc.Stream, allow_splice: bool
+    ) -> tuple[Pump, Pump]: ...
+
+
 @dataclass(slots=True)
 class TunnelStats:
     """Counters of one tunnel, filled in place so a cancelled caller still sees them.
@@ -54,9 +62,9 @@ class TunnelStats:
 
     bytes_up: int = 0  # client -> upstream
     bytes_down: int = 0  # upstream -> client
-    # "client" | "upstream" | "idle" | "error" | "cancelled", or an `Ending`'s reason
+    # "client" | "upstream" | "idle" | "error" | "cancelled" | "policy", or an `Ending`'s reason
     first_close: str = ""
-    path: str = ""  # "splice" | "portable"
+    path: str = ""  # "splice" | "portable", "+frames" when a FrameRelay reads them
     duration: float = 0.0
 
 
@@ -158,9 +166,10 @@ async def run_tunnel(
     stats: TunnelStats | None = None,
     allow_splice: bool = True,
     ending: Ending | None = None,
+    frames: FrameRelay | None = None,
 ) -> TunnelStats:
     """Splice `client` and `upstream` until both directions end, one fails, it goes idle, or
-    `ending` comes due.
+    `ending` comes due; `frames` relays instead (rule 18) and may end it too.
 
     Both streams are closed on return. Outside cancellation closes them and propagates.
     """
@@ -169,7 +178,10 @@ async def run_tunnel(
     stats = stats if stats is not None else TunnelStats()
     ending = ending if ending is not None else Ending()
     tun = _Tunnel(stats, idle_timeout, buffer_size, on_bytes, ending)
-    up, down = _pumps(tun, client, upstream, allow_splice)
+    if frames is None:
+        up, down = _pumps(tun, client, upstream, allow_splice)
+    else:
+        up, down = frames.pumps(tun, client, upstream, allow_splice)
     started = trio.current_time()
     graceful = False
     try:

@@ -19,6 +19,7 @@ from upgradeproxy.pool.balancer import Balancer
 from upgradeproxy.telemetry.metrics import ExchangeRecord, Telemetry
 from upgradeproxy.transport.streams import STREAM_ERRORS, aclose_quietly
 from upgradeproxy.tunnel.relay import Ending, TunnelStats, run_tunnel
+from upgradeproxy.tunnel.websocket import FramedTunnel
 
 # Rule 13: a lifetime ends 0-10% late, at random, so a wave of tunnels opened together (after
 # a deploy, a network blip) does not come back as a wave of reconnects.
@@ -40,6 +41,7 @@ class Switched:
     release: tuple[Balancer, Server] | None = None
     lifetime: float = 0.0  # timeouts.tunnel_max_lifetime; 0: none
     tunnels: set[Ending] | None = None  # the process's open tunnels, for a spread drain
+    frames: FramedTunnel | None = None  # rule 18: the route's `websocket` block reads frames
 
     async def run(self) -> None:
         """Splice until both sides are done; the tunnel's log line is written when it closes."""
@@ -55,11 +57,14 @@ class Switched:
             self.tunnels.add(ending)
         self._count_tunnel(opened=True)
         try:
+            if self.frames is not None:  # the pumps pass the early bytes, gated
+                self.frames.early(self.client_rest, self.upstream_rest)
+                stats.bytes_up = stats.bytes_down = 0
             # Bytes behind the 101 head go first to the client; early client bytes only now.
-            if self.upstream_rest:
+            elif self.upstream_rest:
                 await self.client.send_all(self.upstream_rest)
                 telemetry.tunnel_moved("down", len(self.upstream_rest))
-            if self.client_rest:
+            if self.client_rest and self.frames is None:
                 await self.upstream.send_all(self.client_rest)
                 telemetry.tunnel_moved("up", len(self.client_rest))
             self.client_rest = self.upstream_rest = b""
@@ -70,6 +75,7 @@ class Switched:
                 on_bytes=telemetry.tunnel_moved,
                 stats=stats,
                 ending=ending,
+                frames=self.frames,
             )
         except STREAM_ERRORS:
             stats.first_close = stats.first_close or "error"
@@ -81,6 +87,8 @@ class Switched:
             rec = self.rec
             rec.bytes_in, rec.bytes_out = stats.bytes_up, stats.bytes_down
             rec.first_close = stats.first_close
+            if self.frames is not None:
+                self.frames.report(rec)
             rec.duration = time.monotonic() - rec.started
             telemetry.tunnel_closed(rec)
 

@@ -1,0 +1,339 @@
+"""The frame-aware relay of a route with a `websocket` block (contract rule 18).
+
+Each direction's bytes pass a `FrameGate` (rules/websocket_frames.py), which reads the frame
+headers and counts payloads; every byte it lets through goes on unchanged. On raw sockets
+under Linux a payload the gate has vouched for is spliced in the kernel in exact lengths, so
+bulk never enters Python; the headers (and small frames) are read into Python, 16 KiB at most
+at a time. Elsewhere (TLS, other streams) every byte is copied through Python.
+
+On a violation the offending direction has stopped on a frame boundary; the other direction
+is asked to stop on its next one. Then the offender gets a Close with the rule's code, the
+other side a Close 1001 (masked, as a client's must be, when it goes to the server), and the
+tunnel closes. A Close goes nowhere that is not on a frame boundary, half-closed, or already
+sent one.
+
+`FramedTunnel` is a plain object the tunnel holds, not its tasks: the frame state outlives
+the pump tasks (a parked tunnel keeps it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Final
+
+import trio
+
+from upgradeproxy.config.model import WebSocketLimits
+from upgradeproxy.rules.websocket_frames import (
+    CLOSE_GOING_AWAY,
+    FrameGate,
+    FramePolicy,
+    RateBucket,
+    Violation,
+    close_frame,
+    reserved_bits,
+)
+from upgradeproxy.telemetry.metrics import ExchangeRecord, Telemetry
+from upgradeproxy.transport.streams import STREAM_ERRORS
+from upgradeproxy.tunnel.relay import (
+    _BULK_PIPE_SIZE,
+    _HAVE_SPLICE,
+    _SMALL,
+    _SPLICE_FLAGS,
+    Direction,
+    Pump,
+    _close_pipe,
+    _drain_pipe,
+    _open_pipe,
+    _Tunnel,
+    _write_all,
+)
+
+__all__ = ["FramedTunnel", "framed_tunnel"]
+
+# How long the other direction may take to finish the frame under way, and a Close frame to
+# be written, before the tunnel closes without it.
+_CLOSE_GRACE: Final = 1.0
+# A payload at least this long is spliced; shorter ones ride along with the headers.
+_SPLICE_MIN: Final = 16384
+_SMALL_READ: Final = _SMALL
+
+Counter = Callable[[float], None]
+_Pump = Callable[[], Awaitable["Violation | None"]]
+
+
+def framed_tunnel(
+    limits: WebSocketLimits | None,
+    protocols: list[bytes],
+    extensions: list[bytes],
+    route: str,
+    telemetry: Telemetry,
+) -> FramedTunnel | None:
+    """The frame state for a tunnel that switched to `protocols` (the 101's `Upgrade`, or an
+    RFC 8441 CONNECT's `:protocol`) with `extensions` (its `Sec-WebSocket-Extensions` values),
+    or None: a route without a `websocket` block, or a tunnel that is not a WebSocket."""
+    if limits is None or not any(p.lower() == b"websocket" for p in protocols):
+        return None
+    return FramedTunnel(limits, extensions, route, telemetry)
+
+
+class _Way:
+    """One direction while the pumps run: its gate, its own cancel scope (to stop it while it
+    waits for bytes on a frame boundary) and whether it has ended or halted."""
+
+    __slots__ = (
+        "direction", "dst", "ended", "gate", "halted", "inc", "reported", "scope", "waiting",
+    )  # fmt: skip
+
+    def __init__(
+        self, direction: Direction, gate: FrameGate, dst: trio.abc.Stream, inc: Counter
+    ) -> None:
+        self.direction = direction
+        self.gate = gate
+        self.dst = dst
+        self.inc = inc
+        self.reported = gate.messages  # messages already added to the metric
+        self.scope = trio.CancelScope()
+        self.waiting = False  # in a receive, at a point where cancelling loses nothing
+        self.halted = trio.Event()  # stopped on a boundary, or ended
+        self.ended = False  # its source ended: the relay half-closes `dst`
+
+    def count(self) -> None:
+        """Add the messages let through since the last call to the route's counter."""
+        if (n := self.gate.messages - self.reported) > 0:
+            self.reported += n
+            self.inc(n)
+
+
+class FramedTunnel:
+    """The frame state of one WebSocket tunnel: a gate per direction, and what ended it."""
+
+    __slots__ = ("_first", "down", "route", "telemetry", "up", "violation", "ways")
+
+    def __init__(
+        self,
+        limits: WebSocketLimits,
+        extensions: list[bytes],
+        route: str,
+        telemetry: Telemetry,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        rsv_first, rsv_rest = reserved_bits(extensions)
+
+        def policy(sender: str) -> FramePolicy:
+            return FramePolicy(
+                "client" if sender == "client" else "server",
+                limits.max_frame_bytes, limits.max_message_bytes, rsv_first, rsv_rest,
+            )  # fmt: skip
+
+        rate = limits.messages_per_second
+        self.up = FrameGate(policy("client"), RateBucket(rate, clock) if rate else None)
+        self.down = FrameGate(policy("server"))
+        self.route = route
+        self.telemetry = telemetry
+        self.violation: Violation | None = None
+        self.ways: dict[str, _Way] = {}
+        self._first: dict[str, bytes] = {}
+
+    def early(self, client_rest: bytes, upstream_rest: bytes) -> None:
+        """Bytes that came behind the handshake heads: the pumps pass them first, gated."""
+        self._first = {"up": client_rest, "down": upstream_rest}
+
+    def pumps(
+        self, tun: _Tunnel, client: trio.abc.Stream, upstream: trio.abc.Stream, allow_splice: bool
+    ) -> tuple[Pump, Pump]:
+        """One frame-reading pump per direction (the relay's `_pumps` hook)."""
+        up_counter, down_counter = self.telemetry.websocket_counters(self.route)
+        up = _Way("up", self.up, upstream, up_counter.inc)
+        down = _Way("down", self.down, client, down_counter.inc)
+        self.ways = {"up": up, "down": down}
+        pumps: tuple[_Pump, _Pump]
+        if (
+            allow_splice
+            and _HAVE_SPLICE
+            and isinstance(client, trio.SocketStream)
+            and isinstance(upstream, trio.SocketStream)
+        ):
+            tun.stats.path = "splice+frames"
+            pumps = (
+                partial(_pump_splice, self, tun, up, client, upstream),
+                partial(_pump_splice, self, tun, down, upstream, client),
+            )
+        else:
+            tun.stats.path = "portable+frames"
+            pumps = (
+                partial(_pump_portable, self, tun, up, client, upstream),
+                partial(_pump_portable, self, tun, down, upstream, client),
+            )
+        return partial(self._run, tun, up, pumps[0]), partial(self._run, tun, down, pumps[1])
+
+    def report(self, rec: ExchangeRecord) -> None:
+        """Fill the tunnel's log line and count a policy close, once the tunnel has ended."""
+        rec.messages_in, rec.messages_out = self.up.messages, self.down.messages
+        for way in self.ways.values():
+            way.count()
+        if self.violation is not None:
+            rec.error = str(self.violation)
+            self.telemetry.websocket_closed(self.route, self.violation.code)
+
+    async def _run(self, tun: _Tunnel, way: _Way, pump: _Pump) -> None:
+        """Run `pump` for `way`; a halted pump waits here for the tunnel to end, so the relay
+        neither half-closes its destination nor calls it the side that closed first."""
+        try:
+            with way.scope:
+                first = self._first.pop(way.direction, b"")
+                if first:
+                    tun.touch()
+                    if await self._pass(tun, way, first):
+                        return await self._halt(way)
+                violation = await pump()
+                if violation is None and not way.gate.stopped and self.violation is None:
+                    way.ended = True
+                    way.halted.set()
+                    return None  # end of stream: the relay half-closes `dst`
+        finally:
+            way.count()
+        return await self._halt(way)
+
+    async def _halt(self, way: _Way) -> None:
+        way.halted.set()
+        await trio.sleep_forever()
+
+    async def _pass(self, tun: _Tunnel, way: _Way, data: bytes) -> bool:
+        """Gate `data`, send what may go on; True when this direction must stop here."""
+        forward, violation = way.gate.feed(data)
+        if forward:
+            await way.dst.send_all(forward)
+            tun.moved(way.direction, len(forward))
+        if violation is not None:
+            await self._violated(tun, way, violation)
+            return True
+        return way.gate.stopped
+
+    async def _violated(self, tun: _Tunnel, way: _Way, violation: Violation) -> None:
+        """Stop the other direction on a frame boundary, send both Close frames, end it all."""
+        if self.violation is not None:
+            return  # the other direction found one first and is closing the tunnel
+        self.violation = violation
+        tun.finished("policy")
+        other = self.ways["down" if way.direction == "up" else "up"]
+        other.gate.stop()
+        if other.gate.stopped and other.waiting:
+            other.scope.cancel()
+        with trio.move_on_after(_CLOSE_GRACE):
+            await other.halted.wait()
+        # `other` carries bytes to the offender, `way` to the side that did nothing wrong.
+        if other.gate.at_boundary and not other.gate.closed and not other.ended:
+            await _send_close(other, violation.code, violation.rule)
+        if not way.gate.closed:
+            await _send_close(way, CLOSE_GOING_AWAY, "going away")
+        tun.abort_scope.cancel()
+
+
+async def _send_close(way: _Way, code: int, reason: str) -> None:
+    """Write a Close frame down `way` within the grace; a peer that does not take it in time,
+    or is gone, just gets the TCP close."""
+    mask = os.urandom(4) if way.direction == "up" else None
+    data = close_frame(code, reason, mask=mask)
+    with trio.move_on_after(_CLOSE_GRACE), contextlib.suppress(*STREAM_ERRORS):
+        await way.dst.send_all(data)
+
+
+# --- portable path: every byte through Python -------------------------------------------
+
+
+async def _pump_portable(
+    ft: FramedTunnel, tun: _Tunnel, way: _Way, src: trio.abc.Stream, dst: trio.abc.Stream
+) -> Violation | None:
+    """Copy until EOF or a stop; returns the violation that stopped it, if any."""
+    gate = way.gate
+    while True:
+        way.waiting = gate.at_boundary
+        try:
+            data = await src.receive_some(tun.buffer_size)
+        finally:
+            way.waiting = False
+        if not data:
+            return None
+        tun.touch()
+        forward, violation = gate.feed(data)
+        if forward:
+            await dst.send_all(forward)
+            tun.moved(way.direction, len(forward))
+        if violation is not None:
+            await ft._violated(tun, way, violation)
+            return violation
+        if gate.stopped:
+            return None
+        way.count()
+
+
+# --- splice path: headers through Python, long payloads in the kernel --------------------
+
+
+async def _pump_splice(
+    ft: FramedTunnel, tun: _Tunnel, way: _Way, src: trio.SocketStream, dst: trio.SocketStream
+) -> Violation | None:
+    """Read headers (and short frames) into Python, splice long payloads in exact lengths."""
+    src_fd, dst_fd = src.socket.fileno(), dst.socket.fileno()
+    gate = way.gate
+    direction = way.direction
+    pipe: tuple[int, int] | None = None
+    pipe_size = max(tun.buffer_size, _BULK_PIPE_SIZE)
+    try:
+        while True:
+            left = gate.payload_left
+            if left >= _SPLICE_MIN:
+                if pipe is None:
+                    pipe = _open_pipe(pipe_size)
+                try:
+                    n = os.splice(src_fd, pipe[1], min(left, pipe_size), flags=_SPLICE_FLAGS)
+                except BlockingIOError:
+                    # Nothing to read: hand the pipe back while we wait (see relay.py).
+                    _close_pipe(pipe)
+                    pipe = None
+                    await trio.lowlevel.wait_readable(src_fd)
+                    continue
+                if n == 0:
+                    return None  # EOF mid-frame: the relay half-closes, the peer sees it
+                gate.passed(n)
+                await _drain_pipe(tun, direction, pipe[0], dst_fd, n)
+                if gate.stopped:
+                    return None
+                await trio.lowlevel.checkpoint()  # one hot tunnel must not starve the rest
+                continue
+            way.waiting = gate.at_boundary
+            try:
+                await trio.lowlevel.wait_readable(src_fd)
+            finally:
+                way.waiting = False
+            try:
+                data = os.read(src_fd, _SMALL_READ)
+            except BlockingIOError:
+                continue
+            if not data:
+                return None
+            tun.touch()
+            forward, violation = gate.feed(data)
+            if forward:
+                try:
+                    sent = os.write(dst_fd, forward)
+                except BlockingIOError:
+                    sent = 0
+                if sent:
+                    tun.moved(direction, sent)
+                if sent < len(forward):
+                    await _write_all(tun, direction, dst_fd, bytes(forward[sent:]))
+            if violation is not None:
+                await ft._violated(tun, way, violation)
+                return violation
+            if gate.stopped:
+                return None
+            way.count()
+    finally:
+        if pipe is not None:
+            _close_pipe(pipe)
