@@ -48,6 +48,7 @@ from upgradeproxy.tunnel.relay import (
     Pump,
     _close_pipe,
     _drain_pipe,
+    _half_close,
     _open_pipe,
     _Tunnel,
     _write_all,
@@ -226,12 +227,30 @@ class FramedTunnel:
             other.scope.cancel()
         with trio.move_on_after(_CLOSE_GRACE):
             await other.halted.wait()
+        if not other.halted.is_set():  # the frame under way did not finish: no Close that way
+            other.scope.cancel()
+            await other.halted.wait()
         # `other` carries bytes to the offender, `way` to the side that did nothing wrong.
         if other.gate.at_boundary and not other.gate.closed and not other.ended:
             await _send_close(other, violation.code, violation.rule)
         if not way.gate.closed:
             await _send_close(way, CLOSE_GOING_AWAY, "going away")
+        # Closing a socket with unread bytes resets the connection, and a reset drops what
+        # the peer has not read yet (the messages before the violation among them): send a
+        # FIN and read until the peer closes too, within the grace.
+        with trio.move_on_after(_CLOSE_GRACE):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_linger, other.dst, name="websocket close: offender")
+                nursery.start_soon(_linger, way.dst, name="websocket close: other side")
         tun.abort_scope.cancel()
+
+
+async def _linger(stream: trio.abc.Stream) -> None:
+    """Half-close `stream` and discard what it still brings until its peer closes."""
+    if await _half_close(stream):
+        with contextlib.suppress(*STREAM_ERRORS):
+            while await stream.receive_some(65536):
+                pass
 
 
 async def _send_close(way: _Way, code: int, reason: str) -> None:
