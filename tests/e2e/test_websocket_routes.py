@@ -193,7 +193,10 @@ class Proxy:
         key = base64.b64encode(os.urandom(16))
         sock.sendall(
             f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
-            "Sec-WebSocket-Version: 13\r\n".encode() + b"Sec-WebSocket-Key: " + key + b"\r\n\r\n"
+            "Sec-WebSocket-Version: 13\r\n".encode()
+            + b"Sec-WebSocket-Key: "
+            + key
+            + b"\r\n\r\n"
         )
         conn = self.raw.accept(index)
         conn.read_head()
@@ -272,12 +275,15 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
 
 def policy_close(ws: ClientConnection) -> int:
     """The close code the client got, once the proxy closed its side."""
-    try:
-        while True:
-            ws.recv(timeout=WAIT)
-    except ConnectionClosed as closed:
-        assert closed.rcvd is not None
-        return closed.rcvd.code
+    with pytest.raises(ConnectionClosed) as closed:
+        _read_forever(ws)
+    assert closed.value.rcvd is not None
+    return closed.value.rcvd.code
+
+
+def _read_forever(ws: ClientConnection) -> None:
+    while True:
+        ws.recv(timeout=WAIT)
 
 
 # --- messages through, counted ---------------------------------------------------------------
