@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build dist/upgradeproxy: one executable for Linux x86-64 that needs no Python on the target
-# (PyInstaller one-file; see README, "Standalone binary").
+# (PyInstaller one-file; see docs/deployment.md, "Standalone binary").
 #
 #   bash deploy/binary/build.sh     # python3 builds dist/upgradeproxy
 #   PYTHON=python3.12 DIST_DIR=/tmp/out bash deploy/binary/build.sh

@@ -5,11 +5,11 @@
 Two counts, each over a bounded number of operations done one at a time by a blocking client
 (so nothing is batched: the per-operation cost at its worst, as a lone client sees it):
 
-- **trio**: upgradeproxy runs in this process (`upgradeproxy.serve`, see README "Using it as a
-  library") with a trio Instrument counting task spawns, task steps (each a trip through the
-  scheduler) and epoll waits; CancelScope entries and wait_readable/wait_writable calls (each
-  an epoll registration) are counted by wrapping them. The client runs in a plain thread, so
-  only the proxy's tasks are counted.
+- **trio**: upgradeproxy runs in this process (`upgradeproxy.serve`, see
+  docs/getting-started.md, "Embedding") with a trio Instrument counting task spawns, task
+  steps (each a trip through the scheduler) and epoll waits; CancelScope entries and
+  wait_readable/wait_writable calls (each an epoll registration) are counted by wrapping them.
+  The client runs in a plain thread, so only the proxy's tasks are counted.
 - **syscalls**: upgradeproxy as deployed (`upgradeproxy run`, a separate process) under
   `strace -f -c -p PID` for the same operations.
 

@@ -178,7 +178,7 @@ def test_the_contract_and_the_changelog_live_in_the_repository() -> None:
     assert "../shared" not in readme
     assert "(docs/interface.md)" in readme
     contract = (ROOT / "docs" / "interface.md").read_text()
-    assert contract.splitlines()[0].startswith("> This is upgradeproxy's external contract")
+    assert contract.splitlines()[0] == "# upgradeproxy — the external contract"
     assert "## Operations additions" in contract
     changelog = (ROOT / "CHANGELOG.md").read_text()
     versions = re.split(r"^## ", changelog, flags=re.M)[1:]

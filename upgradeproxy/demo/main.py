@@ -38,7 +38,9 @@ SELFTEST_TIMEOUT: Final = 10.0
 SELFTEST_MESSAGE: Final = "hello upgradeproxy"
 # Headers the page and the selftest point out: what the proxy rewrites or adds on the way.
 REWRITTEN: Final = frozenset({"connection", "upgrade"})
-ADDED: Final = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "via"})
+ADDED: Final = frozenset(
+    {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "via", "x-request-id"}
+)
 
 
 def demo_yaml(port: int, upstream_port: int, admin_port: int) -> str:
