@@ -37,6 +37,7 @@ MODELS: dict[str, tuple[type, dict[str, str]]] = {
     "upstreams.NAME.tls": (model.UpstreamTls, {}),
     "upstreams.NAME.health_check": (model.HealthCheck, {}),
     "routes[]": (model.Route, {}),
+    "routes[].websocket": (model.WebSocketLimits, {}),
     "timeouts": (model.Timeouts, {}),
     "limits": (model.Limits, {}),
     "access_log": (model.AccessLog, {}),

@@ -42,29 +42,9 @@ from tests.conftest import (
     value,
     ws_accept,
 )
-
-TEXT, BINARY, CONT, CLOSE, PING = 0x1, 0x2, 0x0, 0x8, 0x9
+from tests.ws_frames import BINARY, CLOSE, CONT, PING, TEXT, frame
 
 # --- wire helpers ----------------------------------------------------------------------------
-
-
-def frame(
-    opcode: int, payload: bytes = b"", *, fin: bool = True, rsv: int = 0, mask: bool = True
-) -> bytes:
-    """One RFC 6455 frame; `mask` for a client's (a fresh random key each time)."""
-    n = len(payload)
-    b0 = (0x80 if fin else 0) | rsv | opcode
-    m = 0x80 if mask else 0
-    if n < 126:
-        head = bytes((b0, m | n))
-    elif n < 1 << 16:
-        head = bytes((b0, m | 126)) + struct.pack("!H", n)
-    else:
-        head = bytes((b0, m | 127)) + struct.pack("!Q", n)
-    if not mask:
-        return head + payload
-    key = os.urandom(4)
-    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
 
 
 def frames_of(data: bytes, *, masked: bool) -> list[Frame]:
