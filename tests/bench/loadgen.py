@@ -110,7 +110,8 @@ def upload(
         file_size = os.fstat(src).st_size
     else:
         src, file_size = _source_file(), SOURCE_FILE_SIZE
-    sock, rest = open_tunnel(port, f"{wire.PATH_SINK}?n={nbytes}")
+    sock, rest = open_tunnel(port, f"{wire.PATH_SINK}?n={nbytes}" + ("&f=1" if framed else ""))
+    reply_size = len(wire.server_frame(bytes(8))) if framed else 8
     try:
         if rest:
             raise BenchError(f"unexpected bytes after the 101: {rest[:50]!r}")
@@ -124,14 +125,14 @@ def upload(
                 sock.fileno(), src, offset, min(write, nbytes - sent, file_size - offset)
             )
         reply = b""
-        while len(reply) < 8:
-            data = sock.recv(8 - len(reply))
+        while len(reply) < reply_size:
+            data = sock.recv(reply_size - len(reply))
             if not data:
                 raise BenchError("sink closed before reporting its count")
             reply += data
         elapsed = time.perf_counter() - started
         clock("stop")
-        (got,) = struct.unpack("!Q", reply)
+        (got,) = struct.unpack("!Q", reply[-8:])
         if got != nbytes:
             raise BenchError(f"sink received {got} bytes, sent {nbytes}")
         return elapsed

@@ -8,8 +8,8 @@ sendfile(2) out of a memfd (the payload never enters Python). `--procs` processe
 the port with SO_REUSEPORT so the kernel spreads connections over them.
 
 Paths (see wire.py): /echo (WebSocket echo), /hs (101, then wait for close), /sink?n=N
-(101, swallow N bytes, answer the count), /source?n=N (101, send N bytes, half-close;
-with &f=F, whole WebSocket frames of F-byte payloads).
+(101, swallow N bytes, answer the count; with &f=1, in a WebSocket frame), /source?n=N
+(101, send N bytes, half-close; with &f=F, whole WebSocket frames of F-byte payloads).
 The sink answers after N bytes rather than at EOF because nginx does not propagate a
 half-close through an upgraded connection: the client's FIN makes it close both ways.
 """
@@ -43,7 +43,9 @@ HEAD, ECHO, DRAIN, SINK, SOURCE = range(5)
 class Conn:
     """One accepted connection and where it is in its short life."""
 
-    __slots__ = ("buf", "count", "fd", "phase", "pipe", "sock", "source", "todo", "write")
+    __slots__ = (
+        "buf", "count", "fd", "framed", "phase", "pipe", "sock", "source", "todo", "write",
+    )  # fmt: skip
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -55,6 +57,7 @@ class Conn:
         self.pipe: tuple[int, int] | None = None
         self.write = BULK  # SOURCE: bytes per sendfile call (/source?n=N&w=W)
         self.source = (-1, SOURCE_FILE_SIZE)  # SOURCE: (memfd, its size) to send from
+        self.framed = False  # SINK: answer the count in a WebSocket frame (/sink?n=N&f=1)
 
 
 class Server:
@@ -157,7 +160,9 @@ class Server:
         elif route == wire.PATH_SINK:
             conn.phase = SINK
             conn.count = len(rest)
-            conn.todo = _query(query)["n"] - len(rest)
+            args = _query(query)
+            conn.todo = args["n"] - len(rest)
+            conn.framed = bool(args.get("f", 0))
             conn.pipe = _pipe()
         elif route == wire.PATH_SOURCE:
             conn.phase = SOURCE
@@ -224,7 +229,8 @@ class Server:
             while n:  # /dev/null takes everything at once, but never assume
                 n -= os.splice(pipe_r, self.devnull, n, flags=_SPLICE_FLAGS)
         # Report what arrived so the client can stop its clock and check it.
-        conn.sock.sendall(struct.pack("!Q", conn.count))
+        count = struct.pack("!Q", conn.count)
+        conn.sock.sendall(wire.server_frame(count) if conn.framed else count)
         conn.phase = DRAIN
 
     def _on_source(self, conn: Conn, events: int) -> None:

@@ -53,6 +53,7 @@ RSV1: Final = 0x40  # permessage-deflate's "this message is compressed" (RFC 769
 MAX_HEADER: Final = 14  # 2 + 8 (64-bit length) + 4 (masking key)
 MAX_CONTROL_PAYLOAD: Final = 125  # RFC 6455 §5.5
 _ANY_RSV: Final = 0x70
+_NO_LIMIT: Final = 1 << 64  # above any length a header can state
 
 
 class FrameHeader(NamedTuple):
@@ -108,7 +109,9 @@ class RateBucket:
     def take(self) -> bool:
         """Spend one token if there is one."""
         now = self.clock()
-        tokens = min(self.rate, self.tokens + (now - self.last) * self.rate)
+        tokens = self.tokens + (now - self.last) * self.rate
+        if tokens > self.rate:
+            tokens = self.rate
         self.last = now
         if tokens < 1:
             self.tokens = tokens
@@ -175,6 +178,9 @@ class FrameGate:
         "bucket",
         "closed",
         "in_message",
+        "mask_bit",
+        "max_frame",
+        "max_message",
         "message_bytes",
         "messages",
         "observer",
@@ -183,7 +189,6 @@ class FrameGate:
         "stopped",
         "stopping",
         "violation",
-        "want_mask",
     )
 
     def __init__(
@@ -195,7 +200,9 @@ class FrameGate:
         self.policy = policy
         self.bucket = bucket
         self.observer = observer  # sees each header let through (tests, tracing)
-        self.want_mask = policy.sender == "client"
+        self.mask_bit = 0x80 if policy.sender == "client" else 0  # clients mask, servers not
+        self.max_frame = policy.max_frame_bytes or _NO_LIMIT
+        self.max_message = policy.max_message_bytes or _NO_LIMIT
         self.payload_left = 0  # bytes of the current frame's payload still to pass
         self.in_message = False  # a fragmented data message is under way (§5.4)
         self.message_bytes = 0  # payload of the message under way, as framed on the wire
@@ -240,21 +247,36 @@ class FrameGate:
             return data, None
         pos = left
         self.payload_left = 0
+        # The header is read inline, not with parse_header: this loop runs once per frame.
         while pos < size:
             if self.stopping:
                 self.stopped = True
                 return memoryview(data)[:pos], None
-            header = parse_header(data, pos)
-            if header is None:
-                self._held = bytes(data[pos:])
-                return memoryview(data)[:pos], None
-            violation = self._judge(header)
+            if size - pos < 2:
+                return self._hold(data, pos)
+            b0, b1 = data[pos], data[pos + 1]
+            length = b1 & 0x7F
+            start = pos + 2
+            if length > 125:
+                extra = 2 if length == 126 else 8
+                if size < start + extra:
+                    return self._hold(data, pos)
+                length = int.from_bytes(data[start : start + extra], "big")
+                start += extra
+            if b1 & 0x80:
+                start += 4
+            if start > size:
+                return self._hold(data, pos)
+            violation = self._judge(b0, b1, length)
             if violation is not None:
                 self.violation = violation
                 return memoryview(data)[:pos], violation
             if self.observer is not None:
+                header = FrameHeader(
+                    bool(b0 & 0x80), b0 & _ANY_RSV, b0 & 0x0F, bool(b1 & 0x80), length, start - pos
+                )
                 self.observer(header)
-            pos += header.size + header.length
+            pos = start + length
             if pos > size:
                 self.payload_left = pos - size
                 return data, None
@@ -262,19 +284,24 @@ class FrameGate:
             self.stopped = True
         return data, None
 
-    def _judge(self, h: FrameHeader) -> Violation | None:
-        """The rule `h` breaks, if any; otherwise note what it starts or ends."""
-        policy = self.policy
-        if h.masked != self.want_mask:
-            why = "an unmasked frame from the client" if self.want_mask else (
+    def _hold(self, data: Buffer, pos: int) -> tuple[Buffer, None]:
+        """Keep the incomplete header at `pos`; pass what came before it."""
+        self._held = bytes(data[pos:])
+        return memoryview(data)[:pos], None
+
+    def _judge(self, b0: int, b1: int, length: int) -> Violation | None:
+        """The rule a frame breaks, if any; otherwise note what it starts or ends."""
+        if (b1 & 0x80) != self.mask_bit:
+            why = "an unmasked frame from the client" if self.mask_bit else (
                 "a masked frame from the server"
             )  # fmt: skip
             return Violation(CLOSE_PROTOCOL, "masking", why)
-        if h.length >> 63:
-            return Violation(CLOSE_PROTOCOL, "framing", "a 64-bit length with its top bit set")
-        opcode = h.opcode
+        opcode = b0 & 0x0F
         if opcode >= OP_CLOSE:
-            return self._control(h)
+            return self._control(b0, length)
+        if length >> 63:
+            return Violation(CLOSE_PROTOCOL, "framing", "a 64-bit length with its top bit set")
+        policy = self.policy
         if opcode == OP_CONTINUATION:
             if not self.in_message:
                 return Violation(CLOSE_PROTOCOL, "continuation", "no message to continue")
@@ -286,42 +313,42 @@ class FrameGate:
             allowed = policy.rsv_first
         else:
             return Violation(CLOSE_PROTOCOL, "opcode", f"reserved opcode {opcode:#x}")
-        if h.rsv & ~allowed:
-            return Violation(CLOSE_PROTOCOL, "rsv", _rsv_why(h.rsv & ~allowed))
-        if policy.max_frame_bytes and h.length > policy.max_frame_bytes:
-            why = f"a frame of {h.length} bytes, over {policy.max_frame_bytes}"
+        if b0 & _ANY_RSV & ~allowed:
+            return Violation(CLOSE_PROTOCOL, "rsv", _rsv_why(b0 & _ANY_RSV & ~allowed))
+        if length > self.max_frame:
+            why = f"a frame of {length} bytes, over {policy.max_frame_bytes}"
             return Violation(CLOSE_TOO_BIG, "max_frame_bytes", why)
-        total = h.length if opcode else self.message_bytes + h.length
-        if policy.max_message_bytes and total > policy.max_message_bytes:
+        total = self.message_bytes + length if opcode == OP_CONTINUATION else length
+        if total > self.max_message:
             why = f"a message of over {policy.max_message_bytes} bytes"
             return Violation(CLOSE_TOO_BIG, "max_message_bytes", why)
         if opcode and self.bucket is not None and not self.bucket.take():
             why = f"more than {self.bucket.rate:g} messages per second"
             return Violation(CLOSE_POLICY, "messages_per_second", why)
         self.message_bytes = total
-        if h.fin:
+        if b0 & 0x80:
             self.messages += 1
             self.in_message = False
         else:
             self.in_message = True
         return None
 
-    def _control(self, h: FrameHeader) -> Violation | None:
+    def _control(self, b0: int, length: int) -> Violation | None:
         """Close, Ping and Pong (RFC 6455 §5.5): whole, short, never counted as messages."""
-        if h.opcode > OP_PONG:
-            return Violation(CLOSE_PROTOCOL, "opcode", f"reserved opcode {h.opcode:#x}")
-        if not h.fin or h.length > MAX_CONTROL_PAYLOAD:
-            why = "a fragmented control frame" if not h.fin else (
-                f"a control frame of {h.length} bytes, over 125"
+        opcode = b0 & 0x0F
+        if opcode > OP_PONG:
+            return Violation(CLOSE_PROTOCOL, "opcode", f"reserved opcode {opcode:#x}")
+        if not b0 & 0x80 or length > MAX_CONTROL_PAYLOAD:
+            why = "a fragmented control frame" if not b0 & 0x80 else (
+                f"a control frame of {length} bytes, over 125"
             )  # fmt: skip
             return Violation(CLOSE_PROTOCOL, "control_frame", why)
-        if h.rsv & ~self.policy.rsv_rest:
-            return Violation(CLOSE_PROTOCOL, "rsv", _rsv_why(h.rsv & ~self.policy.rsv_rest))
-        limit = self.policy.max_frame_bytes
-        if limit and h.length > limit:
-            why = f"a frame of {h.length} bytes, over {limit}"
+        if b0 & _ANY_RSV & ~self.policy.rsv_rest:
+            return Violation(CLOSE_PROTOCOL, "rsv", _rsv_why(b0 & _ANY_RSV & ~self.policy.rsv_rest))
+        if length > self.max_frame:
+            why = f"a frame of {length} bytes, over {self.policy.max_frame_bytes}"
             return Violation(CLOSE_TOO_BIG, "max_frame_bytes", why)
-        if h.opcode == OP_CLOSE:
+        if opcode == OP_CLOSE:
             self.closed = True
         return None
 

