@@ -48,6 +48,7 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=200_000, help="pipelined messages")
     parser.add_argument("--round-trips", type=int, default=5_000)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--tests", default="bulk,pipelined,rtt", help="a subset of these")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="ws-cost-"))
     procs = Processes()
@@ -77,13 +78,15 @@ def main() -> int:
             ), file=sys.stderr)  # fmt: skip
 
         size = args.mib << 20
-        for direction, payload in (("up", 1 << 20), ("up", 16384), ("up", 1024),
-                                   ("down", 1 << 20), ("down", 16384), ("down", 1024)):  # fmt: skip
+        tests = args.tests.split(",")
+        bulk_cases = (("up", 1 << 20), ("up", 16384), ("up", 1024),
+                      ("down", 1 << 20), ("down", 16384), ("down", 1024))  # fmt: skip
+        for direction, payload in bulk_cases if "bulk" in tests else ():
             unit = wire.frame_size(payload, masked=direction == "up")
             n = max(1, size // unit) * unit
             move = loadgen.upload if direction == "up" else loadgen.download
 
-            def bulk(port: int, win: CpuWindow, move=move, n=n, payload=payload) -> None:  # noqa: ANN001
+            def bulk(port: int, win: CpuWindow, move=move, n=n, payload=payload) -> None:
                 move(port, n, win.clock, framed=payload)
 
             measure(f"{direction}, {payload:,} B frames: µs per MB", bulk, n / 1e6)
@@ -93,13 +96,17 @@ def main() -> int:
         def pipelined(port: int, win: CpuWindow) -> None:
             loadgen.upload(port, n, win.clock, write=64 * unit, framed=32)
 
-        measure("32 B messages, pipelined (64 per write): µs per message", pipelined, args.messages)
+        if "pipelined" in tests:
+            label = "32 B messages, pipelined (64 per write): µs per message"
+            measure(label, pipelined, args.messages)
 
         def round_trips(port: int, win: CpuWindow) -> None:
             with win.measure():
                 loadgen.round_trips(port, args.round_trips, 0)
 
-        measure("32 B round trips, one in flight: µs per round trip", round_trips, args.round_trips)
+        if "rtt" in tests:
+            label = "32 B round trips, one in flight: µs per round trip"
+            measure(label, round_trips, args.round_trips)
         del upstream
     finally:
         procs.stop_all()
@@ -109,6 +116,9 @@ def main() -> int:
     for label, by in rows.items():
         med = [statistics.median(by[n]) for n in names]
         print(f"| {label} | {' | '.join(f'{m:.1f}' for m in med)} | {med[1] - med[0]:+.1f} |")
+    print("\nEvery run, in the order measured:")
+    for label, by in rows.items():
+        print(f"- {label}: " + "; ".join(f"{n} " + ", ".join(f"{v:.1f}" for v in by[n]) for n in names))
     print(f"\n({time.strftime('%Y-%m-%d')}, {args.reps} reps, median)")
     return 0
 
