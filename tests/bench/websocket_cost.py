@@ -118,7 +118,8 @@ def main() -> int:
         print(f"| {label} | {' | '.join(f'{m:.1f}' for m in med)} | {med[1] - med[0]:+.1f} |")
     print("\nEvery run, in the order measured:")
     for label, by in rows.items():
-        print(f"- {label}: " + "; ".join(f"{n} " + ", ".join(f"{v:.1f}" for v in by[n]) for n in names))
+        runs = (f"{n} " + ", ".join(f"{v:.1f}" for v in by[n]) for n in names)
+        print(f"- {label}: " + "; ".join(runs))
     print(f"\n({time.strftime('%Y-%m-%d')}, {args.reps} reps, median)")
     return 0
 

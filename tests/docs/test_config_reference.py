@@ -36,6 +36,7 @@ MODELS: dict[str, tuple[type, dict[str, str]]] = {
     "upstreams.NAME.servers[]": (model.Server, {}),
     "upstreams.NAME.tls": (model.UpstreamTls, {}),
     "upstreams.NAME.health_check": (model.HealthCheck, {}),
+    "upstreams.NAME.discover": (model.Discover, {}),
     "routes[]": (model.Route, {}),
     "routes[].websocket": (model.WebSocketLimits, {}),
     "timeouts": (model.Timeouts, {}),

@@ -252,13 +252,17 @@ def test_pool_load_balancer_keeps_client_addresses(pool: Layout) -> None:
 
 
 def test_pool_upstream_is_the_headless_service(pool: Layout) -> None:
-    servers = [s.address for u in pool.config.upstreams.values() for s in u.servers]
+    """Every pod of the Service is a server of its own: the upstream discovers the name."""
+    found = [u.discover for u in pool.config.upstreams.values()]
+    assert found
     headless = {
         s["metadata"]["name"]: s for s in pool.services() if s["spec"].get("clusterIP") == "None"
     }
-    for address in servers:
-        assert address.host in headless, f"{address} is not a headless Service of the layout"
-        assert address.port in {p["port"] for p in headless[address.host]["spec"]["ports"]}
+    for discover in found:
+        assert discover is not None, "the pool's upstream lists servers instead of discovering"
+        assert discover.name in headless, f"{discover.name} is not a headless Service here"
+        assert not discover.resolvers  # the pod's own: its search domains find the Service
+        assert discover.port in {p["port"] for p in headless[discover.name]["spec"]["ports"]}
 
 
 def test_pool_has_a_budget_an_autoscaler_and_spreads_over_nodes(pool: Layout) -> None:

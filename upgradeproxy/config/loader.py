@@ -14,7 +14,7 @@ from typing import TypeVar
 
 from yaml.nodes import MappingNode, Node
 
-from upgradeproxy.config import edge, operations, values
+from upgradeproxy.config import discovery, edge, operations, values
 from upgradeproxy.config import tls as _tls
 from upgradeproxy.config.checker import (
     FLOAT,
@@ -208,11 +208,19 @@ def _upstreams(c: Checker, node: Node | None) -> tuple[dict[str, Upstream], list
 
 
 def _upstream(c: Checker, name: str, node: Node, field: str) -> Upstream | None:
-    found = c.mapping(
-        node, field, ("servers", "balance", "tls", "proxy_protocol", *POOL_KEYS), ("servers",)
-    )
+    keys = ("servers", "discover", "balance", "tls", "proxy_protocol", *POOL_KEYS)
+    found = c.mapping(node, field, keys)
     if found is None:
         return None
+    found_by = None
+    if (discover_node := found.get("discover")) is not None:
+        found_by = discovery.discover(c, discover_node, f"{field}.discover")
+        if "servers" in found:
+            why = "use either servers or discover, not both"
+            c.report(discover_node, f"{field}.discover", why)
+    elif "servers" not in found:
+        why = "required but missing (or discover, to find the servers in DNS)"
+        c.report(node, f"{field}.servers", why)
     what = "a list of 'host:port' strings or {address:, weight:} items"
     servers = _items(
         c, found.get("servers"), f"{field}.servers", what, partial(_server, c), "server"
@@ -232,10 +240,11 @@ def _upstream(c: Checker, name: str, node: Node, field: str) -> Upstream | None:
         values.choice(edge.PROXY_VERSIONS),
     )  # fmt: skip
     base = Upstream(
-        name, tuple(s for _, _, s in servers), balance or "round_robin", tls, proxy_protocol or 0
-    )
+        name, tuple(s for _, _, s in servers), balance or "round_robin", tls, proxy_protocol or 0,
+        discover=found_by,
+    )  # fmt: skip
     upstream = pool_settings(c, found, field, base, balance)
-    return upstream if servers else None
+    return upstream if servers or found_by else None
 
 
 def _server(c: Checker, node: Node, field: str) -> Server | None:

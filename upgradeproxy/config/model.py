@@ -15,6 +15,7 @@ HashKeyKind = Literal["client_ip", "header", "cookie", "query"]
 DrainTunnels = Literal["wait", "spread"]
 TlsVersion = Literal["TLSv1.2", "TLSv1.3"]
 ClientAuth = Literal["request", "require"]
+OnRemoval = Literal["keep", "drain"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 DEFAULT_UPGRADE: Final = ("websocket",)
@@ -106,9 +107,33 @@ class HealthCheck:
 
 
 @dataclass(frozen=True, slots=True)
+class Discover:
+    """Servers found in DNS (rule 16): what `name` resolves to, looked up every `interval`.
+
+    A name starting with "_" is an SRV name (its records carry ports and weights); any other
+    is looked up as A and AAAA records, each address a server on `port`.
+    """
+
+    name: str  # lower-case; a trailing "." makes it absolute (no search domains)
+    port: int = 0  # 0 for an SRV name
+    interval: float = 5.0
+    resolvers: tuple[Address, ...] = ()  # empty: the system's (/etc/resolv.conf)
+    on_removal: OnRemoval = "keep"
+
+    @property
+    def srv(self) -> bool:
+        return self.name.startswith("_")
+
+    @property
+    def source(self) -> tuple[str, int, tuple[Address, ...]]:
+        """What decides the set of servers: a reload that keeps it keeps the set."""
+        return (self.name, self.port, self.resolvers)
+
+
+@dataclass(frozen=True, slots=True)
 class Upstream:
     name: str
-    servers: tuple[Server, ...]
+    servers: tuple[Server, ...]  # empty with `discover`: the servers come from DNS
     balance: Balance = "round_robin"
     tls: UpstreamTls | None = None
     proxy_protocol: int = 0  # 0: none; 1 or 2: send a PROXY header of that version (rule 15)
@@ -117,6 +142,7 @@ class Upstream:
     max_tunnels: int = 0  # per server; 0: no cap
     slow_start: float = 0.0  # seconds; 0: a server takes its full weight at once
     health_check: HealthCheck | None = None
+    discover: Discover | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ import trio
 
 from upgradeproxy.config.model import Config
 from upgradeproxy.pool.balancer import Balancer
+from upgradeproxy.pool.membership import balancer_for
 from upgradeproxy.pool.servers import ServerBook
 from upgradeproxy.rules.limits import AddressCounts
 from upgradeproxy.rules.plan import Origin
@@ -39,9 +40,7 @@ class Runtime:
         return cls(
             config=config,
             router=Router(config.routes),
-            balancers={
-                n: Balancer.for_upstream(u, book.upstreams[n]) for n, u in config.upstreams.items()
-            },
+            balancers={n: balancer_for(u, book.upstreams[n]) for n, u in config.upstreams.items()},
             tls_contexts={
                 n: client_tls_context(u.tls, f"upstreams.{n}.tls") if u.tls else None
                 for n, u in config.upstreams.items()

@@ -253,7 +253,7 @@ async def _open_upstream(
         shared.telemetry.upstream_connected(upstream.name, ex.rec.upstream_connect)
         return new_upstream_conn(server, stream)
     if not tried:
-        raise no_server_available(upstream)
+        raise no_server_available(upstream, balancer.known())
     detail = f"no server of upstream {upstream.name!r} answered ({last})"
     err: ProxyError = (
         UpstreamTimeout(detail, kind="connect_timeout")

@@ -18,11 +18,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from upgradeproxy.config.model import Balance, Server, Upstream
+from upgradeproxy.config.model import Address, Balance, Server, Upstream
 from upgradeproxy.errors import NoServerAvailable
-from upgradeproxy.pool.hashring import Ring, under_bound
+from upgradeproxy.pool.hashring import PointCache, Ring, under_bound
 from upgradeproxy.pool.health import slow_start_weight
-from upgradeproxy.pool.servers import ServerState, UpstreamState
+from upgradeproxy.pool.servers import Closable, ServerState, UpstreamState
 from upgradeproxy.pool.sticky import server_token, set_cookie
 
 Header = tuple[bytes, bytes]
@@ -66,33 +66,57 @@ class Balancer:
         `state` holds the counts and health shared with other balancers of the same upstream
         (earlier and later reloads); without it the balancer keeps its own.
         """
-        if not servers:
+        if not servers and not self.may_be_empty:
             raise ValueError("an upstream needs at least one server")
         if policy not in ("round_robin", "least_conn", "hash"):
             raise ValueError(f"unknown balance policy {policy!r}")
-        if any(s.weight < 1 for s in servers):
-            raise ValueError("server weights must be at least 1")
         self.policy = policy
+        self.name = name
         self.max_tunnels = max_tunnels
         self.slow_start = slow_start
         self.sticky_cookie = sticky_cookie
-        self._state = state = state if state is not None else UpstreamState()
-        self._peers = [
-            _Peer(
-                s, i, state.servers.setdefault(s.address, ServerState(s.address)), weight=s.weight
-            )
-            for i, s in enumerate(servers)
-        ]
-        self._by_server = {peer.server: peer for peer in self._peers}
-        if len({s.address for s in servers}) != len(self._peers):
+        self._state = state if state is not None else UpstreamState()
+        self._by_server: dict[Server, _Peer] = {}
+        self._token_of: dict[Server, str] = {}
+        self._set_servers(servers)
+
+    # An upstream whose servers come from DNS may have none for a while (rule 16), and keeps
+    # its servers' ring points between sets.
+    may_be_empty = False
+    _ring_points: PointCache | None = None
+
+    def _set_servers(self, servers: Sequence[Server]) -> None:
+        """Build the per-pick structures for `servers`; a server already known keeps its
+        peer (its round-robin score and failure window). Never called on a pick."""
+        if any(s.weight < 1 for s in servers):
+            raise ValueError("server weights must be at least 1")
+        if len({s.address for s in servers}) != len(servers):
             # Counts are kept per address, so equal entries would share a count.
             raise ValueError("an upstream lists the same server twice")
-        self._ring = (
-            Ring([(str(s.address), s.weight) for s in servers]) if policy == "hash" else None
-        )
-        self._tokens = {server_token(name, p.server.address): p for p in self._peers}
-        self._token_of = {p.server: token for token, p in self._tokens.items()}
+        entries = self._state.servers
+        peers: list[_Peer] = []
+        for i, s in enumerate(servers):
+            entry = entries.setdefault(s.address, ServerState(s.address))
+            peer = self._by_server.get(s)
+            if peer is None or peer.state is not entry:
+                peer = _Peer(s, i, entry, weight=s.weight)
+            peer.index = i
+            peers.append(peer)
+        self._peers = peers
+        self._by_server.update((p.server, p) for p in peers)
+        ring = self.policy == "hash" and peers
+        members = [(str(s.address), s.weight) for s in servers]
+        self._ring = Ring(members, self._ring_points) if ring else None
+        self._tokens = {self._token(p.server.address): p for p in peers}
+        self._token_of.update((p.server, token) for token, p in self._tokens.items())
         self._weights: tuple[int, float, float] | None = None  # (version, W, ramping until)
+
+    def _token(self, address: Address) -> str:
+        return server_token(self.name, address)
+
+    def known(self) -> int:
+        """How many servers the balancer has now (usable or not)."""
+        return len(self._peers)
 
     @classmethod
     def for_upstream(cls, upstream: Upstream, state: UpstreamState | None = None) -> Balancer:
@@ -192,11 +216,12 @@ class Balancer:
             state.load -= 1
             self._state.load = max(0, self._state.load - 1)
 
-    def hold_tunnel(self, server: Server) -> None:
-        """The acquired request on `server` became a tunnel: it counts toward max_tunnels."""
+    def hold_tunnel(self, server: Server, ending: Closable | None = None) -> None:
+        """The acquired request on `server` became a tunnel: it counts toward max_tunnels.
+        (`ending`, the tunnel's planned end, matters to a discovered upstream only.)"""
         self._by_server[server].state.tunnels += 1
 
-    def release_tunnel(self, server: Server) -> None:
+    def release_tunnel(self, server: Server, ending: Closable | None = None) -> None:
         """A tunnel held on `server` closed: release both of its counts."""
         state = self._by_server[server].state
         state.tunnels = max(0, state.tunnels - 1)
@@ -253,9 +278,14 @@ class Balancer:
         yield from sorted((p for p in peers if p is not chosen), key=key)
 
 
-def no_server_available(upstream: Upstream) -> NoServerAvailable:
-    """The 503 for an upstream whose servers are all down or full; Retry-After is one check
-    interval (when a down server may come back), else a second."""
+def no_server_available(upstream: Upstream, known: int = 1) -> NoServerAvailable:
+    """The 503 for an upstream whose servers are all down or full, or that has none (`known`
+    is 0: DNS gave none). Retry-After is when that may change: one health-check interval, or
+    one discovery interval, else a second."""
+    if not known and upstream.discover is not None:
+        retry = max(1, math.ceil(upstream.discover.interval))
+        why = f"upstream {upstream.name!r} has no servers (none found in DNS)"
+        return NoServerAvailable(why, retry_after=retry)
     check = upstream.health_check
     retry = max(1, math.ceil(check.interval)) if check is not None else 1
     why = f"every server of upstream {upstream.name!r} is down or full"

@@ -26,6 +26,8 @@ POINTS_PER_WEIGHT: Final = 160
 # `hash-balance-factor 125`): no server above 1.25 x its share of the load plus one.
 BALANCE_FACTOR: Final = (5, 4)
 
+PointCache = dict[tuple[str, int], list[int]]  # (name, weight) -> that member's points
+
 
 def key_hash(key: bytes) -> int:
     """A 64-bit position on the ring, the same in every process."""
@@ -37,18 +39,26 @@ class Ring:
 
     __slots__ = ("_owners", "_points", "size")
 
-    def __init__(self, members: Sequence[tuple[str, int]]) -> None:
+    def __init__(self, members: Sequence[tuple[str, int]], cache: PointCache | None = None) -> None:
         """`members` are (stable name, weight >= 1).
 
         A server's points depend on its own name and weight only (no scaling by the set's
         gcd): removing one server must leave every other server's points where they were.
+        So a ring rebuilt for a changed set may take them from `cache` (hashing is most of the
+        cost: about 1 ms per server) and hashes only the servers new to it.
         """
         if not members:
             raise ValueError("a ring needs at least one member")
         points: list[tuple[int, int]] = []
         for index, (name, weight) in enumerate(members):
-            for i in range(POINTS_PER_WEIGHT * weight):
-                points.append((key_hash(f"{name}#{i}".encode()), index))
+            hashes = None if cache is None else cache.get((name, weight))
+            if hashes is None:
+                hashes = [
+                    key_hash(f"{name}#{i}".encode()) for i in range(POINTS_PER_WEIGHT * weight)
+                ]
+                if cache is not None:
+                    cache[name, weight] = hashes
+            points.extend((point, index) for point in hashes)
         points.sort()
         self._points = [p for p, _ in points]
         self._owners = [owner for _, owner in points]

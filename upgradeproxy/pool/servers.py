@@ -7,10 +7,28 @@ so tunnels opened before a SIGHUP still count after it and a kept server keeps i
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from upgradeproxy.config.model import Address, Config
+from upgradeproxy.config.model import Address, Config, Server, Upstream
+from upgradeproxy.pool.hashring import PointCache
 from upgradeproxy.pool.health import Health
+
+
+class Follower(Protocol):
+    """A balancer of a discovered upstream (pool.membership), as the set's owner sees it."""
+
+    def follow(self, servers: Sequence[Server]) -> None: ...
+
+
+class Closable(Protocol):
+    """A tunnel's planned end (tunnel.relay.Ending), as the pool sees it."""
+
+    deadline: float
+
+    def at(self, deadline: float, why: str) -> None: ...
 
 
 @dataclass(slots=True, eq=False)
@@ -32,6 +50,27 @@ class ServerState:
     health: Health = field(default_factory=Health)
     up_since: float = float("-inf")  # trio clock: when it was added or came back up
     last_check: CheckResult | None = None
+    # A discovered server's open tunnels, for `on_removal: drain`; None for a configured one.
+    endings: set[Closable] | None = None
+
+
+@dataclass(slots=True, eq=False)
+class Discovered:
+    """A discovered upstream's current servers and its last lookup (rule 16).
+
+    One per upstream name for the life of the process: every balancer built for the upstream
+    (by the first config and by each reload) follows its set.
+    """
+
+    source: tuple[object, ...] | None = None  # the `Discover.source` the servers came from
+    servers: tuple[Server, ...] = ()
+    name: str = ""
+    at: float | None = None  # wall-clock time of the last lookup
+    result: str = ""  # ok | empty | error; "" before the first lookup
+    detail: str = ""
+    gone: dict[Address, float] = field(default_factory=dict)  # left the set -> when (trio clock)
+    ring_points: PointCache = field(default_factory=dict)  # balance: hash, by server
+    followers: weakref.WeakSet[Follower] = field(default_factory=weakref.WeakSet)
 
 
 @dataclass(slots=True, eq=False)
@@ -40,6 +79,7 @@ class UpstreamState:
     load: int = 0  # the sum of its servers' loads: rule 9's L
     version: int = 0  # bumped on every health change, so balancers can cache weight sums
     listed: frozenset[Address] = frozenset()  # the addresses the latest config lists
+    discovered: Discovered | None = None  # with `discover`: the set DNS gave
 
 
 @dataclass(slots=True)
@@ -55,6 +95,8 @@ class ServerBook:
         tunnels may still release into them, and a server listed again finds its counts."""
         for name, upstream in config.upstreams.items():
             state = self.upstreams.setdefault(name, UpstreamState())
+            if upstream.discover is not None and state.discovered is None:
+                state.discovered = Discovered()
             for server in upstream.servers:
                 address = server.address
                 entry = state.servers.get(address)
@@ -69,13 +111,21 @@ class ServerBook:
         return self.upstreams[upstream].servers[address]
 
 
+def servers_of(upstream: Upstream, state: UpstreamState) -> tuple[Server, ...]:
+    """The servers an upstream has now: configured, or the discovered set."""
+    if upstream.discover is None or state.discovered is None:
+        return upstream.servers
+    return state.discovered.servers
+
+
 def describe(config: Config, book: ServerBook) -> dict[str, object]:
     """The /upstreams document: every upstream of `config` by name, with its servers' state."""
     out: dict[str, object] = {}
     for name, upstream in config.upstreams.items():
         servers: list[dict[str, object]] = []
-        for server in upstream.servers:
-            st = book.state(name, server.address)
+        state = book.upstreams[name]
+        for server in servers_of(upstream, state):
+            st = state.servers[server.address]
             check = st.last_check
             servers.append({
                 "address": str(server.address),
@@ -87,10 +137,33 @@ def describe(config: Config, book: ServerBook) -> dict[str, object]:
                     "passed": check.passed, "result": check.why, "time": round(check.at, 3),
                 },
             })  # fmt: skip
-        out[name] = {
+        entry: dict[str, object] = {
             "name": name,
             "balance": upstream.balance,
             "health_check": upstream.health_check is not None,
             "servers": servers,
         }
+        if upstream.discover is not None and state.discovered is not None:
+            entry.update(_discovery(upstream, state, state.discovered))
+        out[name] = entry
     return out
+
+
+def _discovery(upstream: Upstream, state: UpstreamState, found: Discovered) -> dict[str, object]:
+    """A discovered upstream's last lookup, and the servers that left but hold tunnels."""
+    assert upstream.discover is not None
+    leaving = [
+        {"address": str(address), "tunnels": state.servers[address].tunnels}
+        for address in found.gone
+        if address in state.servers and state.servers[address].tunnels
+    ]
+    return {
+        "discovery": {
+            "name": upstream.discover.name,
+            "time": None if found.at is None else round(found.at, 3),
+            "result": found.result or None,
+            "detail": found.detail,
+            "interval": upstream.discover.interval,
+        },
+        "leaving": leaving,
+    }

@@ -1,8 +1,9 @@
 """Sticky routing inputs (interface.md rule 9): the hash key of a request, and the proxy's cookie.
 
 The cookie's value is an opaque token per server: a keyed BLAKE2b of the upstream's name and
-the server's address, truncated. It is derived, not random, so every worker, every restart and
-every replica of a pool gives a server the same token and honours each other's cookies.
+the server's address (of the address alone for a server found in DNS), truncated. It is
+derived, not random, so every worker, every restart and every replica of a pool gives a server
+the same token and honours each other's cookies.
 """
 
 from __future__ import annotations
@@ -23,6 +24,12 @@ def server_token(upstream: str, address: Address) -> str:
     """The cookie value naming `address` in `upstream`: 16 hex digits, no address in it."""
     data = f"{upstream}\0{address}".encode()
     return hashlib.blake2b(data, key=_TOKEN_KEY, digest_size=8).hexdigest()
+
+
+def address_token(address: Address) -> str:
+    """The cookie value naming a discovered server: its address and port only, so every
+    worker and replica agree whatever order DNS gave the addresses in (rule 16)."""
+    return hashlib.blake2b(str(address).encode(), key=_TOKEN_KEY, digest_size=8).hexdigest()
 
 
 def _pairs(value: bytes) -> list[tuple[bytes, bytes]]:

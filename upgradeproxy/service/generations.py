@@ -129,7 +129,7 @@ class Generations:
         try:
             proc = await trio.lowlevel.open_process(
                 self.launch.argv(theirs.fileno()),
-                env={**os.environ, **fds_env(fds)},
+                env={**os.environ, **fds_env(fds), **self.proxy.discovery.seed_env()},
                 pass_fds=(*fds.values(), theirs.fileno()),
             )
         except OSError as exc:

@@ -21,6 +21,7 @@ import trio
 from upgradeproxy.config.model import Address, Config, Listener
 from upgradeproxy.connection.context import Runtime, Shared
 from upgradeproxy.connection.exchange import serve_client
+from upgradeproxy.pool.discovery import Lookup
 from upgradeproxy.pool.servers import describe
 from upgradeproxy.rules.plan import route_label
 from upgradeproxy.service.accept import accept_clients, open_client
@@ -35,6 +36,7 @@ from upgradeproxy.service.sockets import (
 from upgradeproxy.transport.streams import aclose_quietly
 from upgradeproxy.transport.tls import server_tls_context
 from upgradeproxy.tunnel.session import spread_ends
+from upgradeproxy.upstream.discovery import Discovery
 from upgradeproxy.upstream.health_checks import Probers
 
 log = logging.getLogger("upgradeproxy")
@@ -91,6 +93,7 @@ class Proxy:
         self.shared = shared or Shared()
         self.runtime = Runtime.build(config, self.shared.book)
         self.probers = Probers()
+        self.discovery = Discovery(self.shared.book, self.shared.telemetry, self.shared.pool)
         self.shared.telemetry.declare_routes(_route_protocols(config))
         self.limiter = trio.CapacityLimiter(config.limits.max_connections)
         # Fixed for the process: every socket sharing a port must set SO_REUSEPORT, so a worker
@@ -156,7 +159,9 @@ class Proxy:
         """Serve until drained; `task_status.started(self)` once every listener is bound."""
         async with trio.open_nursery() as services:
             self._services = services
-            self._sync_probers(services, self.runtime)
+            # Servers found in DNS are known before the first client is accepted.
+            fresh = await self.discovery.look_ahead(self.runtime.config)
+            self._sync_services(services, self.runtime, fresh)
             admin = self.runtime.config.admin
             if admin is not None:
                 listener = await self._open_admin(admin.address)
@@ -169,8 +174,12 @@ class Proxy:
             await self._stop_admin()
             services.cancel_scope.cancel()
 
-    def _sync_probers(self, services: trio.Nursery, runtime: Runtime) -> None:
+    def _sync_services(
+        self, services: trio.Nursery, runtime: Runtime, fresh: Mapping[str, Lookup]
+    ) -> None:
+        """Resolver loops (with the first lookups' sets), then health-check probers."""
         shared = self.shared
+        self.discovery.sync(services, runtime.config, fresh)
         upstreams, contexts = runtime.config.upstreams, runtime.tls_contexts
         self.probers.sync(services, upstreams, contexts, shared.book, shared.telemetry)
 
@@ -235,6 +244,7 @@ class Proxy:
         """
         if self.draining:
             raise RuntimeError("cannot reload while draining")
+        fresh = await self.discovery.look_ahead(config)  # names new to this config
         runtime = Runtime.build(config, self.shared.book, trio.current_time())
         self.shared.telemetry.declare_routes(_route_protocols(config))
         wanted = {listener.address: listener for listener in config.listeners}
@@ -257,7 +267,7 @@ class Proxy:
         # Commit. Nothing below waits, so no connection ever sees half a reload.
         self.runtime = runtime
         if self._services is not None:
-            self._sync_probers(self._services, runtime)
+            self._sync_services(self._services, runtime, fresh)
         self.limiter.total_tokens = config.limits.max_connections
         for address in [a for a in self.bound if a not in wanted]:
             self.bound.pop(address).scope.cancel()

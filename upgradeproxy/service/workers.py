@@ -43,6 +43,7 @@ from prometheus_client.multiprocess import mark_process_dead
 
 from upgradeproxy.config.loader import ConfigError, load_config
 from upgradeproxy.config.model import Config
+from upgradeproxy.pool.discovery import SEED_FILE_ENV
 from upgradeproxy.service.sockets import (
     Owned,
     close_all,
@@ -99,6 +100,8 @@ class Supervisor:
         self.metrics_dir = metrics_dir
         # A fresh directory per run: counters must not resume from a previous run's files.
         self.env = {**os.environ, MULTIPROC_ENV: metrics_dir}
+        # The servers found in DNS, for a worker that starts (upstream/discovery.py).
+        self.env[SEED_FILE_ENV] = os.path.join(metrics_dir, "discovered.json")
         self.env.pop("NOTIFY_SOCKET", None)  # systemd hears from this process only
         self.procs: dict[tuple[int, int], trio.Process] = {}  # (generation, slot) -> worker
         self.stopping = False

@@ -8,6 +8,7 @@ $PROMETHEUS_MULTIPROC_DIR (`workers > 1`), so a scrape of any worker reports the
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -124,6 +125,11 @@ class _Labelled:
         if child is None:
             child = self.children[values] = self.metric.labels(*values)
         child.inc()
+
+    def declare(self, *values: str) -> None:
+        """Show the series at 0 before its first count."""
+        if values not in self.children:
+            self.children[values] = self.metric.labels(*values)
 
 
 class Telemetry:
@@ -247,6 +253,17 @@ class Telemetry:
                 registry=reg,
             )
         )
+        # livemax: every worker looks up on its own; mid-change, the largest set any has.
+        self._upstream_servers = Gauge(
+            "upgradeproxy_upstream_servers",
+            "Servers an upstream has now: configured, or found in DNS.",
+            ("upstream",), registry=reg, multiprocess_mode="livemax",
+        )  # fmt: skip
+        self._lookups = _Labelled(Counter(
+            "upgradeproxy_discovery_lookups_total",
+            "DNS lookups of discovered upstreams, by result (ok, empty, error).",
+            ("upstream", "result"), registry=reg,
+        ))  # fmt: skip
 
     # --- hooks called by the exchange code ----------------------------------------------
 
@@ -363,6 +380,27 @@ class Telemetry:
 
     def upstream_tunnels(self, upstream: str, server: str, open_now: int) -> None:
         self._server_gauge(self._upstream_tunnels, "t", upstream, server).set(open_now)
+
+    def upstream_servers(self, upstream: str, count: int) -> None:
+        self._upstream_servers.labels(upstream).set(count)
+
+    def discovery_lookup(self, upstream: str, result: str | None = None) -> None:
+        """Count one lookup; with no `result`, show the upstream's three series at 0."""
+        if result is None:
+            for name in ("ok", "empty", "error"):
+                self._lookups.declare(upstream, name)
+        else:
+            self._lookups.inc(upstream, result)
+
+    def server_gone(self, upstream: str, server: str) -> None:
+        """A discovered server left and holds no tunnel: drop its per-server series (in this
+        process; with workers, a dead series stays in the shared files until the restart)."""
+        if self.multiprocess_dir is not None:
+            return  # prometheus-client cannot remove a series from the shared files
+        for tag, family in (("h", self._upstream_healthy), ("t", self._upstream_tunnels)):
+            if self._server_gauges.pop((tag, upstream, server), None) is not None:
+                with contextlib.suppress(KeyError):
+                    family.remove(upstream, server)
 
     def _server_gauge(self, family: Gauge, tag: str, upstream: str, server: str) -> Gauge:
         """A labelled child looked up once (`labels()` takes a lock)."""

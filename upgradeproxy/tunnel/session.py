@@ -16,6 +16,7 @@ import trio
 
 from upgradeproxy.config.model import Server
 from upgradeproxy.pool.balancer import Balancer
+from upgradeproxy.pool.discovery import spread_deadlines
 from upgradeproxy.telemetry.metrics import ExchangeRecord, Telemetry
 from upgradeproxy.transport.streams import STREAM_ERRORS, aclose_quietly
 from upgradeproxy.tunnel.relay import Ending, TunnelStats, run_tunnel
@@ -24,7 +25,6 @@ from upgradeproxy.tunnel.websocket import FramedTunnel
 # Rule 13: a lifetime ends 0-10% late, at random, so a wave of tunnels opened together (after
 # a deploy, a network blip) does not come back as a wave of reconnects.
 LIFETIME_JITTER: Final = 0.1
-
 
 
 @dataclass(slots=True, eq=False)
@@ -55,7 +55,7 @@ class Switched:
             ending.at(trio.current_time() + self.lifetime * late, "lifetime")
         if self.tunnels is not None:
             self.tunnels.add(ending)
-        self._count_tunnel(opened=True)
+        self._count_tunnel(ending, opened=True)
         try:
             if self.frames is not None:  # the pumps pass the early bytes, gated
                 self.frames.early(self.client_rest, self.upstream_rest)
@@ -83,7 +83,7 @@ class Switched:
             if self.tunnels is not None:
                 self.tunnels.discard(ending)
             await aclose_quietly(self.upstream)
-            self._count_tunnel(opened=False)
+            self._count_tunnel(ending, opened=False)
             rec = self.rec
             rec.bytes_in, rec.bytes_out = stats.bytes_up, stats.bytes_down
             rec.first_close = stats.first_close
@@ -92,16 +92,17 @@ class Switched:
             rec.duration = time.monotonic() - rec.started
             telemetry.tunnel_closed(rec)
 
-    def _count_tunnel(self, *, opened: bool) -> None:
+    def _count_tunnel(self, ending: Ending, *, opened: bool) -> None:
         """Count this tunnel on its server (max_tunnels, /upstreams and the per-server gauge);
-        the balancer counted it as a request until now, and releases both counts at the end."""
+        the balancer counted it as a request until now, and releases both counts at the end.
+        (A discovered server also keeps `ending`, to close it if the server leaves DNS.)"""
         if self.release is None:
             return
         balancer, server = self.release
         if opened:
-            balancer.hold_tunnel(server)
+            balancer.hold_tunnel(server, ending)
         else:
-            balancer.release_tunnel(server)
+            balancer.release_tunnel(server, ending)
         self.telemetry.upstream_tunnels(
             self.rec.upstream, self.rec.server, balancer.tunnels(server)
         )
@@ -112,5 +113,5 @@ def spread_ends(tunnels: Iterable[Ending], now: float, window: float) -> None:
     the middle of each of n equal slices (never at its very end, where the drain's own
     deadline cancels what is left), so their clients reconnect elsewhere a few at a time."""
     planned = list(tunnels)
-    for i, ending in enumerate(planned):
-        ending.at(now + window * (i + 0.5) / len(planned), "drain")
+    for ending, deadline in zip(planned, spread_deadlines(len(planned), now, window), strict=True):
+        ending.at(deadline, "drain")

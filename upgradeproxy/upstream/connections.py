@@ -20,7 +20,7 @@ from typing import Final
 import h11
 import trio
 
-from upgradeproxy.config.model import Server, UpstreamTls
+from upgradeproxy.config.model import Address, Server, UpstreamTls
 from upgradeproxy.transport.streams import STREAM_ERRORS, HttpStream, aclose_quietly, looks_closed
 
 MAX_IDLE_PER_SERVER: Final = 256
@@ -192,6 +192,13 @@ class Pool:
             _close_nowait(queue.popleft())
         conn.idle_since = trio.current_time()
         queue.append(conn)
+
+    def forget(self, address: Address) -> None:
+        """Close the idle connections to a server that left the upstream (rule 16)."""
+        for key in [key for key in self.idle if key[0].address == address]:
+            queue = self.idle.pop(key)
+            while queue:
+                _close_nowait(queue.pop())
 
     def close_all(self) -> None:
         for queue in self.idle.values():

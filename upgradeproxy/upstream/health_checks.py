@@ -24,7 +24,7 @@ import trio
 
 from upgradeproxy.config.model import HealthCheck, Server, Upstream, UpstreamTls
 from upgradeproxy.pool.health import Health, observe
-from upgradeproxy.pool.servers import CheckResult, ServerBook, UpstreamState
+from upgradeproxy.pool.servers import CheckResult, ServerBook, UpstreamState, servers_of
 from upgradeproxy.rules import headers as hdr
 from upgradeproxy.rules.proxy_header import proxy_header
 from upgradeproxy.telemetry.metrics import Telemetry
@@ -115,13 +115,14 @@ async def _ask(
 async def probe_upstream(
     upstream: Upstream, state: UpstreamState, tls_ctx: ssl.SSLContext | None, telemetry: Telemetry
 ) -> None:
-    """Probe every server of `upstream` once per interval, forever."""
+    """Probe every server of `upstream` once per interval, forever (a discovered upstream:
+    the servers it has at the start of each round)."""
     check = upstream.health_check
     assert check is not None
     while True:
         started = trio.current_time()
         async with trio.open_nursery() as nursery:
-            for server in upstream.servers:
+            for server in servers_of(upstream, state):
                 nursery.start_soon(
                     _probe, upstream, server, state, tls_ctx, telemetry,
                     name=f"health check {server.address}",
@@ -189,7 +190,7 @@ class Probers:
                     _run_in, scope, upstream, state, tls_contexts[name], telemetry,
                     name=f"health checks {name}",
                 )  # fmt: skip
-            for server in upstream.servers:
+            for server in servers_of(upstream, state):
                 up = state.servers[server.address].health.up
                 telemetry.upstream_healthy(name, str(server.address), up)
 
