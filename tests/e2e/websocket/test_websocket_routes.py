@@ -397,8 +397,9 @@ def test_client_burst_over_its_rate_gets_1008(proxy: Proxy) -> None:
     route = "*/recorded-rate"
     closes = proxy.metric("upgradeproxy_websocket_closes_total", route=route, code="1008")
     with connect(proxy.url(path), compression=None) as ws:
-        for i in range(60):
-            ws.send(str(i))
+        with contextlib.suppress(ConnectionClosed):  # the Close may come before the last send
+            for i in range(60):
+                ws.send(str(i))
         assert policy_close(ws) == 1008
     got = proxy.recorder.frames_for(path)
     assert close_code(got[-1]) == 1001
