@@ -161,3 +161,23 @@ def test_only_websocket_tunnels_of_routes_with_the_block_are_framed(
 ) -> None:
     made = framed_tunnel(limits, protocols, [], "*/", Telemetry())
     assert (made is not None) == framed
+
+
+def test_a_relay_of_its_own_drives_the_gates_directly() -> None:
+    """What an HTTP/2 stream relay does: feed each direction's gate, count as it goes, and
+    let `report` fill the log line from whichever gate stopped."""
+    telemetry = Telemetry()
+    made = framed_tunnel(WebSocketLimits(max_message_bytes=3), [b"websocket"], [], "*/", telemetry)
+    assert made is not None
+    first = frame(TEXT, b"abc")
+    forward, violation = made.up.feed(first + frame(TEXT, b"abcd"))
+    assert (bytes(forward), violation and violation.code) == (first, 1009)
+    made.count()
+    counted = telemetry.registry.get_sample_value(
+        "upgradeproxy_websocket_messages_total", {"route": "*/", "direction": "up"}
+    )
+    assert counted == 1
+    rec = ExchangeRecord(client="c", route="*/")
+    made.report(rec)
+    assert (rec.messages_in, rec.messages_out) == (1, 0)
+    assert "max_message_bytes" in rec.error

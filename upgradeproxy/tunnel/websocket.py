@@ -68,7 +68,6 @@ _BULK_READ: Final = _BULK_PIPE_SIZE
 # ride along with the headers in those reads (splicing 16 KiB frames one by one cost more).
 _SPLICE_MIN: Final = _BULK_READ
 
-Counter = Callable[[float], None]
 _Pump = Callable[[], Awaitable["Violation | None"]]
 
 
@@ -92,33 +91,26 @@ class _Way:
     waits for bytes on a frame boundary) and whether it has ended or halted."""
 
     __slots__ = (
-        "direction", "dst", "ended", "gate", "halted", "inc", "reported", "scope", "waiting",
+        "direction", "dst", "ended", "gate", "halted", "scope", "waiting",
     )  # fmt: skip
 
-    def __init__(
-        self, direction: Direction, gate: FrameGate, dst: trio.abc.Stream, inc: Counter
-    ) -> None:
+    def __init__(self, direction: Direction, gate: FrameGate, dst: trio.abc.Stream) -> None:
         self.direction = direction
         self.gate = gate
         self.dst = dst
-        self.inc = inc
-        self.reported = gate.messages  # messages already added to the metric
         self.scope = trio.CancelScope()
         self.waiting = False  # in a receive, at a point where cancelling loses nothing
         self.halted = trio.Event()  # stopped on a boundary, or ended
         self.ended = False  # its source ended: the relay half-closes `dst`
 
-    def count(self) -> None:
-        """Add the messages let through since the last call to the route's counter."""
-        if (n := self.gate.messages - self.reported) > 0:
-            self.reported += n
-            self.inc(n)
-
 
 class FramedTunnel:
     """The frame state of one WebSocket tunnel: a gate per direction, and what ended it."""
 
-    __slots__ = ("_first", "down", "route", "telemetry", "up", "violation", "ways")
+    __slots__ = (
+        "_counters", "_first", "_reported", "down", "route", "telemetry", "up", "violation",
+        "ways",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -141,8 +133,10 @@ class FramedTunnel:
         self.down = FrameGate(policy("server"))
         self.route = route
         self.telemetry = telemetry
-        self.violation: Violation | None = None
+        self.violation: Violation | None = None  # the one that ended the tunnel
         self.ways: dict[str, _Way] = {}
+        self._counters = telemetry.websocket_counters(route)  # (up, down)
+        self._reported = [0, 0]  # messages already added to them
         self._first: dict[str, bytes] = {}
 
     def early(self, client_rest: bytes, upstream_rest: bytes) -> None:
@@ -153,9 +147,8 @@ class FramedTunnel:
         self, tun: _Tunnel, client: trio.abc.Stream, upstream: trio.abc.Stream, allow_splice: bool
     ) -> tuple[Pump, Pump]:
         """One frame-reading pump per direction (the relay's `_pumps` hook)."""
-        up_counter, down_counter = self.telemetry.websocket_counters(self.route)
-        up = _Way("up", self.up, upstream, up_counter.inc)
-        down = _Way("down", self.down, client, down_counter.inc)
+        up = _Way("up", self.up, upstream)
+        down = _Way("down", self.down, client)
         self.ways = {"up": up, "down": down}
         pumps: tuple[_Pump, _Pump]
         if (
@@ -177,14 +170,26 @@ class FramedTunnel:
             )
         return partial(self._run, tun, up, pumps[0]), partial(self._run, tun, down, pumps[1])
 
+    def count(self) -> None:
+        """Add the messages let through since the last call to the route's metric; a relay
+        calls it as it goes (per read, not per message), so the metric moves while a tunnel
+        is open."""
+        reported = self._reported
+        if up := self.up.messages - reported[0]:
+            reported[0] += up
+            self._counters[0].inc(up)
+        if down := self.down.messages - reported[1]:
+            reported[1] += down
+            self._counters[1].inc(down)
+
     def report(self, rec: ExchangeRecord) -> None:
         """Fill the tunnel's log line and count a policy close, once the tunnel has ended."""
         rec.messages_in, rec.messages_out = self.up.messages, self.down.messages
-        for way in self.ways.values():
-            way.count()
-        if self.violation is not None:
-            rec.error = str(self.violation)
-            self.telemetry.websocket_closed(self.route, self.violation.code)
+        self.count()
+        violation = self.violation or self.up.violation or self.down.violation
+        if violation is not None:
+            rec.error = str(violation)
+            self.telemetry.websocket_closed(self.route, violation.code)
 
     async def _run(self, tun: _Tunnel, way: _Way, pump: _Pump) -> None:
         """Run `pump` for `way`; a halted pump waits here for the tunnel to end, so the relay
@@ -202,7 +207,7 @@ class FramedTunnel:
                     way.halted.set()
                     return None  # end of stream: the relay half-closes `dst`
         finally:
-            way.count()
+            self.count()
         return await self._halt(way)
 
     async def _halt(self, way: _Way) -> None:
@@ -293,7 +298,7 @@ async def _pump_portable(
             return violation
         if gate.stopped:
             return None
-        way.count()
+        ft.count()
 
 
 # --- splice path: headers through Python, long payloads in the kernel --------------------
@@ -359,7 +364,7 @@ async def _pump_splice(
                 return violation
             if gate.stopped:
                 return None
-            way.count()
+            ft.count()
     finally:
         if pipe is not None:
             _close_pipe(pipe)
