@@ -12,6 +12,7 @@ import contextlib
 import os
 import queue
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Iterator
@@ -38,6 +39,7 @@ from tests.conftest import (
     recv_exactly,
     run_cli,
     scrape,
+    start_proxy,
     status_of,
     value,
     ws_accept,
@@ -553,3 +555,35 @@ def test_check_reports_non_positive_limits(tmp_path: Path) -> None:
     assert f"{config}:9: routes[0].websocket.max_message_bytes: expected a positive" in out
     assert f"{config}:10: routes[0].websocket.max_frame_bytes: expected a positive" in out
     assert "did you mean 'messages_per_second'?" in out
+
+
+def test_tls_listener_reads_frames_too(tmp_path: Path, ca: Any, spawn: Any) -> None:
+    """Over TLS the relay copies every byte through Python instead of splicing; the same
+    counts and the same closes."""
+    cert = ca.issue_cert("localhost")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "proxy.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "proxy-key.pem"))
+    upstream = Upstream()
+    port = free_port()
+    config = tmp_path / "tls.yaml"
+    config.write_text(
+        f'listen:\n  - address: "127.0.0.1:{port}"\n'
+        "    tls: {cert: proxy.pem, key: proxy-key.pem}\n"
+        f'upstreams:\n  echo:\n    servers: ["127.0.0.1:{upstream.server.port}"]\n'
+        "routes:\n  - upstream: echo\n    websocket: {max_frame_bytes: 100}\n"
+    )
+    try:
+        proc = start_proxy(spawn, config)
+        ctx = ssl.create_default_context()
+        ca.configure_trust(ctx)
+        url = f"wss://localhost:{port}/tls"
+        with connect(url, ssl=ctx, compression=None) as ws:
+            ws.send("over TLS")
+            assert ws.recv(timeout=WAIT) == "over TLS"
+            ws.send(b"x" * 101)
+            assert policy_close(ws) == 1009
+        assert upstream.close_of("/tls")[0] == 1001
+        line = proc.wait_record(lambda r: r.get("msg") == "tunnel")[0]
+        assert (line["messages_in"], line["messages_out"], line["first_close"]) == (1, 1, "policy")
+    finally:
+        upstream.server.close()
