@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 import struct
 
+import pytest
+from websockets.frames import Close, Frame, Opcode
+from websockets.streams import StreamReader
+
 TEXT, BINARY, CONT, CLOSE, PING, PONG = 0x1, 0x2, 0x0, 0x8, 0x9, 0xA
 
 
@@ -27,3 +31,24 @@ def frame(
         return head + payload
     key = os.urandom(4)
     return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+def frames_of(data: bytes, *, masked: bool) -> list[Frame]:
+    """`data` parsed by `websockets` into whole frames; fails on a partial one at the end."""
+    reader = StreamReader()
+    reader.feed_data(data)
+    reader.feed_eof()
+    out = []
+    while reader.buffer:
+        parser = Frame.parse(reader.read_exact, mask=masked)
+        try:
+            next(parser)
+            pytest.fail("a partial frame at the end")
+        except StopIteration as done:
+            out.append(done.value)
+    return out
+
+
+def close_code(f: Frame) -> int:
+    assert f.opcode is Opcode.CLOSE, f
+    return Close.parse(f.data).code

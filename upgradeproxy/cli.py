@@ -96,6 +96,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="proxy port (default 8080, or any free port if 8080 is taken; 0 picks one)",
     )
+    demo.add_argument(
+        "--tls",
+        action="store_true",
+        help="serve the page over TLS with HTTP/2 (a certificate made for this run; needs the "
+        "'trustme' package): the browser then carries the WebSocket inside HTTP/2",
+    )
     demo.add_argument("--log-format", choices=("json", "text"), default=None)
     _add_log_level(demo)
     return parser

@@ -35,6 +35,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Final, Literal
 
+import h2bench
 import loadgen
 import report
 import targets
@@ -45,7 +46,8 @@ from report import Figure, Goal, Row, Run
 HERE: Final = Path(__file__).resolve().parent
 RESULTS: Final = HERE / "results"
 TESTS: Final = (
-    "throughput", "rtt", "handshakes", "rss", "http", "scaling", "websocket", "tunnel_sweep",
+    "throughput", "rtt", "handshakes", "rss", "http", "scaling", "h2", "websocket",
+    "tunnel_sweep",
 )  # fmt: skip
 PROFILED: Final = ("handshakes", "http", "rtt", "tunnel_up", "tunnel_down")
 MB: Final = 1e6  # throughput is in MB/s, 10^6 bytes per second
@@ -74,6 +76,12 @@ class Plan:
     http_reps: int = 3
     http_conns: int = 50
     scaling_reps: int = 2
+    h2_seconds: float = 10.0
+    h2_reps: int = 3
+    h2_conns: int = 10  # h2load connections, each with h2_streams requests in flight
+    h2_streams: int = 10
+    h2_handshake_streams: int = 64  # extended CONNECTs in flight on one connection
+    h2_tunnel_bytes: int = 256 << 20
     upstream_procs: int = 2
     time_limit: float = 1800.0
 
@@ -91,6 +99,9 @@ class Plan:
             http_seconds=2.0,
             http_reps=1,
             scaling_reps=1,
+            h2_seconds=2.0,
+            h2_reps=1,
+            h2_tunnel_bytes=16 << 20,
             time_limit=120.0,
         )
 
@@ -101,6 +112,7 @@ class Results:
     scaling: dict[str, Figure] = field(default_factory=dict)
     scaling_note: str = ""
     sweep: dict[str, Figure] = field(default_factory=dict)
+    h2: dict[str, Figure] = field(default_factory=dict)  # HTTP/2 rows, beside HAProxy
     websocket: dict[str, Figure] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -138,8 +150,8 @@ class Bench:
 
     def start(self) -> None:
         names = ("ws", "http", "nginx", "nginx_http", "upgradeproxy", "upgradeproxy_w2")
+        names += ("haproxy", "mitmproxy", "mitmproxy_http", "upgradeproxy_h2")
         names += ("upgradeproxy_ws",)
-        names += ("haproxy", "mitmproxy", "mitmproxy_http")
         names += tuple(v.name for v in self.variants)
         self.ports = dict(zip(names, free_ports(len(names)), strict=True))
         p = self.ports
@@ -510,6 +522,55 @@ class Bench:
                 fig.runs[target.name].append(run)
                 log(f"  HTTP rep {rep + 1} {target.name}: {run.value:,.0f} req/s")
 
+    # --- HTTP/2 (rule 17) ---------------------------------------------------------------
+
+    def h2(self) -> None:
+        """HTTP/2 from clients, beside HAProxy: h2load requests/s, WebSocket-over-h2
+        handshakes/s and tunnel MB/s over one connection, each with the proxy's CPU per op."""
+        plan, p = self.plan, self.ports
+        proc = h2bench.start_upgradeproxy_h2(
+            self.procs, self.tmp, p["upgradeproxy_h2"], p["ws"], p["http"]
+        )
+        group = [targets.Target("upgradeproxy", p["upgradeproxy_h2"], p["upgradeproxy_h2"], proc)]
+        group += [t for t in self.targets if t.name == "haproxy"]
+        label = f"HTTP/2 req/s (h2load -c{plan.h2_conns} -m{plan.h2_streams})"
+        req = self.results.h2["requests"] = Figure(label, "/s", True)
+        label = f"WebSocket-over-h2 handshakes/s ({plan.h2_handshake_streams} on one connection)"
+        hs = self.results.h2["handshakes"] = Figure(label, "/s", True)
+        label = f"tunnel MB/s client→upstream, one stream ({_size(plan.h2_tunnel_bytes)})"
+        up = self.results.h2["tunnel_up"] = Figure(label, "MB/s", True)
+        try:
+            for rep in range(plan.h2_reps):
+                for target in rotation(group, rep):
+                    win = self.window(target, self.http_upstream, in_process=False)
+                    with win.measure():
+                        rate, done, problems = h2bench.h2load(
+                            target.port, plan.h2_seconds, plan.h2_conns, plan.h2_streams
+                        )
+                    if problems:
+                        self.results.notes.append(f"h2load via {target.name}: {problems}")
+                    req.runs[target.name].append(Run(rate, win.result, "", _per_op(win, done)))
+                    win = self.window(target, self.ws_upstream, in_process=True)
+                    with win.measure():
+                        count = h2bench.handshakes(
+                            target.port, plan.h2_seconds, plan.h2_handshake_streams
+                        )
+                    run = Run(count / plan.h2_seconds, win.result, "", _per_op(win, count))
+                    hs.runs[target.name].append(run)
+                    win = self.window(target, self.ws_upstream, in_process=True)
+                    size = plan.h2_tunnel_bytes
+                    seconds = h2bench.upload(target.port, size, win.clock)
+                    up.runs[target.name].append(
+                        Run(size / seconds / MB, win.result, "", _per_op(win, size / MB))
+                    )
+                    log(
+                        f"  h2 rep {rep + 1} {target.name}: {rate:,.0f} req/s, "
+                        f"{count / plan.h2_seconds:,.0f} handshakes/s, "
+                        f"{size / seconds / MB:,.0f} MB/s"
+                    )
+        finally:
+            self.procs.stop(proc)
+
     # --- workers: N --------------------------------------------------------------------
 
     def scaling(self) -> None:
@@ -670,6 +731,38 @@ def _mem_gib() -> float:
             if line.startswith("MemTotal:"):
                 return int(line.split()[1]) / (1 << 20)
     return 0.0
+
+
+def render_h2(figures: dict[str, Figure]) -> str:
+    """The HTTP/2 rows: upgradeproxy (a listener with `http2: true`) beside HAProxy, with the
+    proxy's CPU per operation; nginx does not translate RFC 8441, so it has no row here."""
+    if not figures:
+        return ""
+    out = [
+        "## HTTP/2 from clients (rule 17), beside HAProxy",
+        "",
+        "| figure | upgradeproxy | haproxy | upgradeproxy ÷ haproxy | proxy CPU per op "
+        "(upgradeproxy / haproxy) |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for fig in figures.values():
+        ours, theirs = fig.median("upgradeproxy"), fig.median("haproxy")
+        ratio = report.ratio(ours, theirs)
+        per = [
+            statistics.median(v) if (v := [r.per_op for r in fig.runs.get(t, [])
+                                           if r.per_op is not None]) else None
+            for t in ("upgradeproxy", "haproxy")
+        ]  # fmt: skip
+        cpu = " / ".join("-" if x is None else f"{x:,.1f} µs" for x in per)
+        out.append(
+            f"| {fig.label} | {_num(ours)} | {_num(theirs)} | "
+            f"{'-' if ratio is None else f'{ratio:.2f}'} | {cpu} |"
+        )
+    return "\n".join(out) + "\n"
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
 
 
 def render(plan: Plan, results: Results, info: dict[str, str], quick: bool) -> str:
@@ -1035,6 +1128,7 @@ def main(argv: list[str] | None = None) -> int:
                 "rss": bench.rss,
                 "http": bench.http,
                 "scaling": bench.scaling,
+                "h2": bench.h2,
                 "tunnel_sweep": bench.tunnel_sweep,
                 "websocket": bench.websocket,
             }
@@ -1043,6 +1137,8 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"== {name}")
                     steps[name]()
         text = render(plan, bench.results, info, args.quick)
+        if bench.results.h2:
+            text += "\n" + render_h2(bench.results.h2)
         text += f"\n(run took {time.monotonic() - started:.0f} s)\n"
         # A smoke run must not overwrite the last full results.
         stem = "quick" if args.quick else "latest"

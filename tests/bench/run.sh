@@ -7,7 +7,7 @@
 #
 #   bash tests/bench/run.sh                     # full run, about 5 minutes on 2 cores
 #   bash tests/bench/run.sh --quick             # smoke run with small counts, < 60 s
-#   bash tests/bench/run.sh --tests rtt,http    # a subset (throughput,rtt,handshakes,rss,http,scaling)
+#   bash tests/bench/run.sh --tests rtt,http    # a subset (throughput,rtt,handshakes,rss,http,scaling,h2)
 #   bash tests/bench/run.sh --profile           # py-spy on upgradeproxy (same as profile.sh)
 #   bash tests/bench/run.sh --peers none        # without the HAProxy and mitmproxy peers
 #
@@ -18,6 +18,7 @@ cd "$(dirname "$0")/../.."
 missing=()
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+command -v h2load >/dev/null 2>&1 || missing+=(nghttp2-client)  # the HTTP/2 rows (--tests h2)
 case " $* " in
     *" --peers none "*|*" --peers=none "*) peers=0 ;;
     *) peers=1 ;;

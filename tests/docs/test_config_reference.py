@@ -66,7 +66,7 @@ def documented() -> list[Row]:
             section = section_id = None
         elif section is not None and section_id and line.startswith("| "):
             cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            key = re.search(r"`([a-z_]+)`", cells[0])
+            key = re.search(r"`([a-z_][a-z0-9_]*)`", cells[0])  # `http2` has a digit
             if key and len(cells) == 4:
                 ids = [a or b for a, b in _ID.findall(cells[0])]
                 rows.append(Row(section, section_id, key[1], cells[2], ids))

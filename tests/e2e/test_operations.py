@@ -334,8 +334,8 @@ def test_access_log_json_lines_for_an_exchange_and_a_tunnel(start, raw_upstream)
         "time": None, "level": "info", "logger": "upgradeproxy.access", "msg": "http",
         "client": LOOPBACK, "method": "POST", "host": "svc.test", "path": "/http/form",
         "route": "*/http", "upstream": "web", "server": f"{LOOPBACK}:{web.port}",
-        "status": 200, "bytes_in": 5, "bytes_out": 9, "kind": "http", **measured,
-        "pid": proc.popen.pid,
+        "status": 200, "bytes_in": 5, "bytes_out": 9, "kind": "http", "http_version": "1.1",
+        **measured, "pid": proc.popen.pid,
     }  # fmt: skip
     assert re.fullmatch(r"[0-9a-f]{32}", exchange["request_id"])
     assert 0 <= exchange["upstream_connect"] <= exchange["upstream_header"]

@@ -169,7 +169,7 @@ def _listeners(c: Checker, node: Node | None) -> tuple[Listener, ...]:
 
 def _listener(c: Checker, node: Node, field: str) -> Listener | None:
     mark = len(c.problems)
-    found = c.mapping(node, field, ("address", "tls", "proxy_protocol"), ("address",))
+    found = c.mapping(node, field, ("address", "tls", "proxy_protocol", "http2"), ("address",))
     if found is None:
         return None
     address = c.address(found.get("address"), f"{field}.address", listener=True)
@@ -177,9 +177,10 @@ def _listener(c: Checker, node: Node, field: str) -> Listener | None:
         c.listener_addresses.append(address)
     tls = _tls.listener_tls(c, found.get("tls"), f"{field}.tls")
     proxy_protocol = c.boolean(found.get("proxy_protocol"), f"{field}.proxy_protocol", False)
+    http2 = c.boolean(found.get("http2"), f"{field}.http2", False)
     if address is None or len(c.problems) > mark:
         return None
-    return Listener(address, tls, proxy_protocol)
+    return Listener(address, tls, proxy_protocol, http2)
 
 
 def _admin(c: Checker, node: Node | None, listeners: Sequence[Listener]) -> Admin | None:

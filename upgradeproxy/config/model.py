@@ -59,6 +59,7 @@ class Listener:
     address: Address
     tls: ListenerTls | None = None
     proxy_protocol: bool = False
+    http2: bool = False  # rule 17: HTTP/2 by ALPN on TLS, by prior knowledge in cleartext
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +193,7 @@ class Limits:
     max_request_header_bytes: int = 16384
     max_connections: int = 10000
     max_connections_per_ip: int = 0  # 0: no limit; per worker, by client address (rule 14)
+    http2_max_concurrent_streams: int = 100  # SETTINGS_MAX_CONCURRENT_STREAMS (rule 17)
 
 
 @dataclass(frozen=True, slots=True)

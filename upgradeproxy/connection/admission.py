@@ -10,9 +10,10 @@ is in `X-Forwarded-For`). Over the limit, that first request gets a 429.
 from __future__ import annotations
 
 import contextlib
+from typing import Protocol
 
 from upgradeproxy.config.model import Upstream
-from upgradeproxy.connection.context import Client, Held, Shared
+from upgradeproxy.connection.context import Edge, Held, Runtime, Shared
 from upgradeproxy.errors import ProxyError, TooManyConnections
 from upgradeproxy.rules import plan as planning
 from upgradeproxy.rules.forwarding import is_trusted
@@ -22,7 +23,19 @@ from upgradeproxy.telemetry.metrics import ExchangeRecord
 from upgradeproxy.upstream.connections import Pool
 
 
-def admit_at_accept(client: Client) -> None:
+class Accepted(Protocol):
+    """A connection as counted at accept: HTTP/1.1's `Client` or an HTTP/2 connection."""
+
+    rt: Runtime
+    shared: Shared
+    held: Held
+    over_limit: str | None
+
+    @property
+    def peer_ip(self) -> str: ...
+
+
+def admit_at_accept(client: Accepted) -> None:
     """Count a connection whose peer is the client as soon as it is accepted."""
     config = client.rt.config
     limit = config.limits.max_connections_per_ip
@@ -34,7 +47,7 @@ def admit_at_accept(client: Client) -> None:
         client.over_limit = client.peer_ip
 
 
-def admit(client: Client, head: planning.Head, rec: ExchangeRecord) -> None:
+def admit(client: Edge, head: planning.Head, rec: ExchangeRecord) -> None:
     """Count the connection for its client address, or raise TooManyConnections (429)."""
     config = client.rt.config
     limit = config.limits.max_connections_per_ip
@@ -64,7 +77,7 @@ def release(held: Held, shared: Shared) -> None:
         held.own_pool = None
 
 
-def upstream_pool(client: Client, upstream: Upstream) -> Pool:
+def upstream_pool(client: Edge, upstream: Upstream) -> Pool:
     """Where idle connections to `upstream` wait: a connection that sent a PROXY header
     speaks for one client, so only that client's later requests may reuse it."""
     if not upstream.proxy_protocol:
@@ -75,7 +88,7 @@ def upstream_pool(client: Client, upstream: Upstream) -> Pool:
     return held.own_pool
 
 
-def preamble(client: Client, upstream: Upstream) -> bytes:
+def preamble(client: Edge, upstream: Upstream) -> bytes:
     """The PROXY header a new connection to `upstream` starts with (b"" for none): the client
     as the listener learned it (PROXY source or TCP peer, never X-Forwarded-For) and the
     proxy address it connected to."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import ssl
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import trio
 
@@ -69,6 +70,28 @@ class Held:
     admitted: str | None = None  # the address counted against max_connections_per_ip
     # Keep-alive connections whose PROXY header named this client: reused by it alone.
     own_pool: Pool | None = None
+
+
+class Edge(Protocol):
+    """What the shared request path reads of a client connection, HTTP/1.1 (`Client`) or
+    HTTP/2 (`connection.http2`) alike: routing, admission, the upstream pool and preamble."""
+
+    @property
+    def origin(self) -> Origin: ...
+    @property
+    def rt(self) -> Runtime: ...
+    @property
+    def shared(self) -> Shared: ...
+    @property
+    def first(self) -> bool: ...
+    @property
+    def peer(self) -> Peer | None: ...
+    @property
+    def over_limit(self) -> str | None: ...
+    @property
+    def held(self) -> Held: ...
+    @property
+    def peer_ip(self) -> str: ...
 
 
 @dataclass(slots=True, eq=False)

@@ -15,7 +15,7 @@ import h11
 import trio
 
 from upgradeproxy.connection.body import BodyPump
-from upgradeproxy.connection.context import Client
+from upgradeproxy.connection.context import Client, Edge
 from upgradeproxy.connection.outcome import Done, Outcome
 from upgradeproxy.connection.reply import MIGHT_SWITCH, VIA
 from upgradeproxy.errors import BadSwitch, ClientGone, UpstreamTimeout, UpstreamUnavailable
@@ -81,15 +81,21 @@ async def _upstream_event(
             if scope.cancelled_caught:
                 raise UpstreamTimeout(f"upstream did not respond within {timeout:g}s")
     except (h11.RemoteProtocolError, PeerClosed) as exc:
-        unread, closed = conn.http.h11.trailing_data
-        if conn.reused and not started and not unread:
-            raise Stale() from exc
-        if isinstance(exc, PeerClosed) or (closed and not unread):
-            # h11 reports an EOF where a response was due as a protocol error; it is a close.
-            what = "closed the connection" if not started else "closed mid-response"
-            raise UpstreamUnavailable(f"upstream {what}", kind="reset") from exc
-        raise UpstreamUnavailable(f"upstream sent a bad response: {exc}", kind="protocol") from exc
+        raise upstream_failure(conn, started, exc) from exc
     return event  # type: ignore[return-value]
+
+
+def upstream_failure(conn: UpstreamConn, started: bool, exc: Exception) -> Exception:
+    """What an upstream that failed to answer means: Stale (retry a reused connection) or
+    UpstreamUnavailable (a close, or a response h11 could not parse)."""
+    unread, closed = conn.http.h11.trailing_data
+    if conn.reused and not started and not unread:
+        return Stale()
+    if isinstance(exc, PeerClosed) or (closed and not unread):
+        # h11 reports an EOF where a response was due as a protocol error; it is a close.
+        what = "closed the connection" if not started else "closed mid-response"
+        return UpstreamUnavailable(f"upstream {what}", kind="reset")
+    return UpstreamUnavailable(f"upstream sent a bad response: {exc}", kind="protocol")
 
 
 async def _flush(client: Client) -> None:
@@ -121,10 +127,10 @@ async def relay_response(client: Client, ex: Exchange, conn: UpstreamConn) -> Ou
             out.queue(h11.Data(data=event.data))
         elif isinstance(event, h11.Response):
             started = True
-            _header_time(client, ex)
+            header_time(client, ex)
             ex.rec.status = event.status_code
             if ex.plan.offer:
-                _count_upgrade(client, ex, "declined")
+                count_upgrade(client, ex, "declined")
             close = client.shared.draining or not await _body_sent(ex)
             out.queue(
                 _relayed_head(
@@ -176,14 +182,14 @@ async def _body_sent(ex: Exchange) -> bool:
     return pump.done
 
 
-def _header_time(client: Client, ex: Exchange) -> None:
+def header_time(client: Edge, ex: Exchange) -> None:
     """Note the upstream's time to response head (nginx's $upstream_header_time)."""
     if ex.rec.upstream_header is None:
         ex.rec.upstream_header = time.monotonic() - ex.upstream_started
         client.shared.telemetry.upstream_header(ex.plan.upstream.name, ex.rec.upstream_header)
 
 
-def _count_upgrade(client: Client, ex: Exchange, result: str) -> None:
+def count_upgrade(client: Edge, ex: Exchange, result: str) -> None:
     protocol = hdr.protocol_name(ex.plan.offer[0]).decode("latin-1")
     client.shared.telemetry.upgrade(ex.rec.route, protocol, result)
 
@@ -196,7 +202,7 @@ async def _switch(
     Raises BadSwitch (502) for a 101 that does not answer the offer or came too early.
     """
     raw = list(event.headers.raw_items())
-    _header_time(client, ex)
+    header_time(client, ex)
     problem = hdr.switch_problem(list(ex.plan.offer), raw, ex.plan.ws_key)
     if problem is None and ex.pump is not None:
         # The upstream may have read the whole body before our pump task read the client's
@@ -207,7 +213,7 @@ async def _switch(
         problem = "101 before the request body was complete"
     if problem is not None:
         if ex.plan.offer:
-            _count_upgrade(client, ex, "rejected")
+            count_upgrade(client, ex, "rejected")
         raise BadSwitch(problem)
     chosen = hdr.comma_list(raw, b"upgrade")
     headers = planning.with_request_id(
@@ -223,7 +229,7 @@ async def _switch(
     rec = ex.rec
     rec.status = 101
     rec.protocol = b", ".join(chosen).decode("latin-1")
-    _count_upgrade(client, ex, "switched")
+    count_upgrade(client, ex, "switched")
     rec.duration = time.monotonic() - rec.started
     client.shared.telemetry.exchange_done(rec)
     rec.logged = True

@@ -8,13 +8,17 @@ through that setup. Only public pieces are used: `Proxy`, `parse_config`, the ac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import signal
 import socket
 import sys
+import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
 from typing import Final, TextIO
 
 import h11
@@ -43,12 +47,21 @@ ADDED: Final = frozenset(
 )
 
 
-def demo_yaml(port: int, upstream_port: int, admin_port: int) -> str:
-    """The embedded config: the page and `/ws` to the demo upstream, `/metrics` to admin."""
+def demo_yaml(
+    port: int, upstream_port: int, admin_port: int, tls: tuple[str, str] | None = None
+) -> str:
+    """The embedded config: the page and `/ws` to the demo upstream, `/metrics` to admin;
+    with `tls` (cert and key files), a TLS listener that speaks HTTP/2 too."""
+    listener = f'  - address: "{LOOPBACK}:{port}"'
+    if tls is not None:
+        listener += (
+            f'\n    tls: {{cert: "{tls[0]}", key: "{tls[1]}"}}'
+            "\n    http2: true              # browsers carry the WebSocket inside HTTP/2"
+        )
     return f"""\
 # upgradeproxy demo: the config this run uses (ports are this run's)
 listen:
-  - address: "{LOOPBACK}:{port}"
+{listener}
 admin:
   address: "{LOOPBACK}:{admin_port}"
 upstreams:
@@ -84,6 +97,7 @@ class Demo:
     upstream: tuple[str, int]
     yaml_text: str
     finished: trio.Event = field(default_factory=trio.Event)
+    tls: bool = False
 
     @property
     def address(self) -> tuple[str, int]:
@@ -91,18 +105,44 @@ class Demo:
 
     @property
     def url(self) -> str:
+        if self.tls:  # the certificate names localhost
+            return f"https://localhost:{self.address[1]}/"
         return f"http://{LOOPBACK}:{self.address[1]}/"
 
 
-async def serve_demo(port: int, *, task_status: trio.TaskStatus[Demo]) -> None:
+async def serve_demo(
+    port: int, *, tls: bool = False, task_status: trio.TaskStatus[Demo]
+) -> None:
     """Run the upstream and the proxy until the proxy has drained; reports the `Demo`."""
-    async with trio.open_nursery() as nursery:
-        upstream: tuple[str, int] = await nursery.start(serve_upstream)
-        text = demo_yaml(port, upstream[1], free_port())
-        proxy = Proxy(parse_config(text, "<demo>"))
-        demo = Demo(proxy, upstream, text)
-        await nursery.start(_proxy_then_stop, demo, nursery.cancel_scope)
-        task_status.started(demo)
+    with contextlib.ExitStack() as stack:
+        files = None
+        if tls:
+            directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="upgradeproxy-"))
+            files = demo_certificate(Path(directory))
+        async with trio.open_nursery() as nursery:
+            upstream: tuple[str, int] = await nursery.start(serve_upstream)
+            text = demo_yaml(port, upstream[1], free_port(), files)
+            proxy = Proxy(parse_config(text, "<demo>"))
+            demo = Demo(proxy, upstream, text, tls=tls)
+            await nursery.start(_proxy_then_stop, demo, nursery.cancel_scope)
+            task_status.started(demo)
+
+
+def demo_certificate(directory: Path) -> tuple[str, str]:
+    """A certificate for `localhost` and 127.0.0.1, made for this run by a throwaway CA
+    (trustme: no key or CA outlives the demo, and none is installed anywhere).
+
+    Raises OSError when trustme is not installed.
+    """
+    try:
+        import trustme
+    except ImportError:
+        raise OSError("demo --tls needs the 'trustme' package: pip install trustme") from None
+    leaf = trustme.CA().issue_cert("localhost", LOOPBACK)
+    cert, key = directory / "demo.pem", directory / "demo-key.pem"
+    leaf.private_key_and_cert_chain_pem.write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    return str(cert), str(key)
 
 
 async def _proxy_then_stop(
@@ -122,7 +162,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         if args.selftest:
             return trio.run(selftest, sys.stdout)
-        trio.run(_interactive, _demo_port(args.port))
+        trio.run(_interactive, _demo_port(args.port), args.tls)
     except KeyboardInterrupt:
         return 130  # Ctrl-C before the signal handlers were in place, or during --selftest
     except (OSError, BaseExceptionGroup) as exc:
@@ -165,11 +205,11 @@ def not_a_metrics_poll(record: logging.LogRecord) -> bool:
 # --- interactive -----------------------------------------------------------------------
 
 
-async def _interactive(port: int) -> None:
+async def _interactive(port: int, tls: bool = False) -> None:
     """Serve until SIGINT/SIGTERM drains the proxy (a second signal stops at once)."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            demo: Demo = await nursery.start(serve_demo, port)
+            demo: Demo = await nursery.start(partial(serve_demo, port, tls=tls))
             print(banner(demo), flush=True)
             nursery.start_soon(_drain_on_signals, signals, demo.proxy, nursery.cancel_scope)
             await demo.finished.wait()
@@ -189,7 +229,13 @@ def banner(demo: Demo) -> str:
         f"  WebSocket  {base.replace('http', 'ws', 1)}/ws  -> built-in upstream "
         f"{demo.upstream[0]}:{demo.upstream[1]}\n"
         f"  Metrics    {base}/metrics  -> the proxy's admin listener {admin[0]}:{admin[1]}\n\n"
-        f"The config it runs:\n\n{config}\n"
+        + (
+            "  TLS        a certificate made for this run: the browser warns once; past it,\n"
+            "             the page and its WebSocket share one HTTP/2 connection (RFC 8441)\n\n"
+            if demo.tls
+            else ""
+        )
+        + f"The config it runs:\n\n{config}\n"
         "Access log on stderr: one line per request and per closed tunnel "
         "(the page's /metrics polls are left out). Ctrl-C drains and stops.\n"
     )

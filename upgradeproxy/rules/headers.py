@@ -223,8 +223,10 @@ def upgrade_offer(
 
     Raises ValueError for a malformed WebSocket handshake (a 400).
     """
-    if http_version != b"1.1":
+    if http_version == b"1.0":
         return [], None  # RFC 9110 §7.8: Upgrade in an HTTP/1.0 request is ignored.
+    # HTTP/2 heads carry Connection/Upgrade only as rules.http2 builds them for an extended
+    # CONNECT (a client's own make its request malformed).
     offered = allowed_protocols(offered_protocols(headers), allow)
     if not any(protocol_name(t) == WEBSOCKET for t in offered):
         return offered, None

@@ -25,7 +25,7 @@ from upgradeproxy.rules.origins import origin_problem
 from upgradeproxy.rules.routing import Router, normalize_host, split_target
 
 BodyFraming = Literal["none", "length", "chunked"]
-_SUPPORTED_VERSIONS: Final = (b"1.0", b"1.1")
+_SUPPORTED_VERSIONS: Final = (b"1.0", b"1.1", b"2")  # b"2": an HTTP/2 stream (rules.http2)
 _REQUEST_LINE: Final = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) ([^\s]+) HTTP/[0-9]\.[0-9]\r?\n")
 REQUEST_ID: Final = b"X-Request-ID"
 CLIENT_CERT: Final = b"X-Client-Cert-Subject"

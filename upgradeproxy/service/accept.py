@@ -7,8 +7,10 @@ listener), so a header and a ClientHello that arrive in one segment both count.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
+import math
 import ssl
 from collections.abc import Callable
 from typing import Final
@@ -16,13 +18,19 @@ from typing import Final
 import trio
 
 from upgradeproxy.connection.context import Peer
+from upgradeproxy.rules.http2 import preface_match
 from upgradeproxy.rules.proxy_protocol import (
     MAX_HEADER_BYTES,
     NEED_MORE,
     ProxyProtocolError,
     parse_proxy_header,
 )
-from upgradeproxy.transport.streams import STREAM_ERRORS, PrefixedStream, stdlib_socket
+from upgradeproxy.transport.streams import (
+    MAX_RECV,
+    STREAM_ERRORS,
+    PrefixedStream,
+    stdlib_socket,
+)
 from upgradeproxy.transport.tls import client_subject
 
 log = logging.getLogger("upgradeproxy")
@@ -164,3 +172,55 @@ async def _read_proxy_header(
             return None
         buf += data
     return None
+
+
+async def open_negotiated(
+    stream: trio.abc.Stream,
+    peer_ip: str,
+    *,
+    deadline: float,
+    proxy_protocol: bool,
+    tls: ssl.SSLContext | None,
+    port: int = 0,
+    local: tuple[str, int] | None = None,
+) -> tuple[trio.abc.Stream, Peer, bool] | None:
+    """`open_client` on an `http2` listener: (the stream, its peer, whether it speaks HTTP/2),
+    by ALPN on TLS, by the connection preface in cleartext (rule 17); None to drop it. The
+    PROXY header and TLS handshake must be done by `deadline`; a cleartext client still
+    silent then is left to HTTP/1.1, whose `request_header` answers it (408)."""
+    opened = None
+    with trio.move_on_at(deadline):
+        opened = await open_client(
+            stream, peer_ip, proxy_protocol=proxy_protocol, tls=tls, port=port, local=local
+        )
+    if opened is None:
+        return None
+    client, peer = opened
+    if isinstance(client, trio.SSLStream):
+        return client, peer, client.selected_alpn_protocol() == "h2"
+    sniffed = await sniff_preface(client, peer.leftover, deadline)
+    if sniffed is None:
+        return None
+    return client, dataclasses.replace(peer, leftover=sniffed[1]), sniffed[0]
+
+
+async def sniff_preface(
+    stream: trio.abc.Stream, buf: bytes, deadline: float = math.inf
+) -> tuple[bool, bytes] | None:
+    """On a cleartext `http2` listener: (whether the client sent the HTTP/2 preface, the
+    bytes read), or None if it left. Decided from the first bytes: an HTTP/1.1 request line
+    differs from the preface in its first byte or two, so only a client whose bytes so far
+    are a prefix of the preface is waited on (until `deadline`, then it is HTTP/1.1's).
+    Every byte read is handed on, to h2 or h11."""
+    while (found := preface_match(buf)) == "more":
+        with trio.move_on_at(deadline) as scope:
+            try:
+                data = await stream.receive_some(MAX_RECV)
+            except STREAM_ERRORS:
+                return None
+        if scope.cancelled_caught:
+            return False, buf
+        if not data:
+            return None if not buf else (False, buf)
+        buf += data
+    return found == "h2", buf

@@ -21,10 +21,11 @@ import trio
 from upgradeproxy.config.model import Address, Config, Listener
 from upgradeproxy.connection.context import Runtime, Shared
 from upgradeproxy.connection.exchange import serve_client
+from upgradeproxy.connection.http2 import serve_http2
 from upgradeproxy.pool.discovery import Lookup
 from upgradeproxy.pool.servers import describe
 from upgradeproxy.rules.plan import route_label
-from upgradeproxy.service.accept import accept_clients, open_client
+from upgradeproxy.service.accept import accept_clients, open_client, open_negotiated
 from upgradeproxy.service.admin import open_admin, serve_admin
 from upgradeproxy.service.sockets import (
     Handed,
@@ -54,7 +55,10 @@ def _close_all(socks: list[trio.socket.SocketType]) -> None:
 
 
 def _contexts(listeners: Sequence[Listener]) -> list[ssl.SSLContext | None]:
-    return [server_tls_context(lsn.tls, f"listen[{i}].tls") for i, lsn in enumerate(listeners)]
+    return [
+        server_tls_context(lsn.tls, f"listen[{i}].tls", http2=lsn.http2)
+        for i, lsn in enumerate(listeners)
+    ]
 
 
 @dataclass(slots=True)
@@ -363,7 +367,9 @@ class Proxy:
         rt = self.runtime
         self.shared.telemetry.connection_opened()
         try:
-            await self._serve(stream, bound, rt)
+            # Listeners without http2 take the HTTP/1.1 path as before: no ALPN or preface
+            # check (one attribute read per connection picks the path).
+            await (self._serve_h2_capable if bound.config.http2 else self._serve)(stream, bound, rt)
         except Exception:
             # A bug must cost one connection, never the process or a traceback to the client.
             log.exception("unexpected error on a client connection")
@@ -395,6 +401,30 @@ class Proxy:
             return
         client, peer = opened
         await serve_client(client, peer, rt, self.shared)
+
+    async def _serve_h2_capable(
+        self, stream: trio.SocketStream, bound: _Bound, rt: Runtime
+    ) -> None:
+        """An `http2` listener's connection: HTTP/2 or HTTP/1.1 as negotiated (rule 17)."""
+        try:
+            peer_ip, peer_port = stream.socket.getpeername()[:2]
+            local = stream.socket.getsockname()[:2]
+        except OSError:
+            return
+        opened = await open_negotiated(
+            stream,
+            str(peer_ip),
+            deadline=trio.current_time() + rt.config.timeouts.request_header,
+            proxy_protocol=bound.config.proxy_protocol,
+            tls=bound.tls,
+            port=int(peer_port),
+            local=(str(local[0]), int(local[1])),
+        )
+        if opened is None:
+            return
+        client, peer, h2 = opened
+        serve = serve_http2 if h2 else serve_client
+        await serve(client, peer, rt, self.shared)
 
 
 def _route_protocols(config: Config) -> list[tuple[str, tuple[str, ...]]]:

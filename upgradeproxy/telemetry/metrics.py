@@ -87,6 +87,7 @@ class ExchangeRecord:
     # Data messages each way, on routes with a `websocket` block only (rule 18).
     messages_in: int | None = None  # from the client
     messages_out: int | None = None  # to the client
+    http_version: str = "1.1"  # the client's: "1.0", "1.1" or "2" (tunnel lines too)
 
     def as_log(self) -> dict[str, object]:
         """The log fields: every field the contract lists, even when empty (so a line always

@@ -20,6 +20,8 @@ _VERSIONS: Final[Mapping[str, ssl.TLSVersion]] = {
     "TLSv1.2": ssl.TLSVersion.TLSv1_2,
     "TLSv1.3": ssl.TLSVersion.TLSv1_3,
 }
+ALPN_H2: Final = ["h2", "http/1.1"]
+ALPN_HTTP1: Final = ["http/1.1"]
 _VERIFY: Final = {"request": ssl.CERT_OPTIONAL, "require": ssl.CERT_REQUIRED}
 # RFC 4514 short names; anything else keeps OpenSSL's long name.
 _SHORT: Final = {
@@ -29,19 +31,27 @@ _SHORT: Final = {
 }  # fmt: skip
 
 
-def server_tls_context(tls: ListenerTls | None, field: str = "tls") -> ssl.SSLContext | None:
-    """The context a listener hands to trio.SSLStream; raises OSError naming `field` and file."""
+def server_tls_context(
+    tls: ListenerTls | None, field: str = "tls", *, http2: bool = False
+) -> ssl.SSLContext | None:
+    """The context a listener hands to trio.SSLStream; raises OSError naming `field` and file.
+
+    ALPN offers `h2` (preferred) only with `http2`; otherwise it never selects it (rule 17).
+    """
     if tls is None:
         return None
     certs = tls.certificates or (TlsCertificate(tls.cert, tls.key),)
+    alpn = ALPN_H2 if http2 else ALPN_HTTP1
     contexts = [_context(tls, cert, f"{field}.certificates[{i}]" if tls.certificates and i
-                         else field) for i, cert in enumerate(certs)]  # fmt: skip
+                         else field, alpn) for i, cert in enumerate(certs)]  # fmt: skip
     if len(contexts) > 1:
         contexts[0].sni_callback = _sni_picker(certs, contexts)
     return contexts[0]
 
 
-def _context(tls: ListenerTls, cert: TlsCertificate, field: str) -> ssl.SSLContext:
+def _context(
+    tls: ListenerTls, cert: TlsCertificate, field: str, alpn: list[str]
+) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = _VERSIONS[tls.min_version]
     if tls.ciphers:
@@ -57,7 +67,8 @@ def _context(tls: ListenerTls, cert: TlsCertificate, field: str) -> ssl.SSLConte
         except OSError as exc:
             raise OSError(f"{field}.client_ca: {tls.client_ca}: {exc}") from exc
         ctx.verify_mode = _VERIFY[tls.client_auth]
-    ctx.set_alpn_protocols(["http/1.1"])
+    # OpenSSL picks the first of ours the client also offers: h2 before http/1.1.
+    ctx.set_alpn_protocols(alpn)
     return ctx
 
 

@@ -22,8 +22,7 @@ from typing import Any
 
 import pytest
 from websockets.exceptions import ConnectionClosed
-from websockets.frames import Close, Frame, Opcode
-from websockets.streams import StreamReader
+from websockets.frames import Frame
 from websockets.sync.client import ClientConnection, connect
 
 from tests.conftest import (
@@ -44,30 +43,9 @@ from tests.conftest import (
     value,
     ws_accept,
 )
-from tests.ws_frames import BINARY, CLOSE, CONT, PING, TEXT, frame
+from tests.ws_frames import BINARY, CLOSE, CONT, PING, TEXT, close_code, frame, frames_of
 
 # --- wire helpers ----------------------------------------------------------------------------
-
-
-def frames_of(data: bytes, *, masked: bool) -> list[Frame]:
-    """`data` parsed by `websockets` into whole frames; fails on a partial one at the end."""
-    reader = StreamReader()
-    reader.feed_data(data)
-    reader.feed_eof()
-    out = []
-    while reader.buffer:
-        parser = Frame.parse(reader.read_exact, mask=masked)
-        try:
-            next(parser)
-            pytest.fail("a partial frame at the end")
-        except StopIteration as done:
-            out.append(done.value)
-    return out
-
-
-def close_code(f: Frame) -> int:
-    assert f.opcode is Opcode.CLOSE, f
-    return Close.parse(f.data).code
 
 
 def read_until_closed(sock: socket.socket) -> bytes:
