@@ -19,7 +19,8 @@ from upgradeproxy.rules.routing import Router
 from upgradeproxy.telemetry.metrics import Telemetry
 from upgradeproxy.transport.streams import HttpStream
 from upgradeproxy.transport.tls import client_tls_context
-from upgradeproxy.tunnel.relay import Ending
+from upgradeproxy.tunnel.parking import Parking
+from upgradeproxy.tunnel.state import Ending
 from upgradeproxy.upstream.connections import Pool
 
 
@@ -58,18 +59,50 @@ class Shared:
     draining: bool = False
     idle_waits: set[trio.CancelScope] = field(default_factory=set)
     per_ip: AddressCounts = field(default_factory=AddressCounts)  # rule 14, this worker
-    tunnels: set[Ending] = field(default_factory=set)  # open tunnels, for a spread drain
+    # Open tunnels, for a spread drain: a dict keeps one for about half what a set does.
+    tunnels: dict[Ending, None] = field(default_factory=dict)
+    parking: Parking | None = None  # the waiter for idle tunnels, while the server runs it
     book: ServerBook = field(default_factory=ServerBook)
+
+
+class ConnectionOwner(Protocol):
+    """Who accepted the connection (the server): told when a connection it let go ends."""
+
+    def connection_done(self, token: object) -> None:
+        """Give back the connection's slot (max_connections) and its count."""
 
 
 @dataclass(slots=True, eq=False)
 class Held:
     """What a client connection holds until it closes, tunnel included (so an idle tunnel
-    need not keep its `Client`, with the h11 state, alive)."""
+    need not keep its `Client`, with the h11 state, alive).
+
+    When its tunnel parks and the connection's task returns, this is what the tunnel keeps
+    (as its `Owner`) and lets go of when it ends."""
 
     admitted: str | None = None  # the address counted against max_connections_per_ip
     # Keep-alive connections whose PROXY header named this client: reused by it alone.
     own_pool: Pool | None = None
+    # Set when the tunnel parks: what `let_go` gives back to.
+    shared: Shared | None = None
+    owner: ConnectionOwner | None = None
+    token: object = None
+
+    def release(self, shared: Shared) -> None:
+        """Give back the per-address count and close the connection's own pool."""
+        if self.admitted is not None:
+            shared.per_ip.release(self.admitted)
+            self.admitted = None
+        if self.own_pool is not None:
+            self.own_pool.close_all()
+            self.own_pool = None
+
+    def let_go(self) -> None:
+        """The parked tunnel ended: release the connection's counts and its server slot."""
+        if self.shared is not None:
+            self.release(self.shared)
+        if self.owner is not None:
+            self.owner.connection_done(self.token)
 
 
 class Edge(Protocol):

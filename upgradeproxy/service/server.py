@@ -36,6 +36,7 @@ from upgradeproxy.service.sockets import (
 )
 from upgradeproxy.transport.streams import aclose_quietly
 from upgradeproxy.transport.tls import server_tls_context
+from upgradeproxy.tunnel.parking import Parking, park_after_from_env
 from upgradeproxy.tunnel.session import spread_ends
 from upgradeproxy.upstream.discovery import Discovery
 from upgradeproxy.upstream.health_checks import Probers
@@ -95,6 +96,7 @@ class Proxy:
         sockets: Mapping[str, socket.socket] | None = None,
     ) -> None:
         self.shared = shared or Shared()
+        self.parking = Parking(park_after_from_env(), self.shared.telemetry.tunnels_parked)
         self.runtime = Runtime.build(config, self.shared.book)
         self.probers = Probers()
         self.discovery = Discovery(self.shared.book, self.shared.telemetry, self.shared.pool)
@@ -199,6 +201,9 @@ class Proxy:
     async def _serve_until_drained(self, task_status: trio.TaskStatus[Proxy]) -> None:
         async with trio.open_nursery() as conns:
             self._conns = conns
+            # Parked tunnels live in this nursery too: the drain's end cancels them with the rest.
+            await conns.start(self.parking.run, name="parked tunnels")
+            self.shared.parking = self.parking
             async with trio.open_nursery() as accepts:
                 self._accepts = accepts
                 listeners = self.runtime.config.listeners
@@ -366,27 +371,36 @@ class Proxy:
     async def _handle(self, stream: trio.SocketStream, bound: _Bound, token: object) -> None:
         rt = self.runtime
         self.shared.telemetry.connection_opened()
+        parked = False
         try:
             # Listeners without http2 take the HTTP/1.1 path as before: no ALPN or preface
             # check (one attribute read per connection picks the path).
-            await (self._serve_h2_capable if bound.config.http2 else self._serve)(stream, bound, rt)
+            serve = self._serve_h2_capable if bound.config.http2 else self._serve
+            parked = await serve(stream, bound, rt, token)
         except Exception:
             # A bug must cost one connection, never the process or a traceback to the client.
             log.exception("unexpected error on a client connection")
         finally:
-            await aclose_quietly(stream)
-            self.limiter.release_on_behalf_of(token)
-            self.shared.telemetry.connection_closed()
-            self.active -= 1
-            if not self.active:
-                self._idle.set()
+            if not parked:  # else its tunnel calls connection_done when it ends
+                await aclose_quietly(stream)
+                self.connection_done(token)
 
-    async def _serve(self, stream: trio.SocketStream, bound: _Bound, rt: Runtime) -> None:
+    def connection_done(self, token: object) -> None:
+        """A client connection ended: its slot, its count, and the drain's wait."""
+        self.limiter.release_on_behalf_of(token)
+        self.shared.telemetry.connection_closed()
+        self.active -= 1
+        if not self.active:
+            self._idle.set()
+
+    async def _serve(
+        self, stream: trio.SocketStream, bound: _Bound, rt: Runtime, token: object
+    ) -> bool:
         try:
             peer_ip, peer_port = stream.socket.getpeername()[:2]
             local = stream.socket.getsockname()[:2]
         except OSError:
-            return
+            return False
         opened = None
         with trio.move_on_after(rt.config.timeouts.request_header) if bound.slow else _NO_SCOPE:
             opened = await open_client(
@@ -398,19 +412,20 @@ class Proxy:
                 local=(str(local[0]), int(local[1])),
             )
         if opened is None:
-            return
+            return False
         client, peer = opened
-        await serve_client(client, peer, rt, self.shared)
+        return await serve_client(client, peer, rt, self.shared, self, token)
 
     async def _serve_h2_capable(
-        self, stream: trio.SocketStream, bound: _Bound, rt: Runtime
-    ) -> None:
-        """An `http2` listener's connection: HTTP/2 or HTTP/1.1 as negotiated (rule 17)."""
+        self, stream: trio.SocketStream, bound: _Bound, rt: Runtime, token: object
+    ) -> bool:
+        """An `http2` listener's connection: HTTP/2 or HTTP/1.1 as negotiated (rule 17).
+        True if an HTTP/1.1 tunnel parked (HTTP/2 streams do not park)."""
         try:
             peer_ip, peer_port = stream.socket.getpeername()[:2]
             local = stream.socket.getsockname()[:2]
         except OSError:
-            return
+            return False
         opened = await open_negotiated(
             stream,
             str(peer_ip),
@@ -421,10 +436,12 @@ class Proxy:
             local=(str(local[0]), int(local[1])),
         )
         if opened is None:
-            return
+            return False
         client, peer, h2 = opened
-        serve = serve_http2 if h2 else serve_client
-        await serve(client, peer, rt, self.shared)
+        if h2:
+            await serve_http2(client, peer, rt, self.shared)
+            return False
+        return await serve_client(client, peer, rt, self.shared, self, token)
 
 
 def _route_protocols(config: Config) -> list[tuple[str, tuple[str, ...]]]:

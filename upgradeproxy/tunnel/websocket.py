@@ -42,17 +42,16 @@ from upgradeproxy.transport.streams import STREAM_ERRORS
 from upgradeproxy.tunnel.relay import (
     _BULK_PIPE_SIZE,
     _HAVE_SPLICE,
-    _SMALL,
     _SPLICE_FLAGS,
-    Direction,
+    SMALL,
     Pump,
     _close_pipe,
     _drain_pipe,
     _half_close,
     _open_pipe,
-    _Tunnel,
-    _write_all,
+    write_all,
 )
+from upgradeproxy.tunnel.state import Direction, Tunnel
 
 __all__ = ["FramedTunnel", "framed_tunnel"]
 
@@ -62,7 +61,7 @@ _CLOSE_GRACE: Final = 1.0
 # Reads into Python start small (one message of a chat is a few hundred bytes) and grow to
 # a pipe's worth while each read fills up: bulk of short frames then costs one read per
 # 256 KiB, not per 16 KiB (measured: 2.6 -> 1.1 ms of CPU per MB of 16 KiB frames).
-_SMALL_READ: Final = _SMALL
+_SMALL_READ: Final = SMALL
 _BULK_READ: Final = _BULK_PIPE_SIZE
 # What is left of a frame's payload is spliced when it is at least this long; shorter ones
 # ride along with the headers in those reads (splicing 16 KiB frames one by one cost more).
@@ -144,7 +143,7 @@ class FramedTunnel:
         self._first = {"up": client_rest, "down": upstream_rest}
 
     def pumps(
-        self, tun: _Tunnel, client: trio.abc.Stream, upstream: trio.abc.Stream, allow_splice: bool
+        self, tun: Tunnel, client: trio.abc.Stream, upstream: trio.abc.Stream, allow_splice: bool
     ) -> tuple[Pump, Pump]:
         """One frame-reading pump per direction (the relay's `_pumps` hook)."""
         up = _Way("up", self.up, upstream)
@@ -191,7 +190,7 @@ class FramedTunnel:
             rec.error = str(violation)
             self.telemetry.websocket_closed(self.route, violation.code)
 
-    async def _run(self, tun: _Tunnel, way: _Way, pump: _Pump) -> None:
+    async def _run(self, tun: Tunnel, way: _Way, pump: _Pump) -> None:
         """Run `pump` for `way`; a halted pump waits here for the tunnel to end, so the relay
         neither half-closes its destination nor calls it the side that closed first."""
         try:
@@ -214,7 +213,7 @@ class FramedTunnel:
         way.halted.set()
         await trio.sleep_forever()
 
-    async def _pass(self, tun: _Tunnel, way: _Way, data: bytes) -> bool:
+    async def _pass(self, tun: Tunnel, way: _Way, data: bytes) -> bool:
         """Gate `data`, send what may go on; True when this direction must stop here."""
         forward, violation = way.gate.feed(data)
         if forward:
@@ -225,7 +224,7 @@ class FramedTunnel:
             return True
         return way.gate.stopped
 
-    async def _violated(self, tun: _Tunnel, way: _Way, violation: Violation) -> None:
+    async def _violated(self, tun: Tunnel, way: _Way, violation: Violation) -> None:
         """Stop the other direction on a frame boundary, send both Close frames, end it all."""
         if self.violation is not None:
             return  # the other direction found one first and is closing the tunnel
@@ -252,7 +251,7 @@ class FramedTunnel:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_linger, other.dst, name="websocket close: offender")
                 nursery.start_soon(_linger, way.dst, name="websocket close: other side")
-        tun.abort_scope.cancel()
+        tun.cancel()
 
 
 async def _linger(stream: trio.abc.Stream) -> None:
@@ -276,7 +275,7 @@ async def _send_close(way: _Way, code: int, reason: str) -> None:
 
 
 async def _pump_portable(
-    ft: FramedTunnel, tun: _Tunnel, way: _Way, src: trio.abc.Stream, dst: trio.abc.Stream
+    ft: FramedTunnel, tun: Tunnel, way: _Way, src: trio.abc.Stream, dst: trio.abc.Stream
 ) -> Violation | None:
     """Copy until EOF or a stop; returns the violation that stopped it, if any."""
     gate = way.gate
@@ -305,7 +304,7 @@ async def _pump_portable(
 
 
 async def _pump_splice(
-    ft: FramedTunnel, tun: _Tunnel, way: _Way, src: trio.SocketStream, dst: trio.SocketStream
+    ft: FramedTunnel, tun: Tunnel, way: _Way, src: trio.SocketStream, dst: trio.SocketStream
 ) -> Violation | None:
     """Read headers (and short frames) into Python, splice long payloads in exact lengths."""
     src_fd, dst_fd = src.socket.fileno(), dst.socket.fileno()
@@ -358,7 +357,7 @@ async def _pump_splice(
                 if sent:
                     tun.moved(direction, sent)
                 if sent < len(forward):
-                    await _write_all(tun, direction, dst_fd, bytes(forward[sent:]))
+                    await write_all(tun, direction, dst_fd, bytes(forward[sent:]))
             if violation is not None:
                 await ft._violated(tun, way, violation)
                 return violation
