@@ -565,3 +565,21 @@ def test_tls_listener_reads_frames_too(tmp_path: Path, ca: Any, spawn: Any) -> N
         assert (line["messages_in"], line["messages_out"], line["first_close"]) == (1, 1, "policy")
     finally:
         upstream.server.close()
+
+
+def test_an_idle_framed_tunnel_stays_read_and_does_not_park(proxy: Proxy) -> None:
+    """Idle past the park delay (0.5-1 s), a tunnel of a route with the block still has its
+    frames read: the message after the pause is counted, and a bad frame still closes it."""
+    path = "/checks/idle"
+    with (
+        connect(proxy.url(path), compression=None) as ws,
+        connect(proxy.url("/plain/idle"), compression=None) as plain,
+    ):
+        for peer in (ws, plain):
+            peer.send("before")
+            assert peer.recv(timeout=WAIT) == "before"
+        time.sleep(1.5)  # the condition under test: longer than a tunnel takes to park
+        assert proxy.metric("upgradeproxy_tunnels_parked") == 1  # the spliced one only
+        ws.send("after")
+        assert ws.recv(timeout=WAIT) == "after"
+    assert proxy.tunnel_line(path)["messages_in"] == 2
