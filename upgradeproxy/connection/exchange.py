@@ -40,6 +40,7 @@ from upgradeproxy.transport.streams import (
     HttpStream,
     PeerClosed,
     aclose_quietly,
+    bytes_waiting,
     linger,
 )
 from upgradeproxy.tunnel.session import Switched
@@ -92,8 +93,12 @@ async def _serve_http(client: Client) -> Switched | None:
         outcome = await _one_exchange(client)
         if isinstance(outcome, Switched):
             return outcome
-        if outcome is Done.CLOSE or shared.draining:
-            if conn.their_state in (h11.SEND_BODY, h11.ERROR):
+        # Draining needs no test here: a response that began during the drain said
+        # `Connection: close`, and one that began before it leaves an idle wait with the grace.
+        if outcome is Done.CLOSE:
+            if conn.their_state in (h11.SEND_BODY, h11.ERROR) or (
+                shared.draining and _pipelined(client)
+            ):
                 await linger(stream)  # the client may still be sending what we did not read
             return None
         conn.start_next_cycle()
@@ -102,6 +107,12 @@ async def _serve_http(client: Client) -> Switched | None:
         # schedule point per exchange, so a client pipelining requests to a fast upstream
         # cannot hold the run loop for a whole burst.
         await trio.lowlevel.checkpoint()
+
+
+def _pipelined(client: Client) -> bool:
+    """Whether bytes of a next request are here: closing on them would reset the connection
+    (and could destroy the response just written before the client reads it)."""
+    return bool(client.http.h11.trailing_data[0]) or bytes_waiting(client.http.stream)
 
 
 async def _one_exchange(client: Client) -> Outcome:

@@ -12,7 +12,7 @@ import json
 import logging
 import socket
 import ssl
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, cast
 
@@ -25,7 +25,12 @@ from upgradeproxy.connection.http2 import serve_http2
 from upgradeproxy.pool.discovery import Lookup
 from upgradeproxy.pool.servers import describe
 from upgradeproxy.rules.plan import route_label
-from upgradeproxy.service.accept import accept_clients, open_client, open_negotiated
+from upgradeproxy.service.accept import (
+    accept_clients,
+    open_client,
+    open_negotiated,
+    take_backlog,
+)
 from upgradeproxy.service.admin import open_admin, serve_admin
 from upgradeproxy.service.sockets import (
     Handed,
@@ -134,8 +139,10 @@ class Proxy:
         return self.shared.draining
 
     def drain(self) -> None:
-        """Stop accepting and let in-flight work finish (within `timeouts.drain`)."""
-        self.shared.draining = True
+        """Stop accepting and let in-flight work finish (within `timeouts.drain`); from now on
+        responses say `Connection: close` and idle keep-alive connections get
+        `timeouts.keepalive_drain` for a request already on its way."""
+        self.shared.begin_drain(self.runtime.config.timeouts.keepalive_drain)
         self._drain.set()
 
     def retire(self, grace: float) -> None:
@@ -221,6 +228,9 @@ class Proxy:
                     log.info("drain: accepting for drain_delay", extra={"seconds": delay})
                     await trio.sleep(delay)
                 accepts.cancel_scope.cancel()
+            if not self.retiring:  # else the next generation accepts them
+                for bound in self.bound.values():
+                    take_backlog(bound.listener, self.limiter, self._starter(bound))
             # Closed now rather than at exit: new clients are refused at once instead of
             # waiting in a backlog that nobody will read.
             await self._close_listeners()
@@ -228,8 +238,6 @@ class Proxy:
             conns.cancel_scope.cancel()
 
     async def _finish_drain(self) -> None:
-        for scope in list(self.shared.idle_waits):
-            scope.cancel()
         config = self.runtime.config
         now = trio.current_time()
         if self._deadline is None:
@@ -359,9 +367,12 @@ class Proxy:
                 self.limiter,
                 limited=self.shared.telemetry.connection_limited,
                 stopping=lambda: self.retiring,
-                start=functools.partial(self._start_client, bound),
+                start=self._starter(bound),
             )
         await aclose_quietly(bound.listener)
+
+    def _starter(self, bound: _Bound) -> Callable[[trio.SocketStream, object], None]:
+        return functools.partial(self._start_client, bound)
 
     def _start_client(self, bound: _Bound, stream: trio.SocketStream, token: object) -> None:
         assert self._conns is not None
