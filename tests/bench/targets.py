@@ -148,8 +148,12 @@ http {{
     )
 
 
-def upgradeproxy_conf(port: int, ws_port: int, http_port: int, workers: int) -> str:
+def upgradeproxy_conf(
+    port: int, ws_port: int, http_port: int, workers: int, websocket: str = ""
+) -> str:
+    """`websocket`: a route `websocket` block (rule 18) for the WebSocket route, e.g. "{}"."""
     # No admin listener (nginx has none either); the access log goes to a file.
+    block = f"\n    websocket: {websocket}" if websocket else ""
     return f"""\
 listen:
   - address: "127.0.0.1:{port}"
@@ -163,7 +167,7 @@ routes:
   - path_prefix: "/http"
     upstream: http
   - path_prefix: "/"
-    upstream: ws
+    upstream: ws{block}
 timeouts:
   idle: 75
   tunnel_idle: 3600
@@ -227,9 +231,10 @@ def start_upgradeproxy(
     http_port: int,
     workers: int,
     variant: Variant | None = None,
+    websocket: str = "",
 ) -> Managed:
     path = tmp / f"{name}.yaml"
-    path.write_text(upgradeproxy_conf(port, ws_port, http_port, workers))
+    path.write_text(upgradeproxy_conf(port, ws_port, http_port, workers, websocket))
     python = variant.python if variant else sys.executable
     argv = [python, "-m", "upgradeproxy", "run", "--config", str(path)]
     # nginx runs with `access_log off`; so does upgradeproxy, for a like-for-like comparison.
