@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+import yaml
 from procs import Managed, Processes, tree, wait_for_port
 
 from tests.support.configs import config_yaml, listener, route
@@ -151,12 +152,15 @@ http {{
 
 
 def upgradeproxy_conf(
-    port: int, ws_port: int, http_port: int, workers: int, http2: bool = False
-) -> str:
+    port: int, ws_port: int, http_port: int, workers: int, *, http2: bool = False,
+    websocket: str = "",
+) -> str:  # fmt: skip
+    """`websocket`: a route `websocket` block (rule 18) for the WebSocket route, e.g. "{}"."""
     # No admin listener (nginx has none either); the access log goes to a file.
+    block = {"websocket": yaml.safe_load(websocket)} if websocket else {}
     return config_yaml(
         {"ws": ws_port, "http": http_port},
-        [route("http", path_prefix="/http"), route("ws", path_prefix="/")],
+        [route("http", path_prefix="/http"), route("ws", path_prefix="/", **block)],
         listen=listener(port, http2=True) if http2 else port,
         workers=workers,
         timeouts={"idle": 75, "tunnel_idle": 3600, "drain": 1},
@@ -218,9 +222,10 @@ def start_upgradeproxy(
     http_port: int,
     workers: int,
     variant: Variant | None = None,
+    websocket: str = "",
 ) -> Managed:
     path = tmp / f"{name}.yaml"
-    path.write_text(upgradeproxy_conf(port, ws_port, http_port, workers))
+    path.write_text(upgradeproxy_conf(port, ws_port, http_port, workers, websocket=websocket))
     python = variant.python if variant else sys.executable
     argv = [python, "-m", "upgradeproxy", "run", "--config", str(path)]
     # nginx runs with `access_log off`; so does upgradeproxy, for a like-for-like comparison.

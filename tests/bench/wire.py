@@ -6,6 +6,7 @@ CPU per operation as possible, so that the proxy under test is the bottleneck, n
 
 from __future__ import annotations
 
+import os
 import struct
 from typing import Final
 
@@ -92,6 +93,24 @@ def client_frame(payload: bytes, opcode: int = OP_BINARY, mask: bytes = MASK) ->
 def server_frame(payload: bytes, opcode: int = OP_BINARY) -> bytes:
     """A final, unmasked frame as a server sends it."""
     return _frame_header(opcode, len(payload), False) + payload
+
+
+def frame_size(payload_size: int, *, masked: bool) -> int:
+    """Bytes on the wire of one frame with `payload_size` bytes of payload."""
+    return len(_frame_header(OP_BINARY, payload_size, masked)) + (4 if masked else 0) + payload_size
+
+
+def framed_file(payload_size: int, *, masked: bool, size: int = 8 << 20) -> tuple[int, int]:
+    """A memfd of whole binary frames of `payload_size` bytes (as a client sends them with
+    `masked`: a zero key, so the payload reads the same), about `size` bytes and at least one
+    frame: (fd, bytes per frame). For sendfile through a route that reads frames."""
+    payload = bytes(range(256)) * (payload_size // 256) + bytes(payload_size % 256)
+    head = _frame_header(OP_BINARY, payload_size, masked) + (b"\0\0\0\0" if masked else b"")
+    one = head + payload
+    fd = os.memfd_create("bench-frames")
+    for _ in range(max(1, size // len(one))):
+        os.write(fd, one)
+    return fd, len(one)
 
 
 def parse_frame(buf: bytes | bytearray) -> tuple[int, bytes, int] | None:

@@ -18,7 +18,7 @@ from tests.support.waiting import eventually
 pytestmark = pytest.mark.browser
 
 CHROMIUM = "/usr/bin/chromium"
-# As tests/e2e/test_demo_browser.py, plus the run's own certificate.
+# As tests/e2e/demo/test_demo_browser.py, plus the run's own certificate.
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
