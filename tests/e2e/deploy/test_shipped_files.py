@@ -1,6 +1,6 @@
 """The shipped configs, the Dockerfile and the systemd unit agree with the loader and each other.
 
-The Kubernetes manifests have their own file, tests/unit/test_kubernetes.py.
+The Kubernetes manifests have their own file, tests/e2e/deploy/test_kubernetes.py.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def test_prometheus_jobs_scrape_the_example_admin_port_and_the_pod_annotations()
         if label.startswith("__meta_kubernetes_pod_annotation_")
     }
     # prometheus.io/scrape, /port and /path, as Prometheus spells annotation names; the
-    # Deployments carry them (tests/unit/test_kubernetes.py checks their values).
+    # Deployments carry them (tests/e2e/deploy/test_kubernetes.py checks their values).
     assert read == {"prometheus_io_scrape", "prometheus_io_port", "prometheus_io_path"}
 
 
