@@ -43,6 +43,8 @@ import wire
 from procs import CpuWindow, Managed, Processes, free_ports, rss_kib
 from report import Figure, Goal, Row, Run
 
+from tests.support.waiting import eventually
+
 HERE: Final = Path(__file__).resolve().parent
 RESULTS: Final = HERE / "results"
 TESTS: Final = (
@@ -622,12 +624,7 @@ class Bench:
         # both said "worker ready" (or it is clear that this upgradeproxy runs `workers: 2` as
         # one process), or a load started early would pin every connection on the first.
         port = p["upgradeproxy_w2"]
-        deadline = time.monotonic() + 10.0
-        while (
-            targets.workers_ready(self.tmp / "upgradeproxy-w2.log") < 2
-            and time.monotonic() < deadline
-        ):
-            time.sleep(0.1)
+        eventually(lambda: targets.workers_ready(proc) >= 2, 10.0)
         found = targets.worker_count(proc)
         if found < 2:
             self.results.scaling_note = (

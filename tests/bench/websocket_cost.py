@@ -34,7 +34,7 @@ COPY += "runpy.run_module('upgradeproxy', run_name='__main__')"
 def start(procs: Processes, tmp: Path, name: str, port: int, ws: int, http: int, block: str,
           copy: bool = False) -> Managed:  # fmt: skip
     path = tmp / f"{name}.yaml"
-    path.write_text(targets.upgradeproxy_conf(port, ws, http, 1, block))
+    path.write_text(targets.upgradeproxy_conf(port, ws, http, 1, websocket=block))
     head = [sys.executable, "-c", COPY] if copy else [sys.executable, "-m", "upgradeproxy"]
     argv = [*head, "run", "--config", str(path), "--log-format", "json", "--no-access-log"]
     proc = procs.start(name, argv, tmp / f"{name}.log", cwd=targets.REPO)

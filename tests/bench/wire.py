@@ -6,15 +6,15 @@ CPU per operation as possible, so that the proxy under test is the bottleneck, n
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import os
 import struct
 from typing import Final
 
-WS_GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-# A fixed key: the client then knows the expected Accept in advance and only compares bytes.
-WS_KEY: Final = b"dGhlIHNhbXBsZSBub25jZQ=="
+import repo_path  # noqa: F401  (before tests.support: puts the repository on sys.path)
+
+from tests.support.wire import WS_KEY, ws_accept
+
+# WS_KEY is fixed: the client then knows the expected Accept in advance and only compares bytes.
 HOST: Final = b"bench.local"
 MASK: Final = b"\x37\xfa\x21\x3d"
 HEAD_END: Final = b"\r\n\r\n"
@@ -34,9 +34,7 @@ PATH_SOURCE: Final = "/source"  # /source?n=N: 101, send N bytes, half-close
 PATH_HTTP: Final = "/http"  # plain HTTP, served by the nginx HTTP upstream
 
 
-def accept_for(key: bytes) -> bytes:
-    """The Sec-WebSocket-Accept value for `key` (RFC 6455 section 4.2.2)."""
-    return base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
+accept_for = ws_accept  # the Sec-WebSocket-Accept value for a key (RFC 6455 §4.2.2)
 
 
 WS_ACCEPT: Final = accept_for(WS_KEY)

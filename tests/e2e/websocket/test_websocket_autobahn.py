@@ -26,7 +26,10 @@ from typing import Any
 import pytest
 from websockets.asyncio.client import connect
 
-from tests.conftest import PY_M, Proc, WsUpstream, free_port
+from tests.support.clients import free_port
+from tests.support.configs import config_yaml, route
+from tests.support.peers import WsUpstream
+from tests.support.processes import ProxyProcess
 
 kosoku = pytest.importorskip("kosoku")
 
@@ -38,7 +41,8 @@ pytestmark = pytest.mark.slow
 # those with bigger messages and run for minutes.
 CLIENT_CASES = ["1.*", "2.*", "3.*", "4.*", "5.*", "6.*", "7.*", "9.*", "10.*", "12.1.*", "13.1.*"]
 SERVER_CASES = ["1.*", "2.*", "3.*", "4.*", "5.*", "6.*", "7.*", "10.*"]
-GENEROUS = "{max_message_bytes: 134217728, max_frame_bytes: 134217728, messages_per_second: 100000}"
+GENEROUS = {"max_message_bytes": 1 << 27, "max_frame_bytes": 1 << 27,
+            "messages_per_second": 100_000}  # fmt: skip
 PASSING = {"OK", "NON-STRICT", "INFORMATIONAL"}
 
 Verdicts = dict[str, tuple[str, str]]
@@ -65,18 +69,16 @@ def proxy_to(port: int, tmp: Path) -> Iterator[int]:
     listen = free_port()
     config = tmp / f"proxy-{port}.yaml"
     config.write_text(
-        f'listen:\n  - address: "127.0.0.1:{listen}"\nupstreams:\n'
-        f'  fuzz:\n    servers: ["127.0.0.1:{port}"]\n'
-        f"routes:\n  - upstream: fuzz\n    websocket: {GENEROUS}\n"
+        config_yaml({"fuzz": port}, [route("fuzz", websocket=GENEROUS)], listen=listen)
     )
-    proc = Proc([*PY_M, "run", "--config", str(config), "--log-format", "json"])
+    proc = ProxyProcess(config)
     try:
-        proc.wait_err(lambda line: "listening" in line)
+        proc.ready()
         yield listen
         problems = [r for r in proc.records() if r.get("level") not in ("info", "debug")]
         assert not problems, problems
     finally:
-        proc.kill()
+        proc.close()
 
 
 async def _echo(ws: Any) -> None:

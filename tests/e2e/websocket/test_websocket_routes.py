@@ -7,12 +7,10 @@ is found by path, and metrics are compared before and after.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import os
 import queue
 import socket
-import ssl
 import struct
 import time
 from collections.abc import Iterator
@@ -25,43 +23,21 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame
 from websockets.sync.client import ClientConnection, connect
 
-from tests.conftest import (
-    PY_M,
-    WAIT,
-    Proc,
-    RawConn,
-    RawUpstream,
-    Record,
-    WsUpstream,
-    eventually,
+from tests.support.certs import client_context, tls_keys, write_pair
+from tests.support.clients import (
+    LOOPBACK,
     free_port,
     read_response_head,
+    read_until_close,
     recv_exactly,
-    run_cli,
-    scrape,
-    start_proxy,
-    status_of,
-    value,
-    ws_accept,
 )
-from tests.ws_frames import BINARY, CLOSE, CONT, PING, TEXT, close_code, frame, frames_of
-
-# --- wire helpers ----------------------------------------------------------------------------
-
-
-def read_until_closed(sock: socket.socket) -> bytes:
-    """Everything until the peer closes (bounded by the socket's timeout)."""
-    out = bytearray()
-    while True:
-        try:
-            data = sock.recv(65536)
-        except ConnectionResetError:
-            break
-        if not data:
-            break
-        out += data
-    return bytes(out)
-
+from tests.support.configs import config_yaml, listener, route
+from tests.support.metrics import scrape, value
+from tests.support.peers import RawConn, RawUpstream, WsUpstream
+from tests.support.processes import ProxyProcess, Record, run_cli
+from tests.support.waiting import WAIT, eventually
+from tests.support.wire import status_of, switching, ws_request
+from tests.support.ws_frames import BINARY, CLOSE, CONT, PING, TEXT, close_code, frame, frames_of
 
 # --- peers -----------------------------------------------------------------------------------
 
@@ -110,15 +86,7 @@ class Recorder:
     def handler(self, conn: RawConn) -> None:
         head = conn.read_head()
         path = head.split(b" ")[1].decode()
-        key = next(
-            line.split(b":", 1)[1].strip()
-            for line in head.split(b"\r\n")
-            if line.lower().startswith(b"sec-websocket-key:")
-        )
-        conn.send(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Accept: " + ws_accept(key) + b"\r\n\r\n"
-        )
+        conn.send(switching(head))
         self.got.put((path, conn.read_until_close(timeout=WAIT)))
 
     def frames_for(self, path: str) -> list[Frame]:
@@ -131,7 +99,7 @@ class Recorder:
 
 @dataclass
 class Proxy:
-    proc: Proc
+    proc: ProxyProcess
     port: int
     admin: int
     upstream: Upstream
@@ -139,7 +107,7 @@ class Proxy:
     recorder: Recorder
 
     def url(self, path: str) -> str:
-        return f"ws://127.0.0.1:{self.port}{path}"
+        return f"ws://{LOOPBACK}:{self.port}{path}"
 
     def tunnel_line(self, path: str) -> Record:
         return self.proc.wait_record(lambda r: r.get("msg") == "tunnel" and r["path"] == path)[0]
@@ -150,85 +118,44 @@ class Proxy:
     def raw_pair(self, path: str) -> tuple[socket.socket, RawConn]:
         """A client socket and the raw upstream's connection, both past a real 101."""
         index = len(self.raw.conns)
-        sock = socket.create_connection(("127.0.0.1", self.port), timeout=WAIT)
-        key = base64.b64encode(os.urandom(16))
-        sock.sendall(
-            f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
-            "Sec-WebSocket-Version: 13\r\n".encode()
-            + b"Sec-WebSocket-Key: "
-            + key
-            + b"\r\n\r\n"
-        )
+        sock = socket.create_connection((LOOPBACK, self.port), timeout=WAIT)
+        sock.sendall(ws_request(target=path.encode(), host=b"x"))
         conn = self.raw.accept(index)
-        conn.read_head()
-        conn.send(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Accept: " + ws_accept(key) + b"\r\n\r\n"
-        )
+        conn.send(switching(conn.read_head()))
         head, rest = read_response_head(sock)
         assert status_of(head) == 101, head
         assert not rest
         return sock, conn
 
 
-CONFIG = """\
-listen:
-  - address: "127.0.0.1:{port}"
-admin:
-  address: "127.0.0.1:{admin}"
-upstreams:
-  echo:
-    servers: ["127.0.0.1:{echo}"]
-  raw:
-    servers: ["127.0.0.1:{raw}"]
-  recorder:
-    servers: ["127.0.0.1:{recorder}"]
-routes:
-  - path_prefix: /checks
-    upstream: echo
-    websocket: {{}}
-  - path_prefix: /limits
-    upstream: echo
-    websocket:
-      max_message_bytes: 1000
-      max_frame_bytes: 600
-  - path_prefix: /rate
-    upstream: echo
-    websocket:
-      messages_per_second: 20
-  - path_prefix: /raw
-    upstream: raw
-    websocket:
-      max_message_bytes: 1000
-  - path_prefix: /recorded-rate
-    upstream: recorder
-    websocket:
-      messages_per_second: 20
-  - path_prefix: /free
-    upstream: raw
-    websocket: {{}}
-  - path_prefix: /plain
-    upstream: echo
-"""
+def config(port: int, admin: int, echo: int, raw: int, recorder: int) -> str:
+    """One proxy for every test: a route per behaviour, each on paths of its own."""
+    routes = [
+        route("echo", path_prefix="/checks", websocket={}),
+        route("echo", path_prefix="/limits",
+              websocket={"max_message_bytes": 1000, "max_frame_bytes": 600}),
+        route("echo", path_prefix="/rate", websocket={"messages_per_second": 20}),
+        route("raw", path_prefix="/raw", websocket={"max_message_bytes": 1000}),
+        route("recorder", path_prefix="/recorded-rate", websocket={"messages_per_second": 20}),
+        route("raw", path_prefix="/free", websocket={}),
+        route("echo", path_prefix="/plain"),
+    ]  # fmt: skip
+    return config_yaml({"echo": echo, "raw": raw, "recorder": recorder}, routes, listen=port,
+                       admin=admin)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
     upstream, raw, recorder = Upstream(), RawUpstream(), Recorder()
     port, admin = free_port(), free_port()
-    config: Path = tmp_path_factory.mktemp("wsroutes") / "proxy.yaml"
-    config.write_text(
-        CONFIG.format(
-            port=port, admin=admin, echo=upstream.server.port, raw=raw.port,
-            recorder=recorder.raw.port,
-        )
-    )  # fmt: skip
-    proc = Proc([*PY_M, "run", "--config", str(config), "--log-format", "json"])
+    path: Path = tmp_path_factory.mktemp("wsroutes") / "proxy.yaml"
+    path.write_text(config(port, admin, upstream.server.port, raw.port, recorder.raw.port))
+    proc = ProxyProcess(path)
     try:
-        proc.wait_err(lambda line: "listening" in line)
+        proc.ready()
         yield Proxy(proc, port, admin, upstream, raw, recorder)
     finally:
-        proc.kill()
+        proc.close()
         upstream.server.close()
         raw.close()
         recorder.raw.close()
@@ -422,7 +349,7 @@ def test_broken_client_frames_close_both_sides_on_frame_boundaries(
         welcome = recv_exactly(sock, len(GOOD_DOWN))
         sock.sendall(GOOD_UP + bad + frame(TEXT, b"never"))
         upstream_got = frames_of(conn.read_until_close(), masked=True)
-        client_got = frames_of(welcome + read_until_closed(sock), masked=False)
+        client_got = frames_of(welcome + read_until_close(sock), masked=False)
     assert [f.data for f in upstream_got[:-1]] == [b"hello", b"p"]
     assert close_code(upstream_got[-1]) == 1001
     assert [f.data for f in client_got[:-1]] == [b"welcome"]
@@ -440,7 +367,7 @@ def test_masked_server_frame_closes_the_server_with_1002(proxy: Proxy) -> None:
         sock.sendall(GOOD_UP)
         assert conn.read_exactly(len(GOOD_UP)) == GOOD_UP
         conn.send(GOOD_DOWN + frame(TEXT, b"masked"))
-        client_got = frames_of(read_until_closed(sock), masked=False)
+        client_got = frames_of(read_until_close(sock), masked=False)
         upstream_got = frames_of(GOOD_UP + conn.read_until_close(), masked=True)
     assert [f.data for f in client_got[:-1]] == [b"welcome"]
     assert close_code(client_got[-1]) == 1001
@@ -464,7 +391,7 @@ def test_length_header_split_across_reads(proxy: Proxy) -> None:
         sock.sendall(frame(CLOSE, struct.pack("!H", 1000)))
         conn.send(frame(CLOSE, struct.pack("!H", 1000), mask=False))
         conn.close()  # the server closes the TCP connection first (RFC 6455 §7.1.1)
-        assert [close_code(f) for f in frames_of(read_until_closed(sock), masked=False)] == [1000]
+        assert [close_code(f) for f in frames_of(read_until_close(sock), masked=False)] == [1000]
     line = proxy.tunnel_line(path)
     assert (line["messages_in"], line.get("error")) == (1, None)
 
@@ -481,7 +408,7 @@ def test_offending_header_split_across_reads_is_never_forwarded(proxy: Proxy) ->
             sock.send(bad[i : i + 1])
             time.sleep(0.02)
         upstream_got = frames_of(conn.read_until_close(), masked=True)
-        client_got = frames_of(read_until_closed(sock), masked=False)
+        client_got = frames_of(read_until_close(sock), masked=False)
     assert [close_code(f) for f in upstream_got] == [1001]
     assert [close_code(f) for f in client_got] == [1009]
 
@@ -500,7 +427,7 @@ def test_close_waits_for_the_frame_under_way_to_the_offender(proxy: Proxy) -> No
         sock.sendall(GOOD_UP + frame(TEXT, b"bad", mask=False))
         assert conn.read_exactly(len(GOOD_UP)) == GOOD_UP
         conn.send(long_frame[300:] + frame(TEXT, b"after", mask=False))
-        client_got = frames_of(bytes(got) + read_until_closed(sock), masked=False)
+        client_got = frames_of(bytes(got) + read_until_close(sock), masked=False)
         upstream_got = frames_of(conn.read_until_close(), masked=True)
     assert client_got[0].data == b"L" * 800
     assert close_code(client_got[-1]) == 1002
@@ -516,12 +443,13 @@ def test_no_second_close_after_the_peer_sent_one(proxy: Proxy) -> None:
     with sock:
         sock.sendall(frame(CLOSE, struct.pack("!H", 1000)) + frame(TEXT, b"late", mask=False))
         upstream_got = frames_of(conn.read_until_close(), masked=True)
-        client_got = frames_of(read_until_closed(sock), masked=False)
+        client_got = frames_of(read_until_close(sock), masked=False)
     assert [close_code(f) for f in upstream_got] == [1000]
     assert [close_code(f) for f in client_got] == [1002]
 
 
 def test_check_reports_non_positive_limits(tmp_path: Path) -> None:
+    # Hand-written: the line numbers in the problems are under test.
     config = tmp_path / "bad.yaml"
     config.write_text(
         "listen:\n  - address: 127.0.0.1:8080\nupstreams:\n  a:\n    servers: [127.0.0.1:9]\n"
@@ -536,25 +464,20 @@ def test_check_reports_non_positive_limits(tmp_path: Path) -> None:
     assert "did you mean 'messages_per_second'?" in out
 
 
-def test_tls_listener_reads_frames_too(tmp_path: Path, ca: Any, spawn: Any) -> None:
+def test_tls_listener_reads_frames_too(tmp_path: Path, ca: Any, run_proxy: Any) -> None:
     """Over TLS the relay copies every byte through Python instead of splicing; the same
     counts and the same closes."""
-    cert = ca.issue_cert("localhost")
-    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "proxy.pem"))
-    cert.private_key_pem.write_to_path(str(tmp_path / "proxy-key.pem"))
+    files = write_pair(ca.issue_cert("localhost"), tmp_path, "proxy")
     upstream = Upstream()
     port = free_port()
-    config = tmp_path / "tls.yaml"
-    config.write_text(
-        f'listen:\n  - address: "127.0.0.1:{port}"\n'
-        "    tls: {cert: proxy.pem, key: proxy-key.pem}\n"
-        f'upstreams:\n  echo:\n    servers: ["127.0.0.1:{upstream.server.port}"]\n'
-        "routes:\n  - upstream: echo\n    websocket: {max_frame_bytes: 100}\n"
+    text = config_yaml(
+        {"echo": upstream.server.port},
+        [route("echo", websocket={"max_frame_bytes": 100})],
+        listen=listener(port, tls=tls_keys(files)),
     )
     try:
-        proc = start_proxy(spawn, config)
-        ctx = ssl.create_default_context()
-        ca.configure_trust(ctx)
+        proc = run_proxy(text)
+        ctx = client_context(ca)
         url = f"wss://localhost:{port}/tls"
         with connect(url, ssl=ctx, compression=None) as ws:
             ws.send("over TLS")

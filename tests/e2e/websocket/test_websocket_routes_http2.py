@@ -10,11 +10,13 @@ from typing import Any
 import h2.events
 from websockets.exceptions import ConnectionClosed
 
-from tests.conftest import WAIT, eventually
-from tests.e2e.http2.h2peer import H2Peer, WsOverH2, access_records, h2_yaml
-from tests.ws_frames import close_code, frames_of
+from tests.support.access_log import access_records
+from tests.support.configs import h2_yaml
+from tests.support.h2_clients import H2Peer, WsOverH2
+from tests.support.waiting import WAIT, eventually
+from tests.support.ws_frames import close_code, frames_of
 
-BLOCK = "websocket: {max_frame_bytes: 100}"
+BLOCK = {"websocket": {"max_frame_bytes": 100}}
 
 
 def recording_echo(closes: queue.Queue[int | None]) -> Any:
