@@ -41,6 +41,10 @@ from upgradeproxy.tunnel.state import Direction, Ending, OnBytes, Tunnel, Tunnel
 __all__ = ["FramedTunnel", "WebSocketTunnel", "framed_tunnel", "pump_frames"]
 
 _Pump = Callable[[], Awaitable["Violation | None"]]
+# Shared by every tunnel that has none: replaced, never changed (a parked tunnel keeps no
+# empty dict of its own).
+_NO_WAYS: dict[str, Way] = {}
+_NO_BYTES: dict[str, bytes] = {}
 
 
 def framed_tunnel(
@@ -89,11 +93,11 @@ class FramedTunnel:
         self.route = route
         self.telemetry = telemetry
         self.violation: Violation | None = None  # the one that ended the tunnel
-        self.ways: dict[str, Way] = {}  # the running pumps' (none while parked)
+        self.ways = _NO_WAYS  # the running pumps' (none while parked)
         self._run_scope: trio.CancelScope | None = None  # the parkable run `ways` belong to
         self._counters = telemetry.websocket_counters(route)  # (up, down)
         self._reported = [0, 0]  # messages already added to them
-        self._first: dict[str, bytes] = {}
+        self._first = _NO_BYTES
 
     def early(self, client_rest: bytes, upstream_rest: bytes) -> None:
         """Bytes that came behind the handshake heads: the pumps pass them first, gated."""
@@ -143,8 +147,10 @@ class FramedTunnel:
 
     def parked(self) -> None:
         """The pumps stopped for a parked spell: drop what only a run needs."""
-        self.ways = {}
+        self.ways = _NO_WAYS
         self._run_scope = None
+        if not self._first:
+            self._first = _NO_BYTES
 
     def count(self) -> None:
         """Add the messages let through since the last call to the route's metric; a relay
