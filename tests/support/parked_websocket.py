@@ -18,10 +18,11 @@ from typing import Any
 from tests.support.clients import LOOPBACK, free_port, read_response_head
 from tests.support.configs import config_yaml, route
 from tests.support.metrics import scrape, value
-from tests.support.peers import RawConn, RawUpstream, WsUpstream, accept_upgrade
+from tests.support.peers import RawConn, RawUpstream, WsUpstream
 from tests.support.processes import ProxyProcess, Record, clean_env
 from tests.support.waiting import WAIT, eventually
-from tests.support.wire import WS_HEADERS, status_of
+from tests.support.wire import WS_HEADERS, status_of, switching
+from tests.support.ws_frames import TEXT, frame
 from upgradeproxy.tunnel.parking import PARK_AFTER_ENV
 
 PARK = "0.05"  # seconds: a tunnel parks between 50 and 100 ms after its last byte
@@ -36,9 +37,15 @@ ROUTES = [
 ]  # fmt: skip
 
 
+EARLY_DOWN = frame(TEXT, b"sent with the 101", mask=False)
+
+
 def hold_after_switch(conn: RawConn) -> None:
-    """Accept the upgrade and leave the connection to the test."""
-    accept_upgrade(conn)
+    """Accept the upgrade and leave the connection to the test; on a path with `/early`, a
+    frame goes in the same write as the 101 (bytes the proxy reads with the response head)."""
+    head = conn.read_head(timeout=WAIT)
+    conn.send(switching(head) + (EARLY_DOWN if b"/early" in head.split(b"\r\n")[0] else b""))
+    conn.sock.settimeout(WAIT)
 
 
 @dataclass
@@ -50,6 +57,7 @@ class Parked:
     admin: int
     raw: RawUpstream
     echo: WsUpstream
+    rest: bytes = b""  # what the last `raw_pair` read past the 101
 
     def url(self, path: str) -> str:
         return f"ws://{LOOPBACK}:{self.port}{path}"
@@ -61,14 +69,16 @@ class Parked:
         """Eventually exactly `count` tunnels are parked."""
         return eventually(lambda: self.metric("upgradeproxy_tunnels_parked") == count)
 
-    def raw_pair(self, path: str) -> tuple[socket.socket, RawConn]:
-        """A raw client socket and the raw upstream's connection, past a real 101."""
+    def raw_pair(self, path: str, early: bytes = b"") -> tuple[socket.socket, RawConn]:
+        """A raw client socket and the raw upstream's connection, past a real 101; `early`
+        goes in the same write as the request head."""
         index = len(self.raw.conns)
         sock = socket.create_connection((LOOPBACK, self.port), timeout=WAIT)
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: svc.test\r\n".encode() + WS_HEADERS + b"\r\n")
+        head = f"GET {path} HTTP/1.1\r\nHost: svc.test\r\n".encode() + WS_HEADERS + b"\r\n"
+        sock.sendall(head + early)
         head, rest = read_response_head(sock)
         assert status_of(head) == 101, head
-        assert not rest
+        self.rest = bytes(rest)
         return sock, self.raw.accept(index)
 
     def tunnel_line(self, path: str) -> Record:

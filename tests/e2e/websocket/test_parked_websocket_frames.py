@@ -19,7 +19,7 @@ import pytest
 from websockets.sync.client import connect
 
 from tests.support.clients import read_until_close, recv_exactly
-from tests.support.parked_websocket import Parked, parked_proxy
+from tests.support.parked_websocket import EARLY_DOWN, Parked, parked_proxy
 from tests.support.waiting import WAIT
 from tests.support.ws_frames import BINARY, CONT, PING, TEXT, close_code, frame, frames_of
 
@@ -65,6 +65,23 @@ def test_messages_after_a_parked_spell_pass_and_are_counted(proxy: Parked) -> No
         assert counted == 5
     assert proxy.parked(0)
     assert proxy.metric("upgradeproxy_tunnels_active") == 0
+
+
+def test_bytes_that_came_with_the_handshake_are_read_as_frames_too(proxy: Parked) -> None:
+    """A frame the client sent behind its request head, and one the server sent behind its
+    101, pass their gates and are counted; the parked tunnel then still refuses a bad one."""
+    path = "/limits/early"
+    early_up = frame(TEXT, b"sent with the request")
+    sock, conn = proxy.raw_pair(path, early=early_up)
+    with sock:
+        assert recv_exactly(sock, len(EARLY_DOWN), bytearray(proxy.rest)) == EARLY_DOWN
+        assert conn.read_exactly(len(early_up)) == early_up
+        assert proxy.parked(1)
+        sock.sendall(frame(BINARY, b"x" * 601))
+        assert [close_code(f) for f in frames_of(read_until_close(sock), masked=False)] == [1009]
+        assert [close_code(f) for f in frames_of(conn.read_until_close(), masked=True)] == [1001]
+    line = proxy.tunnel_line(path)
+    assert (line["messages_in"], line["messages_out"], line["first_close"]) == (1, 1, "policy")
 
 
 def test_a_frame_and_a_header_split_by_parked_spells_are_read_whole(proxy: Parked) -> None:
