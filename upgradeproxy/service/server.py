@@ -1,5 +1,6 @@
 """Listeners, connection lifecycle, reload and drain: the proxy as a running service (its
-admin listener is service/admin.py's `AdminListener`).
+admin listener is service/admin.py's `AdminListener`; an accepted client is served by
+service/clients.py).
 
 `serve()` is the public entry point for embedding; `Proxy` is what `task_status.started`
 hands back, so a caller (the CLI, a test) can read bound addresses, reload and drain.
@@ -7,30 +8,21 @@ hands back, so a caller (the CLI, a test) can read bound addresses, reload and d
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import socket
 import ssl
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Final
 
 import trio
 
 from upgradeproxy.config.model import Address, Config, Listener
 from upgradeproxy.connection.context import Runtime, Shared
-from upgradeproxy.connection.exchange import serve_client
-from upgradeproxy.connection.http2 import serve_http2
 from upgradeproxy.pool.discovery import Lookup
 from upgradeproxy.rules.plan import route_label
-from upgradeproxy.service.accept import (
-    accept_clients,
-    open_client,
-    open_negotiated,
-    take_backlog,
-)
+from upgradeproxy.service.accept import accept_clients, take_backlog
 from upgradeproxy.service.admin import AdminListener, upstreams_page
+from upgradeproxy.service.clients import Bound, serve_negotiated, serve_plain
 from upgradeproxy.service.sockets import Handed, bind_socket, start_error
 from upgradeproxy.transport.streams import aclose_quietly
 from upgradeproxy.transport.tls import server_tls_context
@@ -42,8 +34,6 @@ from upgradeproxy.upstream.health_checks import Probers
 log = logging.getLogger("upgradeproxy")
 
 BACKLOG = 4096
-# open_client returns at once on a plain listener: no deadline (and no cancel scope) needed.
-_NO_SCOPE: Final = contextlib.nullcontext()
 
 
 def _close_all(socks: list[trio.socket.SocketType]) -> None:
@@ -56,19 +46,6 @@ def _contexts(listeners: Sequence[Listener]) -> list[ssl.SSLContext | None]:
         server_tls_context(lsn.tls, f"listen[{i}].tls", http2=lsn.http2)
         for i, lsn in enumerate(listeners)
     ]
-
-
-@dataclass(slots=True)
-class _Bound:
-    config: Listener
-    listener: trio.SocketListener
-    scope: trio.CancelScope
-    tls: ssl.SSLContext | None
-
-    @property
-    def slow(self) -> bool:
-        """Whether a new client must first send a PROXY header or do a TLS handshake."""
-        return self.config.proxy_protocol or self.tls is not None
 
 
 class Proxy:
@@ -92,7 +69,7 @@ class Proxy:
         # Fixed for the process: every socket sharing a port must set SO_REUSEPORT, so a worker
         # keeps it even after a reload to `workers: 1` (which only a restart applies).
         self.reuse_port = config.workers > 1 if reuse_port is None else reuse_port
-        self.bound: dict[Address, _Bound] = {}
+        self.bound: dict[Address, Bound] = {}
         self.active = 0
         self._drain = trio.Event()
         self._idle = trio.Event()
@@ -295,12 +272,12 @@ class Proxy:
         self, listener: Listener, sock: trio.socket.SocketType, tls: ssl.SSLContext | None
     ) -> None:
         sock.listen(BACKLOG)
-        bound = _Bound(listener, trio.SocketListener(sock), trio.CancelScope(), tls)
+        bound = Bound(listener, trio.SocketListener(sock), trio.CancelScope(), tls)
         self.bound[listener.address] = bound
         assert self._accepts is not None
         self._accepts.start_soon(self._accept_loop, bound, name=f"accept {listener.address}")
 
-    async def _accept_loop(self, bound: _Bound) -> None:
+    async def _accept_loop(self, bound: Bound) -> None:
         with bound.scope:
             await accept_clients(
                 bound.listener,
@@ -311,23 +288,23 @@ class Proxy:
             )
         await aclose_quietly(bound.listener)
 
-    def _starter(self, bound: _Bound) -> Callable[[trio.SocketStream, object], None]:
+    def _starter(self, bound: Bound) -> Callable[[trio.SocketStream, object], None]:
         return functools.partial(self._start_client, bound)
 
-    def _start_client(self, bound: _Bound, stream: trio.SocketStream, token: object) -> None:
+    def _start_client(self, bound: Bound, stream: trio.SocketStream, token: object) -> None:
         assert self._conns is not None
         self.active += 1
         self._conns.start_soon(self._handle, stream, bound, token)
 
-    async def _handle(self, stream: trio.SocketStream, bound: _Bound, token: object) -> None:
+    async def _handle(self, stream: trio.SocketStream, bound: Bound, token: object) -> None:
         rt = self.runtime
         self.shared.telemetry.connection_opened()
         parked = False
         try:
             # Listeners without http2 take the HTTP/1.1 path as before: no ALPN or preface
             # check (one attribute read per connection picks the path).
-            serve = self._serve_h2_capable if bound.config.http2 else self._serve
-            parked = await serve(stream, bound, rt, token)
+            serve = serve_negotiated if bound.config.http2 else serve_plain
+            parked = await serve(stream, bound, rt, self.shared, self, token)
         except Exception:
             # A bug must cost one connection, never the process or a traceback to the client.
             log.exception("unexpected error on a client connection")
@@ -343,56 +320,6 @@ class Proxy:
         self.active -= 1
         if not self.active:
             self._idle.set()
-
-    async def _serve(
-        self, stream: trio.SocketStream, bound: _Bound, rt: Runtime, token: object
-    ) -> bool:
-        try:
-            peer_ip, peer_port = stream.socket.getpeername()[:2]
-            local = stream.socket.getsockname()[:2]
-        except OSError:
-            return False
-        opened = None
-        with trio.move_on_after(rt.config.timeouts.request_header) if bound.slow else _NO_SCOPE:
-            opened = await open_client(
-                stream,
-                str(peer_ip),
-                proxy_protocol=bound.config.proxy_protocol,
-                tls=bound.tls,
-                port=int(peer_port),
-                local=(str(local[0]), int(local[1])),
-            )
-        if opened is None:
-            return False
-        client, peer = opened
-        return await serve_client(client, peer, rt, self.shared, self, token)
-
-    async def _serve_h2_capable(
-        self, stream: trio.SocketStream, bound: _Bound, rt: Runtime, token: object
-    ) -> bool:
-        """An `http2` listener's connection: HTTP/2 or HTTP/1.1 as negotiated (rule 17).
-        True if an HTTP/1.1 tunnel parked (HTTP/2 streams do not park)."""
-        try:
-            peer_ip, peer_port = stream.socket.getpeername()[:2]
-            local = stream.socket.getsockname()[:2]
-        except OSError:
-            return False
-        opened = await open_negotiated(
-            stream,
-            str(peer_ip),
-            deadline=trio.current_time() + rt.config.timeouts.request_header,
-            proxy_protocol=bound.config.proxy_protocol,
-            tls=bound.tls,
-            port=int(peer_port),
-            local=(str(local[0]), int(local[1])),
-        )
-        if opened is None:
-            return False
-        client, peer, h2 = opened
-        if h2:
-            await serve_http2(client, peer, rt, self.shared)
-            return False
-        return await serve_client(client, peer, rt, self.shared, self, token)
 
 
 def _route_protocols(config: Config) -> list[tuple[str, tuple[str, ...]]]:
