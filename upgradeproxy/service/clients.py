@@ -2,8 +2,8 @@
 handshake (service/accept.py), then HTTP/1.1, or on an `http2` listener HTTP/2 or HTTP/1.1
 as negotiated (rule 17).
 
-Each returns True if the connection's tunnel parked: the connection then belongs to the
-tunnel, which tells `owner` (with `token`) when it ends, and the caller must leave it open.
+`serve_accepted` returns True if the connection's tunnel parked: the connection then belongs
+to the tunnel, which tells `owner` (with `token`) when it ends; the caller must leave it open.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class Bound:
         return self.config.proxy_protocol or self.tls is not None
 
 
-async def serve_plain(
+async def serve_accepted(
     stream: trio.SocketStream,
     bound: Bound,
     rt: Runtime,
@@ -49,55 +49,42 @@ async def serve_plain(
     owner: ConnectionOwner,
     token: object,
 ) -> bool:
-    """A connection on a listener without `http2`: HTTP/1.1."""
+    """Serve one accepted client of `bound`: HTTP/1.1, or on an `http2` listener HTTP/2 or
+    HTTP/1.1 as negotiated (HTTP/2 streams do not park)."""
     try:
         peer_ip, peer_port = stream.socket.getpeername()[:2]
         local = stream.socket.getsockname()[:2]
     except OSError:
         return False
-    opened = None
-    with trio.move_on_after(rt.config.timeouts.request_header) if bound.slow else _NO_SCOPE:
-        opened = await open_client(
-            stream,
-            str(peer_ip),
-            proxy_protocol=bound.config.proxy_protocol,
-            tls=bound.tls,
-            port=int(peer_port),
-            local=(str(local[0]), int(local[1])),
-        )
-    if opened is None:
-        return False
-    client, peer = opened
-    return await serve_client(client, peer, rt, shared, owner, token)
-
-
-async def serve_negotiated(
-    stream: trio.SocketStream,
-    bound: Bound,
-    rt: Runtime,
-    shared: Shared,
-    owner: ConnectionOwner,
-    token: object,
-) -> bool:
-    """An `http2` listener's connection: HTTP/2 or HTTP/1.1 as negotiated (rule 17).
-    HTTP/2 streams do not park."""
-    try:
-        peer_ip, peer_port = stream.socket.getpeername()[:2]
-        local = stream.socket.getsockname()[:2]
-    except OSError:
-        return False
-    opened = await open_negotiated(
+    ip, port, here = str(peer_ip), int(peer_port), (str(local[0]), int(local[1]))
+    if not bound.config.http2:
+        # Listeners without http2 take the HTTP/1.1 path as before: no ALPN or preface check.
+        opened = None
+        with trio.move_on_after(rt.config.timeouts.request_header) if bound.slow else _NO_SCOPE:
+            opened = await open_client(
+                stream,
+                ip,
+                proxy_protocol=bound.config.proxy_protocol,
+                tls=bound.tls,
+                port=port,
+                local=here,
+            )
+        if opened is None:
+            return False
+        client, peer = opened
+        return await serve_client(client, peer, rt, shared, owner, token)
+    negotiated = await open_negotiated(
         stream,
-        str(peer_ip),
+        ip,
         deadline=trio.current_time() + rt.config.timeouts.request_header,
         proxy_protocol=bound.config.proxy_protocol,
         tls=bound.tls,
-        port=int(peer_port),
-        local=(str(local[0]), int(local[1])),
+        port=port,
+        local=here,
     )
-    if opened is None:
+    if negotiated is None:
         return False
-    client, peer, h2 = opened
+    client, peer, h2 = negotiated
     if h2:
         await serve_http2(client, peer, rt, shared)
         return False

@@ -22,7 +22,7 @@ from upgradeproxy.pool.discovery import Lookup
 from upgradeproxy.rules.plan import route_label
 from upgradeproxy.service.accept import accept_clients, take_backlog
 from upgradeproxy.service.admin import AdminListener, upstreams_page
-from upgradeproxy.service.clients import Bound, serve_negotiated, serve_plain
+from upgradeproxy.service.clients import Bound, serve_accepted
 from upgradeproxy.service.sockets import Handed, bind_socket, start_error
 from upgradeproxy.transport.streams import aclose_quietly
 from upgradeproxy.transport.tls import server_tls_context
@@ -301,10 +301,7 @@ class Proxy:
         self.shared.telemetry.connection_opened()
         parked = False
         try:
-            # Listeners without http2 take the HTTP/1.1 path as before: no ALPN or preface
-            # check (one attribute read per connection picks the path).
-            serve = serve_negotiated if bound.config.http2 else serve_plain
-            parked = await serve(stream, bound, rt, self.shared, self, token)
+            parked = await serve_accepted(stream, bound, rt, self.shared, self, token)
         except Exception:
             # A bug must cost one connection, never the process or a traceback to the client.
             log.exception("unexpected error on a client connection")
