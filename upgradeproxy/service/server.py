@@ -23,7 +23,7 @@ from upgradeproxy.rules.plan import route_label
 from upgradeproxy.service.accept import accept_clients, take_backlog
 from upgradeproxy.service.admin import AdminListener, upstreams_page
 from upgradeproxy.service.clients import Bound, serve_accepted
-from upgradeproxy.service.sockets import Handed, bind_socket, start_error
+from upgradeproxy.service.sockets import Handed, bind_socket, close_all, start_error
 from upgradeproxy.transport.streams import aclose_quietly
 from upgradeproxy.transport.tls import server_tls_context
 from upgradeproxy.tunnel.parking import Parking, park_after_from_env
@@ -34,11 +34,6 @@ from upgradeproxy.upstream.health_checks import Probers
 log = logging.getLogger("upgradeproxy")
 
 BACKLOG = 4096
-
-
-def _close_all(socks: list[trio.socket.SocketType]) -> None:
-    for sock in socks:
-        sock.close()
 
 
 def _contexts(listeners: Sequence[Listener]) -> list[ssl.SSLContext | None]:
@@ -229,7 +224,7 @@ class Proxy:
             if self.draining:  # a drain began while we were binding
                 raise RuntimeError("cannot reload while draining")
         except BaseException:
-            _close_all(socks)
+            close_all(socks)
             if admin is not None:
                 admin[1].socket.close()
             raise
@@ -264,7 +259,7 @@ class Proxy:
                 except OSError as exc:
                     raise start_error(exc, fields.get(address, "listen"), address) from exc
         except BaseException:
-            _close_all(socks)
+            close_all(socks)
             raise
         return socks
 
