@@ -25,7 +25,7 @@ from upgradeproxy.connection.reply import VIA
 from upgradeproxy.connection.response import Exchange
 from upgradeproxy.errors import REASONS, ClientGone, NoServerAvailable, ProxyError
 from upgradeproxy.rules import http2 as rules
-from upgradeproxy.telemetry.metrics import ExchangeRecord
+from upgradeproxy.telemetry.access import ExchangeRecord
 from upgradeproxy.tunnel.session import Switched
 
 log = logging.getLogger("upgradeproxy")

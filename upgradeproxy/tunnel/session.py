@@ -19,7 +19,8 @@ import trio
 from upgradeproxy.config.model import Server
 from upgradeproxy.pool.balancer import Balancer
 from upgradeproxy.pool.discovery import spread_deadlines
-from upgradeproxy.telemetry.metrics import ExchangeRecord, Telemetry
+from upgradeproxy.telemetry.access import ExchangeRecord
+from upgradeproxy.telemetry.metrics import Telemetry
 from upgradeproxy.transport.streams import STREAM_ERRORS, aclose_quietly, stdlib_socket
 from upgradeproxy.tunnel.parkable import close_sockets, make_parkable, run_parkable
 from upgradeproxy.tunnel.parking import Parking

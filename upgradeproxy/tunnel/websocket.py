@@ -33,7 +33,8 @@ from upgradeproxy.rules.websocket_frames import (
     Violation,
     reserved_bits,
 )
-from upgradeproxy.telemetry.metrics import ExchangeRecord, Telemetry
+from upgradeproxy.telemetry.access import ExchangeRecord
+from upgradeproxy.telemetry.metrics import Telemetry
 from upgradeproxy.tunnel.frame_pumps import Way, close_down, halt, pump_portable, pump_splice
 from upgradeproxy.tunnel.relay import _HAVE_SPLICE, Pump
 from upgradeproxy.tunnel.state import Direction, Ending, OnBytes, Tunnel, TunnelStats
