@@ -22,8 +22,8 @@ from upgradeproxy.tunnel.state import Direction, Ending, OnBytes, Tunnel, Tunnel
 
 __all__ = [
     "BULK_PIPE_SIZE", "HAVE_SPLICE", "SMALL", "SPLICE_FLAGS", "Direction", "Ending",
-    "FrameRelay", "Pump", "TunnelStats", "close_pipe", "drain_pipe", "half_close", "open_pipe",
-    "pump_splice", "run_tunnel", "write_all",
+    "FrameRelay", "Pump", "TunnelStats", "close_pipe", "drain_pipe", "half_close",
+    "only_cancelled", "open_pipe", "pump_splice", "run_tunnel", "write_all",
 ]  # fmt: skip
 
 Pump = Callable[[], Awaitable[None]]
@@ -96,7 +96,7 @@ async def run_tunnel(
             tun.finished(ending.why if ending.due() else "idle")
         graceful = not tun.failed
     except BaseException as exc:  # noted and re-raised: graceful drain must see its Cancelled
-        tun.finished("cancelled" if _only_cancelled(exc) else "error")
+        tun.finished("cancelled" if only_cancelled(exc) else "error")
         raise
     finally:
         ending.scope = None
@@ -175,7 +175,7 @@ async def _close(stream: trio.abc.Stream, graceful: bool) -> None:
         await stream.aclose()
 
 
-def _only_cancelled(exc: BaseException) -> bool:
+def only_cancelled(exc: BaseException) -> bool:
     """True if `exc` is a Cancelled, or a group holding nothing else."""
     if isinstance(exc, BaseExceptionGroup):
         return exc.split(trio.Cancelled)[1] is None
