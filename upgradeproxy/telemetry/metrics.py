@@ -48,7 +48,6 @@ CONNECT_BUCKETS: Final = (
     5.0,
 )
 HEADER_BUCKETS: Final = (*DURATION_BUCKETS, 30.0, 60.0)
-# A live worker's gauge file; `mark_process_dead` removes it when the worker exits.
 
 # Multiprocess mode has no `*_created` series; drop them here too so both modes expose the
 # same families (and each new label set costs no extra clock read).

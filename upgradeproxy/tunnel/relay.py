@@ -37,7 +37,6 @@ class FrameRelay(Protocol):
     ) -> tuple[Pump, Pump]: ...
 
 
-# What a peer reset, a broken pipe or a stream closed under us looks like; anything else is a bug.
 HAVE_SPLICE: Final = hasattr(os, "splice")
 SPLICE_FLAGS: Final = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 # A splice loop whose sockets are always ready never reaches a checkpoint on its own; yield after
