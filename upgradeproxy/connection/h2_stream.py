@@ -12,11 +12,15 @@ writes the other; this adapter gives it the flow control rule 17 asks for:
 
 from __future__ import annotations
 
+from typing import Final
+
 import h2.errors
 import trio
 
 from upgradeproxy.connection.h2_channel import Channel, StreamState
 from upgradeproxy.errors import ClientGone
+
+_MAX_READ: Final = 65536  # what one read hands on when the caller sets no limit
 
 
 class StreamIO(trio.abc.HalfCloseableStream):
@@ -36,9 +40,18 @@ class StreamIO(trio.abc.HalfCloseableStream):
         data = await channel.receive(st)
         if data is None:
             return b""
-        if max_bytes is not None and len(data) > max_bytes:
-            st.inbox.appendleft(data[max_bytes:])
-            data = data[:max_bytes]
+        limit = _MAX_READ if max_bytes is None else max_bytes
+        inbox = st.inbox
+        if len(data) > limit:
+            inbox.appendleft(data[limit:])
+            data = data[:limit]
+        elif inbox and len(data) + len(inbox[0]) <= limit:
+            # The DATA frames already here leave in one write upstream, not one each.
+            parts, size = [data], len(data)
+            while inbox and size + len(inbox[0]) <= limit:
+                parts.append(inbox.popleft())
+                size += len(parts[-1])
+            data = b"".join(parts)
         self._owed = len(data)
         return data
 
