@@ -13,7 +13,8 @@ from /proc schedstat) over the run divided by the count:
   over a few connections with many streams each, or `--h1` keep-alive connections;
 - `h2hs` / `h1hs`: WebSocket handshakes to /hs, as extended CONNECTs on one HTTP/2 connection
   (200, END_STREAM both ways) or as HTTP/1.1 Upgrades (a connection each, closed after the 101);
-- `h2bulk` / `h1bulk`: MiB client -> upstream over one tunnel (/sink).
+- `h2bulk` / `h1bulk`: MiB client -> upstream over one tunnel (/sink);
+- `h2down` / `h1down`: MiB upstream -> client over one tunnel (/source).
 
 Every tree (`--tree NAME=PATH`: a source checkout run with this venv's Python) gets a proxy of
 its own with `http2: true`; reps rotate over trees and ops, so load drifts hit all alike.
@@ -46,8 +47,8 @@ import targets
 import wire
 from procs import Managed, Processes, cpu_seconds, free_ports, wait_for_port
 
-OPS: Final = ("h2req", "h1req", "h2hs", "h1hs", "h2bulk", "h1bulk")
-UNITS: Final = {"req": "request", "hs": "handshake", "bulk": "MiB"}
+OPS: Final = ("h2req", "h1req", "h2hs", "h1hs", "h2bulk", "h1bulk", "h2down", "h1down")
+UNITS: Final = {"req": "request", "hs": "handshake", "bulk": "MiB", "down": "MiB"}
 
 
 @dataclass(frozen=True)
@@ -190,6 +191,29 @@ def h1_handshakes(port: int, n: int, concurrency: int) -> None:
     ep.close()
 
 
+def h2_download(port: int, size: int) -> None:
+    """`size` bytes from /source over one extended CONNECT stream, to its END_STREAM (the
+    client's windows: 1 MiB per stream, 16 MiB more for the connection, as h2bench sets)."""
+    client = h2bench._Client(port)
+    try:
+        sid = client.connect(f"{wire.PATH_SOURCE}?n={size}")
+        client.flush()
+        got = 0
+        ended = False
+        while not ended:
+            for event in client.read():
+                if isinstance(event, h2.events.DataReceived) and event.stream_id == sid:
+                    got += len(event.data)
+                elif isinstance(event, h2.events.StreamEnded) and event.stream_id == sid:
+                    ended = True
+                elif isinstance(event, h2.events.StreamReset):
+                    raise RuntimeError(f"stream reset: {event}")
+        if got != size:
+            raise RuntimeError(f"received {got} bytes, the source sent {size}")
+    finally:
+        client.close()
+
+
 def _no_clock(_: str) -> None:
     pass
 
@@ -216,6 +240,12 @@ def run_op(op: str, port: int, shape: Shape, scale: float = 1.0) -> int:
         return mib
     if op == "h1bulk":
         loadgen.upload(port, mib << 20, _no_clock)
+        return mib
+    if op == "h2down":
+        h2_download(port, mib << 20)
+        return mib
+    if op == "h1down":
+        loadgen.download(port, mib << 20, _no_clock)
         return mib
     raise ValueError(op)
 

@@ -308,12 +308,15 @@ class Channel:
                 await self.flush()  # what is queued goes before we wait
                 window = await self.wait_window(st, timeout)
             n = min(window, self.h2.max_outbound_frame_size, len(view))
+            last = end and n == len(view)  # END_STREAM on the last frame, not one of its own
             with _CLOSED:
-                self.h2.send_data(st.id, view[:n].tobytes())
+                self.h2.send_data(st.id, view[:n].tobytes(), end_stream=last)
+            if last:
+                st.closed_out = True
             view = view[n:]
-        if end:
+        if end and not st.closed_out:
             await self.end_stream(st)
-        elif flush:
+        elif flush or end:
             await self.flush()
 
     async def wait_window(self, st: StreamState, timeout: float = math.inf) -> int:
