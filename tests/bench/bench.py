@@ -46,10 +46,14 @@ from report import Figure, Goal, Row, Run
 HERE: Final = Path(__file__).resolve().parent
 RESULTS: Final = HERE / "results"
 TESTS: Final = (
-    "throughput", "rtt", "handshakes", "rss", "http", "scaling", "h2", "tunnel_sweep",
+    "throughput", "rtt", "handshakes", "rss", "wake", "http", "scaling", "h2",
+    "tunnel_sweep",
 )  # fmt: skip
 PROFILED: Final = ("handshakes", "http", "rtt", "tunnel_up", "tunnel_down")
 MB: Final = 1e6  # throughput is in MB/s, 10^6 bytes per second
+# Longer than upgradeproxy's park delay (a tunnel parks 0.5-1 s after its last byte), twice:
+# idle tunnels are weighed parked, and a "quiet" tunnel is a parked one.
+QUIET: Final = 2.5
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,9 @@ class Plan:
     hs_clients: int = 64
     hs_procs: int = 2  # client processes sharing the 64 connections
     rss_tunnels: int = 5_000
+    rss_tunnels_large: int = 9_000  # about the most one process holds at 20,000 descriptors
+    wake_tunnels: int = 50  # each gives one first-message-after-quiet round trip a round
+    wake_rounds: int = 2
     http_seconds: float = 10.0
     http_reps: int = 3
     http_conns: int = 50
@@ -90,6 +97,9 @@ class Plan:
             hs_seconds=2.0,
             hs_reps=1,
             rss_tunnels=300,
+            rss_tunnels_large=600,
+            wake_tunnels=10,
+            wake_rounds=1,
             http_seconds=2.0,
             http_reps=1,
             scaling_reps=1,
@@ -410,9 +420,15 @@ class Bench:
     # --- 4. RSS per idle tunnel --------------------------------------------------------
 
     def rss(self) -> None:
-        count = self.plan.rss_tunnels
+        for key, count in (
+            ("rss", self.plan.rss_tunnels),
+            ("rss_large", self.plan.rss_tunnels_large),
+        ):
+            self.rss_at(key, count)
+
+    def rss_at(self, key: str, count: int) -> None:
         fig = Figure(f"RSS per idle tunnel, {count:,} open (KiB)", "KiB", False)
-        self.results.figures["rss"] = fig
+        self.results.figures[key] = fig
         for target in self.targets:
             if target.proc is None:
                 continue  # no proxy, nothing to weigh
@@ -426,7 +442,7 @@ class Bench:
             with win.measure():
                 socks = loadgen.open_idle_tunnels(target.port, count)
             try:
-                time.sleep(1.0)  # let the proxy settle (deferred frees, log flushes)
+                time.sleep(QUIET)  # idle: parked, for a proxy that parks idle tunnels
                 after = rss_kib(proc.pids())
             finally:
                 loadgen.close_all(socks)
@@ -434,6 +450,29 @@ class Bench:
             fig.runs[target.name].append(Run(per, win.result))
             log(f"  RSS {target.name}: {before:,} KiB -> {after:,} KiB, {per:.1f} KiB/tunnel")
             time.sleep(2.0)  # let it close them before the next target is weighed
+
+    # --- 4b. waking a quiet tunnel ------------------------------------------------------
+
+    def wake(self) -> None:
+        """The first message after a quiet spell longer than the park delay, and the next
+        one, each a timed round trip, with every process on one CPU (as the rtt test)."""
+        first = Figure(f"round trip p50 (µs), first message after {QUIET:g} s quiet", "µs", False)
+        then = Figure("round trip p50 (µs), the message right after it", "µs", False)
+        self.results.figures["wake_first"] = first
+        self.results.figures["wake_next"] = then
+        with self.pinned("shared"):
+            for rep in range(self.plan.wake_rounds):
+                for target in rotation(self.targets, rep):
+                    woken, active = loadgen.quiet_round_trips(
+                        target.port, self.plan.wake_tunnels, QUIET
+                    )
+                    first.runs[target.name].append(Run(statistics.median(woken) / 1e3, {}))
+                    then.runs[target.name].append(Run(statistics.median(active) / 1e3, {}))
+                    log(
+                        f"  wake {target.name}: first after quiet p50 "
+                        f"{statistics.median(woken) / 1e3:.1f} µs, next "
+                        f"{statistics.median(active) / 1e3:.1f} µs"
+                    )
 
     # --- 5. plain HTTP -----------------------------------------------------------------
 
@@ -770,6 +809,9 @@ def render(plan: Plan, results: Results, info: dict[str, str], quick: bool) -> s
     add("handshakes", Goal("≥ 0.25x", 0.25, True), report.fmt_int)
     per_core("handshakes", "handshakes per proxy core-second")
     add("rss", Goal("≤ 1.0x", 1.0, False), report.fmt_1)
+    add("rss_large", None, report.fmt_1)
+    add("wake_first", None, report.fmt_1)
+    add("wake_next", None, report.fmt_1)
     add("http", Goal("≥ 0.10x", 0.10, True), report.fmt_int)
     per_core("http", "plain HTTP requests per proxy core-second")
 
@@ -784,7 +826,8 @@ def render(plan: Plan, results: Results, info: dict[str, str], quick: bool) -> s
         f"- sizes: tunnel {plan.tunnel_bytes / (1 << 20):,.0f} MiB x {plan.tunnel_reps} "
         f"(median); {plan.rtt_count:,} round trips of 32 B in {plan.rtt_chunks} interleaved "
         f"chunks; handshakes {plan.hs_clients} clients x {plan.hs_seconds:g} s x {plan.hs_reps} "
-        f"(median); {plan.rss_tunnels:,} idle tunnels; wrk {plan.http_seconds:g} s x "
+        f"(median); {plan.rss_tunnels:,} and {plan.rss_tunnels_large:,} idle tunnels; "
+        f"wrk {plan.http_seconds:g} s x "
         f"{plan.http_reps} (median)",
         "",
         report.table(rows),
@@ -1047,6 +1090,7 @@ def main(argv: list[str] | None = None) -> int:
                 "rtt": bench.rtt,
                 "handshakes": bench.handshakes,
                 "rss": bench.rss,
+                "wake": bench.wake,
                 "http": bench.http,
                 "scaling": bench.scaling,
                 "h2": bench.h2,

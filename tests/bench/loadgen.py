@@ -204,6 +204,35 @@ def round_trips(port: int, count: int, warmup: int) -> list[int]:
         sock.close()
 
 
+def quiet_round_trips(port: int, tunnels: int, quiet: float) -> tuple[list[int], list[int]]:
+    """Round trips (ns) of the first message on each of `tunnels` tunnels left quiet for
+    `quiet` seconds or more, and of the message right after each: (first, next)."""
+    socks = open_idle_tunnels(port, tunnels)
+    frame = wire.client_frame(RTT_PAYLOAD)
+    expected = wire.server_frame(RTT_PAYLOAD)
+    clock = time.perf_counter_ns
+    first: list[int] = []
+    then: list[int] = []
+    try:
+        time.sleep(quiet)
+        for sock in socks:
+            for samples in (first, then):
+                t0 = clock()
+                sock.send(frame)
+                reply = b""
+                while len(reply) < len(expected):
+                    data = sock.recv(len(expected) - len(reply))
+                    if not data:
+                        raise BenchError("echo closed a quiet tunnel")
+                    reply += data
+                samples.append(clock() - t0)
+                if reply != expected:
+                    raise BenchError(f"bad echo on a quiet tunnel: {reply!r}")
+    finally:
+        close_all(socks)
+    return first, then
+
+
 def _close_ws(sock: socket.socket) -> None:
     """Polite WebSocket close; errors here do not matter to the measurement."""
     with contextlib.suppress(OSError):

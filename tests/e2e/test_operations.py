@@ -372,8 +372,9 @@ def test_drain_turns_readyz_503_stops_accepting_and_waits_for_tunnels(start, raw
 
 
 def test_drain_finishes_inflight_exchange_and_closes_idle_keepalive(start, raw_upstream):
-    """An idle keep-alive connection is closed at once; an exchange in flight gets its
-    response, with `Connection: close`, then its connection closes; exit 0."""
+    """An idle keep-alive connection is closed (once `timeouts.keepalive_drain` has passed); an
+    exchange in flight gets its response, with `Connection: close`, then its connection
+    closes; exit 0."""
     reached, release = threading.Event(), threading.Event()
 
     def slow(conn: RawConn) -> None:

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Soak the proxy: `bash tests/soak/run.sh [--seconds N] [--seed S]` (default 30 s).
+# Soak the proxy: `bash tests/soak/run.sh [--seconds N] [--seed S] [--workers N]
+# [--upgrade-every SECONDS] [--http-clients N]` (default 30 s, one process, no SIGUSR2).
 # Prints a verdict table; exits 0 with a line `PASS` only when every check holds.
 set -euo pipefail
 cd "$(dirname "$0")/../.."

@@ -1,21 +1,28 @@
 """The soak: a real `upgradeproxy run` under mixed traffic and chaos, then a verdict table.
 
     python -m tests.soak.soak --seconds 30      (tests/soak/run.sh wraps this)
+    python -m tests.soak.soak --seconds 600 --workers 2 --upgrade-every 60 --http-clients 8
 
 Traffic: long and short WebSocket tunnels whose every byte is checked, HTTP GETs and POSTs
-with bodies. Chaos: client resets, upstream resets, stalled readers, slowloris, garbage, an
-upstream restart halfway, a SIGHUP every 10 s. Exit 0 and a `PASS` line only if every check
-holds.
+with bodies on keep-alive connections (half of the clients back to back, half with a short
+think time; each checks a pooled connection before reusing it, as urllib3 and browsers do).
+Chaos: client resets, upstream resets, stalled readers, slowloris, garbage, an upstream
+restart halfway, a SIGHUP every 10 s, and with `--upgrade-every` a SIGUSR2 (a new generation
+on the same sockets) that often; at the end every old generation must have exited. Exit 0
+and a `PASS` line only if every check holds.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
 import random
+import select
 import sys
 import time
+from dataclasses import dataclass
 
 import h11
 import trio
@@ -31,10 +38,20 @@ OP_TIMEOUT = 15.0  # any single client step slower than this is a hang, hence an
 _PARTIAL_POST = b"POST /echo HTTP/1.1\r\nHost: s\r\nContent-Length: 100000\r\n\r\n" + b"x" * 5000
 
 
+@dataclass(frozen=True)
+class Options:
+    seconds: float = 30.0
+    seed: int = 0
+    workers: int = 1
+    upgrade_every: float = 0.0  # seconds between SIGUSR2s; 0: none
+    http_clients: int = 4
+
+
 class Soak:
-    def __init__(self, seconds: float, seed: int) -> None:
-        self.seconds = seconds
-        self.rng = random.Random(seed)
+    def __init__(self, options: Options) -> None:
+        self.options = options
+        self.seconds = options.seconds
+        self.rng = random.Random(options.seed)
         self.t = Tally()
         self.ids = itertools.count()
         self.a = Upstream("a")
@@ -136,10 +153,17 @@ class Soak:
                 else:
                     self.error(f"tunnel {tid}", exc)
 
-    async def http_loop(self) -> None:
+    async def http_loop(self, think: float) -> None:
+        """Requests on a keep-alive connection, `think` seconds at most between them."""
         stream: trio.SocketStream | None = None
         h = h11.Connection(h11.CLIENT)
         while trio.current_time() < self.stop_at:
+            if stream is not None and dropped(stream):
+                # As urllib3 does: a pooled connection that turned readable was closed by the
+                # server (a drain's idle close): open a new one instead of sending on it.
+                self.t.bump(self.t.chaos, "pooled connections found closed before reuse")
+                await stream.aclose()
+                stream = None
             try:
                 with trio.fail_after(OP_TIMEOUT):
                     if stream is None:
@@ -148,6 +172,8 @@ class Soak:
                 if not keep:
                     await stream.aclose()
                     stream = None
+                elif think:
+                    await trio.sleep(self.rng.uniform(0, think))
             except Exception as exc:  # every failure is classified, none is swallowed
                 if self.in_restart():
                     self.t.bump(self.t.expected, "HTTP errors during the upstream restart")
@@ -264,14 +290,18 @@ class Soak:
     async def stalled_readers(self, n: int = 3) -> None:
         streams = []
         assert self.proxy is not None
-        self.rss.append(self.proxy.rss_bytes())  # before: what the floods add is the growth
+        # The processes serving at the start hold the floods (an upgrade leaves them there):
+        # their RSS before the floods and while they last.
+        self.rss.append(sum(self.rss_of(self.first)))
         try:
             for _ in range(n):
                 stream, _ = await self.open_tunnel("flood", f"{next(self.ids)}")
                 streams.append(stream)
             self.t.bump(self.t.chaos, "stalled readers", n)
             while trio.current_time() < self.stop_at:
-                self.rss.append(self.proxy.rss_bytes())
+                sizes = self.rss_of(self.first)
+                if len(sizes) == len(self.first):  # all still there
+                    self.rss.append(sum(sizes))
                 await trio.sleep(1.0)
         finally:
             for stream in streams:
@@ -283,6 +313,15 @@ class Soak:
             assert self.proxy is not None
             self.proxy.reload()
             self.t.bump(self.t.chaos, "SIGHUP reloads")
+
+    async def upgrades(self) -> None:
+        """A SIGUSR2 every `--upgrade-every` seconds: a new generation takes the sockets over."""
+        every = self.options.upgrade_every
+        while trio.current_time() + every < self.stop_at:
+            await trio.sleep(every)
+            assert self.proxy is not None
+            self.proxy.upgrade()
+            self.t.bump(self.t.chaos, "SIGUSR2 upgrades")
 
     async def restart_halfway(self, nursery: trio.Nursery) -> None:
         await trio.sleep(self.seconds / 2)
@@ -302,6 +341,7 @@ class Soak:
             "  - upstream: web"
         )
         extra = (
+            f"workers: {self.options.workers}\n"
             f"timeouts:\n  connect: 2s\n  request_header: {REQUEST_HEADER:g}s\n  idle: 5s\n"
             "  upstream_response: 10s\n  tunnel_idle: 60s\n  drain: 5s\n"
         )
@@ -314,8 +354,13 @@ class Soak:
             await self.b.start(servers)
             self.proxy = ProxyProcess(self.config(), self.port)
             try:
+                await self.all_workers_ready()
                 await trio.sleep(0.5)
-                baseline = self.proxy.descriptors()
+                processes = self.proxy.processes()
+                # Where the stalled readers' tunnels live (the supervisor serves nothing).
+                self.first = sorted(processes - {self.proxy.pid}) or [self.proxy.pid]
+                pooled = len(self.a.conns) + len(self.b.conns)  # from the workers' warm-up
+                baseline = self.proxy.all_descriptors() - pooled
                 started = time.monotonic()
                 self.stop_at = trio.current_time() + self.seconds
                 async with trio.open_nursery() as nursery:
@@ -323,22 +368,29 @@ class Soak:
                         nursery.start_soon(self.tunnel_loop, "long", (self.seconds, self.seconds))
                     for _ in range(3):
                         nursery.start_soon(self.tunnel_loop, "short", (0.05, 1.0))
-                    for _ in range(4):
-                        nursery.start_soon(self.http_loop)
+                    for i in range(self.options.http_clients):
+                        nursery.start_soon(self.http_loop, 0.05 if i % 2 else 0.0)
                     for task in (self.client_resets, self.upstream_resets, self.garbage,
                                  self.stalled_readers, self.sighups):  # fmt: skip
                         nursery.start_soon(task)
+                    if self.options.upgrade_every:
+                        nursery.start_soon(self.upgrades)
                     for _ in range(2):
                         nursery.start_soon(self.slowloris)
                     nursery.start_soon(self.restart_halfway, servers)
                 ran = time.monotonic() - started
                 fresh = await self.fresh_exchange()
-                settled = await self.settle(baseline)
+                settled = await self.settle(baseline, len(processes))
                 for line in self.proxy.errors():
                     self.error("proxy log", line)
                 rss_growth = (max(self.rss) - self.rss[0]) if self.rss else None
-                end = Ending(ran, baseline, settled, fresh, self.proxy.alive(), rss_growth)
-                return verdict(self.t, end, self.proxy.pid, self.proxy.rss_bytes())
+                end = Ending(ran, baseline, settled, fresh, self.proxy.alive(), rss_growth,
+                             (len(processes), len(self.proxy.processes())))  # fmt: skip
+                serving = self.proxy.processes() - {self.proxy.pid}
+                if self.options.workers == 1:  # no supervisor: the first process, or its heir
+                    serving = self.proxy.processes()
+                rss_now = sum(self.rss_of(serving))
+                return verdict(self.t, end, self.proxy.serving_pid, rss_now)
             finally:
                 self.proxy.stop()
                 servers.cancel_scope.cancel()
@@ -358,28 +410,65 @@ class Soak:
             self.error("fresh exchange", exc)
             return False
 
-    async def settle(self, baseline: int) -> int:
-        """Proxy descriptors minus the idle pooled upstream connections, once quiet."""
+    async def settle(self, baseline: int, processes: int) -> int:
+        """Proxy descriptors (every process of it) minus the idle pooled upstream connections,
+        once quiet and once the generations an upgrade retired have exited."""
         assert self.proxy is not None
         now = baseline + 1
         with trio.move_on_after(15):
             while True:
                 pooled = len(self.a.conns) + len(self.b.conns)
-                now = self.proxy.descriptors() - pooled
-                if now <= baseline:
+                now = self.proxy.all_descriptors() - pooled
+                if now <= baseline and len(self.proxy.processes()) <= processes:
                     break
                 await trio.sleep(0.2)
         return now
+
+    async def all_workers_ready(self) -> None:
+        """With `workers: N`, until all N serve (the first one accepting is not enough), and
+        each has served a request: a worker opens its metrics files on its first one."""
+        assert self.proxy is not None
+        if self.options.workers == 1:
+            return
+        with trio.fail_after(30):
+            while sum('"worker ready"' in line for line in self.proxy.log) < self.options.workers:
+                await trio.sleep(0.1)
+        for _ in range(8 * self.options.workers):  # SO_REUSEPORT spreads them over all
+            async with await self.connect() as stream:
+                await self.one_request(stream, h11.Connection(h11.CLIENT))
+
+    def rss_of(self, pids: set[int] | list[int]) -> list[int]:
+        assert self.proxy is not None
+        sizes = []
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                sizes.append(self.proxy.rss_bytes(pid))
+        return sizes
+
+
+def dropped(stream: trio.SocketStream) -> bool:
+    """urllib3's `is_connection_dropped`: an idle connection that is readable (EOF, or bytes
+    nobody asked for) is not to be reused."""
+    poller = select.poll()
+    poller.register(stream.socket.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--seed", type=int, default=int(os.environ.get("SOAK_SEED", "0")) or None)
+    parser.add_argument("--workers", type=int, default=1, help="the proxy's `workers`")
+    parser.add_argument(
+        "--upgrade-every", type=float, default=0, metavar="SECONDS",
+        help="send SIGUSR2 (a new generation) this often; 0: never",
+    )  # fmt: skip
+    parser.add_argument("--http-clients", type=int, default=4, help="keep-alive HTTP clients")
     args = parser.parse_args()
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
     print(f"soak: seed {seed} (rerun with --seed {seed})")
-    sys.exit(trio.run(Soak(args.seconds, seed).main))
+    options = Options(args.seconds, seed, args.workers, args.upgrade_every, args.http_clients)
+    sys.exit(trio.run(Soak(options).main))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The soak in the default run: `tests/soak/soak.py` for SOAK_SECONDS (default 30) must PASS."""
+"""The soak in the default run: `tests/soak/soak.py` for SOAK_SECONDS (default 30) must PASS,
+as one process and as two workers upgraded (SIGUSR2) every 10 s."""
 
 from __future__ import annotations
 
@@ -15,9 +16,16 @@ SECONDS = float(os.environ.get("SOAK_SECONDS", "30"))
 
 @pytest.mark.slow
 @pytest.mark.soak
-def test_soak_passes_every_check():
+@pytest.mark.parametrize(
+    "extra",
+    [
+        pytest.param([], id="one-process"),
+        pytest.param(["--workers", "2", "--upgrade-every", "10"], id="workers-and-upgrades"),
+    ],
+)
+def test_soak_passes_every_check(extra):
     run = subprocess.run(
-        [sys.executable, "-m", "tests.soak.soak", "--seconds", str(SECONDS)],
+        [sys.executable, "-m", "tests.soak.soak", "--seconds", str(SECONDS), *extra],
         cwd=ROOT, capture_output=True, text=True, timeout=SECONDS + 120, check=False,
     )  # fmt: skip
     print(run.stdout)

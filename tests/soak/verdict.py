@@ -34,6 +34,7 @@ class Ending:
     fresh: bool  # a new request and a new tunnel were served at the end
     alive: bool
     rss_growth: int | None  # bytes, under the stalled readers
+    processes: tuple[int, int] = (1, 1)  # the proxy's processes at the start and at the end
 
 
 def verdict(t: Tally, end: Ending, pid: int, rss_now: int) -> int:
@@ -49,6 +50,8 @@ def verdict(t: Tally, end: Ending, pid: int, rss_now: int) -> int:
          "not measured" if growth is None else f"{growth / MB:.1f} MB",
          growth is not None and growth < RSS_BOUND),
         ("fresh request and tunnel at the end", "served" if end.fresh else "FAILED", end.fresh),
+        ("proxy processes at the end / start", "{} / {}".format(*reversed(end.processes)),
+         end.processes[1] == end.processes[0]),
         ("proxy alive", end.alive, end.alive),
     ]  # fmt: skip
     print(f"soak: {end.ran:.0f}s against upgradeproxy (pid {pid})")

@@ -176,6 +176,9 @@ class Timeouts:
     tunnel_max_lifetime: float = 0.0  # 0: none; else closed this long after the 101 (+0-10%)
     drain_delay: float = 0.0  # listeners keep accepting this long after /readyz turns 503
     upgrade_grace: float = 3600.0  # an old generation's connections get this long after SIGUSR2
+    # From a drain's (or retirement's) start, an idle keep-alive connection stays open this
+    # long for a request already on its way; 0: closed at once unless a byte of one arrived.
+    keepalive_drain: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)

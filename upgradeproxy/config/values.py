@@ -201,4 +201,6 @@ def network(value: object) -> IPNetwork:
 
 
 # Durations where 0 means "none" (no delay, no grace); every other timeout must be above 0.
-ZERO_ALLOWED = frozenset({"timeouts.drain_delay", "timeouts.upgrade_grace"})
+ZERO_ALLOWED = frozenset(
+    {"timeouts.drain_delay", "timeouts.upgrade_grace", "timeouts.keepalive_drain"}
+)

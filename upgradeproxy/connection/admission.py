@@ -69,12 +69,7 @@ def admit(client: Edge, head: planning.Head, rec: ExchangeRecord) -> None:
 
 def release(held: Held, shared: Shared) -> None:
     """Give back what the connection held: its per-address count and its own pool."""
-    if held.admitted is not None:
-        shared.per_ip.release(held.admitted)
-        held.admitted = None
-    if held.own_pool is not None:
-        held.own_pool.close_all()
-        held.own_pool = None
+    held.release(shared)
 
 
 def upstream_pool(client: Edge, upstream: Upstream) -> Pool:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+import random
 import ssl
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -19,7 +21,8 @@ from upgradeproxy.rules.routing import Router
 from upgradeproxy.telemetry.metrics import Telemetry
 from upgradeproxy.transport.streams import HttpStream
 from upgradeproxy.transport.tls import client_tls_context
-from upgradeproxy.tunnel.relay import Ending
+from upgradeproxy.tunnel.parking import Parking
+from upgradeproxy.tunnel.state import Ending
 from upgradeproxy.upstream.connections import Pool
 
 
@@ -51,25 +54,94 @@ class Runtime:
 
 @dataclass(slots=True)
 class Shared:
-    """Process-wide state that outlives a reload."""
+    """Process-wide state that outlives a reload.
+
+    The drain, as a connection handler sees it (`begin_drain` starts it): `draining` is the
+    flag a response tests (from then on it says `Connection: close`); `drain_began` an event a
+    handler may wait on; a cancel scope in `idle_waits` is cancelled the moment the drain
+    begins (an HTTP/2 connection's read, which then sends GOAWAY); and an HTTP/1.1 wait for a
+    next request registers its scope in `keepalive_waits`, whose deadline the drain shortens
+    to the keep-alive grace (see `idle_deadline`).
+    """
 
     telemetry: Telemetry = field(default_factory=Telemetry)
     pool: Pool = field(default_factory=Pool)
     draining: bool = False
-    idle_waits: set[trio.CancelScope] = field(default_factory=set)
+    drain_began: trio.Event = field(default_factory=trio.Event)
+    drain_since: float = math.inf  # trio time the drain (or retirement) began
+    keepalive_grace: float = 0.0  # timeouts.keepalive_drain in force when it began
+    idle_waits: set[trio.CancelScope] = field(default_factory=set)  # woken when it begins
+    keepalive_waits: set[trio.CancelScope] = field(default_factory=set)  # given the grace
     per_ip: AddressCounts = field(default_factory=AddressCounts)  # rule 14, this worker
-    tunnels: set[Ending] = field(default_factory=set)  # open tunnels, for a spread drain
+    # Open tunnels, for a spread drain: a dict keeps one for about half what a set does.
+    tunnels: dict[Ending, None] = field(default_factory=dict)
+    parking: Parking | None = None  # the waiter for idle tunnels, while the server runs it
     book: ServerBook = field(default_factory=ServerBook)
+
+    def begin_drain(self, keepalive_grace: float) -> None:
+        """From now on responses say `Connection: close`, a connection waiting for its next
+        request waits no longer than `_idle_end` allows, and `idle_waits` are woken."""
+        if self.draining:
+            return
+        self.draining = True
+        self.drain_since = trio.current_time()
+        self.keepalive_grace = keepalive_grace
+        for scope in self.keepalive_waits:
+            scope.deadline = min(scope.deadline, self._idle_end(self.drain_since))
+        for scope in list(self.idle_waits):
+            scope.cancel()
+        self.drain_began.set()
+
+    def idle_deadline(self, deadline: float) -> float:
+        """`deadline` for a wait for a next request that starts now, during a drain: a
+        connection that goes idle (or is accepted) after the drain began gets the whole grace."""
+        return min(deadline, self._idle_end(trio.current_time()))
+
+    def _idle_end(self, start: float) -> float:
+        """When an idle wait that began (or met the drain) at `start` ends: a random time
+        between one and two graces later, so that idle clients reconnect spread over a grace
+        rather than all at once (HAProxy's close-spread-time; docs/draining.md measures it)."""
+        return start + self.keepalive_grace * (1.0 + random.random())
+
+
+class ConnectionOwner(Protocol):
+    """Who accepted the connection (the server): told when a connection it let go ends."""
+
+    def connection_done(self, token: object) -> None:
+        """Give back the connection's slot (max_connections) and its count."""
 
 
 @dataclass(slots=True, eq=False)
 class Held:
     """What a client connection holds until it closes, tunnel included (so an idle tunnel
-    need not keep its `Client`, with the h11 state, alive)."""
+    need not keep its `Client`, with the h11 state, alive).
+
+    When its tunnel parks and the connection's task returns, this is what the tunnel keeps
+    (as its `Owner`) and lets go of when it ends."""
 
     admitted: str | None = None  # the address counted against max_connections_per_ip
     # Keep-alive connections whose PROXY header named this client: reused by it alone.
     own_pool: Pool | None = None
+    # Set when the tunnel parks: what `let_go` gives back to.
+    shared: Shared | None = None
+    owner: ConnectionOwner | None = None
+    token: object = None
+
+    def release(self, shared: Shared) -> None:
+        """Give back the per-address count and close the connection's own pool."""
+        if self.admitted is not None:
+            shared.per_ip.release(self.admitted)
+            self.admitted = None
+        if self.own_pool is not None:
+            self.own_pool.close_all()
+            self.own_pool = None
+
+    def let_go(self) -> None:
+        """The parked tunnel ended: release the connection's counts and its server slot."""
+        if self.shared is not None:
+            self.release(self.shared)
+        if self.owner is not None:
+            self.owner.connection_done(self.token)
 
 
 class Edge(Protocol):

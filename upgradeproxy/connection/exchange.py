@@ -19,7 +19,14 @@ import trio
 
 from upgradeproxy.connection.admission import admit_at_accept, release
 from upgradeproxy.connection.body import BodyPump
-from upgradeproxy.connection.context import Client, Peer, Runtime, Shared, new_request_id
+from upgradeproxy.connection.context import (
+    Client,
+    ConnectionOwner,
+    Peer,
+    Runtime,
+    Shared,
+    new_request_id,
+)
 from upgradeproxy.connection.forward import forward, plan_request
 from upgradeproxy.connection.outcome import Done, Outcome
 from upgradeproxy.connection.reply import send_error
@@ -33,6 +40,7 @@ from upgradeproxy.transport.streams import (
     HttpStream,
     PeerClosed,
     aclose_quietly,
+    bytes_waiting,
     linger,
 )
 from upgradeproxy.tunnel.session import Switched
@@ -41,8 +49,18 @@ from upgradeproxy.upstream.connections import UpstreamConn
 log = logging.getLogger("upgradeproxy")
 
 
-async def serve_client(stream: trio.abc.Stream, peer: Peer, rt: Runtime, shared: Shared) -> None:
-    """Serve requests on one client connection until it closes, errs, drains or switches."""
+async def serve_client(
+    stream: trio.abc.Stream,
+    peer: Peer,
+    rt: Runtime,
+    shared: Shared,
+    owner: ConnectionOwner | None = None,
+    token: object = None,
+) -> bool:
+    """Serve requests on one client connection until it closes, errs, drains or switches.
+
+    True if its tunnel parked: the connection, `stream` included, then belongs to the tunnel,
+    which tells `owner` (with `token`) when it ends; the caller must leave it open."""
     conn = h11.Connection(
         h11.SERVER, max_incomplete_event_size=rt.config.limits.max_request_header_bytes
     )
@@ -51,6 +69,7 @@ async def serve_client(stream: trio.abc.Stream, peer: Peer, rt: Runtime, shared:
     origin = planning.Origin(peer.ip, b"https" if peer.tls else b"http", peer.client_cert)
     client = Client(HttpStream(conn, stream), origin, rt, shared, peer=peer)
     held = client.held
+    parked = False
     try:
         admit_at_accept(client)
         switched = await _serve_http(client)
@@ -58,10 +77,14 @@ async def serve_client(stream: trio.abc.Stream, peer: Peer, rt: Runtime, shared:
             # The HTTP frames and state (h11, the Client, request headers) are gone: an idle
             # tunnel holds only what `Switched` and `held` carry.
             del client, conn
-            await switched.run()
+            if parked := await switched.run():
+                held.shared, held.owner, held.token = shared, owner, token
+                switched.owner = held
     finally:
-        release(held, shared)  # first: nothing below may skip it
-        await aclose_quietly(stream)
+        if not parked:
+            release(held, shared)  # first: nothing below may skip it
+            await aclose_quietly(stream)
+    return parked
 
 
 async def _serve_http(client: Client) -> Switched | None:
@@ -70,8 +93,12 @@ async def _serve_http(client: Client) -> Switched | None:
         outcome = await _one_exchange(client)
         if isinstance(outcome, Switched):
             return outcome
-        if outcome is Done.CLOSE or shared.draining:
-            if conn.their_state in (h11.SEND_BODY, h11.ERROR):
+        # Draining needs no test here: a response that began during the drain said
+        # `Connection: close`, and one that began before it leaves an idle wait with the grace.
+        if outcome is Done.CLOSE:
+            if conn.their_state in (h11.SEND_BODY, h11.ERROR) or (
+                shared.draining and _pipelined(client)
+            ):
                 await linger(stream)  # the client may still be sending what we did not read
             return None
         conn.start_next_cycle()
@@ -80,6 +107,12 @@ async def _serve_http(client: Client) -> Switched | None:
         # schedule point per exchange, so a client pipelining requests to a fast upstream
         # cannot hold the run loop for a whole burst.
         await trio.lowlevel.checkpoint()
+
+
+def _pipelined(client: Client) -> bool:
+    """Whether bytes of a next request are here: closing on them would reset the connection
+    (and could destroy the response just written before the client reads it)."""
+    return bool(client.http.h11.trailing_data[0]) or bytes_waiting(client.http.stream)
 
 
 async def _one_exchange(client: Client) -> Outcome:
@@ -111,9 +144,7 @@ async def _one_exchange(client: Client) -> Outcome:
         method = rec.method.encode() if rec.method else None
         _drain_buffered_body(client)
         sent = await send_error(client, err, method, rec)
-        return (
-            Done.KEEP_ALIVE if sent and not err.close and client_reusable(client) else Done.CLOSE
-        )
+        return Done.KEEP_ALIVE if sent and not err.close and client_reusable(client) else Done.CLOSE
     except (ClientGone, PeerClosed):
         rec.error = rec.error or "client closed the connection"
         return Done.CLOSE

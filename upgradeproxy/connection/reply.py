@@ -38,8 +38,9 @@ async def send_error(
         headers.append((planning.REQUEST_ID, rec.request_id.encode("latin-1")))
     if isinstance(err, NoServerAvailable):
         headers.append((b"Retry-After", str(err.retry_after).encode()))
-    if err.close or conn.their_state not in (h11.DONE, MIGHT_SWITCH):
-        # Say so when the connection will close: the request was not read to its end.
+    if err.close or client.shared.draining or conn.their_state not in (h11.DONE, MIGHT_SWITCH):
+        # Say so when the connection will close: the request was not read to its end, or the
+        # proxy drains.
         headers.append((b"Connection", b"close"))
     try:
         with trio.move_on_after(5):

@@ -56,22 +56,39 @@ async def read_request(client: Client, rec: ExchangeRecord) -> h11.Request | Non
 
 
 async def _receive_until(client: Client, deadline: float, started: bool) -> bytes | None:
-    """One read before `deadline`; None if an idle keep-alive wait ran out (close quietly).
+    """One read before `deadline`; None if an idle wait ran out (close quietly).
 
-    Raises RequestTimeout when a started head runs out of time, ClientGone on a broken stream.
+    A wait before any byte of the request (a keep-alive connection between requests, or a new
+    one before its first) is idle: a drain may end it early (its scope is in
+    `shared.keepalive_waits`). Raises RequestTimeout when a started head runs out of time,
+    ClientGone on a broken stream.
     """
     with CLIENT_IO:
         data = client.http.try_receive_some()  # no scope when the bytes are already there
     if data is not None:
         return data
+    shared = client.shared
+    # Between requests `started` says it; a first request has its own deadline from the start.
+    idle = not started or (client.first and not client.http.h11.trailing_data[0])
     with trio.CancelScope(deadline=deadline) as scope:
-        if not started:
-            client.shared.idle_waits.add(scope)
+        if idle:
+            shared.keepalive_waits.add(scope)
+            if shared.draining:
+                scope.deadline = shared.idle_deadline(deadline)
         try:
             with CLIENT_IO:
                 return await client.http.receive_some()
         finally:
-            client.shared.idle_waits.discard(scope)
+            shared.keepalive_waits.discard(scope)
+    if idle:
+        # Cancelling a wait does not look at the socket: bytes that came in the meantime (a
+        # request sent as the grace ran out) are read and answered, not reset by the close.
+        with CLIENT_IO:
+            data = await client.http.last_look(client.rt.config.timeouts.request_header)
+        if data is not None:
+            return data
+        if shared.draining:
+            return None  # no request on its way, not even a first one: close quietly
     if started:
         raise RequestTimeout("request head not received in time")
     return None

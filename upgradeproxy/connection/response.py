@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
+from sys import intern
 from typing import Final, TypeVar
 
 import h11
@@ -232,9 +233,14 @@ async def _switch(
     rec.duration = time.monotonic() - rec.started
     client.shared.telemetry.exchange_done(rec)
     rec.logged = True
+    # Interned: thousands of open tunnels share a few hosts, routes, servers and agents, so
+    # their records keep one copy of each (the request's own copies go with the request).
     tunnel_rec = replace(
         rec, kind="tunnel", logged=False, started=time.monotonic(), duration=0.0,
-        bytes_in=0, bytes_out=0,
+        bytes_in=0, bytes_out=0, client=intern(rec.client), method=intern(rec.method),
+        host=intern(rec.host), path=intern(rec.path), route=intern(rec.route),
+        upstream=intern(rec.upstream), server=intern(rec.server),
+        protocol=intern(rec.protocol), user_agent=intern(rec.user_agent),
     )  # fmt: skip
     return Switched(
         client=client.http.stream,
@@ -246,4 +252,5 @@ async def _switch(
         telemetry=client.shared.telemetry,
         lifetime=client.rt.config.timeouts.tunnel_max_lifetime,
         tunnels=client.shared.tunnels,
+        parking=client.shared.parking,
     )

@@ -97,6 +97,30 @@ async def accept_clients(
         start(stream, token)
 
 
+def take_backlog(
+    listener: trio.SocketListener,
+    limiter: trio.CapacityLimiter,
+    start: Callable[[trio.SocketStream, object], None],
+) -> None:
+    """Accept every client already in the listener's queue (as many as `limiter` allows),
+    without waiting: a listening socket that closes resets them, though they may have sent a
+    request already."""
+    while True:
+        token = object()
+        try:
+            limiter.acquire_on_behalf_of_nowait(token)
+        except trio.WouldBlock:
+            return
+        try:
+            stream = accept_nowait(listener)
+        except (OSError, trio.ClosedResourceError):
+            stream = None
+        if stream is None:
+            limiter.release_on_behalf_of(token)
+            return
+        start(stream, token)
+
+
 def accept_nowait(listener: trio.SocketListener) -> trio.SocketStream | None:
     """A waiting client's stream, or None when none waits. Unlike trio's `accept` it takes
     no checkpoint, so a burst of clients costs one trip through the scheduler, not one each.

@@ -110,6 +110,7 @@ class Generations:
             if word == b"drain" and not self.proxy.draining:
                 log.info("draining: the previous generation was told to stop")
                 self.proxy.drain()
+        self.previous.close()  # it exited: its end of the link is all that is left
 
     async def tell_drain(self) -> None:
         """A SIGTERM/SIGINT here: the generations on either side drain too."""

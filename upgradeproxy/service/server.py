@@ -12,7 +12,7 @@ import json
 import logging
 import socket
 import ssl
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, cast
 
@@ -25,7 +25,12 @@ from upgradeproxy.connection.http2 import serve_http2
 from upgradeproxy.pool.discovery import Lookup
 from upgradeproxy.pool.servers import describe
 from upgradeproxy.rules.plan import route_label
-from upgradeproxy.service.accept import accept_clients, open_client, open_negotiated
+from upgradeproxy.service.accept import (
+    accept_clients,
+    open_client,
+    open_negotiated,
+    take_backlog,
+)
 from upgradeproxy.service.admin import open_admin, serve_admin
 from upgradeproxy.service.sockets import (
     Handed,
@@ -36,6 +41,7 @@ from upgradeproxy.service.sockets import (
 )
 from upgradeproxy.transport.streams import aclose_quietly
 from upgradeproxy.transport.tls import server_tls_context
+from upgradeproxy.tunnel.parking import Parking, park_after_from_env
 from upgradeproxy.tunnel.session import spread_ends
 from upgradeproxy.upstream.discovery import Discovery
 from upgradeproxy.upstream.health_checks import Probers
@@ -95,6 +101,7 @@ class Proxy:
         sockets: Mapping[str, socket.socket] | None = None,
     ) -> None:
         self.shared = shared or Shared()
+        self.parking = Parking(park_after_from_env(), self.shared.telemetry.tunnels_parked)
         self.runtime = Runtime.build(config, self.shared.book)
         self.probers = Probers()
         self.discovery = Discovery(self.shared.book, self.shared.telemetry, self.shared.pool)
@@ -132,8 +139,10 @@ class Proxy:
         return self.shared.draining
 
     def drain(self) -> None:
-        """Stop accepting and let in-flight work finish (within `timeouts.drain`)."""
-        self.shared.draining = True
+        """Stop accepting and let in-flight work finish (within `timeouts.drain`); from now on
+        responses say `Connection: close` and idle keep-alive connections get
+        `timeouts.keepalive_drain` for a request already on its way."""
+        self.shared.begin_drain(self.runtime.config.timeouts.keepalive_drain)
         self._drain.set()
 
     def retire(self, grace: float) -> None:
@@ -199,6 +208,9 @@ class Proxy:
     async def _serve_until_drained(self, task_status: trio.TaskStatus[Proxy]) -> None:
         async with trio.open_nursery() as conns:
             self._conns = conns
+            # Parked tunnels live in this nursery too: the drain's end cancels them with the rest.
+            await conns.start(self.parking.run, name="parked tunnels")
+            self.shared.parking = self.parking
             async with trio.open_nursery() as accepts:
                 self._accepts = accepts
                 listeners = self.runtime.config.listeners
@@ -216,6 +228,9 @@ class Proxy:
                     log.info("drain: accepting for drain_delay", extra={"seconds": delay})
                     await trio.sleep(delay)
                 accepts.cancel_scope.cancel()
+            if not self.retiring:  # else the next generation accepts them
+                for bound in self.bound.values():
+                    take_backlog(bound.listener, self.limiter, self._starter(bound))
             # Closed now rather than at exit: new clients are refused at once instead of
             # waiting in a backlog that nobody will read.
             await self._close_listeners()
@@ -223,8 +238,6 @@ class Proxy:
             conns.cancel_scope.cancel()
 
     async def _finish_drain(self) -> None:
-        for scope in list(self.shared.idle_waits):
-            scope.cancel()
         config = self.runtime.config
         now = trio.current_time()
         if self._deadline is None:
@@ -354,9 +367,12 @@ class Proxy:
                 self.limiter,
                 limited=self.shared.telemetry.connection_limited,
                 stopping=lambda: self.retiring,
-                start=functools.partial(self._start_client, bound),
+                start=self._starter(bound),
             )
         await aclose_quietly(bound.listener)
+
+    def _starter(self, bound: _Bound) -> Callable[[trio.SocketStream, object], None]:
+        return functools.partial(self._start_client, bound)
 
     def _start_client(self, bound: _Bound, stream: trio.SocketStream, token: object) -> None:
         assert self._conns is not None
@@ -366,27 +382,36 @@ class Proxy:
     async def _handle(self, stream: trio.SocketStream, bound: _Bound, token: object) -> None:
         rt = self.runtime
         self.shared.telemetry.connection_opened()
+        parked = False
         try:
             # Listeners without http2 take the HTTP/1.1 path as before: no ALPN or preface
             # check (one attribute read per connection picks the path).
-            await (self._serve_h2_capable if bound.config.http2 else self._serve)(stream, bound, rt)
+            serve = self._serve_h2_capable if bound.config.http2 else self._serve
+            parked = await serve(stream, bound, rt, token)
         except Exception:
             # A bug must cost one connection, never the process or a traceback to the client.
             log.exception("unexpected error on a client connection")
         finally:
-            await aclose_quietly(stream)
-            self.limiter.release_on_behalf_of(token)
-            self.shared.telemetry.connection_closed()
-            self.active -= 1
-            if not self.active:
-                self._idle.set()
+            if not parked:  # else its tunnel calls connection_done when it ends
+                await aclose_quietly(stream)
+                self.connection_done(token)
 
-    async def _serve(self, stream: trio.SocketStream, bound: _Bound, rt: Runtime) -> None:
+    def connection_done(self, token: object) -> None:
+        """A client connection ended: its slot, its count, and the drain's wait."""
+        self.limiter.release_on_behalf_of(token)
+        self.shared.telemetry.connection_closed()
+        self.active -= 1
+        if not self.active:
+            self._idle.set()
+
+    async def _serve(
+        self, stream: trio.SocketStream, bound: _Bound, rt: Runtime, token: object
+    ) -> bool:
         try:
             peer_ip, peer_port = stream.socket.getpeername()[:2]
             local = stream.socket.getsockname()[:2]
         except OSError:
-            return
+            return False
         opened = None
         with trio.move_on_after(rt.config.timeouts.request_header) if bound.slow else _NO_SCOPE:
             opened = await open_client(
@@ -398,19 +423,20 @@ class Proxy:
                 local=(str(local[0]), int(local[1])),
             )
         if opened is None:
-            return
+            return False
         client, peer = opened
-        await serve_client(client, peer, rt, self.shared)
+        return await serve_client(client, peer, rt, self.shared, self, token)
 
     async def _serve_h2_capable(
-        self, stream: trio.SocketStream, bound: _Bound, rt: Runtime
-    ) -> None:
-        """An `http2` listener's connection: HTTP/2 or HTTP/1.1 as negotiated (rule 17)."""
+        self, stream: trio.SocketStream, bound: _Bound, rt: Runtime, token: object
+    ) -> bool:
+        """An `http2` listener's connection: HTTP/2 or HTTP/1.1 as negotiated (rule 17).
+        True if an HTTP/1.1 tunnel parked (HTTP/2 streams do not park)."""
         try:
             peer_ip, peer_port = stream.socket.getpeername()[:2]
             local = stream.socket.getsockname()[:2]
         except OSError:
-            return
+            return False
         opened = await open_negotiated(
             stream,
             str(peer_ip),
@@ -421,10 +447,12 @@ class Proxy:
             local=(str(local[0]), int(local[1])),
         )
         if opened is None:
-            return
+            return False
         client, peer, h2 = opened
-        serve = serve_http2 if h2 else serve_client
-        await serve(client, peer, rt, self.shared)
+        if h2:
+            await serve_http2(client, peer, rt, self.shared)
+            return False
+        return await serve_client(client, peer, rt, self.shared, self, token)
 
 
 def _route_protocols(config: Config) -> list[tuple[str, tuple[str, ...]]]:

@@ -104,6 +104,10 @@ class Supervisor:
         self.env[SEED_FILE_ENV] = os.path.join(metrics_dir, "discovered.json")
         self.env.pop("NOTIFY_SOCKET", None)  # systemd hears from this process only
         self.procs: dict[tuple[int, int], trio.Process] = {}  # (generation, slot) -> worker
+        # Workers not ready yet: a SIGHUP would kill them (no handler yet), so a reload while
+        # they start is owed to them and sent once they are ready.
+        self.starting: set[tuple[int, int]] = set()
+        self.reload_owed: set[tuple[int, int]] = set()
         self.stopping = False
         self.failed = False
         self._stop = trio.Event()
@@ -229,7 +233,11 @@ class Supervisor:
         if self._read_config("reload") is None:
             return
         log.info("reloading workers", extra={"config": self.path})
-        self._signal_all(signal.SIGHUP)
+        for key, proc in self.procs.items():
+            if key in self.starting:
+                self.reload_owed.add(key)  # it may have read the file before it changed
+            else:
+                proc.send_signal(signal.SIGHUP)
 
     async def _keep_running(self, slot: int, generation: _Generation) -> None:
         """Run worker `slot`, replacing it whenever it dies, until the group stops or a newer
@@ -278,11 +286,15 @@ class Supervisor:
             os.close(ready_w)  # the worker holds the only write end: EOF means it died
         key = (generation.number, slot)
         self.procs[key] = proc
+        self.starting.add(key)
         try:
             if self.stopping:  # a stop raced the start
                 proc.send_signal(signal.SIGTERM)
             async with trio.lowlevel.FdStream(ready_r) as ready_stream:
                 ready = bool(await ready_stream.receive_some(64))
+            self.starting.discard(key)
+            if ready and key in self.reload_owed:
+                proc.send_signal(signal.SIGHUP)
             if ready:
                 extra = {"worker": slot, "pid": proc.pid, "generation": generation.number}
                 log.info("worker ready", extra=extra)
@@ -292,6 +304,8 @@ class Supervisor:
             code = await proc.wait()
         finally:
             del self.procs[key]
+            self.starting.discard(key)
+            self.reload_owed.discard(key)
             if proc.returncode is None:
                 proc.kill()  # only if the supervisor itself is failing: never leave orphans
             # Its counters stay (totals must not drop); its live gauges go.

@@ -138,6 +138,8 @@ class Telemetry:
         self.multiprocess_dir = os.environ.get(MULTIPROC_ENV) or None
         self.registry = CollectorRegistry()
         reg = self.registry
+        # One bound method for every tunnel to keep, instead of one each (64 bytes a tunnel).
+        self.count_tunnel_bytes = self.tunnel_moved
         self._requests = _Labelled(
             Counter(
                 "upgradeproxy_requests_total",
@@ -235,6 +237,12 @@ class Telemetry:
             multiprocess_mode="livesum",
         )
         self._server_gauges: dict[tuple[str, str, str], Gauge] = {}
+        self._tunnels_parked = Gauge(
+            "upgradeproxy_tunnels_parked",
+            "Open tunnels parked now: idle, watched by the waiter (counted in tunnels_active too).",
+            registry=reg,
+            multiprocess_mode="livesum",
+        )
         # livemax: every worker looks up on its own; mid-change, the largest set any has.
         self._upstream_servers = Gauge(
             "upgradeproxy_upstream_servers",
@@ -261,6 +269,10 @@ class Telemetry:
 
     def upstream_error(self, upstream: str, kind: str) -> None:
         self._upstream_errors.inc(upstream, kind)
+
+    def tunnels_parked(self, count: int) -> None:
+        """How many of this process's open tunnels are parked now."""
+        self._tunnels_parked.set(count)
 
     def tunnel_opened(self, rec: ExchangeRecord | None = None) -> None:
         """Count an open tunnel under its record's route and protocol (the same at close)."""
@@ -329,6 +341,7 @@ class Telemetry:
                 route, protocol
             )
         return child
+
     # --- connection and upstream-timing hooks (issue 11) ----------------------------------
 
     def connection_opened(self) -> None:
@@ -345,7 +358,6 @@ class Telemetry:
 
     def upstream_header(self, upstream: str, seconds: float) -> None:
         self._header_seconds.observe(upstream, seconds)
-
 
     # --- per-server gauges (interface.md admin additions) ---------------------------------
 

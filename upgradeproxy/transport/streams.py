@@ -126,6 +126,20 @@ class HttpStream:
         except BlockingIOError:
             return None
 
+    async def last_look(self, wait: float) -> bytes | None:
+        """After a cancelled read: what arrived meanwhile (b"" at EOF), None if nothing did.
+
+        Behind TLS (or a PROXY header) the socket only tells that something came: it is read
+        within `wait`. Raises STREAM_ERRORS.
+        """
+        if self._sock is not None:
+            return self.try_receive_some()
+        if not bytes_waiting(self.stream):
+            return None
+        with trio.move_on_after(wait):
+            return cast(bytes, await self.stream.receive_some(MAX_RECV))
+        return None
+
     def try_receive(self) -> bool:
         """`try_receive_some` into h11: True if it read (or saw EOF); raises PeerClosed."""
         try:
@@ -265,6 +279,21 @@ def raw_socket(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
             stream = stream.stream
         else:
             return None
+
+
+def bytes_waiting(stream: trio.abc.Stream) -> bool:
+    """Whether the socket under `stream` has something to read now (bytes, or an EOF)."""
+    sock = raw_socket(stream)
+    inner = None if sock is None or sock.fileno() < 0 else _inner_socket(sock)
+    if inner is None:
+        return False
+    try:
+        inner.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True  # a reset: the next read says so
+    return True
 
 
 def looks_closed(stream: trio.abc.Stream) -> bool:

@@ -12,18 +12,19 @@ import math
 import os
 import socket
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from functools import partial
-from typing import Final, Literal
+from typing import Final
 
 import trio
 
 from upgradeproxy.transport.streams import STREAM_ERRORS
+from upgradeproxy.tunnel.state import Direction, Ending, OnBytes, Tunnel, TunnelStats
 
-__all__ = ["Direction", "Ending", "TunnelStats", "run_tunnel"]
+__all__ = [
+    "SMALL", "Direction", "Ending", "Pump", "TunnelStats", "pump_splice", "run_tunnel",
+    "write_all",
+]  # fmt: skip
 
-Direction = Literal["up", "down"]  # up = client->upstream, down = upstream->client
-OnBytes = Callable[[Direction, int], None]
 Pump = Callable[[], Awaitable[None]]
 
 # What a peer reset, a broken pipe or a stream closed under us looks like; anything else is a bug.
@@ -39,113 +40,10 @@ _DEFAULT_PIPE_SIZE: Final = 65536
 # Bytes read into Python before a pipe is worth it: a message shorter than this is copied
 # with read/write (3 syscalls) instead of a pipe's pipe2/splice/splice/close (6+), which
 # decides WebSocket round-trip latency; a full read means bulk, and bulk goes to a pipe.
-_SMALL: Final = 16384
+SMALL: Final = 16384
 # Kernel pipe for bulk: 64 KiB splices cost as much per call as 256 KiB ones, so a bigger
-# pipe is most of the throughput; it exists only while a burst lasts (see _pump_splice).
+# pipe is most of the throughput; it exists only while a burst lasts (see pump_splice).
 _BULK_PIPE_SIZE: Final = 262144
-
-
-@dataclass(slots=True)
-class TunnelStats:
-    """Counters of one tunnel, filled in place so a cancelled caller still sees them.
-
-    Byte counts add to what the caller put in (e.g. the h11 trailing data it already sent).
-    """
-
-    bytes_up: int = 0  # client -> upstream
-    bytes_down: int = 0  # upstream -> client
-    # "client" | "upstream" | "idle" | "error" | "cancelled", or an `Ending`'s reason
-    first_close: str = ""
-    path: str = ""  # "splice" | "portable"
-    duration: float = 0.0
-
-
-@dataclass(slots=True, eq=False)
-class Ending:
-    """A planned close of one tunnel (lifetime, spread drain) at `deadline`, which may be set
-    before or while the tunnel runs; `why` becomes its `first_close`.
-
-    `scope` is the tunnel's one deadline scope: it also carries the idle deadline (whichever
-    comes first), so a tunnel enters one scope, not two (each costs ~0.4 KiB while it runs).
-    """
-
-    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-    deadline: float = math.inf
-    why: str = ""
-
-    def at(self, deadline: float, why: str) -> None:
-        """Close by `deadline`; an earlier plan stands."""
-        if deadline < self.deadline:
-            self.deadline = deadline
-            self.why = why
-            self.scope.deadline = min(self.scope.deadline, deadline)
-
-    def due(self) -> bool:
-        """Whether the planned close (not the idle deadline) is what came due."""
-        return self.deadline <= trio.current_time()
-
-
-class _Tunnel:
-    """State shared by the two directions: stats, the deadline scope and the abort scope."""
-
-    __slots__ = (
-        "abort_scope",
-        "buffer_size",
-        "deadline",
-        "ending",
-        "failed",
-        "idle_slack",
-        "idle_timeout",
-        "on_bytes",
-        "stats",
-    )
-
-    def __init__(
-        self,
-        stats: TunnelStats,
-        idle_timeout: float,
-        buffer_size: int,
-        on_bytes: OnBytes | None,
-        ending: Ending,
-    ) -> None:
-        self.stats = stats
-        self.idle_timeout = idle_timeout
-        self.buffer_size = buffer_size
-        self.on_bytes = on_bytes
-        self.ending = ending
-        # One scope for the whole tunnel whose deadline each transfer pushes forward: no
-        # watchdog task, and an idle tunnel costs nothing but a deadline entry.
-        # Moving a trio deadline re-files it in the run loop's heap, which costs more than the
-        # copy of a small message: the deadline is set 1% past the timeout and moved only once
-        # it lags by that much. An idle tunnel so closes between tunnel_idle and 1% later
-        # (36 s of an hour, 10 ms of a second), never early.
-        self.idle_slack = idle_timeout / 100
-        self.deadline = trio.current_time() + idle_timeout + self.idle_slack  # the idle one
-        ending.scope.deadline = min(self.deadline, ending.deadline)
-        self.abort_scope = trio.CancelScope()
-        self.failed = False
-
-    def touch(self) -> None:
-        """Record activity: the tunnel is not idle."""
-        deadline = trio.current_time() + self.idle_timeout + self.idle_slack
-        if deadline - self.deadline > self.idle_slack:
-            self.deadline = deadline
-            self.ending.scope.deadline = min(deadline, self.ending.deadline)
-
-    def moved(self, direction: Direction, n: int) -> None:
-        """Count `n` bytes accepted by the destination."""
-        if direction == "up":
-            self.stats.bytes_up += n
-        else:
-            self.stats.bytes_down += n
-        if self.on_bytes is not None:
-            self.on_bytes(direction, n)
-        self.touch()
-
-    def finished(self, why: str) -> None:
-        """Note why the tunnel started to end, unless something already did."""
-        if not self.stats.first_close:
-            self.stats.first_close = why
 
 
 async def run_tunnel(
@@ -168,24 +66,26 @@ async def run_tunnel(
         raise ValueError(f"buffer_size must be positive, got {buffer_size}")
     stats = stats if stats is not None else TunnelStats()
     ending = ending if ending is not None else Ending()
-    tun = _Tunnel(stats, idle_timeout, buffer_size, on_bytes, ending)
+    tun = Tunnel(stats, idle_timeout, buffer_size, on_bytes, ending)
     up, down = _pumps(tun, client, upstream, allow_splice)
     started = trio.current_time()
     graceful = False
+    scope = ending.scope = trio.CancelScope(deadline=tun.due_at())
     try:
         # Both paths wait in trio checkpoints, so the scope ends either when it is due.
-        with ending.scope:
+        with scope:
             async with trio.open_nursery() as nursery:
                 tun.abort_scope = nursery.cancel_scope
                 nursery.start_soon(_direction, tun, "up", up, upstream, name="tunnel up")
                 nursery.start_soon(_direction, tun, "down", down, client, name="tunnel down")
-        if ending.scope.cancelled_caught:
+        if scope.cancelled_caught:
             tun.finished(ending.why if ending.due() else "idle")
         graceful = not tun.failed
     except BaseException as exc:  # noted and re-raised: graceful drain must see its Cancelled
         tun.finished("cancelled" if _only_cancelled(exc) else "error")
         raise
     finally:
+        ending.scope = None
         stats.duration = trio.current_time() - started
         await _close(client, graceful)
         await _close(upstream, graceful)
@@ -193,7 +93,7 @@ async def run_tunnel(
 
 
 def _pumps(
-    tun: _Tunnel, client: trio.abc.Stream, upstream: trio.abc.Stream, allow_splice: bool
+    tun: Tunnel, client: trio.abc.Stream, upstream: trio.abc.Stream, allow_splice: bool
 ) -> tuple[Pump, Pump]:
     """Pick the path for this tunnel and bind one pump per direction."""
     if (
@@ -203,9 +103,10 @@ def _pumps(
         and isinstance(upstream, trio.SocketStream)
     ):
         tun.stats.path = "splice"
+        client_fd, upstream_fd = client.socket.fileno(), upstream.socket.fileno()
         return (
-            partial(_pump_splice, tun, "up", client, upstream),
-            partial(_pump_splice, tun, "down", upstream, client),
+            partial(pump_splice, tun, "up", client_fd, upstream_fd),
+            partial(pump_splice, tun, "down", upstream_fd, client_fd),
         )
     tun.stats.path = "portable"
     return (
@@ -214,14 +115,14 @@ def _pumps(
     )
 
 
-async def _direction(tun: _Tunnel, direction: Direction, pump: Pump, dst: trio.abc.Stream) -> None:
+async def _direction(tun: Tunnel, direction: Direction, pump: Pump, dst: trio.abc.Stream) -> None:
     """Run one direction to EOF and half-close `dst`; a stream error aborts the whole tunnel."""
     try:
         await pump()
     except STREAM_ERRORS:
         tun.failed = True
         tun.finished("error")
-        tun.abort_scope.cancel()
+        tun.cancel()
         return
     tun.finished("client" if direction == "up" else "upstream")
     # Propagate the FIN instead of tearing the tunnel down, so the other way keeps flowing
@@ -229,7 +130,7 @@ async def _direction(tun: _Tunnel, direction: Direction, pump: Pump, dst: trio.a
     # close_notify-and-keep-reading) ends the whole tunnel gracefully instead, as Go does
     # since golang/go#72140: otherwise its peer would wait for an EOF until tunnel_idle.
     if not await _half_close(dst):
-        tun.abort_scope.cancel()
+        tun.cancel()
 
 
 async def _half_close(stream: trio.abc.Stream) -> bool:
@@ -271,7 +172,7 @@ def _only_cancelled(exc: BaseException) -> bool:
 
 
 async def _pump_portable(
-    tun: _Tunnel, direction: Direction, src: trio.abc.Stream, dst: trio.abc.Stream
+    tun: Tunnel, direction: Direction, src: trio.abc.Stream, dst: trio.abc.Stream
 ) -> None:
     """Copy until EOF, one buffer at a time, so a slow `dst` holds back reads from `src`."""
     # receive_some allocates only once data is ready, so an idle tunnel holds no buffer.
@@ -284,12 +185,8 @@ async def _pump_portable(
 # --- splice path ---------------------------------------------------------------------------
 
 
-async def _pump_splice(
-    tun: _Tunnel, direction: Direction, src: trio.SocketStream, dst: trio.SocketStream
-) -> None:
+async def pump_splice(tun: Tunnel, direction: Direction, src_fd: int, dst_fd: int) -> None:
     """Move bytes socket -> pipe -> socket in the kernel until EOF; at most one pipe in flight."""
-    # Plain fds from here on: trio's waits and os calls take them without a fileno() each time.
-    src_fd, dst_fd = src.socket.fileno(), dst.socket.fileno()
     pipe: tuple[int, int] | None = None
     streak = 0  # transfers in a row that never waited
     pipe_size = max(tun.buffer_size, _BULK_PIPE_SIZE)
@@ -299,7 +196,7 @@ async def _pump_splice(
                 # Created only once a burst is under way, so an idle tunnel holds no pipe.
                 await trio.lowlevel.wait_readable(src_fd)
                 try:
-                    data = os.read(src_fd, _SMALL)
+                    data = os.read(src_fd, SMALL)
                 except BlockingIOError:
                     continue
                 if not data:
@@ -313,8 +210,8 @@ async def _pump_splice(
                 if sent:
                     tun.moved(direction, sent)
                 if sent < len(data):
-                    await _write_all(tun, direction, dst_fd, data[sent:])
-                if len(data) < _SMALL:
+                    await write_all(tun, direction, dst_fd, data[sent:])
+                if len(data) < SMALL:
                     continue
                 pipe = _open_pipe(pipe_size)
             try:
@@ -338,7 +235,7 @@ async def _pump_splice(
             _close_pipe(pipe)
 
 
-async def _drain_pipe(tun: _Tunnel, direction: Direction, pipe_r: int, dst_fd: int, n: int) -> bool:
+async def _drain_pipe(tun: Tunnel, direction: Direction, pipe_r: int, dst_fd: int, n: int) -> bool:
     """Move exactly `n` bytes from the pipe to `dst_fd`; True if we had to wait for it."""
     waited = False
     while n:
@@ -347,7 +244,15 @@ async def _drain_pipe(tun: _Tunnel, direction: Direction, pipe_r: int, dst_fd: i
         except BlockingIOError:
             waited = True
             tun.touch()  # bytes arrived; a stalled writer is not an idle tunnel
-            await trio.lowlevel.wait_writable(dst_fd)
+            tun.writing += 1
+            try:
+                await trio.lowlevel.wait_writable(dst_fd)
+            except trio.Cancelled:
+                if tun.wants_park:  # the pipe's bytes go with the parked tunnel
+                    tun.hold(direction, _read_pipe(pipe_r, n))
+                raise
+            finally:
+                tun.writing -= 1
             continue
         if sent == 0:  # cannot happen with data in the pipe; never spin on it
             raise trio.BrokenResourceError("splice to socket made no progress")
@@ -356,7 +261,7 @@ async def _drain_pipe(tun: _Tunnel, direction: Direction, pipe_r: int, dst_fd: i
     return waited
 
 
-async def _write_all(tun: _Tunnel, direction: Direction, dst_fd: int, data: bytes) -> None:
+async def write_all(tun: Tunnel, direction: Direction, dst_fd: int, data: bytes) -> None:
     """Write the rest of a small read to `dst_fd`, waiting while its send buffer is full."""
     view = memoryview(data)
     while view:
@@ -364,10 +269,33 @@ async def _write_all(tun: _Tunnel, direction: Direction, dst_fd: int, data: byte
             sent = os.write(dst_fd, view)
         except BlockingIOError:
             tun.touch()  # bytes arrived; a stalled writer is not an idle tunnel
-            await trio.lowlevel.wait_writable(dst_fd)
+            tun.writing += 1
+            try:
+                await trio.lowlevel.wait_writable(dst_fd)
+            except trio.Cancelled:
+                if tun.wants_park:  # what is left goes with the parked tunnel
+                    tun.hold(direction, view)
+                raise
+            finally:
+                tun.writing -= 1
             continue
         view = view[sent:]
         tun.moved(direction, sent)
+
+
+def _read_pipe(pipe_r: int, n: int) -> bytes:
+    """The `n` bytes still in a pipe (a stopped transfer takes them along)."""
+    chunks = []
+    while n > 0:
+        try:
+            chunk = os.read(pipe_r, n)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
 
 
 def _open_pipe(size: int) -> tuple[int, int]:

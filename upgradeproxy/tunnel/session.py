@@ -6,11 +6,13 @@ request headers: the HTTP frames that produced it have returned before it runs.
 
 from __future__ import annotations
 
+import logging
 import random
+import socket
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 import trio
 
@@ -18,20 +20,37 @@ from upgradeproxy.config.model import Server
 from upgradeproxy.pool.balancer import Balancer
 from upgradeproxy.pool.discovery import spread_deadlines
 from upgradeproxy.telemetry.metrics import ExchangeRecord, Telemetry
-from upgradeproxy.transport.streams import STREAM_ERRORS, aclose_quietly
-from upgradeproxy.tunnel.relay import Ending, TunnelStats, run_tunnel
+from upgradeproxy.transport.streams import STREAM_ERRORS, aclose_quietly, stdlib_socket
+from upgradeproxy.tunnel.parkable import close_sockets, make_parkable, run_parkable
+from upgradeproxy.tunnel.parking import Parking
+from upgradeproxy.tunnel.relay import run_tunnel
+from upgradeproxy.tunnel.state import Ending, Tunnel, TunnelStats
+
+log = logging.getLogger("upgradeproxy")
 
 # Rule 13: a lifetime ends 0-10% late, at random, so a wave of tunnels opened together (after
 # a deploy, a network blip) does not come back as a wave of reconnects.
 LIFETIME_JITTER: Final = 0.1
+_BUFFER: Final = 65536  # run_tunnel's default buffer_size: what the splice path's pipe sizes from
+
+
+class Owner(Protocol):
+    """What a connection held (its slot, its per-address count) while its tunnel lives on
+    parked after the connection's task returned."""
+
+    def let_go(self) -> None:
+        """The tunnel ended: give back what the connection held."""
 
 
 @dataclass(slots=True, eq=False)
 class Switched:
-    """An accepted upgrade: two streams, the bytes h11 held back, and the access record."""
+    """An accepted upgrade: two streams, the bytes h11 held back, and the access record.
 
-    client: trio.abc.Stream
-    upstream: trio.abc.Stream
+    On a plain TCP tunnel with a waiter this is also the session a parked tunnel keeps: its
+    streams are dropped (the tunnel keeps the two stdlib sockets), the rest stays."""
+
+    client: trio.abc.Stream | None
+    upstream: trio.abc.Stream | None
     client_rest: bytes
     upstream_rest: bytes
     rec: ExchangeRecord
@@ -39,10 +58,16 @@ class Switched:
     telemetry: Telemetry
     release: tuple[Balancer, Server] | None = None
     lifetime: float = 0.0  # timeouts.tunnel_max_lifetime; 0: none
-    tunnels: set[Ending] | None = None  # the process's open tunnels, for a spread drain
+    tunnels: dict[Ending, None] | None = None  # the process's open tunnels, for a spread drain
+    parking: Parking | None = None  # the process's waiter, if tunnels may park
+    owner: Owner | None = None  # set by the connection when its tunnel parks
+    tun: Tunnel | None = None  # a parkable tunnel's state
 
-    async def run(self) -> None:
-        """Splice until both sides are done; the tunnel's log line is written when it closes."""
+    async def run(self) -> bool:
+        """Splice until both sides are done; the tunnel's log line is written when it closes.
+
+        True if the tunnel parked instead: the waiter owns it from here, and the caller must
+        set `owner` (before its next checkpoint) and leave the sockets open."""
         telemetry = self.telemetry
         stats = TunnelStats(bytes_up=len(self.client_rest), bytes_down=len(self.upstream_rest))
         telemetry.tunnel_opened(self.rec)
@@ -52,9 +77,12 @@ class Switched:
             late = 1 + random.random() * LIFETIME_JITTER
             ending.at(trio.current_time() + self.lifetime * late, "lifetime")
         if self.tunnels is not None:
-            self.tunnels.add(ending)
+            self.tunnels[ending] = None
         self._count_tunnel(ending, opened=True)
+        parked = False
         try:
+            assert self.client is not None
+            assert self.upstream is not None
             # Bytes behind the 101 head go first to the client; early client bytes only now.
             if self.upstream_rest:
                 await self.client.send_all(self.upstream_rest)
@@ -63,26 +91,82 @@ class Switched:
                 await self.upstream.send_all(self.client_rest)
                 telemetry.tunnel_moved("up", len(self.client_rest))
             self.client_rest = self.upstream_rest = b""
-            await run_tunnel(
-                self.client,
-                self.upstream,
-                idle_timeout=self.idle,
-                on_bytes=telemetry.tunnel_moved,
-                stats=stats,
-                ending=ending,
-            )
+            parking = self.parking
+            client, upstream = _stdlib_socket(self.client), _stdlib_socket(self.upstream)
+            if parking is None or not parking.accepting or client is None or upstream is None:
+                await run_tunnel(
+                    self.client,
+                    self.upstream,
+                    idle_timeout=self.idle,
+                    on_bytes=telemetry.count_tunnel_bytes,
+                    stats=stats,
+                    ending=ending,
+                )
+            else:
+                tun = self.tun = Tunnel(
+                    stats, self.idle, _BUFFER, telemetry.count_tunnel_bytes, ending
+                )
+                make_parkable(tun, client, upstream, parking, self)
+                self.client = self.upstream = None  # the trio wrappers go; the sockets stay
+                parked = await run_parkable(tun)
         except STREAM_ERRORS:
             stats.first_close = stats.first_close or "error"
         finally:
-            if self.tunnels is not None:
-                self.tunnels.discard(ending)
-            await aclose_quietly(self.upstream)
-            self._count_tunnel(ending, opened=False)
-            rec = self.rec
-            rec.bytes_in, rec.bytes_out = stats.bytes_up, stats.bytes_down
-            rec.first_close = stats.first_close
-            rec.duration = time.monotonic() - rec.started
-            telemetry.tunnel_closed(rec)
+            if parked:
+                parked = self._hand_over()
+            else:
+                if self.upstream is not None:
+                    await aclose_quietly(self.upstream)
+                self._end(stats, ending)
+        return parked
+
+    async def resume(self) -> None:
+        """Run the tunnel again after a parked spell (in the waiter's nursery)."""
+        tun = self.tun
+        assert tun is not None
+        parked = False
+        try:
+            parked = await run_parkable(tun)
+        except Exception:
+            # A bug must cost this tunnel, never the waiter and every tunnel parked in it.
+            log.exception("unexpected error in a resumed tunnel")
+            tun.finished("error")
+        finally:
+            if not (parked and self._hand_over()):
+                self.end_parked()
+
+    def end_parked(self) -> None:
+        """End a parkable tunnel that nothing runs: close it, log it, release its counts."""
+        tun = self.tun
+        assert tun is not None
+        close_sockets(tun)
+        self._end(tun.stats, tun.ending)
+        owner, self.owner = self.owner, None
+        if owner is not None:
+            owner.let_go()
+
+    def _hand_over(self) -> bool:
+        """Park the tunnel with the waiter; False if the waiter stopped (the drain is over)."""
+        assert self.tun is not None
+        assert self.parking is not None
+        if not self.parking.accepting:
+            self.tun.finished("cancelled")
+            return False
+        self.parking.park(self.tun)
+        return True
+
+    def _end(self, stats: TunnelStats, ending: Ending) -> None:
+        """The tunnel is closed: forget it, uncount it, write its line."""
+        if self.tun is not None:
+            self.tun.session = None  # no cycle left for the garbage collector to find
+        if self.tunnels is not None:
+            self.tunnels.pop(ending, None)
+        self._count_tunnel(ending, opened=False)
+        rec = self.rec
+        rec.bytes_in, rec.bytes_out = stats.bytes_up, stats.bytes_down
+        rec.first_close = stats.first_close
+        rec.duration = time.monotonic() - rec.started
+        self.telemetry.tunnel_closed(rec)
 
     def _count_tunnel(self, ending: Ending, *, opened: bool) -> None:
         """Count this tunnel on its server (max_tunnels, /upstreams and the per-server gauge);
@@ -107,3 +191,8 @@ def spread_ends(tunnels: Iterable[Ending], now: float, window: float) -> None:
     planned = list(tunnels)
     for ending, deadline in zip(planned, spread_deadlines(len(planned), now, window), strict=True):
         ending.at(deadline, "drain")
+
+
+def _stdlib_socket(stream: trio.abc.Stream) -> socket.socket | None:
+    """The stdlib socket of a plain TCP stream (a parkable side), else None."""
+    return stdlib_socket(stream.socket) if type(stream) is trio.SocketStream else None
