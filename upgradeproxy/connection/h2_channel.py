@@ -13,7 +13,6 @@ so one stalled stream cannot pin it.
 
 from __future__ import annotations
 
-import binascii
 import contextlib
 import math
 from collections import deque
@@ -25,10 +24,10 @@ import h2.connection
 import h2.errors
 import h2.exceptions
 import h2.settings
-import hyperframe.frame
 import trio
 from hyperframe.frame import GoAwayFrame
 
+from upgradeproxy.connection import h2_codec
 from upgradeproxy.errors import ClientGone
 from upgradeproxy.transport.streams import STREAM_ERRORS, stdlib_socket
 
@@ -38,20 +37,7 @@ MAX_WINDOW: Final = 2**31 - 1
 COALESCE_MAX: Final = 65536
 Fields = list[tuple[bytes, bytes]]
 
-
-def _data_repr(data: bytes | None) -> str:
-    """hyperframe's `_raw_data_repr`, same output, hexlifying only the 10 bytes it shows.
-
-    h2 builds the repr of every frame it receives for a trace log that it then drops; the
-    original hexlifies the whole payload first, which was ~9% of an HTTP/2 tunnel's CPU.
-    """
-    if not data:
-        return "None"
-    shown = binascii.hexlify(data[:11]).decode("ascii")
-    return "<hex:" + (shown[:20] + "..." if len(shown) > 20 else shown) + ">"
-
-
-hyperframe.frame._raw_data_repr = _data_repr
+h2_codec.install()
 
 
 class _ClosedMap:

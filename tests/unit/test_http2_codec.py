@@ -1,5 +1,5 @@
-"""connection/h2_channel.py's replacement for hyperframe's frame-body repr: h2 builds the repr
-of every frame it receives, so the proxy makes it cheap, but it must say exactly the same."""
+"""connection/h2_codec.py: h2 builds the repr of every frame it receives, so the proxy makes
+hyperframe's cheap, but it must say exactly the same."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import binascii
 import hyperframe.frame
 import pytest
 
-from upgradeproxy.connection import h2_channel
+from upgradeproxy.connection import h2_codec
 
 
 def _hyperframe_repr(data: bytes | None) -> str:
@@ -22,16 +22,16 @@ def _hyperframe_repr(data: bytes | None) -> str:
 
 
 @pytest.mark.parametrize("size", [0, 1, 9, 10, 11, 12, 16384], ids=lambda n: f"{n}-bytes")
-def test_same_text_as_hyperframe(size: int) -> None:
+def test_repr_same_text_as_hyperframe(size: int) -> None:
     data = bytes(range(256)) * 64
-    assert h2_channel._data_repr(data[:size]) == _hyperframe_repr(data[:size])
+    assert h2_codec.data_repr(data[:size]) == _hyperframe_repr(data[:size])
 
 
-def test_none_payload() -> None:
-    assert h2_channel._data_repr(None) == _hyperframe_repr(None) == "None"
+def test_repr_of_no_payload() -> None:
+    assert h2_codec.data_repr(None) == _hyperframe_repr(None) == "None"
 
 
-def test_frames_use_it() -> None:
+def test_frames_use_the_cheap_repr() -> None:
     frame = hyperframe.frame.DataFrame(1, b"\x01" * 16384)
-    assert hyperframe.frame._raw_data_repr is h2_channel._data_repr
+    assert hyperframe.frame._raw_data_repr is h2_codec.data_repr
     assert repr(frame) == "DataFrame(stream_id=1, flags=[]): <hex:01010101010101010101...>"
