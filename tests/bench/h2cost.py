@@ -48,6 +48,20 @@ import wire
 from procs import Managed, Processes, cpu_seconds, free_ports, wait_for_port
 
 OPS: Final = ("h2req", "h1req", "h2hs", "h1hs", "h2bulk", "h1bulk", "h2down", "h1down")
+# What a browser's fetch() carries besides the pseudo-headers (`--browser-headers`).
+BROWSER_HEADERS: Final = (
+    'sec-ch-ua: "Chromium";v="131", "Not_A Brand";v="24"',
+    "sec-ch-ua-mobile: ?0",
+    'sec-ch-ua-platform: "Linux"',
+    "accept: application/json, text/plain, */*",
+    "sec-fetch-site: same-origin",
+    "sec-fetch-mode: cors",
+    "sec-fetch-dest: empty",
+    "referer: https://chat.example.com/room/42",
+    "accept-language: en-US,en;q=0.9",
+    "cookie: session=abcdef0123456789; theme=dark",
+    "priority: u=1, i",
+)
 UNITS: Final = {"req": "request", "hs": "handshake", "bulk": "MiB", "down": "MiB"}
 
 
@@ -60,6 +74,7 @@ class Shape:
     conns: int = 4  # h2load connections
     streams: int = 32  # concurrent streams per HTTP/2 connection
     h1_conns: int = 32  # HTTP/1.1 keep-alive connections (the same requests in flight)
+    headers: tuple[str, ...] = ()  # request header lines h2load adds (-H)
     handshakes: int = 3000
     hs_streams: int = 32  # extended CONNECTs in flight on the one connection
     bulk_mib: int = 256
@@ -104,9 +119,13 @@ def start_proxy(
 # --- the operations ----------------------------------------------------------------------
 
 
-def h2load(port: int, n: int, conns: int, streams: int, h1: bool = False) -> None:
+def h2load(
+    port: int, n: int, conns: int, streams: int, h1: bool = False, headers: tuple[str, ...] = ()
+) -> None:
     argv = ["h2load", f"-n{n}", f"-c{conns}", f"-m{streams}"]
     argv += ["--h1"] if h1 else []
+    for line in headers:
+        argv += ["-H", line]
     argv.append(f"http://127.0.0.1:{port}{wire.PATH_HTTP}")
     out = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     if out.returncode != 0 or f"{n} succeeded, 0 failed, 0 errored" not in out.stdout:
@@ -224,10 +243,10 @@ def run_op(op: str, port: int, shape: Shape, scale: float = 1.0) -> int:
     n_hs = max(1, int(shape.handshakes * scale))
     mib = max(1, int(shape.bulk_mib * scale))
     if op == "h2req":
-        h2load(port, n_req, shape.conns, shape.streams)
+        h2load(port, n_req, shape.conns, shape.streams, headers=shape.headers)
         return n_req
     if op == "h1req":
-        h2load(port, n_req, shape.h1_conns, 1, h1=True)
+        h2load(port, n_req, shape.h1_conns, 1, h1=True, headers=shape.headers)
         return n_req
     if op == "h2hs":
         h2_handshakes(port, n_hs, shape.hs_streams)
@@ -325,6 +344,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every count")
     parser.add_argument("--profile", type=Path, help="py-spy each op once into this directory")
+    parser.add_argument(
+        "--browser-headers",
+        action="store_true",
+        help="requests carry a browser's header fields (h2req/h1req), not only h2load's",
+    )
     parser.add_argument("--strace", action="store_true", help="system calls per op, once")
     parser.add_argument("--json", type=Path, help="also write the raw runs here")
     args = parser.parse_args(argv)
@@ -343,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         requests=int(base.requests * args.scale),
         handshakes=int(base.handshakes * args.scale),
         bulk_mib=max(1, int(base.bulk_mib * args.scale)),
+        headers=BROWSER_HEADERS if args.browser_headers else (),
     )
     tmp = Path(tempfile.mkdtemp(prefix="h2cost-"))
     procs = Processes()
