@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 import h11
 import trio
 
-from upgradeproxy.connection.h2_channel import Fields
+from upgradeproxy.connection.h2_channel import TUNNEL_WINDOW, Fields
 from upgradeproxy.connection.h2_edge import StreamEdge
 from upgradeproxy.connection.h2_stream import StreamIO
 from upgradeproxy.connection.outcome import Done, Outcome
@@ -273,7 +273,9 @@ async def _switch(
     channel, st = edge.conn.channel, edge.st
     st.headers_sent = True
     st.tunnel = True
-    await channel.send_headers(st, fields)
+    await channel.send_headers(st, fields, flush=False)
+    channel.widen(st, TUNNEL_WINDOW)
+    await channel.flush()
     rec = ex.rec
     rec.status = 200
     count_upgrade(edge, ex, "switched")
