@@ -43,14 +43,21 @@ import wire
 from procs import CpuWindow, Managed, Processes, free_ports, rss_kib
 from report import Figure, Goal, Row, Run
 
+from tests.support.waiting import eventually
+
 HERE: Final = Path(__file__).resolve().parent
 RESULTS: Final = HERE / "results"
 TESTS: Final = (
-    "throughput", "rtt", "handshakes", "rss", "wake", "http", "scaling", "h2",
+    "throughput", "rtt", "handshakes", "rss", "wake", "http", "scaling", "h2", "websocket",
     "tunnel_sweep",
 )  # fmt: skip
 PROFILED: Final = ("handshakes", "http", "rtt", "tunnel_up", "tunnel_down")
 MB: Final = 1e6  # throughput is in MB/s, 10^6 bytes per second
+# The `websocket` test's route block (rule 18): every check and limit on, none ever reached.
+WS_BLOCK: Final = (
+    "{max_message_bytes: 1073741824, max_frame_bytes: 1073741824, messages_per_second: 1000000}"
+)
+WS_TARGET: Final = "upgradeproxy+websocket"
 # Longer than upgradeproxy's park delay (a tunnel parks 0.5-1 s after its last byte), twice:
 # idle tunnels are weighed parked, and a "quiet" tunnel is a parked one.
 QUIET: Final = 2.5
@@ -117,6 +124,7 @@ class Results:
     scaling_note: str = ""
     sweep: dict[str, Figure] = field(default_factory=dict)
     h2: dict[str, Figure] = field(default_factory=dict)  # HTTP/2 rows, beside HAProxy
+    websocket: dict[str, Figure] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
 
@@ -154,6 +162,7 @@ class Bench:
     def start(self) -> None:
         names = ("ws", "http", "nginx", "nginx_http", "upgradeproxy", "upgradeproxy_w2")
         names += ("haproxy", "mitmproxy", "mitmproxy_http", "upgradeproxy_h2")
+        names += ("upgradeproxy_ws",)
         names += tuple(v.name for v in self.variants)
         self.ports = dict(zip(names, free_ports(len(names)), strict=True))
         p = self.ports
@@ -296,6 +305,53 @@ class Bench:
                         run = Run(rate, win.result, per_op=_per_op(win, size / MB))
                         fig.runs[target.name].append(run)
             log(f"  {key}: " + ", ".join(f"{t.name} {fig.median(t.name) or 0:,.0f}" for t in group))
+
+    # --- 1c. a route that reads WebSocket frames ----------------------------------------
+
+    # (direction, payload bytes per frame)
+    WS_CONDITIONS: Final = (("up", 1 << 20), ("up", 16384), ("down", 1 << 20), ("down", 16384))
+
+    def websocket(self) -> None:
+        """Tunnel MB/s and round trips through a route with a `websocket` block (rule 18),
+        beside upgradeproxy's spliced route and direct: what reading the frames costs, in
+        MB/s and in proxy CPU per MB and per round trip. Interleaved, `tunnel_reps`."""
+        port = self.ports["upgradeproxy_ws"]
+        proc = targets.start_upgradeproxy(
+            self.procs, self.tmp, WS_TARGET, port, self.ports["ws"], self.ports["http"], 1,
+            websocket=WS_BLOCK,
+        )  # fmt: skip
+        framed = targets.Target(WS_TARGET, port, port, proc)
+        self.sanity_check(framed)
+        if WS_TARGET not in report.TARGETS:
+            report.TARGETS.append(WS_TARGET)
+        group = [t for t in self.targets if t.name in ("direct", "upgradeproxy")] + [framed]
+        for direction, payload in self.WS_CONDITIONS:
+            unit = wire.frame_size(payload, masked=direction == "up")
+            size = max(1, self.plan.tunnel_bytes // unit) * unit
+            key = f"{direction}, {_size(payload)} frames (MB/s; CPU µs per MB)"
+            fig = Figure(key, "MB/s", True)
+            self.results.websocket[key] = fig
+            move = loadgen.upload if direction == "up" else loadgen.download
+            for rep in range(self.plan.tunnel_reps):
+                for target in rotation(group, rep):
+                    win = self.window(target, self.ws_upstream, in_process=True)
+                    seconds = move(target.port, size, win.clock, framed=payload)
+                    run = Run(size / seconds / MB, win.result, per_op=_per_op(win, size / MB))
+                    fig.runs[target.name].append(run)
+            log(f"  {key}: " + ", ".join(f"{t.name} {fig.median(t.name) or 0:,.0f}" for t in group))
+        key = "round trip of 32 B, one in flight, p50 (µs; CPU µs per round trip)"
+        fig = Figure(key, "µs", False)
+        self.results.websocket[key] = fig
+        plan = self.plan
+        for chunk in range(plan.rtt_chunks):
+            for target in rotation(group, chunk):
+                win = self.window(target, self.ws_upstream, in_process=True)
+                count = plan.rtt_count // plan.rtt_chunks
+                with win.measure():
+                    ns = sorted(loadgen.round_trips(target.port, count, plan.rtt_warmup))
+                per = _per_op(win, count + plan.rtt_warmup)
+                fig.runs[target.name].append(Run(_percentile(ns, 50) / 1e3, win.result, "", per))
+        log(f"  {key}: " + ", ".join(f"{t.name} {fig.median(t.name) or 0:.1f}" for t in group))
 
     # --- 2. round trips ----------------------------------------------------------------
 
@@ -568,12 +624,7 @@ class Bench:
         # both said "worker ready" (or it is clear that this upgradeproxy runs `workers: 2` as
         # one process), or a load started early would pin every connection on the first.
         port = p["upgradeproxy_w2"]
-        deadline = time.monotonic() + 10.0
-        while (
-            targets.workers_ready(self.tmp / "upgradeproxy-w2.log") < 2
-            and time.monotonic() < deadline
-        ):
-            time.sleep(0.1)
+        eventually(lambda: targets.workers_ready(proc) >= 2, 10.0)
         found = targets.worker_count(proc)
         if found < 2:
             self.results.scaling_note = (
@@ -883,6 +934,29 @@ def render(plan: Plan, results: Results, info: dict[str, str], quick: bool) -> s
             cpu = [report.cell(fig.per_op(t), report.fmt_1) for t in proxies]
             lines.append(f"| {key} | {' | '.join(rates + ratios + cpu)} |")
         lines.append("")
+    if results.websocket:
+        names = ["direct", "upgradeproxy", WS_TARGET]
+        lines += [
+            "### A route with a `websocket` block (frames read) beside the spliced route",
+            "",
+            f"{WS_TARGET}: the same upgradeproxy with `websocket: {WS_BLOCK}` on the route. "
+            "Throughput moves whole binary frames of the given payload size; CPU is the "
+            "proxy's, per MB or per round trip (one message each way).",
+            "",
+            "| condition | " + " | ".join(names) + f" | {WS_TARGET} ÷ upgradeproxy | "
+            f"upgradeproxy CPU | {WS_TARGET} CPU |",
+            "|---|" + "---:|" * (len(names) + 3),
+        ]
+        for key, fig in results.websocket.items():
+            fmt = report.fmt_int if fig.unit == "MB/s" else report.fmt_1
+            cells = [report.cell(fig.median(t), fmt) for t in names]
+            cells.append(
+                report.cell(report.ratio(fig.median(WS_TARGET), fig.median("upgradeproxy")),
+                            report.fmt_ratio)
+            )  # fmt: skip
+            cells += [report.cell(fig.per_op(t), report.fmt_1) for t in names[1:]]
+            lines.append(f"| {key} | {' | '.join(cells)} |")
+        lines.append("")
     lines += ["### `workers: N` scaling (upgradeproxy)", ""]
     if results.scaling:
         lines += [
@@ -954,6 +1028,7 @@ def to_json(plan: Plan, results: Results, info: dict[str, str]) -> str:
             "scaling": {k: fig_json(v) for k, v in results.scaling.items()},
             "scaling_note": results.scaling_note,
             "sweep": {k: fig_json(v) for k, v in results.sweep.items()},
+            "websocket": {k: fig_json(v) for k, v in results.websocket.items()},
             "notes": results.notes,
         },
         indent=2,
@@ -1095,6 +1170,7 @@ def main(argv: list[str] | None = None) -> int:
                 "scaling": bench.scaling,
                 "h2": bench.h2,
                 "tunnel_sweep": bench.tunnel_sweep,
+                "websocket": bench.websocket,
             }
             for name in TESTS:
                 if name in args.tests:

@@ -35,9 +35,7 @@ SINK_CHUNK: Final = 1 << 20  # bytes the sink client offers per send loop
 
 def upgradeproxy_h2_conf(port: int, ws_port: int, http_port: int) -> str:
     """The bench's upgradeproxy config with `http2: true` on its listener."""
-    text = targets.upgradeproxy_conf(port, ws_port, http_port, 1)
-    return text.replace(f'  - address: "127.0.0.1:{port}"\n',
-                        f'  - address: "127.0.0.1:{port}"\n    http2: true\n', 1)  # fmt: skip
+    return targets.upgradeproxy_conf(port, ws_port, http_port, 1, http2=True)
 
 
 def start_upgradeproxy_h2(

@@ -90,19 +90,28 @@ def _source_file() -> int:
     return fd
 
 
-def upload(port: int, nbytes: int, clock: Callable[[str], None], write: int = BULK) -> float:
+def upload(
+    port: int, nbytes: int, clock: Callable[[str], None], write: int = BULK, framed: int = 0
+) -> float:
     """Send `nbytes` through a tunnel to /sink; seconds from first byte to the sink's count.
 
     `write`: bytes per sendfile call (1 MiB by default; smaller is like a client that writes
-    one WebSocket message at a time).
+    one WebSocket message at a time). `framed`: send masked WebSocket frames of this payload
+    size instead of raw bytes (`nbytes` rounded to whole frames), for a route that reads them.
 
     No half-close: nginx would take the client's FIN as the end of both directions.
 
     `clock("start")`/`clock("stop")` bracket the timed part so the caller can sample CPU
     over exactly that window.
     """
-    sock, rest = open_tunnel(port, f"{wire.PATH_SINK}?n={nbytes}")
-    src = _source_file()
+    if framed:
+        src, unit = wire.framed_file(framed, masked=True)
+        nbytes = max(1, nbytes // unit) * unit
+        file_size = os.fstat(src).st_size
+    else:
+        src, file_size = _source_file(), SOURCE_FILE_SIZE
+    sock, rest = open_tunnel(port, f"{wire.PATH_SINK}?n={nbytes}" + ("&f=1" if framed else ""))
+    reply_size = len(wire.server_frame(bytes(8))) if framed else 8
     try:
         if rest:
             raise BenchError(f"unexpected bytes after the 101: {rest[:50]!r}")
@@ -110,20 +119,20 @@ def upload(port: int, nbytes: int, clock: Callable[[str], None], write: int = BU
         started = time.perf_counter()
         sent = 0
         while sent < nbytes:
-            offset = sent % SOURCE_FILE_SIZE
+            offset = sent % file_size
             # sendfile: the payload goes page cache -> socket without a copy through Python.
             sent += os.sendfile(
-                sock.fileno(), src, offset, min(write, nbytes - sent, SOURCE_FILE_SIZE - offset)
+                sock.fileno(), src, offset, min(write, nbytes - sent, file_size - offset)
             )
         reply = b""
-        while len(reply) < 8:
-            data = sock.recv(8 - len(reply))
+        while len(reply) < reply_size:
+            data = sock.recv(reply_size - len(reply))
             if not data:
                 raise BenchError("sink closed before reporting its count")
             reply += data
         elapsed = time.perf_counter() - started
         clock("stop")
-        (got,) = struct.unpack("!Q", reply)
+        (got,) = struct.unpack("!Q", reply[-8:])
         if got != nbytes:
             raise BenchError(f"sink received {got} bytes, sent {nbytes}")
         return elapsed
@@ -132,13 +141,21 @@ def upload(port: int, nbytes: int, clock: Callable[[str], None], write: int = BU
         sock.close()
 
 
-def download(port: int, nbytes: int, clock: Callable[[str], None], write: int = BULK) -> float:
+def download(
+    port: int, nbytes: int, clock: Callable[[str], None], write: int = BULK, framed: int = 0
+) -> float:
     """Receive `nbytes` through a tunnel from /source; seconds from the 101 to the last byte.
 
-    `write`: bytes per sendfile call of the upstream.
+    `write`: bytes per sendfile call of the upstream. `framed`: the upstream sends WebSocket
+    frames of this payload size instead of raw bytes (`nbytes` rounded to whole frames).
     """
+    query = f"n={nbytes}&w={write}"
+    if framed:
+        unit = len(wire.server_frame(bytes(framed)))
+        nbytes = max(1, nbytes // unit) * unit
+        query = f"n={nbytes}&w={write}&f={framed}"
     clock("start")
-    sock, rest = open_tunnel(port, f"{wire.PATH_SOURCE}?n={nbytes}&w={write}")
+    sock, rest = open_tunnel(port, f"{wire.PATH_SOURCE}?{query}")
     started = time.perf_counter()
     pipe_r, pipe_w = os.pipe2(os.O_CLOEXEC)
     devnull = os.open(os.devnull, os.O_WRONLY)

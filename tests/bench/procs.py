@@ -10,42 +10,26 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
-import signal
 import socket
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Final
+from typing import Final
+
+import repo_path  # noqa: F401  (before tests.support: puts the repository on sys.path)
+
+from tests.support.clients import accepts
+from tests.support.processes import Process
+from tests.support.procfs import tree
+from tests.support.waiting import eventually
 
 CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
 PAGE_KIB: Final = os.sysconf("SC_PAGE_SIZE") // 1024
 
 
 # --- /proc -----------------------------------------------------------------------------
-
-
-def _children(pid: int) -> list[int]:
-    kids: list[int] = []
-    with contextlib.suppress(OSError):
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(OSError):
-                kids.extend(
-                    int(k) for k in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()
-                )
-    return kids
-
-
-def tree(pid: int) -> list[int]:
-    """`pid` and all its live descendants."""
-    out, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        if os.path.exists(f"/proc/{current}"):
-            out.append(current)
-            todo.extend(_children(current))
-    return out
 
 
 def _stat_seconds(pid: int) -> float:
@@ -132,14 +116,15 @@ def free_ports(count: int) -> list[int]:
 
 def wait_for_port(port: int, proc: Managed, timeout: float = 15.0) -> None:
     """Return once `port` accepts connections; raise if `proc` died or time ran out."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.popen.poll() is not None:
+
+    def listening() -> bool:
+        if not proc.process.alive():
             raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}; see {proc.log}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"{proc.name} did not listen on {port} within {timeout:g}s; see {proc.log}")
+        return accepts(port)
+
+    if not eventually(listening, timeout):
+        why = f"did not listen on {port} within {timeout:g}s"
+        raise RuntimeError(f"{proc.name} {why}; see {proc.log}")
 
 
 # --- managed processes ---------------------------------------------------------------
@@ -147,15 +132,19 @@ def wait_for_port(port: int, proc: Managed, timeout: float = 15.0) -> None:
 
 @dataclass
 class Managed:
-    """A server process the bench started, in its own process group."""
+    """A server process the bench started, in its own process group, its output in `log`."""
 
     name: str
-    popen: subprocess.Popen[bytes]
+    process: Process
     log: Path
 
     @property
+    def popen(self) -> subprocess.Popen[bytes]:
+        return self.process.popen
+
+    @property
     def pid(self) -> int:
-        return self.popen.pid
+        return self.process.pid
 
     def pids(self) -> list[int]:
         return tree(self.pid)
@@ -175,20 +164,9 @@ class Processes:
         cwd: Path | None = None,
         env: dict[str, str] | None = None,
     ) -> Managed:
-        out: IO[bytes] = log.open("wb")
-        try:
-            popen = subprocess.Popen(
-                list(argv),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=cwd,
-                env=env,
-                start_new_session=True,  # own process group: a signal to it reaches workers
-            )
-        finally:
-            out.close()
-        proc = Managed(name, popen, log)
+        # Its own process group (a signal to it reaches workers); stdout and stderr in `log`.
+        process = Process(argv, env=env, cwd=cwd, log=log, merge_stdout=True)
+        proc = Managed(name, process, log)
         self.started.append(proc)
         return proc
 
@@ -196,17 +174,8 @@ class Processes:
         """SIGTERM the process group, then SIGKILL what is left after `grace` seconds."""
         if proc in self.started:
             self.started.remove(proc)
-        pgid = proc.pid  # start_new_session: the group id is the leader's pid
-        if proc.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pgid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.popen.wait(grace)
-        # Workers can outlive their leader; the group id still names them.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.popen.wait(2)
+        proc.process.stop(grace, group=True)
+        proc.process.close()
 
     def stop_all(self) -> None:
         for proc in reversed(list(self.started)):

@@ -22,7 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+import yaml
 from procs import Managed, Processes, tree, wait_for_port
+
+from tests.support.configs import config_yaml, listener, route
 
 HERE: Final = Path(__file__).resolve().parent
 REPO: Final = HERE.parent.parent
@@ -148,29 +151,21 @@ http {{
     )
 
 
-def upgradeproxy_conf(port: int, ws_port: int, http_port: int, workers: int) -> str:
+def upgradeproxy_conf(
+    port: int, ws_port: int, http_port: int, workers: int, *, http2: bool = False,
+    websocket: str = "",
+) -> str:  # fmt: skip
+    """`websocket`: a route `websocket` block (rule 18) for the WebSocket route, e.g. "{}"."""
     # No admin listener (nginx has none either); the access log goes to a file.
-    return f"""\
-listen:
-  - address: "127.0.0.1:{port}"
-workers: {workers}
-upstreams:
-  ws:
-    servers: ["127.0.0.1:{ws_port}"]
-  http:
-    servers: ["127.0.0.1:{http_port}"]
-routes:
-  - path_prefix: "/http"
-    upstream: http
-  - path_prefix: "/"
-    upstream: ws
-timeouts:
-  idle: 75
-  tunnel_idle: 3600
-  drain: 1
-limits:
-  max_connections: {NOFILE // 2}
-"""
+    block = {"websocket": yaml.safe_load(websocket)} if websocket else {}
+    return config_yaml(
+        {"ws": ws_port, "http": http_port},
+        [route("http", path_prefix="/http"), route("ws", path_prefix="/", **block)],
+        listen=listener(port, http2=True) if http2 else port,
+        workers=workers,
+        timeouts={"idle": 75, "tunnel_idle": 3600, "drain": 1},
+        limits={"max_connections": NOFILE // 2},
+    )
 
 
 def start_ws_upstream(procs: Processes, tmp: Path, port: int, workers: int) -> Managed:
@@ -227,9 +222,10 @@ def start_upgradeproxy(
     http_port: int,
     workers: int,
     variant: Variant | None = None,
+    websocket: str = "",
 ) -> Managed:
     path = tmp / f"{name}.yaml"
-    path.write_text(upgradeproxy_conf(port, ws_port, http_port, workers))
+    path.write_text(upgradeproxy_conf(port, ws_port, http_port, workers, websocket=websocket))
     python = variant.python if variant else sys.executable
     argv = [python, "-m", "upgradeproxy", "run", "--config", str(path)]
     # nginx runs with `access_log off`; so does upgradeproxy, for a like-for-like comparison.
@@ -246,12 +242,9 @@ def worker_count(proc: Managed) -> int:
     return len(tree(proc.pid))
 
 
-def workers_ready(log_file: Path) -> int:
+def workers_ready(proc: Managed) -> int:
     """How many workers a `workers: N` supervisor has reported ready in its JSON log."""
-    try:
-        return log_file.read_text().count('"worker ready"')
-    except OSError:
-        return 0
+    return sum('"worker ready"' in line for line in proc.process.lines())
 
 
 # --- the peers: HAProxy and mitmproxy ---------------------------------------------------

@@ -8,7 +8,8 @@ sendfile(2) out of a memfd (the payload never enters Python). `--procs` processe
 the port with SO_REUSEPORT so the kernel spreads connections over them.
 
 Paths (see wire.py): /echo (WebSocket echo), /hs (101, then wait for close), /sink?n=N
-(101, swallow N bytes, answer the count), /source?n=N (101, send N bytes, half-close).
+(101, swallow N bytes, answer the count; with &f=1, in a WebSocket frame), /source?n=N
+(101, send N bytes, half-close; with &f=F, whole WebSocket frames of F-byte payloads).
 The sink answers after N bytes rather than at EOF because nginx does not propagate a
 half-close through an upgraded connection: the client's FIN makes it close both ways.
 """
@@ -42,7 +43,9 @@ HEAD, ECHO, DRAIN, SINK, SOURCE = range(5)
 class Conn:
     """One accepted connection and where it is in its short life."""
 
-    __slots__ = ("buf", "count", "fd", "phase", "pipe", "sock", "todo", "write")
+    __slots__ = (
+        "buf", "count", "fd", "framed", "phase", "pipe", "sock", "source", "todo", "write",
+    )  # fmt: skip
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -53,6 +56,8 @@ class Conn:
         self.todo = 0  # SINK: bytes still expected; SOURCE: bytes still to send
         self.pipe: tuple[int, int] | None = None
         self.write = BULK  # SOURCE: bytes per sendfile call (/source?n=N&w=W)
+        self.source = (-1, SOURCE_FILE_SIZE)  # SOURCE: (memfd, its size) to send from
+        self.framed = False  # SINK: answer the count in a WebSocket frame (/sink?n=N&f=1)
 
 
 class Server:
@@ -71,6 +76,7 @@ class Server:
         self.responses: dict[bytes, bytes] = {}  # key -> prebuilt 101
         self.devnull = os.open(os.devnull, os.O_WRONLY)
         self.source_fd = _source_file()
+        self.framed: dict[int, tuple[int, int]] = {}  # payload size -> (memfd of frames, size)
         self.handlers: dict[int, Callable[[Conn, int], None]] = {
             HEAD: self._on_head,
             ECHO: self._on_echo,
@@ -154,13 +160,21 @@ class Server:
         elif route == wire.PATH_SINK:
             conn.phase = SINK
             conn.count = len(rest)
-            conn.todo = _query(query)["n"] - len(rest)
+            args = _query(query)
+            conn.todo = args["n"] - len(rest)
+            conn.framed = bool(args.get("f", 0))
             conn.pipe = _pipe()
         elif route == wire.PATH_SOURCE:
             conn.phase = SOURCE
             args = _query(query)
             conn.todo = args["n"]
             conn.write = args.get("w", BULK)
+            conn.source = (self.source_fd, SOURCE_FILE_SIZE)
+            if frame := args.get("f", 0):  # whole WebSocket frames, for a route that reads them
+                if frame not in self.framed:
+                    fd, _ = wire.framed_file(frame, masked=False)
+                    self.framed[frame] = (fd, os.fstat(fd).st_size)
+                conn.source = self.framed[frame]
             self.ep.modify(conn.fd, _WRITE)
         else:  # /hs and anything else: hold the tunnel open until the peer closes it
             conn.phase = DRAIN
@@ -215,15 +229,17 @@ class Server:
             while n:  # /dev/null takes everything at once, but never assume
                 n -= os.splice(pipe_r, self.devnull, n, flags=_SPLICE_FLAGS)
         # Report what arrived so the client can stop its clock and check it.
-        conn.sock.sendall(struct.pack("!Q", conn.count))
+        count = struct.pack("!Q", conn.count)
+        conn.sock.sendall(wire.server_frame(count) if conn.framed else count)
         conn.phase = DRAIN
 
     def _on_source(self, conn: Conn, events: int) -> None:
+        fd, file_size = conn.source
         while conn.todo:
-            offset = conn.count % SOURCE_FILE_SIZE
-            size = min(conn.write, conn.todo, SOURCE_FILE_SIZE - offset)
+            offset = conn.count % file_size
+            size = min(conn.write, conn.todo, file_size - offset)
             try:
-                sent = os.sendfile(conn.fd, self.source_fd, offset, size)
+                sent = os.sendfile(conn.fd, fd, offset, size)
             except BlockingIOError:
                 return
             conn.count += sent

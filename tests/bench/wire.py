@@ -6,14 +6,15 @@ CPU per operation as possible, so that the proxy under test is the bottleneck, n
 
 from __future__ import annotations
 
-import base64
-import hashlib
+import os
 import struct
 from typing import Final
 
-WS_GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-# A fixed key: the client then knows the expected Accept in advance and only compares bytes.
-WS_KEY: Final = b"dGhlIHNhbXBsZSBub25jZQ=="
+import repo_path  # noqa: F401  (before tests.support: puts the repository on sys.path)
+
+from tests.support.wire import WS_KEY, ws_accept
+
+# WS_KEY is fixed: the client then knows the expected Accept in advance and only compares bytes.
 HOST: Final = b"bench.local"
 MASK: Final = b"\x37\xfa\x21\x3d"
 HEAD_END: Final = b"\r\n\r\n"
@@ -33,9 +34,7 @@ PATH_SOURCE: Final = "/source"  # /source?n=N: 101, send N bytes, half-close
 PATH_HTTP: Final = "/http"  # plain HTTP, served by the nginx HTTP upstream
 
 
-def accept_for(key: bytes) -> bytes:
-    """The Sec-WebSocket-Accept value for `key` (RFC 6455 section 4.2.2)."""
-    return base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
+accept_for = ws_accept  # the Sec-WebSocket-Accept value for a key (RFC 6455 §4.2.2)
 
 
 WS_ACCEPT: Final = accept_for(WS_KEY)
@@ -94,6 +93,24 @@ def client_frame(payload: bytes, opcode: int = OP_BINARY, mask: bytes = MASK) ->
 def server_frame(payload: bytes, opcode: int = OP_BINARY) -> bytes:
     """A final, unmasked frame as a server sends it."""
     return _frame_header(opcode, len(payload), False) + payload
+
+
+def frame_size(payload_size: int, *, masked: bool) -> int:
+    """Bytes on the wire of one frame with `payload_size` bytes of payload."""
+    return len(_frame_header(OP_BINARY, payload_size, masked)) + (4 if masked else 0) + payload_size
+
+
+def framed_file(payload_size: int, *, masked: bool, size: int = 8 << 20) -> tuple[int, int]:
+    """A memfd of whole binary frames of `payload_size` bytes (as a client sends them with
+    `masked`: a zero key, so the payload reads the same), about `size` bytes and at least one
+    frame: (fd, bytes per frame). For sendfile through a route that reads frames."""
+    payload = bytes(range(256)) * (payload_size // 256) + bytes(payload_size % 256)
+    head = _frame_header(OP_BINARY, payload_size, masked) + (b"\0\0\0\0" if masked else b"")
+    one = head + payload
+    fd = os.memfd_create("bench-frames")
+    for _ in range(max(1, size // len(one))):
+        os.write(fd, one)
+    return fd, len(one)
 
 
 def parse_frame(buf: bytes | bytearray) -> tuple[int, bytes, int] | None:

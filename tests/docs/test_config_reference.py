@@ -38,6 +38,7 @@ MODELS: dict[str, tuple[type, dict[str, str]]] = {
     "upstreams.NAME.health_check": (model.HealthCheck, {}),
     "upstreams.NAME.discover": (model.Discover, {}),
     "routes[]": (model.Route, {}),
+    "routes[].websocket": (model.WebSocketLimits, {}),
     "timeouts": (model.Timeouts, {}),
     "limits": (model.Limits, {}),
     "access_log": (model.AccessLog, {}),

@@ -15,8 +15,6 @@ The invariant, on every input:
 
 from __future__ import annotations
 
-import base64
-import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,41 +25,25 @@ import trio
 import trio.testing
 
 from tests.fuzz.strict import Rejected, Request, parse_requests
+from tests.support.configs import config_yaml, route
+from tests.support.wire import ws_accept
 from upgradeproxy.config.loader import parse_config
-from upgradeproxy.connection import exchange
+from upgradeproxy.connection import exchange, forward
 from upgradeproxy.connection.context import Peer, Runtime, Shared
 
-CONFIG = """
-listen:
-  - address: "127.0.0.1:0"
-upstreams:
-  app:
-    servers: ["127.0.0.1:9"]
-  ws:
-    servers: ["127.0.0.1:10"]
-routes:
-  - host: "api.example"
-    path_prefix: /only
-    upstream: app
-  - path_prefix: /ws
-    upstream: ws
-    upgrade: [websocket, h2c]
-  - upstream: app
-timeouts:
-  connect: 1s
-  request_header: 5s
-  upstream_response: 3s
-  idle: 7s
-  tunnel_idle: 11s
-limits:
-  max_request_header_bytes: 4096
-"""
+CONFIG = config_yaml(
+    {"app": 9, "ws": 10},
+    [route("app", host="api.example", path_prefix="/only"),
+     route("ws", path_prefix="/ws", upgrade=["websocket", "h2c"]), route("app")],
+    timeouts={"connect": "1s", "request_header": "5s", "upstream_response": "3s", "idle": "7s",
+              "tunnel_idle": "11s"},
+    limits={"max_request_header_bytes": 4096},
+)  # fmt: skip
 RUNTIME = Runtime.build(parse_config(CONFIG, "fuzz.yaml"))
 REQUEST_HEADER = RUNTIME.config.timeouts.request_header
 # Nothing an input does may keep a connection past this much virtual time: a few pipelined
 # exchanges, each within its timeouts, then a tunnel's idle timeout.
 HANG_AFTER = 120.0
-_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 # Empty, so the client-side check parses the relayed answer to a HEAD like any other.
 _OK = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
 
@@ -92,7 +74,7 @@ async def _fake_upstream(stream: trio.testing.MemoryStream | Any, record: bytear
                 answered += 1
                 key = _ws_key(bytes(record).split(b"\r\n\r\n")[answered - 1])
                 if key is not None:
-                    accept = base64.b64encode(hashlib.sha1(key + _GUID).digest())
+                    accept = ws_accept(key)
                     await stream.send_all(
                         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
                         b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
@@ -143,7 +125,7 @@ async def _serve(data: bytes, eof: bool) -> Outcome:
                 else:
                     # In two reads, so heads and chunk lines are also parsed across a split.
                     await client.send_all(data[: len(data) // 2])
-                    await trio.sleep(0.01)
+                    await trio.testing.wait_all_tasks_blocked()  # the proxy has read it all
                     await client.send_all(data[len(data) // 2 :])
                 if eof:
                     await client.send_eof()
@@ -158,7 +140,7 @@ async def _serve(data: bytes, eof: bool) -> Outcome:
             if scope.cancelled_caught:
                 raise InvariantBroken(f"serve_client still running after {HANG_AFTER}s")
             out.finished_at = trio.current_time()
-            await trio.sleep(0.01)  # let the reader see the close
+            await trio.testing.wait_all_tasks_blocked()  # the reader has seen the close
             nursery.cancel_scope.cancel()
     out.upstream_in = [bytes(r) for r in records]
     return out
@@ -166,12 +148,13 @@ async def _serve(data: bytes, eof: bool) -> Outcome:
 
 @contextmanager
 def _patched_connect(fn: Any) -> Iterator[None]:
-    original = exchange.connect
-    exchange.connect = fn  # type: ignore[assignment]
+    """Upstream connections come from `fn`: forward.py is where the exchange connects."""
+    original = forward.connect
+    forward.connect = fn  # type: ignore[assignment]
     try:
         yield
     finally:
-        exchange.connect = original  # type: ignore[assignment]
+        forward.connect = original  # type: ignore[assignment]
 
 
 # A request h11 lets be answered by anything, a 101 included.

@@ -18,7 +18,6 @@ import os
 import random
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,15 @@ from typing import Any, Final
 
 HERE: Final = Path(__file__).resolve().parent
 ROOT: Final = HERE.parents[1]
+if str(ROOT) not in sys.path:  # run as a script: the test suite's helpers from the repository
+    sys.path.insert(0, str(ROOT))
+
+from tests.support.clients import accepts, free_port  # noqa: E402
+from tests.support.configs import config_yaml, upstream  # noqa: E402
+from tests.support.processes import Process, ProxyProcess  # noqa: E402
+from tests.support.procfs import children  # noqa: E402
+from tests.support.waiting import eventually  # noqa: E402
+
 UPSTREAM: Final = ROOT / "tests" / "bench" / "upstream_server.py"
 PAGE_KIB: Final = os.sysconf("SC_PAGE_SIZE") // 1024
 TICK: Final = os.sysconf("SC_CLK_TCK")
@@ -119,17 +127,6 @@ def _meminfo() -> dict[str, int]:
     return out
 
 
-def children(pid: int) -> list[int]:
-    """The child processes of `pid`, whichever of its threads started them."""
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            found += [int(x) for x in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    return sorted(found)
-
-
 def rss_kib(pids: list[int]) -> int:
     total = 0
     for pid in pids:
@@ -162,18 +159,10 @@ def sockstat() -> dict[str, int]:
 # --- processes ----------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def eventually(predicate: Callable[[], bool], what: str, timeout: float = STEP) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise Failed(f"timed out after {timeout:.0f} s: {what}")
-        time.sleep(0.1)
+def until(predicate: Callable[[], object], what: str, timeout: float = STEP) -> None:
+    """Wait for `predicate`; a step that does not get there in `timeout` fails the run."""
+    if not eventually(predicate, timeout):
+        raise Failed(f"timed out after {timeout:.0f} s: {what}")
 
 
 class Client:
@@ -213,9 +202,10 @@ class Run:
     def __init__(self, plan: Plan, args: argparse.Namespace, workdir: Path) -> None:
         self.plan, self.args, self.workdir = plan, args, workdir
         self.port, self.admin = free_port(), free_port()
-        self.procs: list[subprocess.Popen[Any]] = []
+        self.procs: list[Process] = []  # the upstream servers
+        self.client_procs: list[subprocess.Popen[Any]] = []
         self.clients: list[Client] = []
-        self.proxy: subprocess.Popen[Any] | None = None
+        self.proxy: ProxyProcess | None = None
         self.rows: list[tuple[str, str]] = []
 
     # --- setup ---
@@ -223,54 +213,31 @@ class Run:
     def start_upstreams(self) -> list[int]:
         ports = [free_port() for _ in range(self.plan.upstreams)]
         for port in ports:
-            self.procs.append(subprocess.Popen(
-                [sys.executable, str(UPSTREAM), "--port", str(port), "--procs", "1"],
-                cwd=UPSTREAM.parent, start_new_session=True,
-            ))  # fmt: skip
+            argv = [sys.executable, str(UPSTREAM), "--port", str(port), "--procs", "1"]
+            self.procs.append(Process(argv, cwd=UPSTREAM.parent))
         for port in ports:
-            eventually(lambda p=port: _listening(p), f"upstream server on port {port}", 30)
+            until(lambda p=port: accepts(p), f"upstream server on port {port}", 30)
         return ports
 
     def start_proxy(self, upstreams: list[int]) -> None:
-        servers = ", ".join(f'"127.0.0.1:{p}"' for p in upstreams)
         config = self.workdir / "proxy.yaml"
-        config.write_text(
-            f'listen: [{{address: "127.0.0.1:{self.port}"}}]\n'
-            f'admin: {{address: "127.0.0.1:{self.admin}"}}\n'
-            f"workers: {self.plan.workers}\n"
-            f"upstreams:\n  echo:\n    servers: [{servers}]\n    balance: least_conn\n"
-            f"routes: [{{upstream: echo}}]\n"
-            f"limits: {{max_connections: {self.plan.capacity}}}\n"
-            f"timeouts: {{tunnel_idle: 3600, drain: {self.args.drain_window}}}\n"
-            f"drain_tunnels: {self.args.drain}\n"
-        )
-        self.log = open(self.workdir / "proxy.log", "w")  # noqa: SIM115 (closed in stop())
-        self.proxy = subprocess.Popen(
-            [sys.executable, "-m", "upgradeproxy", "run", "--config", str(config),
-             "--log-format", "json"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self.log,
-            start_new_session=True, cwd=ROOT,
-        )  # fmt: skip
-        want = "worker ready" if self.plan.workers > 1 else "listening"
-        eventually(
-            lambda: self._logged(want) >= (self.plan.workers if self.plan.workers > 1 else 1),
-            "the proxy to start", 60,
-        )  # fmt: skip
-
-    def _logged(self, msg: str) -> int:
-        if self.proxy is not None and self.proxy.poll() is not None:
-            raise Failed(f"the proxy exited with {self.proxy.returncode}: {self._log_tail()}")
-        count = 0
-        for line in (self.workdir / "proxy.log").read_text().splitlines():
-            try:
-                count += json.loads(line).get("msg") == msg
-            except ValueError:
-                continue
-        return count
+        config.write_text(config_yaml(
+            {"echo": upstream(upstreams, balance="least_conn")},
+            listen=self.port, admin=self.admin, workers=self.plan.workers,
+            limits={"max_connections": self.plan.capacity},
+            timeouts={"tunnel_idle": 3600, "drain": self.args.drain_window},
+            drain_tunnels=self.args.drain,
+        ))  # fmt: skip
+        self.proxy = ProxyProcess(config, cwd=ROOT, log=self.workdir / "proxy.log")
+        try:
+            self.proxy.ready(self.plan.workers, timeout=60)
+        except AssertionError:
+            raise Failed(f"the proxy did not start: {self._log_tail()}") from None
 
     def _log_tail(self) -> str:
-        lines = (self.workdir / "proxy.log").read_text().splitlines()
-        return "\n".join(line for line in lines[-20:] if '"upgradeproxy.access"' not in line)
+        assert self.proxy is not None
+        lines = self.proxy.lines()[-20:]
+        return "\n".join(line for line in lines if '"upgradeproxy.access"' not in line)
 
     def workers(self) -> list[int]:
         assert self.proxy is not None
@@ -299,7 +266,7 @@ class Run:
         n, plan = self.plan.tunnels, self.plan
         self.start_proxy(self.start_upstreams())
         warm = Client(self.port, 50, 200)
-        self.procs.append(warm.proc)
+        self.client_procs.append(warm.proc)
         warm.ask("open")
         warm.quit()
         time.sleep(1.0)
@@ -307,7 +274,7 @@ class Run:
         slab_before = _meminfo()["Slab"]
         shares = [n // plan.clients + (i < n % plan.clients) for i in range(plan.clients)]
         self.clients = [Client(self.port, share, i) for i, share in enumerate(shares)]
-        self.procs.extend(c.proc for c in self.clients)
+        self.client_procs.extend(c.proc for c in self.clients)
         started = time.monotonic()
         opened = sum(a["opened"] for a in self.all_clients(lambda i: "open"))
         took = time.monotonic() - started
@@ -315,7 +282,7 @@ class Run:
             raise Failed(f"opened {opened:,} of {n:,} tunnels")
         self.row("opened", f"{n:,} tunnels in {took:.1f} s: {n / took:,.0f} handshakes/s "
                            f"(each with one echo)")  # fmt: skip
-        eventually(lambda: self.parked() == n, f"all {n:,} tunnels to park", 60)
+        until(lambda: self.parked() == n, f"all {n:,} tunnels to park", 60)
         self.row("parked", f"all {n:,}")
         sample = -1 if self.args.all else max(1, self.args.sample // plan.clients)
         seed = random.randrange(1 << 30)
@@ -326,7 +293,7 @@ class Run:
         if bad:
             raise Failed(f"{bad} of {checked} sampled tunnels did not echo")
         time.sleep(self.args.idle)
-        eventually(lambda: self.parked() == n, "the checked tunnels to park again", 60)
+        until(lambda: self.parked() == n, "the checked tunnels to park again", 60)
         pids = self.workers()
         rss_after, sock_after = rss_kib(pids), sockstat()
         slab_after = _meminfo()["Slab"]
@@ -348,17 +315,17 @@ class Run:
                          f"{bad} failed")  # fmt: skip
         if bad:
             raise Failed(f"{bad} of {woken} woken tunnels did not echo")
-        eventually(lambda: self.parked() == n, "the woken tunnels to park again", 60)
+        until(lambda: self.parked() == n, "the woken tunnels to park again", 60)
         assert self.proxy is not None
         cpu = cpu_seconds(pids)
         signalled = time.monotonic()
-        self.proxy.send_signal(signal.SIGTERM)
+        self.proxy.signal(signal.SIGTERM)
         window = self.args.drain_window
         ends = self.all_clients(lambda i: f"closed {window + 30}")
         left = sum(a["open"] for a in ends)
         last = max(a["seconds"] for a in ends)
         try:
-            code = self.proxy.wait(window + 30)
+            code = self.proxy.wait_exit(window + 30)
         except subprocess.TimeoutExpired:
             raise Failed("the proxy did not exit after the drain") from None
         exited = time.monotonic() - signalled
@@ -376,21 +343,13 @@ class Run:
     def stop(self) -> None:
         for client in self.clients:
             client.quit()
-        for proc in [*([self.proxy] if self.proxy else []), *self.procs]:
+        for popen in self.client_procs:
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
+                os.killpg(popen.pid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(10)
-        if hasattr(self, "log"):
-            self.log.close()
-
-
-def _listening(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-    except OSError:
-        return False
-    return True
+                popen.wait(10)
+        for proc in [*([self.proxy] if self.proxy else []), *self.procs]:
+            proc.close()  # SIGKILL to its process group
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

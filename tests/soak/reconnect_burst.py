@@ -14,18 +14,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import trio
 
-from tests.conftest import RawUpstream, respond_ok_forever
-from tests.soak.proxyproc import LOOPBACK, ProxyProcess, config_yaml, free_port
+from tests.support.clients import LOOPBACK, free_port
+from tests.support.configs import config_yaml, route
+from tests.support.peers import RawUpstream, respond_ok_forever
+from tests.support.processes import ProxyProcess
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: burst\r\n\r\n"
-# ProxyProcess puts this before `python -m upgradeproxy run ...`: argv[4:] is `run ...`.
+# The prefix before `python -m upgradeproxy run ...`: argv[4:] is `run ...`.
 AT_ONCE = (
     sys.executable, "-c",
     "import random, runpy, sys; random.random = lambda: 0.0; "
@@ -48,10 +50,23 @@ async def answered(stream: trio.SocketStream) -> bool:
     return True
 
 
-async def client(port: int, ready: list[int], out: dict[str, list[float]]) -> None:
+class Countdown:
+    """An event set once `count()` has been called `n` times."""
+
+    def __init__(self, n: int) -> None:
+        self.left = n
+        self.done = trio.Event()
+
+    def count(self) -> None:
+        self.left -= 1
+        if self.left <= 0:
+            self.done.set()
+
+
+async def client(port: int, ready: Countdown, out: dict[str, list[float]]) -> None:
     stream = await trio.open_tcp_stream(LOOPBACK, port)
     assert await answered(stream)
-    ready.append(1)
+    ready.count()
     data = await stream.receive_some(65536)  # idle until the retiring process closes it
     eof = time.monotonic()
     await stream.aclose()
@@ -70,20 +85,24 @@ async def run(clients: int, at_once: bool) -> str:
     upstream = RawUpstream(respond_ok_forever)  # in threads: not in the clients' event loop
     try:
         port = free_port()
-        text = config_yaml(port, {"u": [upstream.port]}, "  - upstream: u",
-                           "timeouts: {keepalive_drain: 1s}\n")  # fmt: skip
-        proxy = ProxyProcess(text, port, wrapper=AT_ONCE if at_once else ())
+        text = config_yaml({"u": [upstream.port]}, [route("u")], listen=port,
+                           timeouts={"keepalive_drain": "1s"})  # fmt: skip
         out: dict[str, list[float]] = {"eof": [], "wait": [], "errors": []}
-        try:
-            ready: list[int] = []
-            async with trio.open_nursery() as nursery:
-                for _ in range(clients):
-                    nursery.start_soon(client, port, ready, out)
-                while len(ready) < clients:
-                    await trio.sleep(0.05)
-                os.kill(proxy.pid, signal.SIGUSR2)
-        finally:
-            proxy.stop()
+        with tempfile.TemporaryDirectory(prefix="upx-burst-") as tmp:
+            config = Path(tmp) / "upgradeproxy.yaml"
+            config.write_text(text)
+            proxy = ProxyProcess(config, prefix=AT_ONCE if at_once else ())
+            try:
+                await trio.to_thread.run_sync(proxy.ready)
+                ready = Countdown(clients)
+                async with trio.open_nursery() as nursery:
+                    for _ in range(clients):
+                        nursery.start_soon(client, port, ready, out)
+                    await ready.done.wait()
+                    proxy.upgrade()
+            finally:
+                proxy.stop()
+                proxy.close()
     finally:
         upstream.close()
     waits = sorted(out["wait"])

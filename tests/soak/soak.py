@@ -21,15 +21,21 @@ import os
 import random
 import select
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import h11
 import trio
 
-from tests.soak.proxyproc import ProxyProcess, config_yaml, free_port
-from tests.soak.upstream import LOOPBACK, Upstream, pattern, reset
+from tests.soak.upstream import Upstream, pattern, reset
 from tests.soak.verdict import Ending, Tally, verdict
+from tests.support import procfs
+from tests.support.clients import LOOPBACK, free_port
+from tests.support.configs import config_yaml, route
+from tests.support.processes import ROOT, ProxyProcess
+from tests.support.waiting import eventually, steady
 
 MB = 1 << 20
 KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
@@ -335,32 +341,30 @@ class Soak:
     # --- the run ----------------------------------------------------------------------
 
     def config(self) -> str:
-        routes = (
-            "  - path_prefix: /ws\n    upstream: tunnels\n"
-            "  - path_prefix: /flood\n    upstream: tunnels\n"
-            "  - upstream: web"
-        )
-        extra = (
-            f"workers: {self.options.workers}\n"
-            f"timeouts:\n  connect: 2s\n  request_header: {REQUEST_HEADER:g}s\n  idle: 5s\n"
-            "  upstream_response: 10s\n  tunnel_idle: 60s\n  drain: 5s\n"
-        )
         ports = [self.a.port, self.b.port]
-        return config_yaml(self.port, {"tunnels": ports, "web": ports}, routes, extra)
+        routes = [route("tunnels", path_prefix="/ws"), route("tunnels", path_prefix="/flood"),
+                  route("web")]  # fmt: skip
+        timeouts = {"connect": "2s", "request_header": f"{REQUEST_HEADER:g}s", "idle": "5s",
+                    "upstream_response": "10s", "tunnel_idle": "60s", "drain": "5s"}  # fmt: skip
+        return config_yaml({"tunnels": ports, "web": ports}, routes, listen=self.port,
+                           workers=self.options.workers, timeouts=timeouts)  # fmt: skip
 
     async def main(self) -> int:
+        with tempfile.TemporaryDirectory(prefix="upx-soak-") as tmp:
+            return await self.run(Path(tmp) / "upgradeproxy.yaml")
+
+    async def run(self, config: Path) -> int:
         async with trio.open_nursery() as servers:
             await self.a.start(servers)
             await self.b.start(servers)
-            self.proxy = ProxyProcess(self.config(), self.port)
+            config.write_text(self.config())  # now that the upstreams have their ports
+            self.proxy = ProxyProcess(config, "--no-access-log", cwd=ROOT)
             try:
                 await self.all_workers_ready()
-                await trio.sleep(0.5)
                 processes = self.proxy.processes()
                 # Where the stalled readers' tunnels live (the supervisor serves nothing).
                 self.first = sorted(processes - {self.proxy.pid}) or [self.proxy.pid]
-                pooled = len(self.a.conns) + len(self.b.conns)  # from the workers' warm-up
-                baseline = self.proxy.all_descriptors() - pooled
+                baseline = await self.held_once_steady()
                 started = time.monotonic()
                 self.stop_at = trio.current_time() + self.seconds
                 async with trio.open_nursery() as nursery:
@@ -384,7 +388,7 @@ class Soak:
                 for line in self.proxy.errors():
                     self.error("proxy log", line)
                 rss_growth = (max(self.rss) - self.rss[0]) if self.rss else None
-                end = Ending(ran, baseline, settled, fresh, self.proxy.alive(), rss_growth,
+                end = Ending(ran, baseline, settled, fresh, self.proxy.serving(), rss_growth,
                              (len(processes), len(self.proxy.processes())))  # fmt: skip
                 serving = self.proxy.processes() - {self.proxy.pid}
                 if self.options.workers == 1:  # no supervisor: the first process, or its heir
@@ -392,7 +396,8 @@ class Soak:
                 rss_now = sum(self.rss_of(serving))
                 return verdict(self.t, end, self.proxy.serving_pid, rss_now)
             finally:
-                self.proxy.stop()
+                self.proxy.stop(grace=15)
+                self.proxy.close()
                 servers.cancel_scope.cancel()
 
     async def fresh_exchange(self) -> bool:
@@ -410,39 +415,46 @@ class Soak:
             self.error("fresh exchange", exc)
             return False
 
-    async def settle(self, baseline: int, processes: int) -> int:
-        """Proxy descriptors (every process of it) minus the idle pooled upstream connections,
-        once quiet and once the generations an upgrade retired have exited."""
+    def held(self) -> int:
+        """Proxy descriptors (every process of it) minus the idle pooled upstream connections."""
         assert self.proxy is not None
-        now = baseline + 1
-        with trio.move_on_after(15):
-            while True:
-                pooled = len(self.a.conns) + len(self.b.conns)
-                now = self.proxy.all_descriptors() - pooled
-                if now <= baseline and len(self.proxy.processes()) <= processes:
-                    break
-                await trio.sleep(0.2)
-        return now
+        return self.proxy.all_descriptors() - len(self.a.conns) - len(self.b.conns)
+
+    async def held_once_steady(self) -> int:
+        """`held()` once it has not changed for half a second: the baseline, after the start
+        and the warm-up (polled from a thread: the upstreams run in this event loop)."""
+        return await trio.to_thread.run_sync(steady, self.held, 0.5, 30)
+
+    async def settle(self, baseline: int, processes: int) -> int:
+        """`held()` once back to `baseline` and once the generations an upgrade retired have
+        exited (or after 15 s: the verdict then says by how much it is not)."""
+        assert self.proxy is not None
+        proxy = self.proxy
+
+        def settled() -> bool:
+            return self.held() <= baseline and len(proxy.processes()) <= processes
+
+        await trio.to_thread.run_sync(eventually, settled, 15)
+        return self.held()
 
     async def all_workers_ready(self) -> None:
-        """With `workers: N`, until all N serve (the first one accepting is not enough), and
-        each has served a request: a worker opens its metrics files on its first one."""
+        """Until the proxy accepts; with `workers: N`, until all N serve (the first one
+        accepting is not enough), and each has served a request: a worker opens its metrics
+        files on its first one."""
         assert self.proxy is not None
+        await trio.to_thread.run_sync(self.proxy.ready, self.options.workers, 30)
         if self.options.workers == 1:
             return
-        with trio.fail_after(30):
-            while sum('"worker ready"' in line for line in self.proxy.log) < self.options.workers:
-                await trio.sleep(0.1)
         for _ in range(8 * self.options.workers):  # SO_REUSEPORT spreads them over all
             async with await self.connect() as stream:
                 await self.one_request(stream, h11.Connection(h11.CLIENT))
 
-    def rss_of(self, pids: set[int] | list[int]) -> list[int]:
-        assert self.proxy is not None
+    @staticmethod
+    def rss_of(pids: set[int] | list[int]) -> list[int]:
         sizes = []
         for pid in pids:
-            with contextlib.suppress(OSError):
-                sizes.append(self.proxy.rss_bytes(pid))
+            with contextlib.suppress(OSError, RuntimeError):  # exited meanwhile
+                sizes.append(procfs.rss_bytes(pid))
         return sizes
 
 

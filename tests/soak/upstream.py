@@ -4,9 +4,7 @@ caused from a fault of the proxy."""
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hashlib
 import random
 import socket
 import struct
@@ -15,18 +13,15 @@ from dataclasses import dataclass, field
 import h11
 import trio
 
-LOOPBACK = "127.0.0.1"
-_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+from tests.support.clients import LOOPBACK
+from tests.support.wire import ws_accept
+
 FLOOD_CHUNK = b"f" * 65536
 
 
 def pattern(size: int) -> bytes:
     """The body `GET /http/<size>` answers with: deterministic, different for every size."""
     return random.Random(size).randbytes(size)
-
-
-def ws_accept(key: bytes) -> bytes:
-    return base64.b64encode(hashlib.sha1(key + _GUID).digest())
 
 
 async def reset(stream: trio.SocketStream) -> None:
@@ -139,7 +134,7 @@ class Upstream:
             return
         await conn.stream.send_all(
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Accept: " + ws_accept(key.strip()) + b"\r\n\r\n"
+            b"Sec-WebSocket-Accept: " + ws_accept(key) + b"\r\n\r\n"
         )
         conn.tunnel = ("ws-" if path.startswith("/ws/") else "flood-") + path.split("/")[-1]
         rest = h.trailing_data[0]

@@ -39,6 +39,7 @@ from upgradeproxy.config.model import (
     Upstream,
 )
 from upgradeproxy.config.pool import POOL_KEYS, pool_settings
+from upgradeproxy.config.websocket import websocket_limits
 
 __all__ = ["ConfigError", "ConfigProblem", "load_config", "parse_config"]
 
@@ -270,7 +271,7 @@ def _routes(c: Checker, node: Node | None, names: list[str] | None) -> tuple[Rou
 
 def _route(c: Checker, node: Node, field: str, names: list[str] | None) -> Route | None:
     mark = len(c.problems)
-    keys = ("host", "path_prefix", "upstream", "upgrade", "allowed_origins")
+    keys = ("host", "path_prefix", "upstream", "upgrade", "allowed_origins", "websocket")
     found = c.mapping(node, field, keys, ("upstream",))
     if found is None:
         return None
@@ -290,9 +291,12 @@ def _route(c: Checker, node: Node, field: str, names: list[str] | None) -> Route
     )
     upgrade = _upgrade(c, found.get("upgrade"), f"{field}.upgrade")
     origins = _origins(c, found.get("allowed_origins"), f"{field}.allowed_origins")
+    websocket = websocket_limits(c, found.get("websocket"), f"{field}.websocket")
     if upstream is None or len(c.problems) > mark:
         return None
-    return Route(upstream, host, prefix or "/", upgrade, allowed_origins=origins)
+    return Route(
+        upstream, host, prefix or "/", upgrade, allowed_origins=origins, websocket=websocket
+    )
 
 
 def _upgrade(c: Checker, node: Node | None, field: str) -> tuple[str, ...]:

@@ -147,6 +147,15 @@ class Upstream:
 
 
 @dataclass(frozen=True, slots=True)
+class WebSocketLimits:
+    """A route's `websocket` block (rule 18): its tunnels' frames are read; 0 means no limit."""
+
+    max_message_bytes: int = 0
+    max_frame_bytes: int = 0
+    messages_per_second: int = 0  # client to server, per tunnel; also the burst size
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     """A routing rule; `host` is lower-case, `upgrade` holds lower-case protocol tokens."""
 
@@ -157,6 +166,7 @@ class Route:
     upgrade_tokens: tuple[bytes, ...] = field(init=False, repr=False, compare=False)
     # Canonical origins (config/edge.py); None: no Origin check (rule 12).
     allowed_origins: tuple[str, ...] | None = None
+    websocket: WebSocketLimits | None = None  # None: the tunnel splices bytes unread
 
     def __post_init__(self) -> None:
         # Encoded once here, not on every request.

@@ -41,6 +41,7 @@ from upgradeproxy.rules import plan as planning
 from upgradeproxy.telemetry.metrics import ExchangeRecord
 from upgradeproxy.transport.streams import STREAM_ERRORS, PeerClosed
 from upgradeproxy.tunnel.session import Switched
+from upgradeproxy.tunnel.websocket import framed_tunnel
 from upgradeproxy.upstream.connections import UpstreamConn
 
 
@@ -297,4 +298,8 @@ async def _switch(
         telemetry=edge.shared.telemetry,
         lifetime=config.timeouts.tunnel_max_lifetime,
         tunnels=edge.shared.tunnels,
-    )
+        frames=framed_tunnel(
+            ex.plan.route.websocket, hdr.comma_list(raw, b"upgrade"),
+            hdr.get_all(raw, b"sec-websocket-extensions"), rec.route, edge.shared.telemetry,
+        ) if ex.plan.route.websocket is not None else None,
+    )  # fmt: skip

@@ -26,6 +26,7 @@ from upgradeproxy.rules.plan import Plan
 from upgradeproxy.telemetry.metrics import ExchangeRecord
 from upgradeproxy.transport.streams import CLIENT_IO, PeerClosed
 from upgradeproxy.tunnel.session import Switched
+from upgradeproxy.tunnel.websocket import framed_tunnel
 from upgradeproxy.upstream.connections import UpstreamConn
 
 _PUMP_GRACE: Final = 0.05
@@ -253,4 +254,8 @@ async def _switch(
         lifetime=client.rt.config.timeouts.tunnel_max_lifetime,
         tunnels=client.shared.tunnels,
         parking=client.shared.parking,
-    )
+        frames=framed_tunnel(
+            ex.plan.route.websocket, chosen, hdr.get_all(raw, b"sec-websocket-extensions"),
+            rec.route, client.shared.telemetry,
+        ) if ex.plan.route.websocket is not None else None,
+    )  # fmt: skip

@@ -84,6 +84,9 @@ class ExchangeRecord:
     request_id: str = ""
     user_agent: str = ""
     client_cert: str = ""  # the verified TLS client certificate's subject
+    # Data messages each way, on routes with a `websocket` block only (rule 18).
+    messages_in: int | None = None  # from the client
+    messages_out: int | None = None  # to the client
     http_version: str = "1.1"  # the client's: "1.0", "1.1" or "2" (tunnel lines too)
 
     def as_log(self) -> dict[str, object]:
@@ -237,6 +240,22 @@ class Telemetry:
             multiprocess_mode="livesum",
         )
         self._server_gauges: dict[tuple[str, str, str], Gauge] = {}
+        self._ws_messages = Counter(
+            "upgradeproxy_websocket_messages_total",
+            "WebSocket data messages relayed on routes with a websocket block, by route and "
+            "direction (up: client to upstream).",
+            ("route", "direction"),
+            registry=reg,
+        )
+        self._ws_closes = _Labelled(
+            Counter(
+                "upgradeproxy_websocket_closes_total",
+                "Tunnels the proxy closed for a websocket rule, by route and the close code "
+                "sent to the side that broke it.",
+                ("route", "code"),
+                registry=reg,
+            )
+        )
         self._tunnels_parked = Gauge(
             "upgradeproxy_tunnels_parked",
             "Open tunnels parked now: idle, watched by the waiter (counted in tunnels_active too).",
@@ -295,6 +314,14 @@ class Telemetry:
         self._tunnel_gauge(rec).dec()
         if access_log.isEnabledFor(logging.INFO):
             access_log.info("tunnel", extra={"record": rec.as_log()})
+
+    def websocket_counters(self, route: str) -> tuple[Counter, Counter]:
+        """The (up, down) message counters of `route`, for a tunnel to keep and add to."""
+        return self._ws_messages.labels(route, "up"), self._ws_messages.labels(route, "down")
+
+    def websocket_closed(self, route: str, code: int) -> None:
+        """Count a tunnel closed by a websocket rule, by the code the offender was sent."""
+        self._ws_closes.inc(route, str(code))
 
     # --- reading -------------------------------------------------------------------------
 

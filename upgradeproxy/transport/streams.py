@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import operator
-import select
 import socket
 from collections.abc import Callable
 from types import TracebackType
@@ -299,10 +298,18 @@ def bytes_waiting(stream: trio.abc.Stream) -> bool:
 def looks_closed(stream: trio.abc.Stream) -> bool:
     """An idle keep-alive connection that turned readable was closed (or is talking out of turn)."""
     sock = raw_socket(stream)
-    if sock is None or sock.fileno() < 0:
+    inner = None if sock is None else _inner_socket(sock)
+    if inner is None or inner.fileno() < 0:
         return True
-    readable, _, _ = select.select([sock.fileno()], [], [], 0)
-    return bool(readable)
+    # A peek rather than select(): select() cannot take a descriptor of 1024 or more, and a
+    # proxy holding thousands of tunnels has those.
+    try:
+        inner.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    return True  # EOF, or bytes nobody asked for
 
 
 async def linger(stream: trio.abc.Stream, seconds: float = 1.0, limit: int = 1 << 20) -> None:

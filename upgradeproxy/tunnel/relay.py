@@ -13,7 +13,7 @@ import os
 import socket
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Final
+from typing import Final, Protocol
 
 import trio
 
@@ -21,11 +21,20 @@ from upgradeproxy.transport.streams import STREAM_ERRORS
 from upgradeproxy.tunnel.state import Direction, Ending, OnBytes, Tunnel, TunnelStats
 
 __all__ = [
-    "SMALL", "Direction", "Ending", "Pump", "TunnelStats", "pump_splice", "run_tunnel",
-    "write_all",
+    "SMALL", "Direction", "Ending", "FrameRelay", "Pump", "TunnelStats", "pump_splice",
+    "run_tunnel", "write_all",
 ]  # fmt: skip
 
 Pump = Callable[[], Awaitable[None]]
+
+
+class FrameRelay(Protocol):
+    """Pumps that read what they relay (tunnel/websocket.py), in place of the byte splice."""
+
+    def pumps(
+        self, tun: Tunnel, client: trio.abc.Stream, upstream: trio.abc.Stream, allow_splice: bool
+    ) -> tuple[Pump, Pump]: ...
+
 
 # What a peer reset, a broken pipe or a stream closed under us looks like; anything else is a bug.
 _HAVE_SPLICE: Final = hasattr(os, "splice")
@@ -56,9 +65,10 @@ async def run_tunnel(
     stats: TunnelStats | None = None,
     allow_splice: bool = True,
     ending: Ending | None = None,
+    frames: FrameRelay | None = None,
 ) -> TunnelStats:
     """Splice `client` and `upstream` until both directions end, one fails, it goes idle, or
-    `ending` comes due.
+    `ending` comes due; `frames` relays instead (rule 18) and may end it too.
 
     Both streams are closed on return. Outside cancellation closes them and propagates.
     """
@@ -67,7 +77,10 @@ async def run_tunnel(
     stats = stats if stats is not None else TunnelStats()
     ending = ending if ending is not None else Ending()
     tun = Tunnel(stats, idle_timeout, buffer_size, on_bytes, ending)
-    up, down = _pumps(tun, client, upstream, allow_splice)
+    if frames is None:
+        up, down = _pumps(tun, client, upstream, allow_splice)
+    else:
+        up, down = frames.pumps(tun, client, upstream, allow_splice)
     started = trio.current_time()
     graceful = False
     scope = ending.scope = trio.CancelScope(deadline=tun.due_at())

@@ -25,6 +25,7 @@ from upgradeproxy.tunnel.parkable import close_sockets, make_parkable, run_parka
 from upgradeproxy.tunnel.parking import Parking
 from upgradeproxy.tunnel.relay import run_tunnel
 from upgradeproxy.tunnel.state import Ending, Tunnel, TunnelStats
+from upgradeproxy.tunnel.websocket import FramedTunnel
 
 log = logging.getLogger("upgradeproxy")
 
@@ -62,6 +63,7 @@ class Switched:
     parking: Parking | None = None  # the process's waiter, if tunnels may park
     owner: Owner | None = None  # set by the connection when its tunnel parks
     tun: Tunnel | None = None  # a parkable tunnel's state
+    frames: FramedTunnel | None = None  # rule 18: the route's `websocket` block reads frames
 
     async def run(self) -> bool:
         """Splice until both sides are done; the tunnel's log line is written when it closes.
@@ -83,17 +85,24 @@ class Switched:
         try:
             assert self.client is not None
             assert self.upstream is not None
+            if self.frames is not None:  # the pumps pass the early bytes, gated
+                self.frames.early(self.client_rest, self.upstream_rest)
+                stats.bytes_up = stats.bytes_down = 0
             # Bytes behind the 101 head go first to the client; early client bytes only now.
-            if self.upstream_rest:
+            elif self.upstream_rest:
                 await self.client.send_all(self.upstream_rest)
                 telemetry.tunnel_moved("down", len(self.upstream_rest))
-            if self.client_rest:
+            if self.client_rest and self.frames is None:
                 await self.upstream.send_all(self.client_rest)
                 telemetry.tunnel_moved("up", len(self.client_rest))
             self.client_rest = self.upstream_rest = b""
             parking = self.parking
             client, upstream = _stdlib_socket(self.client), _stdlib_socket(self.upstream)
-            if parking is None or not parking.accepting or client is None or upstream is None:
+            # A tunnel whose frames are read keeps its tasks (it does not park).
+            if (
+                parking is None or not parking.accepting or client is None or upstream is None
+                or self.frames is not None
+            ):  # fmt: skip
                 await run_tunnel(
                     self.client,
                     self.upstream,
@@ -101,6 +110,7 @@ class Switched:
                     on_bytes=telemetry.count_tunnel_bytes,
                     stats=stats,
                     ending=ending,
+                    frames=self.frames,
                 )
             else:
                 tun = self.tun = Tunnel(
@@ -165,6 +175,8 @@ class Switched:
         rec = self.rec
         rec.bytes_in, rec.bytes_out = stats.bytes_up, stats.bytes_down
         rec.first_close = stats.first_close
+        if self.frames is not None:
+            self.frames.report(rec)
         rec.duration = time.monotonic() - rec.started
         self.telemetry.tunnel_closed(rec)
 

@@ -6,25 +6,19 @@ proxy's log and the page both say HTTP/2."""
 
 from __future__ import annotations
 
-import json
 import os
-import queue
-import re
-import subprocess
-import sys
-import tempfile
-import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from tests.conftest import eventually
+from tests.support.processes import DemoProcess
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.browser
 
 CHROMIUM = "/usr/bin/chromium"
-# As tests/e2e/test_demo_browser.py, plus the run's own certificate.
+# As tests/e2e/demo/test_demo_browser.py, plus the run's own certificate.
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -38,52 +32,15 @@ CHROMIUM_ARGS = [
 TIMEOUT_MS = 15_000
 
 
-class TlsDemo:
-    """`upgradeproxy demo --tls --port 0`; stderr (the JSON log) goes to a file."""
-
-    def __init__(self) -> None:
-        self.stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "upgradeproxy", "demo", "--tls", "--port", "0",
-             "--log-format", "json"],
-            stdout=subprocess.PIPE, stderr=self.stderr, text=True,
-        )  # fmt: skip
-        lines: queue.Queue[str] = queue.Queue()
-        assert self.proc.stdout is not None
-        stdout = self.proc.stdout
-        threading.Thread(target=lambda: [lines.put(line) for line in stdout], daemon=True).start()
-        banner = ""
-        while "Ctrl-C" not in banner:
-            try:
-                banner += lines.get(timeout=15)
-            except queue.Empty:
-                pytest.fail(f"no banner from demo --tls:\n{banner}\n{self.log_text()}")
-        found = re.search(r"Open\s+(https://localhost:\d+/)", banner)
-        assert found, banner
-        self.url = found[1]
-
-    def log_text(self) -> str:
-        fd = self.stderr.fileno()
-        return os.pread(fd, os.fstat(fd).st_size, 0).decode("utf-8", "replace")
-
-    def records(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.log_text().splitlines() if line.startswith("{")]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self.stderr.close()
-
-
 @pytest.fixture
-def tls_demo() -> Iterator[TlsDemo]:
-    demo = TlsDemo()
-    yield demo
-    demo.stop()
+def tls_demo() -> Iterator[DemoProcess]:
+    """`upgradeproxy demo --tls --port 0`, ready once its banner is out."""
+    with DemoProcess("--tls") as demo:
+        assert demo.url.startswith("https://localhost:"), demo.banner
+        yield demo
 
 
-def test_chromium_carries_the_pages_websocket_inside_http2(tls_demo: TlsDemo) -> None:
+def test_chromium_carries_the_pages_websocket_inside_http2(tls_demo: DemoProcess) -> None:
     if not os.path.exists(CHROMIUM):
         why = f"{CHROMIUM} is missing: install the Debian package 'chromium'"
         if os.environ.get("CI"):
@@ -111,9 +68,10 @@ def test_chromium_carries_the_pages_websocket_inside_http2(tls_demo: TlsDemo) ->
             browser.close()
 
     def lines(kind: str) -> list[dict[str, Any]]:
-        return [r for r in tls_demo.records() if r.get("msg") == kind and r.get("path") == "/ws"]
+        records = tls_demo.log_records()
+        return [r for r in records if r.get("msg") == kind and r.get("path") == "/ws"]
 
-    assert eventually(lambda: bool(lines("tunnel")), timeout=15), tls_demo.log_text()
+    assert eventually(lambda: bool(lines("tunnel")), timeout=15), tls_demo.text()
     (handshake,) = lines("http")
     assert (handshake["method"], handshake["status"], handshake["http_version"]) == (
         "CONNECT",
@@ -123,5 +81,6 @@ def test_chromium_carries_the_pages_websocket_inside_http2(tls_demo: TlsDemo) ->
     (tunnel,) = lines("tunnel")
     assert tunnel["http_version"] == "2"
     assert tunnel["protocol"] == "websocket"
-    page_line = next(r for r in tls_demo.records() if r.get("msg") == "http" and r["path"] == "/")
+    records = tls_demo.log_records()
+    page_line = next(r for r in records if r.get("msg") == "http" and r["path"] == "/")
     assert page_line["http_version"] == "2"

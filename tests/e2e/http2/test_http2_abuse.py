@@ -12,8 +12,11 @@ import h2.errors
 import h2.events
 from hyperframe.frame import ContinuationFrame, HeadersFrame, PingFrame, SettingsFrame
 
-from tests.conftest import eventually, respond_ok_forever
-from tests.e2e.http2.h2peer import H2Peer, access_records, h2_yaml
+from tests.support.access_log import access_records
+from tests.support.configs import h2_yaml
+from tests.support.h2_clients import H2Peer
+from tests.support.peers import respond_ok_forever
+from tests.support.waiting import eventually
 
 
 def _served(proxy) -> bool:
@@ -111,7 +114,7 @@ def test_settings_flood_gets_goaway(make_proxy, raw_upstream):
 
 def test_a_header_block_over_max_request_header_bytes_gets_goaway(make_proxy, raw_upstream):
     up = raw_upstream(respond_ok_forever)
-    proxy = make_proxy(h2_yaml(up.port, extra="limits: {max_request_header_bytes: 4096}"))
+    proxy = make_proxy(h2_yaml(up.port, limits={"max_request_header_bytes": 4096}))
     client = H2Peer(proxy.address)
     client.request("/big", extra=[(b"x-big", b"v" * 8000)])
     assert _calmed(client)
@@ -125,7 +128,7 @@ def test_a_client_that_never_reads_gets_timeouts_idle(make_proxy, raw_upstream, 
     (as an HTTP/1.1 client that stops reading is cut off), and the log says why."""
     caplog.set_level(logging.INFO, "upgradeproxy.access")
     up = raw_upstream(respond_ok_forever)
-    proxy = make_proxy(h2_yaml(up.port, extra="timeouts: {idle: 0.5}"))
+    proxy = make_proxy(h2_yaml(up.port, timeouts={"idle": 0.5}))
     client = H2Peer(proxy.address, window=0)
     sid = client.request("/stuck")
     assert client.until(lambda: bool(client.of(sid, h2.events.StreamReset)))
@@ -136,7 +139,7 @@ def test_a_client_that_never_reads_gets_timeouts_idle(make_proxy, raw_upstream, 
 
 def test_an_idle_connection_is_closed_after_timeouts_idle(make_proxy, raw_upstream):
     up = raw_upstream(respond_ok_forever)
-    proxy = make_proxy(h2_yaml(up.port, extra="timeouts: {idle: 0.3}"))
+    proxy = make_proxy(h2_yaml(up.port, timeouts={"idle": 0.3}))
     client = H2Peer(proxy.address)
     assert client.response(client.request("/one"))[0] == 200
     assert client.until(lambda: client.closed)
@@ -147,14 +150,14 @@ def test_an_idle_connection_is_closed_after_timeouts_idle(make_proxy, raw_upstre
 
 def test_a_silent_connection_is_closed_after_request_header(make_proxy, raw_upstream):
     up = raw_upstream(respond_ok_forever)
-    proxy = make_proxy(h2_yaml(up.port, extra="timeouts: {request_header: 0.3, idle: 60}"))
+    proxy = make_proxy(h2_yaml(up.port, timeouts={"request_header": 0.3, "idle": 60}))
     client = H2Peer(proxy.address)
     assert client.until(lambda: client.closed)
 
 
 def test_streams_beyond_max_concurrent_streams_are_refused(make_proxy, raw_upstream):
     silent = raw_upstream(lambda conn: conn.read_until_close(30))
-    proxy = make_proxy(h2_yaml(silent.port, extra="limits: {http2_max_concurrent_streams: 2}"))
+    proxy = make_proxy(h2_yaml(silent.port, limits={"http2_max_concurrent_streams": 2}))
     client = H2Peer(proxy.address)
     assert client.until(lambda: client.conn.remote_settings.max_concurrent_streams == 2)
     first = [client.request(f"/s{i}") for i in range(2)]

@@ -10,8 +10,10 @@ import subprocess
 import httpx
 import pytest
 
-from tests.conftest import RawConn, ok_response, respond_ok_forever
-from tests.e2e.http2.h2peer import client_tls, h2_yaml, tls_pair
+from tests.support.certs import client_context, tls_pair
+from tests.support.configs import h2_yaml
+from tests.support.peers import RawConn, respond_ok_forever
+from tests.support.wire import ok_response
 
 CURL = shutil.which("curl")
 if CURL is None and os.environ.get("CI"):
@@ -33,7 +35,7 @@ def test_httpx_over_tls(make_proxy, raw_upstream, tmp_path):
     up = raw_upstream(_echo_body)
     tls, ca = tls_pair(tmp_path)
     proxy = make_proxy(h2_yaml(up.port, tls=tls))
-    with httpx.Client(http2=True, verify=client_tls(ca)) as client:
+    with httpx.Client(http2=True, verify=client_context(ca, ["h2", "http/1.1"])) as client:
         url = f"https://localhost:{proxy.port}"
         got = client.get(f"{url}/a")
         assert (got.http_version, got.status_code, got.text) == ("HTTP/2", 200, "ok")

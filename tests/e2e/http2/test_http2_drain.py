@@ -10,8 +10,10 @@ import h2.errors
 import h2.events
 import pytest
 
-from tests.conftest import RawConn, ok_response
-from tests.e2e.http2.h2peer import H2Peer, WsOverH2
+from tests.support.configs import config_yaml, listener, route
+from tests.support.h2_clients import H2Peer, WsOverH2
+from tests.support.peers import RawConn
+from tests.support.wire import ok_response
 
 
 @pytest.mark.parametrize("how", ["drain", "retire"])
@@ -24,18 +26,11 @@ def test_goaway_on_drain_and_open_streams_finish(make_proxy, raw_upstream, ws_up
         conn.send(ok_response(b"late but answered"))
 
     slow_up, echo_up = raw_upstream(slow), ws_upstream()
-    proxy = make_proxy(f"""
-listen:
-  - address: "127.0.0.1:0"
-    http2: true
-upstreams:
-  slow: {{servers: ["127.0.0.1:{slow_up.port}"]}}
-  echo: {{servers: ["127.0.0.1:{echo_up.port}"]}}
-routes:
-  - {{path_prefix: /slow, upstream: slow}}
-  - {{upstream: echo}}
-timeouts: {{drain: 30}}
-""")
+    proxy = make_proxy(
+        config_yaml({"slow": slow_up.port, "echo": echo_up.port},
+                    [route("slow", path_prefix="/slow"), route("echo")],
+                    listen=listener(http2=True), timeouts={"drain": 30})
+    )  # fmt: skip
     client = H2Peer(proxy.address)
     tunnel = client.websocket("/ws")
     assert client.head(tunnel)[b":status"] == b"200"

@@ -11,21 +11,15 @@ import h2.events
 import h2.settings
 import pytest
 
-from tests.conftest import LOOPBACK, read_response, respond_ok_forever
-from tests.e2e.http2.h2peer import H2Peer, client_tls, h2_yaml, tls_pair
+from tests.support.certs import client_context, tls_pair
+from tests.support.clients import read_response
+from tests.support.configs import h2_yaml, listener, proxy_yaml
+from tests.support.h2_clients import H2Peer
+from tests.support.peers import respond_ok_forever
 
 
-def _tls_yaml(upstream_port: int, tls: str, http2: bool) -> str:
-    return f"""
-listen:
-  - address: "{LOOPBACK}:0"
-    http2: {str(http2).lower()}
-    tls: {tls}
-upstreams:
-  app: {{servers: ["{LOOPBACK}:{upstream_port}"]}}
-routes:
-  - upstream: app
-"""
+def _tls_yaml(upstream_port: int, tls: dict[str, str], http2: bool) -> str:
+    return proxy_yaml(upstream_port, listen=listener(http2=http2, tls=tls))
 
 
 @pytest.mark.parametrize(
@@ -41,7 +35,7 @@ def test_alpn(make_proxy, raw_upstream, tmp_path, http2, offered, chosen):
     up = raw_upstream(respond_ok_forever)
     tls, ca = tls_pair(tmp_path)
     proxy = make_proxy(_tls_yaml(up.port, tls, http2))
-    with client_tls(ca, offered).wrap_socket(
+    with client_context(ca, offered).wrap_socket(
         socket.create_connection(proxy.address), server_hostname="localhost"
     ) as sock:
         assert sock.selected_alpn_protocol() == chosen
@@ -55,7 +49,7 @@ def test_http2_over_tls_forwards_https(make_proxy, raw_upstream, tmp_path):
     up = raw_upstream(respond_ok_forever)
     tls, ca = tls_pair(tmp_path)
     proxy = make_proxy(_tls_yaml(up.port, tls, True))
-    client = H2Peer(proxy.address, tls=client_tls(ca))
+    client = H2Peer(proxy.address, tls=client_context(ca, ["h2", "http/1.1"]))
     assert client.response(client.request("/secure"))[0] == 200
     head = up.accept().heads[0]
     assert b"X-Forwarded-Proto: https" in head
@@ -121,7 +115,7 @@ def test_settings_enable_connect_protocol_and_limits(make_proxy, raw_upstream):
     proxy = make_proxy(
         h2_yaml(
             up.port,
-            extra="limits: {http2_max_concurrent_streams: 7, max_request_header_bytes: 9000}",
+            limits={"http2_max_concurrent_streams": 7, "max_request_header_bytes": 9000},
         )
     )
     client = H2Peer(proxy.address)
@@ -136,8 +130,6 @@ def test_settings_enable_connect_protocol_and_limits(make_proxy, raw_upstream):
 
 def test_without_http2_a_preface_is_an_http1_error(make_proxy, raw_upstream):
     """`http2: false` (the default) keeps cleartext listeners HTTP/1.1 only."""
-    from tests.conftest import proxy_yaml
-
     up = raw_upstream(respond_ok_forever)
     proxy = make_proxy(proxy_yaml(up.port))
     with socket.create_connection(proxy.address, timeout=5) as sock:
@@ -152,7 +144,7 @@ def test_a_client_that_stalls_gets_the_http1_408(make_proxy, raw_upstream, sent)
     preface check could decide is HTTP/1.1's, and HTTP/1.1 answers it (after up to twice
     `request_header`: one for the check, one for the head)."""
     up = raw_upstream(respond_ok_forever)
-    proxy = make_proxy(h2_yaml(up.port, extra="timeouts: {request_header: 0.2}"))
+    proxy = make_proxy(h2_yaml(up.port, timeouts={"request_header": 0.2}))
     with socket.create_connection(proxy.address, timeout=5) as sock:
         sock.sendall(sent)
         data = b""

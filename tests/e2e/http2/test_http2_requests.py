@@ -14,14 +14,13 @@ import h2.events
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import (
-    RawConn,
-    eventually,
-    free_port,
-    ok_response,
-    respond_ok_forever,
-)
-from tests.e2e.http2.h2peer import H2Peer, access_records, h2_yaml
+from tests.support.access_log import access_records
+from tests.support.clients import free_port
+from tests.support.configs import config_yaml, h2_yaml, listener, route
+from tests.support.h2_clients import H2Peer
+from tests.support.peers import RawConn, respond_ok_forever
+from tests.support.waiting import eventually
+from tests.support.wire import ok_response
 
 
 def _lines(head: bytes) -> list[bytes]:
@@ -32,17 +31,11 @@ def test_a_stream_is_routed_by_authority_and_forwarded_as_http11(make_proxy, raw
     """:authority routes and becomes Host; the forwarding headers are added; Via names the
     client's HTTP/2; the response comes back on the stream."""
     other, chat = raw_upstream(respond_ok_forever), raw_upstream(respond_ok_forever)
-    proxy = make_proxy(f"""
-listen:
-  - address: "127.0.0.1:0"
-    http2: true
-upstreams:
-  other: {{servers: ["127.0.0.1:{other.port}"]}}
-  chat: {{servers: ["127.0.0.1:{chat.port}"]}}
-routes:
-  - {{host: chat.example, upstream: chat}}
-  - {{upstream: other}}
-""")
+    proxy = make_proxy(
+        config_yaml({"other": other.port, "chat": chat.port},
+                    [route("chat", host="chat.example"), route("other")],
+                    listen=listener(http2=True))
+    )  # fmt: skip
     client = H2Peer(proxy.address)
     sid = client.request("/room?x=1", authority="chat.example", extra=[(b"x-app", b"1")])
     status, headers, body = client.response(sid)
@@ -125,18 +118,11 @@ def test_rule_7_errors_are_the_streams_response(make_proxy, raw_upstream):
     """404 without a route, 502 when the upstream refuses, 405 for a CONNECT without
     :protocol, 504 for a slow upstream -- each on its own stream, the connection intact."""
     silent = raw_upstream(lambda conn: conn.read_until_close(30))
-    proxy = make_proxy(f"""
-listen:
-  - address: "127.0.0.1:0"
-    http2: true
-upstreams:
-  gone: {{servers: ["127.0.0.1:{free_port()}"]}}
-  slow: {{servers: ["127.0.0.1:{silent.port}"]}}
-routes:
-  - {{path_prefix: /gone, upstream: gone}}
-  - {{path_prefix: /slow, upstream: slow}}
-timeouts: {{upstream_response: 0.3}}
-""")
+    proxy = make_proxy(
+        config_yaml({"gone": free_port(), "slow": silent.port},
+                    [route("gone", path_prefix="/gone"), route("slow", path_prefix="/slow")],
+                    listen=listener(http2=True), timeouts={"upstream_response": 0.3})
+    )  # fmt: skip
     client = H2Peer(proxy.address)
     missing = client.request("/nowhere")
     gone = client.request("/gone/x")
@@ -321,7 +307,7 @@ def test_per_ip_limit_is_a_429_then_goaway(make_proxy, raw_upstream):
     """Rule 14: a client over max_connections_per_ip gets 429 on its connection's first
     request, then the connection closes (GOAWAY)."""
     up = raw_upstream(respond_ok_forever)
-    proxy = make_proxy(h2_yaml(up.port, extra="limits: {max_connections_per_ip: 1}"))
+    proxy = make_proxy(h2_yaml(up.port, limits={"max_connections_per_ip": 1}))
     holder = socket.create_connection(proxy.address)
     try:
         holder.sendall(b"GET /hold HTTP/1.1\r\nHost: a\r\n\r\n")

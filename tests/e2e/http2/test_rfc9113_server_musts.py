@@ -21,8 +21,9 @@ from hyperframe.frame import (
     WindowUpdateFrame,
 )
 
-from tests.conftest import respond_ok_forever
-from tests.e2e.http2.h2peer import H2Peer, h2_yaml
+from tests.support.configs import h2_yaml
+from tests.support.h2_clients import H2Peer
+from tests.support.peers import respond_ok_forever
 
 E = h2.errors.ErrorCodes
 REQUEST = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"a"), (b":path", b"/")]

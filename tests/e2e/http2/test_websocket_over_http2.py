@@ -13,15 +13,12 @@ import struct
 import h2.events
 import pytest
 
-from tests.conftest import (
-    SWITCH_WS,
-    RawConn,
-    echo_after_switch,
-    eventually,
-    ok_response,
-    respond_ok_forever,
-)
-from tests.e2e.http2.h2peer import H2Peer, WsOverH2, access_records, h2_yaml
+from tests.support.access_log import access_records
+from tests.support.configs import config_yaml, h2_yaml, listener, route
+from tests.support.h2_clients import H2Peer, WsOverH2
+from tests.support.peers import RawConn, echo_after_switch, respond_ok_forever
+from tests.support.waiting import eventually
+from tests.support.wire import SWITCH_WS, ok_response
 
 
 def _open(client: H2Peer, path: str = "/chat", extra=None) -> tuple[int, dict[bytes, bytes]]:
@@ -90,8 +87,8 @@ def test_permessage_deflate_is_negotiated_end_to_end(make_proxy, ws_upstream):
 @pytest.mark.parametrize(
     ("route", "protocol"),
     [
-        pytest.param("upgrade: []", b"websocket", id="route allows no upgrade"),
-        pytest.param("upgrade: [websocket]", b"foo", id="protocol not in the route's list"),
+        pytest.param({"upgrade": []}, b"websocket", id="route allows no upgrade"),
+        pytest.param({"upgrade": ["websocket"]}, b"foo", id="protocol not in the route's list"),
     ],
 )
 def test_a_protocol_the_route_does_not_allow_never_reaches_an_upstream(
@@ -286,7 +283,7 @@ def test_an_idle_tunnel_times_out(make_proxy, raw_upstream, caplog):
     caplog.set_level(logging.INFO, "upgradeproxy.access")
     up = raw_upstream(echo_after_switch())
     up = raw_upstream(raw_ws(lambda conn: conn.read_until_close(30)))
-    proxy = make_proxy(h2_yaml(up.port, extra="timeouts: {tunnel_idle: 0.3}"))
+    proxy = make_proxy(h2_yaml(up.port, timeouts={"tunnel_idle": 0.3}))
     client = H2Peer(proxy.address)
     sid, _ = _open(client)
     assert client.until(lambda: client.finished(sid))
@@ -306,17 +303,11 @@ def test_a_stalled_tunnel_does_not_affect_the_connections_other_streams(make_pro
 
     stalled_up = ws_upstream(flood)
     echo_up = ws_upstream()
-    proxy = make_proxy(f"""
-listen:
-  - address: "127.0.0.1:0"
-    http2: true
-upstreams:
-  flood: {{servers: ["127.0.0.1:{stalled_up.port}"]}}
-  echo: {{servers: ["127.0.0.1:{echo_up.port}"]}}
-routes:
-  - {{path_prefix: /flood, upstream: flood}}
-  - {{upstream: echo}}
-""")
+    proxy = make_proxy(
+        config_yaml({"flood": stalled_up.port, "echo": echo_up.port},
+                    [route("flood", path_prefix="/flood"), route("echo")],
+                    listen=listener(http2=True))
+    )  # fmt: skip
     client = H2Peer(proxy.address)
     stalled, _ = _open(client, "/flood")
     client.no_ack.add(stalled)

@@ -16,25 +16,20 @@ import time
 
 import pytest
 
-from tests.conftest import (
+from tests.support.clients import (
     LOOPBACK,
-    WAIT,
-    RawConn,
-    eventually,
     free_port,
-    ok_response,
     read_response,
     read_response_head,
     recv_exactly,
     refused,
-    respond_ok_forever,
-    scrape,
-    value,
 )
-from tests.e2e import test_operations
-from tests.e2e.test_operations import ProxyProcess, proxy_config
-
-start = test_operations.start  # the fixture: `start(config_text, workers=1)`
+from tests.support.configs import config_yaml, route
+from tests.support.metrics import scrape, value
+from tests.support.peers import RawConn, respond_ok_forever
+from tests.support.processes import ProxyProcess
+from tests.support.waiting import WAIT, eventually
+from tests.support.wire import ok_response
 
 GET = "GET {} HTTP/1.1\r\nHost: svc.test\r\n\r\n"
 
@@ -43,12 +38,12 @@ def get(path: str) -> bytes:
     return GET.format(path).encode()
 
 
-def config(web: int, extra: str, admin: int | None = None) -> tuple[int, str]:
+def config(web: int, admin: int | None = None, **top: object) -> tuple[int, str]:
     """A listener on a free port with `/web` (and `/down`, a port nothing listens on)."""
     port = free_port()
     upstreams = {"web": web, "down": free_port()}
-    routes = [("/down", "down"), ("/", "web")]
-    return port, proxy_config([port], upstreams, routes, admin=admin, extra=extra)
+    routes = [route("down", path_prefix="/down"), route("web", path_prefix="/")]
+    return port, config_yaml(upstreams, routes, listen=[port], admin=admin, **top)
 
 
 def keepalive_client(port: int) -> socket.socket:
@@ -78,23 +73,23 @@ def begin(proc: ProxyProcess, how: str, port: int) -> None:
     """SIGTERM (wait until the listener refuses: the drain is past the point where idle
     connections used to be cut) or SIGUSR2 (wait until the old process retires)."""
     if how == "SIGTERM":
-        proc.kill(signal.SIGTERM)
+        proc.signal(signal.SIGTERM)
         proc.wait_log("draining", signal="SIGTERM")
         assert eventually(lambda: refused(port))
     else:
-        proc.kill(signal.SIGUSR2)
+        proc.signal(signal.SIGUSR2)
         proc.wait_log("upgrade: new process accepts; retiring")
 
 
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGUSR2"])
-def test_a_request_inside_the_grace_is_answered_with_connection_close(start, raw_upstream, how):
+def test_a_request_inside_the_grace_is_answered_with_connection_close(run_proxy, raw_upstream, how):
     """Within `keepalive_drain` of the drain's start: a request on an idle keep-alive connection
     and the first request of a connection accepted before are answered, each with `Connection:
     close` (a 200 relayed, and a 502 the proxy writes itself); then the connection closes."""
     web = raw_upstream(respond_ok_forever)
     admin = free_port()
-    port, text = config(web.port, "timeouts: {keepalive_drain: 8}", admin)
-    proc = start(text)
+    port, text = config(web.port, admin, timeouts={"keepalive_drain": 8})
+    proc = run_proxy(text)
     idle, fresh = keepalive_client(port), accepted_client(port)
     with idle, fresh:
         # Both accepted by this process (not left in the queue for the next generation).
@@ -112,16 +107,16 @@ def test_a_request_inside_the_grace_is_answered_with_connection_close(start, raw
 
 
 @pytest.mark.parametrize("grace", [1, 0])
-def test_a_connection_idle_past_the_grace_is_closed_with_a_fin(start, raw_upstream, grace):
+def test_a_connection_idle_past_the_grace_is_closed_with_a_fin(run_proxy, raw_upstream, grace):
     """An idle keep-alive connection and one that never sent a request stay open for the grace
     (`0`: closed at once), then close cleanly: the client reads EOF, not a reset."""
     web = raw_upstream(respond_ok_forever)
-    port, text = config(web.port, f"timeouts: {{keepalive_drain: {grace}}}")
-    proc = start(text)
+    port, text = config(web.port, timeouts={"keepalive_drain": grace})
+    proc = run_proxy(text)
     idle, fresh = keepalive_client(port), accepted_client(port)
     with idle, fresh:
         signalled = time.monotonic()
-        proc.kill(signal.SIGTERM)
+        proc.signal(signal.SIGTERM)
         assert eof_not_reset(idle)
         assert eof_not_reset(fresh)
         assert time.monotonic() - signalled >= grace  # the grace, not the signal, closed them
@@ -129,7 +124,7 @@ def test_a_connection_idle_past_the_grace_is_closed_with_a_fin(start, raw_upstre
 
 
 @pytest.mark.parametrize("grace", ["1s", 0])
-def test_a_pipelined_request_behind_a_slow_response_is_answered(start, raw_upstream, grace):
+def test_a_pipelined_request_behind_a_slow_response_is_answered(run_proxy, raw_upstream, grace):
     """A response whose head left before the drain, its body held back by a slow upstream, and a
     next request pipelined behind it, its bytes waiting in the proxy: once the body is done the
     waiting request is answered (`Connection: close`), not reset by the close -- even when
@@ -148,15 +143,15 @@ def test_a_pipelined_request_behind_a_slow_response_is_answered(start, raw_upstr
                 conn.send(ok_response(b"next"))
 
     web = raw_upstream(upstream)
-    port, text = config(web.port, f"timeouts: {{keepalive_drain: {grace}}}")
-    proc = start(text)
+    port, text = config(web.port, timeouts={"keepalive_drain": grace})
+    proc = run_proxy(text)
     with socket.create_connection((LOOPBACK, port), timeout=WAIT) as sock:
         sock.sendall(get("/slow") + get("/next"))
         assert reached.wait(WAIT)
         head, buf = read_response_head(sock)
         assert b"connection: close" not in head.lower(), head  # it left before the drain
         assert recv_exactly(sock, 5, buf) == b"first"
-        proc.kill(signal.SIGTERM)
+        proc.signal(signal.SIGTERM)
         proc.wait_log("draining", signal="SIGTERM")
         assert eventually(lambda: refused(port))
         release.set()
@@ -171,7 +166,7 @@ def test_a_pipelined_request_behind_a_slow_response_is_answered(start, raw_upstr
     ]
 
 
-def test_a_response_that_starts_during_the_drain_says_connection_close(start, raw_upstream):
+def test_a_response_that_starts_during_the_drain_says_connection_close(run_proxy, raw_upstream):
     """An exchange in flight when the drain begins, its response head not yet written: the
     head carries `Connection: close`, and a request pipelined behind it is not read (the client
     retries it, RFC 9112 section 9.3.2); the connection still ends with a FIN, not a reset
@@ -185,12 +180,12 @@ def test_a_response_that_starts_during_the_drain_says_connection_close(start, ra
         conn.send(ok_response(b"late"))
 
     web = raw_upstream(upstream)
-    port, text = config(web.port, "")
-    proc = start(text)
+    port, text = config(web.port)
+    proc = run_proxy(text)
     with socket.create_connection((LOOPBACK, port), timeout=WAIT) as sock:
         sock.sendall(get("/late"))
         assert reached.wait(WAIT)
-        proc.kill(signal.SIGTERM)
+        proc.signal(signal.SIGTERM)
         proc.wait_log("draining", signal="SIGTERM")
         sock.sendall(get("/pipelined"))
         release.set()

@@ -15,19 +15,19 @@ import time
 
 import pytest
 
-from tests.conftest import eventually, free_port, respond_ok_forever
-from tests.e2e import test_operations
-from tests.e2e.operations.keepalive_clients import KeepAliveClients, Tally
-from tests.e2e.test_generations import gone
-from tests.e2e.test_operations import ProxyProcess, proxy_config
-
-start = test_operations.start  # the fixture: `start(config_text, workers=1)`
+from tests.support.clients import free_port
+from tests.support.configs import config_yaml, route
+from tests.support.keepalive_clients import KeepAliveClients, Tally
+from tests.support.peers import respond_ok_forever
+from tests.support.processes import ProxyProcess
+from tests.support.procfs import gone
+from tests.support.waiting import eventually
 
 CLIENTS = 8
 
 
-def web_config(port: int, web: int, extra: str = "") -> str:
-    return proxy_config([port], {"web": web}, [("/", "web")], extra=extra)
+def web_config(port: int, web: int, **top: object) -> str:
+    return config_yaml({"web": web}, [route("web", path_prefix="/")], listen=[port], **top)
 
 
 def running(clients: KeepAliveClients, more: int = 50) -> None:
@@ -42,17 +42,17 @@ def report(tally: Tally) -> str:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("delay", [0, 2])
-def test_keepalive_clients_through_sigterm_lose_no_request(start, raw_upstream, delay):
+def test_keepalive_clients_through_sigterm_lose_no_request(run_proxy, raw_upstream, delay):
     """SIGTERM (with and without `drain_delay`) while eight clients send: each gets `Connection:
     close` on a response, no request on a reused connection is lost, and a new connection
     fails only once the listener has closed."""
     web = raw_upstream(respond_ok_forever)
     port = free_port()
-    proc = start(web_config(port, web.port, f"timeouts: {{drain_delay: {delay}}}"))
+    proc = run_proxy(web_config(port, web.port, timeouts={"drain_delay": delay}))
     clients = KeepAliveClients(port, CLIENTS)
     running(clients)
     signalled = time.monotonic()
-    proc.kill(signal.SIGTERM)
+    proc.signal(signal.SIGTERM)
     assert proc.wait_exit() == 0
     tally = clients.stop()
     assert tally.answered > 50
@@ -72,7 +72,7 @@ def test_keepalive_clients_through_sigterm_lose_no_request(start, raw_upstream, 
 def upgrade_lone_process(proc: ProxyProcess, times: int) -> list[int]:
     """SIGUSR2 to the serving process `times` times, each once the previous new process
     accepts; the pids of every generation, oldest first."""
-    pids = [proc.popen.pid]
+    pids = [proc.pid]
     for n in range(1, times + 1):
         os.kill(pids[-1], signal.SIGUSR2)
         pids.append(proc.wait_log("upgrade: new process accepts; retiring", count=n)[-1]["new_pid"])
@@ -84,7 +84,7 @@ def upgrade_workers(proc: ProxyProcess, times: int) -> list[int]:
     the pids of every worker of every generation."""
     pids = [line["pid"] for line in proc.wait_log("worker ready", generation=0, count=2)]
     for n in range(1, times + 1):
-        proc.kill(signal.SIGUSR2)
+        proc.signal(signal.SIGUSR2)
         proc.wait_log("upgrade: new generation ready, retiring the old one", generation=n)
         pids += [line["pid"] for line in proc.wait_log("worker ready", generation=n, count=2)]
     return pids
@@ -92,12 +92,12 @@ def upgrade_workers(proc: ProxyProcess, times: int) -> list[int]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
-def test_keepalive_clients_through_three_upgrades_lose_nothing(start, raw_upstream, workers):
+def test_keepalive_clients_through_three_upgrades_lose_nothing(run_proxy, raw_upstream, workers):
     """Three SIGUSR2s while eight clients send back to back: not one request is lost or
     refused, each old generation exits once its clients have moved, and the last one serves."""
     web = raw_upstream(respond_ok_forever)
     port = free_port()
-    proc = start(web_config(port, web.port, f"workers: {workers}"), workers=workers)
+    proc = run_proxy(web_config(port, web.port, workers=workers), workers=workers)
     clients = KeepAliveClients(port, CLIENTS)
     running(clients)
     upgrade = upgrade_lone_process if workers == 1 else upgrade_workers

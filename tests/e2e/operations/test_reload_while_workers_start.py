@@ -6,50 +6,41 @@ is now.
 
 from __future__ import annotations
 
-import os
 import signal
 
-from tests.conftest import eventually, free_port, http, named
-from tests.e2e import test_operations
-from tests.e2e.test_operations import ProxyProcess, proxy_config
-
-start = test_operations.start  # the fixture: `start(config_text, workers=1, ready=True)`
+from tests.support import procfs
+from tests.support.clients import free_port, http
+from tests.support.configs import config_yaml, route
+from tests.support.peers import named
+from tests.support.processes import ProxyProcess
+from tests.support.waiting import eventually
 
 
 def children(pid: int) -> set[int]:
     """The live child processes of `pid`."""
-    found = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as stat:
-                    fields = stat.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid and fields[0] != "Z":
-                found.add(int(entry))
-    return found
+    return {kid for kid in procfs.children(pid) if not procfs.gone(kid)}
 
 
 def config(port: int, upstream: int) -> str:
-    return proxy_config([port], {"web": upstream}, [("/", "web")], extra="workers: 2")
+    return config_yaml({"web": upstream}, [route("web", path_prefix="/")], listen=[port],
+                       workers=2)  # fmt: skip
 
 
 def reloaded_pids(proc: ProxyProcess) -> set[int]:
     return {line["pid"] for line in proc.matching(lambda line: line.get("msg") == "reloaded")}
 
 
-def test_a_reload_during_an_upgrade_reaches_the_new_workers(start, raw_upstream):
+def test_a_reload_during_an_upgrade_reaches_the_new_workers(run_proxy, raw_upstream):
     """SIGUSR2, then SIGHUP (with a new file) while the new workers start: the upgrade goes
     through, each new worker reloads once ready, and every client reaches the new upstream."""
     before, after = raw_upstream(named(b"before")), raw_upstream(named(b"after"))
     port = free_port()
-    proc = start(config(port, before.port), workers=2)
-    old = children(proc.popen.pid)
-    proc.kill(signal.SIGUSR2)
-    assert eventually(lambda: len(children(proc.popen.pid) - old) == 2)  # starting, not ready
+    proc = run_proxy(config(port, before.port), workers=2)
+    old = children(proc.pid)
+    proc.signal(signal.SIGUSR2)
+    assert eventually(lambda: len(children(proc.pid) - old) == 2)  # starting, not ready
     proc.rewrite(config(port, after.port))
-    proc.kill(signal.SIGHUP)
+    proc.signal(signal.SIGHUP)
     proc.wait_log("upgrade: new generation ready, retiring the old one", generation=1)
     new = {line["pid"] for line in proc.wait_log("worker ready", generation=1, count=2)}
     assert eventually(lambda: new <= reloaded_pids(proc))  # the reload owed to each
@@ -60,17 +51,17 @@ def test_a_reload_during_an_upgrade_reaches_the_new_workers(start, raw_upstream)
     assert _all_on(port, b"after")
 
 
-def test_a_reload_before_the_first_workers_are_ready_stops_nothing(start, raw_upstream):
+def test_a_reload_before_the_first_workers_are_ready_stops_nothing(run_proxy, raw_upstream):
     """It used to kill them, and a first worker that cannot start stops the group (exit 1)."""
     before, after = raw_upstream(named(b"before")), raw_upstream(named(b"after"))
     port = free_port()
-    proc = start(config(port, before.port), workers=2, ready=False)
-    assert eventually(lambda: len(children(proc.popen.pid)) == 2)
+    proc = run_proxy(config(port, before.port), workers=2, ready=False)
+    assert eventually(lambda: len(children(proc.pid)) == 2)
     proc.rewrite(config(port, after.port))
-    proc.kill(signal.SIGHUP)
+    proc.signal(signal.SIGHUP)
     proc.wait_log("worker ready", count=2)
     assert eventually(lambda: _all_on(port, b"after"))
-    assert proc.popen.poll() is None
+    assert proc.alive()
     assert not proc.matching(lambda line: line.get("msg") == "worker died: replacing it")
 
 

@@ -14,15 +14,17 @@ import time
 
 import pytest
 
-from tests.conftest import closed_by_peer, eventually, scrape, value
-from tests.e2e.pool.pods import NAME, discover_yaml
-from tests.e2e.pool_peers import Tunnel, admin_json, get, served_by
+from tests.support.clients import closed_by_peer, http, read_response
+from tests.support.metrics import admin_json, scrape, value
+from tests.support.peers import named_tunnel, served_by
+from tests.support.pods import NAME, discover_yaml
+from tests.support.waiting import eventually
 
 SRV_NAME = "_ws._tcp.chat.test"
 
 
 def admin(proxy) -> int:
-    return proxy.proxy.admin_address[1]
+    return proxy.admin_port
 
 
 def page(proxy) -> dict:
@@ -45,9 +47,9 @@ def after_next_lookup(proxy, result: str) -> None:
     assert eventually(lambda: lookups(proxy, result) >= start + 2), f"no {result} lookup"
 
 
-def start(make_proxy, dns, pods, keys: str = "", **kw):
+def start(make_proxy, dns, pods, **keys):
     dns.set(NAME, A=[pod.host for pod in pods])
-    proxy = make_proxy(discover_yaml(dns, pods[0].port, keys, **kw))
+    proxy = make_proxy(discover_yaml(dns, pods[0].port, **keys))
     assert listed(proxy) == [pod.address for pod in pods]
     return proxy
 
@@ -79,7 +81,7 @@ def test_an_address_that_joins_gets_traffic_after_the_next_lookup(make_proxy, dn
 def test_a_leaving_address_gets_no_new_work_and_its_tunnel_stays(make_proxy, dns, make_pods):
     pods = make_pods(2)
     proxy = start(make_proxy, dns, pods)
-    tunnel = Tunnel(proxy.address)
+    tunnel = named_tunnel(proxy.address)
     leaving = next(p for p in pods if p.host == tunnel.server)
     staying = next(p for p in pods if p is not leaving)
     dns.set(NAME, A=[staying.host])
@@ -87,7 +89,7 @@ def test_a_leaving_address_gets_no_new_work_and_its_tunnel_stays(make_proxy, dns
     assert page(proxy)["leaving"] == [{"address": leaving.address, "tunnels": 1}]
     before = leaving.served()
     assert {served_by(proxy.address) for _ in range(4)} == {staying.host}
-    assert Tunnel(proxy.address).server == staying.host
+    assert named_tunnel(proxy.address).server == staying.host
     assert leaving.served() == before
     after_next_lookup(proxy, "ok")
     assert tunnel.echo(b"still here") == b"still here"  # on_removal: keep
@@ -100,10 +102,10 @@ def test_with_drain_a_leaving_addresss_tunnels_close_spread_over_the_window(
 ):
     leaving, staying = make_pods(2)
     proxy = start(
-        make_proxy, dns, [leaving], discover="on_removal: drain",
-        top="timeouts: {connect: 1, drain: 3}",
+        make_proxy, dns, [leaving], discover={"on_removal": "drain"},
+        timeouts={"connect": 1, "drain": 3},
     )  # fmt: skip
-    tunnels = [Tunnel(proxy.address) for _ in range(3)]
+    tunnels = [named_tunnel(proxy.address) for _ in range(3)]
     assert {t.server for t in tunnels} == {leaving.host}
     dns.set(NAME, A=[staying.host])
     assert eventually(lambda: listed(proxy) == [staying.address])
@@ -121,8 +123,8 @@ def test_with_drain_a_leaving_addresss_tunnels_close_spread_over_the_window(
 
 def test_an_address_that_comes_back_is_the_same_server(make_proxy, dns, make_pods):
     pods = make_pods(2)
-    proxy = start(make_proxy, dns, pods, "sticky_cookie: upx")
-    tunnel = Tunnel(proxy.address)
+    proxy = start(make_proxy, dns, pods, sticky_cookie="upx")
+    tunnel = named_tunnel(proxy.address)
     cookie = tunnel.headers[b"set-cookie"].split(b";")[0]
     away = next(p for p in pods if p.host == tunnel.server)
     dns.set(NAME, A=[p.host for p in pods if p is not away])
@@ -166,7 +168,7 @@ def test_no_such_name_empties_the_set_until_it_is_back(make_proxy, dns, make_pod
         dns.set(NAME)  # the name exists, with no A or AAAA record
     assert eventually(lambda: listed(proxy) == [])
     assert page(proxy)["discovery"]["result"] == "empty"
-    status, headers, _ = get(proxy.address)
+    status, headers, _ = http(proxy.address)
     assert (status, headers[b"retry-after"]) == (503, b"1")
     dns.set(NAME, A=[pods[1].host])
     assert eventually(lambda: listed(proxy) == [pods[1].address])
@@ -181,7 +183,7 @@ def test_the_proxy_starts_when_the_first_lookup_fails(make_proxy, dns, make_pods
     proxy = make_proxy(discover_yaml(dns, pod.port))
     assert "upstream app: first lookup of chat.test failed" in caplog.text
     assert listed(proxy) == []
-    status, headers, _ = get(proxy.address)
+    status, headers, _ = http(proxy.address)
     assert (status, headers[b"retry-after"]) == (503, b"1")
     dns.mode[NAME] = "answer"
     assert eventually(lambda: listed(proxy) == [pod.address])
@@ -232,7 +234,7 @@ def test_a_name_with_500_addresses_is_cut_with_a_warning(make_proxy, dns, make_p
     pod = make_pods(1)[0]
     others = [f"127.1.{i // 250}.{i % 250 + 1}" for i in range(499)]
     dns.set(NAME, A=[pod.host, *others])
-    proxy = make_proxy(discover_yaml(dns, pod.port, top="timeouts: {connect: 2, drain: 1}"))
+    proxy = make_proxy(discover_yaml(dns, pod.port, timeouts={"connect": 2, "drain": 1}))
     assert len(listed(proxy)) == 256
     assert listed(proxy)[0] == pod.address  # 127.0.0.2 is the lowest: kept
     assert "500 servers: only the first 256 by address are used" in caplog.text
@@ -244,8 +246,8 @@ def test_a_name_with_500_addresses_is_cut_with_a_warning(make_proxy, dns, make_p
 
 def test_least_conn_over_discovered_servers(make_proxy, dns, make_pods):
     pods = make_pods(3)
-    proxy = start(make_proxy, dns, pods, "balance: least_conn")
-    tunnels = [Tunnel(proxy.address) for _ in range(2)]
+    proxy = start(make_proxy, dns, pods, balance="least_conn")
+    tunnels = [named_tunnel(proxy.address) for _ in range(2)]
     free = {p.host for p in pods} - {t.server for t in tunnels}
     assert len(free) == 1
     assert {served_by(proxy.address) for _ in range(4)} == free
@@ -255,7 +257,7 @@ def test_least_conn_over_discovered_servers(make_proxy, dns, make_pods):
 
 def test_the_hash_ring_over_discovered_servers(make_proxy, dns, make_pods):
     pods = make_pods(4)
-    proxy = start(make_proxy, dns, pods[:3], "balance: hash\nhash_key: header:x-user")
+    proxy = start(make_proxy, dns, pods[:3], balance="hash", hash_key="header:x-user")
     users = [f"user{i}" for i in range(40)]
 
     def owners() -> dict[str, str]:
@@ -275,7 +277,7 @@ def test_the_hash_ring_over_discovered_servers(make_proxy, dns, make_pods):
 
 def test_a_joining_address_ramps_up_with_slow_start(make_proxy, dns, make_pods):
     a, b, late = make_pods(3)
-    proxy = start(make_proxy, dns, [a, b], "slow_start: 600s")
+    proxy = start(make_proxy, dns, [a, b], slow_start="600s")
     # Servers of the first lookup serve at full weight from the start.
     assert [served_by(proxy.address) for _ in range(4)] == [a.host, b.host] * 2
     dns.set(NAME, A=[a.host, b.host, late.host])
@@ -287,8 +289,8 @@ def test_a_joining_address_ramps_up_with_slow_start(make_proxy, dns, make_pods):
 def test_health_checks_probe_each_discovered_server(make_proxy, dns, make_pods):
     good, bad = make_pods(2)
     bad.health = "fail"
-    check = "health_check: {path: /healthz, interval: 1s, timeout: 1s, unhealthy_after: 1}"
-    proxy = start(make_proxy, dns, [good, bad], check)
+    check = {"path": "/healthz", "interval": "1s", "timeout": "1s", "unhealthy_after": 1}
+    proxy = start(make_proxy, dns, [good, bad], health_check=check)
 
     def health() -> dict[str, bool]:
         return {s["address"]: s["healthy"] for s in page(proxy)["servers"]}
@@ -311,7 +313,7 @@ def test_upstreams_metrics_and_log_follow_the_set(make_proxy, dns, make_pods, ca
     discovery = page(proxy)["discovery"]
     assert (discovery["name"], discovery["result"]) == (NAME, "ok")
     assert abs(discovery["time"] - time.time()) < 60
-    tunnel = Tunnel(proxy.address)
+    tunnel = named_tunnel(proxy.address)
     dns.set(NAME, A=[a.host])
     assert eventually(lambda: listed(proxy) == [a.address])
     families = scrape(admin(proxy))
@@ -364,8 +366,6 @@ def test_a_client_connection_made_before_a_change_follows_it(make_proxy, dns, ma
 
 
 def _keepalive_get(sock: socket.socket) -> str:
-    from tests.conftest import read_response
-
     sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     status, _, body, _ = read_response(sock)
     assert status == 200

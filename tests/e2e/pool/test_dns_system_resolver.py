@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.dns_server import DnsServer
+from tests.support.dns_server import DnsServer
 from upgradeproxy.config.model import Address, Discover, Server
 from upgradeproxy.upstream.dns import asker, look_up
 

@@ -12,47 +12,35 @@ import json
 import os
 import signal
 import socket
-import struct
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from tests.conftest import (
+from tests.support.clients import (
     LOOPBACK,
-    SWITCH_WS,
-    RawConn,
+    Tunnel,
     closed_by_peer,
-    eventually,
     free_port,
     http,
-    read_response_head,
-    scrape,
-    value,
+    raw_tunnel,
+    recv_exactly,
+    rst,
 )
-from tests.e2e.test_operations import ProxyProcess, Tunnel, tunnel_upstream
+from tests.support.configs import proxy_yaml
+from tests.support.metrics import scrape, value
+from tests.support.peers import RawConn, accept_upgrade, echo_after_switch
+from tests.support.processes import ProxyProcess, clean_env
+from tests.support.waiting import eventually
 from upgradeproxy.tunnel.parking import PARK_AFTER_ENV
 
 PARK = "0.05"  # seconds: a tunnel parks between 50 and 100 ms after its last byte
 
 
 @pytest.fixture
-def start(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
+def start(run_proxy) -> Callable[..., ProxyProcess]:
     """`start(config_text)`: the proxy with a short park delay, once it listens."""
-    started: list[ProxyProcess] = []
-
-    def run(text: str, workers: int = 1) -> ProxyProcess:
-        path = tmp_path / "proxy.yaml"
-        path.write_text(text)
-        proc = ProxyProcess(path, env={**os.environ, PARK_AFTER_ENV: PARK})
-        started.append(proc)
-        proc.wait_log("worker ready" if workers > 1 else "listening", count=workers)
-        return proc
-
-    yield run
-    for proc in started:
-        proc.close()
+    return lambda text: run_proxy(text, env=clean_env(**{PARK_AFTER_ENV: PARK}))
 
 
 def metric(admin: int, name: str, **labels: str) -> float:
@@ -66,55 +54,17 @@ def parked(admin: int, count: int) -> bool:
 
 def hold_after_switch(conn: RawConn) -> None:
     """An upstream that accepts the upgrade and leaves the connection to the test."""
-    conn.read_head()
-    conn.send(SWITCH_WS)
-
-
-def open_tunnel(port: int, path: str = "/chat") -> tuple[socket.socket, bytes]:
-    sock = socket.create_connection((LOOPBACK, port), timeout=10)
-    sock.sendall(
-        f"GET {path} HTTP/1.1\r\nHost: svc.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
-        "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".encode()
-    )
-    head, rest = read_response_head(sock)
-    return sock, head + bytes(rest)
-
-
-def recv_exactly(sock: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        data = sock.recv(n - len(buf))
-        if not data:
-            raise EOFError(f"closed after {len(buf)} of {n} bytes")
-        buf += data
-    return buf
-
-
-def rst(sock: socket.socket) -> None:
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
+    accept_upgrade(conn)
 
 
 def tunnel_lines(proc: ProxyProcess, count: int = 1) -> list[dict[str, Any]]:
     return proc.wait_log("tunnel", count=count)
 
 
-def config(servers: int | list[int], admin: int, extra: str = "", upstream_keys: str = "") -> str:
-    """One upstream `chat` on `servers`, one route, an admin listener; `upstream_keys` are
-    more lines of the upstream (indented), `extra` top-level keys."""
-    ports = [servers] if isinstance(servers, int) else servers
-    listed = ", ".join(f'"{LOOPBACK}:{p}"' for p in ports)
-    return (
-        f'listen:\n  - address: "{LOOPBACK}:{free_port()}"\n'
-        f'admin:\n  address: "{LOOPBACK}:{admin}"\n'
-        f"upstreams:\n  chat:\n    servers: [{listed}]\n{upstream_keys}"
-        f"routes:\n  - upstream: chat\n{extra}\n"
-    )
-
-
-def port_of(proc: ProxyProcess) -> int:
-    listen = proc.config.read_text().split('address: "')[1]
-    return int(listen.split('"')[0].rsplit(":", 1)[1])
+def config(servers: int | list[int], admin: int, *, upstream: dict | None = None, **keys) -> str:
+    """One upstream (`upstream` its more keys) on `servers`, one route, an admin listener;
+    `keys` top-level keys."""
+    return proxy_yaml(servers, upstream=upstream, admin=admin, **keys)
 
 
 # --- bytes, counts, log line (rules 5, 8, 11) ------------------------------------------
@@ -127,7 +77,7 @@ def test_a_parked_tunnel_relays_either_side_and_counts_every_byte(start, raw_ups
     up = raw_upstream(hold_after_switch)
     admin = free_port()
     proc = start(config(up.port, admin))
-    client, _ = open_tunnel(port_of(proc))
+    client, _ = raw_tunnel(proc.port, "/chat")
     conn = up.accept()
     assert parked(admin, 1)
     families = scrape(admin)
@@ -160,7 +110,7 @@ def test_a_half_close_reaches_the_other_side_of_a_parked_tunnel(start, raw_upstr
     up = raw_upstream(hold_after_switch)
     admin = free_port()
     proc = start(config(up.port, admin))
-    client, _ = open_tunnel(port_of(proc))
+    client, _ = raw_tunnel(proc.port, "/chat")
     conn = up.accept()
     assert parked(admin, 1)
     ender, other = (client, conn.sock) if first == "client" else (conn.sock, client)
@@ -185,7 +135,7 @@ def test_a_reset_closes_the_other_side_of_a_parked_tunnel(start, raw_upstream, f
     up = raw_upstream(hold_after_switch)
     admin = free_port()
     proc = start(config(up.port, admin))
-    client, _ = open_tunnel(port_of(proc))
+    client, _ = raw_tunnel(proc.port, "/chat")
     conn = up.accept()
     assert parked(admin, 1)
     ender, other = (client, conn.sock) if first == "client" else (conn.sock, client)
@@ -201,10 +151,10 @@ def test_a_reset_closes_the_other_side_of_a_parked_tunnel(start, raw_upstream, f
 
 def test_tunnel_idle_closes_a_parked_tunnel(start, raw_upstream):
     """Rule 5: `tunnel_idle` with no bytes closes a parked tunnel; first_close idle."""
-    up = raw_upstream(tunnel_upstream(b"A"))
+    up = raw_upstream(echo_after_switch(b"A"))
     admin = free_port()
-    proc = start(config(up.port, admin, extra="timeouts: {tunnel_idle: 0.5}"))
-    tunnel = Tunnel(port_of(proc))
+    proc = start(config(up.port, admin, timeouts={"tunnel_idle": 0.5}))
+    tunnel = Tunnel(proc.port, tag=1)
     assert parked(admin, 1)
     assert tunnel.closed_by_peer()
     line = tunnel_lines(proc)[0]
@@ -214,10 +164,10 @@ def test_tunnel_idle_closes_a_parked_tunnel(start, raw_upstream):
 
 def test_tunnel_max_lifetime_closes_a_parked_tunnel(start, raw_upstream):
     """Rule 13: a parked tunnel is closed at its lifetime (0-10% late); first_close lifetime."""
-    up = raw_upstream(tunnel_upstream(b"A"))
+    up = raw_upstream(echo_after_switch(b"A"))
     admin = free_port()
-    proc = start(config(up.port, admin, extra="timeouts: {tunnel_max_lifetime: 1}"))
-    tunnel = Tunnel(port_of(proc))
+    proc = start(config(up.port, admin, timeouts={"tunnel_max_lifetime": 1}))
+    tunnel = Tunnel(proc.port, tag=1)
     assert parked(admin, 1)
     assert tunnel.closed_by_peer()
     line = tunnel_lines(proc)[0]
@@ -231,16 +181,16 @@ def test_tunnel_max_lifetime_closes_a_parked_tunnel(start, raw_upstream):
 def test_drain_wait_keeps_a_parked_tunnel_working_until_it_ends(start, raw_upstream):
     """drain_tunnels: wait: a parked tunnel stays open through the drain, wakes and relays;
     the process exits 0 once it closes."""
-    up = raw_upstream(tunnel_upstream(b"A"))
+    up = raw_upstream(echo_after_switch(b"A"))
     admin = free_port()
-    proc = start(config(up.port, admin, extra="timeouts: {drain: 30}"))
-    tunnel = Tunnel(port_of(proc))
+    proc = start(config(up.port, admin, timeouts={"drain": 30}))
+    tunnel = Tunnel(proc.port, tag=1)
     assert parked(admin, 1)
-    proc.kill(signal.SIGTERM)
+    proc.signal(signal.SIGTERM)
     proc.wait_log("draining", signal="SIGTERM")
     assert parked(admin, 1)
     assert tunnel.echo(b"still open while draining") == b"still open while draining"
-    assert proc.popen.poll() is None
+    assert proc.alive()
     tunnel.close()
     assert proc.wait_exit() == 0
     assert tunnel_lines(proc)[0]["first_close"] == "client"
@@ -248,12 +198,12 @@ def test_drain_wait_keeps_a_parked_tunnel_working_until_it_ends(start, raw_upstr
 
 def test_the_drain_deadline_cuts_a_parked_tunnel(start, raw_upstream):
     """drain_tunnels: wait: a parked tunnel still open at `timeouts.drain` is closed."""
-    up = raw_upstream(tunnel_upstream(b"A"))
+    up = raw_upstream(echo_after_switch(b"A"))
     admin = free_port()
-    proc = start(config(up.port, admin, extra="timeouts: {drain: 0.5}"))
-    tunnel = Tunnel(port_of(proc))
+    proc = start(config(up.port, admin, timeouts={"drain": 0.5}))
+    tunnel = Tunnel(proc.port, tag=1)
     assert parked(admin, 1)
-    proc.kill(signal.SIGTERM)
+    proc.signal(signal.SIGTERM)
     assert tunnel.closed_by_peer()
     assert proc.wait_exit() == 0
     assert tunnel_lines(proc)[0]["first_close"] == "cancelled"
@@ -262,12 +212,12 @@ def test_the_drain_deadline_cuts_a_parked_tunnel(start, raw_upstream):
 def test_drain_spread_closes_parked_tunnels_one_by_one(start, raw_upstream):
     """drain_tunnels: spread: parked tunnels close at times spread over the drain window,
     each with first_close drain, before the deadline."""
-    up = raw_upstream(tunnel_upstream(b"A"))
+    up = raw_upstream(echo_after_switch(b"A"))
     admin = free_port()
-    proc = start(config(up.port, admin, extra="drain_tunnels: spread\ntimeouts: {drain: 1.5}"))
-    tunnels = [Tunnel(port_of(proc)) for _ in range(3)]
+    proc = start(config(up.port, admin, drain_tunnels="spread", timeouts={"drain": 1.5}))
+    tunnels = [Tunnel(proc.port, tag=1) for _ in range(3)]
     assert parked(admin, 3)
-    proc.kill(signal.SIGTERM)
+    proc.signal(signal.SIGTERM)
     for tunnel in tunnels:
         assert tunnel.closed_by_peer()
     assert proc.wait_exit() == 0
@@ -280,17 +230,17 @@ def test_drain_spread_closes_parked_tunnels_one_by_one(start, raw_upstream):
 def test_sigusr2_leaves_parked_tunnels_with_the_old_process(start, raw_upstream):
     """SIGUSR2: the old process keeps its parked tunnel, which still relays, and exits once
     it closes; with upgrade_grace it would cut it then."""
-    up = raw_upstream(tunnel_upstream(b"A"))
+    up = raw_upstream(echo_after_switch(b"A"))
     admin = free_port()
-    proc = start(config(up.port, admin, extra="timeouts: {upgrade_grace: 600}"))
+    proc = start(config(up.port, admin, timeouts={"upgrade_grace": 600}))
     old = proc.popen.pid
-    tunnel = Tunnel(port_of(proc))
+    tunnel = Tunnel(proc.port, tag=1)
     assert parked(admin, 1)
-    proc.kill(signal.SIGUSR2)
+    proc.signal(signal.SIGUSR2)
     new = proc.wait_log("upgrade: new process accepts; retiring")[0]["new_pid"]
     assert new != old
     assert tunnel.echo(b"old process, parked tunnel") == b"old process, parked tunnel"
-    assert proc.popen.poll() is None
+    assert proc.alive()
     tunnel.close()
     assert proc.wait_exit() == 0
     os.kill(new, signal.SIGTERM)
@@ -298,12 +248,12 @@ def test_sigusr2_leaves_parked_tunnels_with_the_old_process(start, raw_upstream)
 
 def test_upgrade_grace_cuts_a_parked_tunnel(start, raw_upstream):
     """SIGUSR2 with a short upgrade_grace: the old process closes its parked tunnel then."""
-    up = raw_upstream(tunnel_upstream(b"A"))
+    up = raw_upstream(echo_after_switch(b"A"))
     admin = free_port()
-    proc = start(config(up.port, admin, extra="timeouts: {upgrade_grace: 0.5}"))
-    tunnel = Tunnel(port_of(proc))
+    proc = start(config(up.port, admin, timeouts={"upgrade_grace": 0.5}))
+    tunnel = Tunnel(proc.port, tag=1)
     assert parked(admin, 1)
-    proc.kill(signal.SIGUSR2)
+    proc.signal(signal.SIGUSR2)
     new = proc.wait_log("upgrade: new process accepts; retiring")[0]["new_pid"]
     assert tunnel.closed_by_peer()
     assert proc.wait_exit() == 0
@@ -316,43 +266,42 @@ def test_upgrade_grace_cuts_a_parked_tunnel(start, raw_upstream):
 
 def test_least_conn_counts_a_parked_tunnel(start, raw_upstream):
     """Rule 8: a parked tunnel still counts for least_conn: the next tunnel goes elsewhere."""
-    a, b = raw_upstream(tunnel_upstream(b"A")), raw_upstream(tunnel_upstream(b"B"))
+    a, b = raw_upstream(echo_after_switch(b"A")), raw_upstream(echo_after_switch(b"B"))
     admin = free_port()
-    proc = start(config([a.port, b.port], admin, upstream_keys="    balance: least_conn\n"))
-    first = Tunnel(port_of(proc))
+    proc = start(config([a.port, b.port], admin, upstream={"balance": "least_conn"}))
+    first = Tunnel(proc.port, tag=1)
     assert parked(admin, 1)
-    second = Tunnel(port_of(proc))
+    second = Tunnel(proc.port, tag=1)
     assert {first.tag, second.tag} == {b"A", b"B"}
 
 
 def test_max_tunnels_counts_a_parked_tunnel(start, raw_upstream):
     """Rules 9-11: a server at max_tunnels with a parked tunnel is full: a new upgrade gets 503
     at once; once the parked tunnel closes, the next one is let in."""
-    up = raw_upstream(tunnel_upstream(b"A"))
+    up = raw_upstream(echo_after_switch(b"A"))
     admin = free_port()
-    proc = start(config(up.port, admin, upstream_keys="    max_tunnels: 1\n"))
-    port = port_of(proc)
-    tunnel = Tunnel(port)
+    proc = start(config(up.port, admin, upstream={"max_tunnels": 1}))
+    port = proc.port
+    tunnel = Tunnel(port, tag=1)
     assert parked(admin, 1)
     upstreams = json.loads(http(admin, "/upstreams")[2])
-    assert [s["tunnels"] for s in upstreams["chat"]["servers"]] == [1]
-    _, head = open_tunnel(port)
-    assert head.startswith(b"HTTP/1.1 503 ")
+    assert [s["tunnels"] for s in upstreams["app"]["servers"]] == [1]
+    assert Tunnel(port).status == 503
     tunnel.close()
     assert eventually(lambda: metric(admin, "upgradeproxy_tunnels_active") == 0)
-    assert Tunnel(port).works()
+    assert Tunnel(port, tag=1).works()
 
 
 def test_max_connections_per_ip_counts_a_parked_tunnel(start, raw_upstream):
     """Rule 14: a parked tunnel holds its client's count: a new connection gets 429 until it
     closes."""
-    up = raw_upstream(tunnel_upstream(b"A"))
+    up = raw_upstream(echo_after_switch(b"A"))
     admin = free_port()
-    proc = start(config(up.port, admin, extra="limits: {max_connections_per_ip: 1}"))
-    port = port_of(proc)
-    tunnel = Tunnel(port)
+    proc = start(config(up.port, admin, limits={"max_connections_per_ip": 1}))
+    port = proc.port
+    tunnel = Tunnel(port, tag=1)
     assert parked(admin, 1)
     assert http(port, "/")[0] == 429
     tunnel.close()
     assert eventually(lambda: metric(admin, "upgradeproxy_tunnels_active") == 0)
-    assert Tunnel(port).works()
+    assert Tunnel(port, tag=1).works()
