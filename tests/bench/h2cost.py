@@ -362,6 +362,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # A SIGTERM (or a SIGINT, which a background job ignores) stops the servers on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     base = Shape()
     shape = Shape(
         requests=int(base.requests * args.scale),

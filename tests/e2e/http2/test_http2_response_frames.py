@@ -9,8 +9,10 @@ import threading
 
 import h2.events
 
-from tests.conftest import RawConn, ok_response
-from tests.e2e.http2.h2peer import H2Peer, h2_yaml
+from tests.support.configs import h2_yaml
+from tests.support.h2_clients import H2Peer
+from tests.support.peers import RawConn
+from tests.support.wire import ok_response
 
 
 def _frames(client: H2Peer, sid: int) -> list[tuple[str, bytes, bool]]:

@@ -5,8 +5,9 @@ covers every stream's at once."""
 
 from __future__ import annotations
 
-from tests.conftest import respond_ok_forever
-from tests.e2e.http2.h2peer import H2Peer, WsOverH2, h2_yaml
+from tests.support.configs import h2_yaml
+from tests.support.h2_clients import H2Peer, WsOverH2
+from tests.support.peers import respond_ok_forever
 
 TUNNEL_WINDOW = 262144
 REQUEST_WINDOW = 65535
