@@ -5,6 +5,8 @@ costs or saves, measured where throughput would be noise (a shared, loaded machi
     .venv/bin/python tests/bench/h2cost.py --ops h2req,h1req --reps 5
     .venv/bin/python tests/bench/h2cost.py --tree base=/tmp/src-main --tree new=.   # A/B
     .venv/bin/python tests/bench/h2cost.py --profile /tmp/prof --ops h2req          # py-spy
+    .venv/bin/python tests/bench/h2cost.py --strace --scale 0.2         # system calls per op
+    .venv/bin/python tests/bench/h2cost.py --ops h2req,h1req --browser-headers   # 11 more fields
 
 Each operation is a fixed count, and its cost is the proxy process's CPU seconds (all threads,
 from /proc schedstat) over the run divided by the count:
