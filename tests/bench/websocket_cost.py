@@ -27,7 +27,7 @@ from procs import CpuWindow, Managed, Processes, free_ports
 
 BLOCK = "{max_message_bytes: 1073741824, max_frame_bytes: 1073741824, messages_per_second: 1000000}"
 # The copy alternative: the same relay with the splice threshold out of reach.
-COPY = "import runpy, upgradeproxy.tunnel.websocket as w; w._SPLICE_MIN = 1 << 62; "
+COPY = "import runpy, upgradeproxy.tunnel.frame_pumps as w; w._SPLICE_MIN = 1 << 62; "
 COPY += "runpy.run_module('upgradeproxy', run_name='__main__')"
 
 

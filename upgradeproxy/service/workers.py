@@ -233,10 +233,9 @@ class Supervisor:
         if self._read_config("reload") is None:
             return
         log.info("reloading workers", extra={"config": self.path})
+        self.reload_owed |= self.starting  # they may have read the file before it changed
         for key, proc in self.procs.items():
-            if key in self.starting:
-                self.reload_owed.add(key)  # it may have read the file before it changed
-            else:
+            if key not in self.starting:
                 proc.send_signal(signal.SIGHUP)
 
     async def _keep_running(self, slot: int, generation: _Generation) -> None:
@@ -273,6 +272,10 @@ class Supervisor:
         """Start worker `slot` and wait for it to exit: (it became ready, exit code)."""
         fds = {key: socks[slot % len(socks)].fileno() for key, socks in self.sockets.items()}
         ready_r, ready_w = os.pipe()
+        key = (generation.number, slot)
+        # Starting from before the fork: a reload that comes while open_process runs is owed
+        # to this worker too (the child may read the file before it changes).
+        self.starting.add(key)
         try:
             proc = await trio.lowlevel.open_process(
                 self._argv(slot, ready_w),
@@ -281,12 +284,12 @@ class Supervisor:
             )
         except BaseException:
             os.close(ready_r)
+            self.starting.discard(key)
+            self.reload_owed.discard(key)
             raise
         finally:
             os.close(ready_w)  # the worker holds the only write end: EOF means it died
-        key = (generation.number, slot)
         self.procs[key] = proc
-        self.starting.add(key)
         try:
             if self.stopping:  # a stop raced the start
                 proc.send_signal(signal.SIGTERM)

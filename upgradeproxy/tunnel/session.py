@@ -25,7 +25,7 @@ from upgradeproxy.tunnel.parkable import close_sockets, make_parkable, run_parka
 from upgradeproxy.tunnel.parking import Parking
 from upgradeproxy.tunnel.relay import run_tunnel
 from upgradeproxy.tunnel.state import Ending, Tunnel, TunnelStats
-from upgradeproxy.tunnel.websocket import FramedTunnel
+from upgradeproxy.tunnel.websocket import FramedTunnel, WebSocketTunnel, pump_frames
 
 log = logging.getLogger("upgradeproxy")
 
@@ -48,7 +48,8 @@ class Switched:
     """An accepted upgrade: two streams, the bytes h11 held back, and the access record.
 
     On a plain TCP tunnel with a waiter this is also the session a parked tunnel keeps: its
-    streams are dropped (the tunnel keeps the two stdlib sockets), the rest stays."""
+    streams are dropped (the tunnel keeps the two stdlib sockets), the rest stays (a
+    WebSocket-aware route's frame state among it)."""
 
     client: trio.abc.Stream | None
     upstream: trio.abc.Stream | None
@@ -98,11 +99,7 @@ class Switched:
             self.client_rest = self.upstream_rest = b""
             parking = self.parking
             client, upstream = _stdlib_socket(self.client), _stdlib_socket(self.upstream)
-            # A tunnel whose frames are read keeps its tasks (it does not park).
-            if (
-                parking is None or not parking.accepting or client is None or upstream is None
-                or self.frames is not None
-            ):  # fmt: skip
+            if parking is None or not parking.accepting or client is None or upstream is None:
                 await run_tunnel(
                     self.client,
                     self.upstream,
@@ -113,10 +110,18 @@ class Switched:
                     frames=self.frames,
                 )
             else:
-                tun = self.tun = Tunnel(
-                    stats, self.idle, _BUFFER, telemetry.count_tunnel_bytes, ending
-                )
-                make_parkable(tun, client, upstream, parking, self)
+                if self.frames is None:
+                    tun = self.tun = Tunnel(
+                        stats, self.idle, _BUFFER, telemetry.count_tunnel_bytes, ending
+                    )
+                    make_parkable(tun, client, upstream, parking, self)
+                else:  # its frame state goes with its record, through parked spells
+                    tun = self.tun = WebSocketTunnel(
+                        stats, self.idle, _BUFFER, telemetry.count_tunnel_bytes, ending,
+                        self.frames,
+                    )  # fmt: skip
+                    make_parkable(tun, client, upstream, parking, self, pump_frames)
+                    stats.path = "splice+frames"
                 self.client = self.upstream = None  # the trio wrappers go; the sockets stay
                 parked = await run_parkable(tun)
         except STREAM_ERRORS:
