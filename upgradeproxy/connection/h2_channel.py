@@ -132,27 +132,33 @@ class Channel:
 
     # --- writing -------------------------------------------------------------------------
 
-    async def flush(self) -> None:
+    async def flush(self, *, now: bool = False) -> None:
         """Have what h2 queued written. While other streams are open, it is left to the
         connection's `writer`, which runs after every task ready now has added its frames:
-        one write for them all. Otherwise, or once `COALESCE_MAX` bytes wait, it is written
-        at once (`write`), so a client that does not read still holds back its writers."""
-        if self.try_flush():
+        one write for them all. Otherwise, with `now` (a tunnel's bytes, which do not wait for
+        other streams'), or once `COALESCE_MAX` bytes wait, it is written at once (`write`),
+        so a client that does not read still holds back its writers."""
+        if self.try_flush(now=now):
             return
         await self.write()
 
-    def try_flush(self) -> bool:
+    def try_flush(self, *, now: bool = False) -> bool:
         """`flush` without waiting: True when nothing is left for the caller to wait on (the
         bytes went out, or the writer has them). Raises ClientGone as `write` does."""
         if self.dead:
             return True
-        if len(self.streams) > 1 and not self.closing:
-            if data := self.h2.data_to_send():
-                self._queue(data)
-            if self._queued_size < COALESCE_MAX:
-                if self._queued_size:
-                    self._wanted.set()
-                return True
+        if data := self.h2.data_to_send():
+            self._queue(data)
+        if not self._queued_size:
+            return True
+        if (
+            not now
+            and len(self.streams) > 1
+            and not self.closing
+            and self._queued_size < COALESCE_MAX
+        ):
+            self._wanted.set()
+            return True
         if self._sock is None or self._lock.locked():
             return False
         return self._send_now()
@@ -212,12 +218,14 @@ class Channel:
         self._queued_size += len(data)
 
     def _take(self) -> bytes:
-        data = self.h2.data_to_send()
-        if self._queued:
-            self._queued.append(data)
-            data = b"".join(self._queued)
-            self._queued.clear()
-            self._queued_size = 0
+        if data := self.h2.data_to_send():
+            self._queue(data)
+        queued = self._queued
+        if not queued:
+            return b""
+        data = queued[0] if len(queued) == 1 else b"".join(queued)
+        queued.clear()
+        self._queued_size = 0
         return data
 
     async def _send_all(self, data: bytes) -> None:

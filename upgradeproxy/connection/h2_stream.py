@@ -57,7 +57,8 @@ class StreamIO(trio.abc.HalfCloseableStream):
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         try:
-            await self.channel.send_data(self.st, bytes(data))
+            await self.channel.send_data(self.st, bytes(data), flush=False)
+            await self.channel.flush(now=True)  # not after the other streams' next writes
             await self.channel.wait_window(self.st)
         except ClientGone as exc:
             raise trio.BrokenResourceError(str(exc)) from None
@@ -85,6 +86,6 @@ class StreamIO(trio.abc.HalfCloseableStream):
 
     async def _flush(self) -> None:
         try:
-            await self.channel.flush()
+            await self.channel.flush(now=True)
         except ClientGone as exc:
             raise trio.BrokenResourceError(str(exc)) from None

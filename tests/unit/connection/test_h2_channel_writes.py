@@ -124,3 +124,18 @@ async def test_once_the_connection_ends_every_flush_writes_at_once() -> None:
     await channel.send_headers(states[0], FIELDS, end=True)
     assert len(sink.writes) == 1
     assert (h2.events.ResponseReceived, 1) in _frames(client, sink.writes[0])
+
+
+async def test_a_tunnels_bytes_do_not_wait_for_the_other_streams() -> None:
+    """`now`: a tunnel's DATA (and its window credits) go out at once, not a scheduler pass
+    later with the other streams' frames."""
+    channel, sink, states, client = await _channel(2)
+    await channel.send_headers(states[1], FIELDS)  # left to the writer: there is none here
+    assert sink.writes == []
+    await channel.send_headers(states[0], FIELDS, flush=False)
+    await channel.send_data(states[0], b"tunnel bytes", flush=False)
+    await channel.flush(now=True)
+    assert len(sink.writes) == 1  # everything queued, the other stream's HEADERS first
+    got = _frames(client, sink.writes[0])
+    assert got[0] == (h2.events.ResponseReceived, 3)
+    assert (h2.events.DataReceived, 1) in got
