@@ -30,6 +30,7 @@ import errno
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import statistics
@@ -352,6 +353,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="requests carry a browser's header fields (h2req/h1req), not only h2load's",
     )
     parser.add_argument("--strace", action="store_true", help="system calls per op, once")
+    parser.add_argument("--keep-temp", action="store_true", help="keep configs and logs")
     parser.add_argument("--json", type=Path, help="also write the raw runs here")
     args = parser.parse_args(argv)
     args.ops = [o.strip() for o in args.ops.split(",") if o.strip()]
@@ -415,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         procs.stop_all()
+        if not args.keep_temp:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
