@@ -7,8 +7,8 @@ ends the connection (a client that never reads cannot hold the proxy's buffers).
 
 Flow control: a stream's receive window is credited only when its bytes are consumed
 (`ack`, after the upstream took them), so a stream's inbox never holds more than the
-window we advertised; the connection window is sized for every stream's window at once,
-so one stalled stream cannot pin it.
+window we advertised (64 KiB, a tunnel's 256 KiB); the connection window is sized for
+every stream's window at once, so one stalled stream cannot pin it.
 """
 
 from __future__ import annotations
@@ -27,12 +27,21 @@ import h2.settings
 import trio
 from hyperframe.frame import GoAwayFrame
 
+from upgradeproxy.connection import h2_codec
 from upgradeproxy.errors import ClientGone
 from upgradeproxy.transport.streams import STREAM_ERRORS, stdlib_socket
 
-STREAM_WINDOW: Final = 65535  # RFC 9113's initial window: no SETTINGS change needed
+STREAM_WINDOW: Final = 65535  # a request's: RFC 9113's initial window, no SETTINGS change
+# A tunnel's (an accepted extended CONNECT). Its client's bytes are credited back a half window
+# at a time, and each WINDOW_UPDATE is a write and a wake-up of the client: at 64 KiB they
+# were a third of a tunnel's CPU per MiB.
+TUNNEL_WINDOW: Final = 262144
 MAX_WINDOW: Final = 2**31 - 1
+# Bytes a stream task leaves to the connection's writer; past this it writes, and waits, itself.
+COALESCE_MAX: Final = 65536
 Fields = list[tuple[bytes, bytes]]
+
+h2_codec.install()
 
 
 class _ClosedMap:
@@ -108,56 +117,115 @@ class Channel:
         self.streams: dict[int, StreamState] = {}
         self.write_timeout = math.inf
         self.dead = False
+        self.closing = False  # the connection is ending: every flush writes at once
         self._lock = trio.Lock()
-        self._pending = b""  # bytes queued beside h2's (a GOAWAY of ours)
+        # Bytes taken from h2 (or ours: a GOAWAY) and not written yet; they go first.
+        self._queued: list[bytes] = []
+        self._queued_size = 0
+        self._wanted = trio.Event()  # the writer has something to write
         self._sock = stdlib_socket(stream.socket) if type(stream) is trio.SocketStream else None
         self._write_scope: trio.CancelScope | None = None  # the shielded write in progress
         self.h2.initiate_connection()
-        window = min(max_streams * STREAM_WINDOW, MAX_WINDOW)
+        window = min(max_streams * TUNNEL_WINDOW, MAX_WINDOW)
         if window > STREAM_WINDOW:
             self.h2.increment_flow_control_window(window - STREAM_WINDOW)
 
     # --- writing -------------------------------------------------------------------------
 
-    async def flush(self) -> None:
-        """Write whatever h2 has queued; raises ClientGone when the client does not take it
+    async def flush(self, *, now: bool = False) -> None:
+        """Have what h2 queued written. While other streams are open, it is left to the
+        connection's `writer`, which runs after every task ready now has added its frames:
+        one write for them all. Otherwise, with `now` (a tunnel's bytes, which do not wait for
+        other streams'), or once `COALESCE_MAX` bytes wait, it is written at once (`write`),
+        so a client that does not read still holds back its writers."""
+        if self.try_flush(now=now):
+            return
+        await self.write()
+
+    def try_flush(self, *, now: bool = False) -> bool:
+        """`flush` without waiting: True when nothing is left for the caller to wait on (the
+        bytes went out, or the writer has them). Raises ClientGone as `write` does."""
+        if self.dead:
+            return True
+        if data := self.h2.data_to_send():
+            self._queue(data)
+        if not self._queued_size:
+            return True
+        if (
+            not now
+            and len(self.streams) > 1
+            and not self.closing
+            and self._queued_size < COALESCE_MAX
+        ):
+            self._wanted.set()
+            return True
+        if self._sock is None or self._lock.locked():
+            return False
+        return self._send_now()
+
+    async def writer(self) -> None:
+        """The connection's writer task: writes what `flush` left to it. Raises ClientGone
+        once the client connection is dead."""
+        while True:
+            await self._wanted.wait()
+            self._wanted = trio.Event()
+            await self.write()
+
+    async def write(self) -> None:
+        """Write everything queued now; raises ClientGone when the client does not take it
         within `write_timeout` or the stream broke (the connection is then dead).
 
         On a plain socket, a write that fits goes out at once, without a trip through the
         scheduler (as `transport.streams.HttpStream` does for HTTP/1.1). Otherwise the bytes
-        are taken from h2 only once the lock is ours, and written shielded: a stream task
-        cancelled mid-write (its stream was reset) must not leave half a frame on a
-        connection that other streams share.
+        are taken only once the lock is ours, and written shielded: a stream task cancelled
+        mid-write (its stream was reset) must not leave half a frame on a connection that
+        other streams share.
         """
         if self.dead:
             return
-        sock = self._sock
-        if sock is not None and not self._lock.locked():
-            data = self._take()
-            if not data:
+        if self._sock is not None and not self._lock.locked():
+            if self._send_now():
                 return
-            try:
-                sent = sock.send(data)
-            except BlockingIOError:
-                sent = 0
-            except OSError as exc:
-                self.dead = True
-                raise ClientGone(f"client connection broke: {exc}") from None
-            if sent == len(data):
-                return
-            self._lock.acquire_nowait()  # no await: nobody may write between our two parts
-            data = data[sent:]
+            self._lock.acquire_nowait()  # no await: nobody may write before the rest
         else:
             await self._lock.acquire()
-            data = self._take()
         try:
-            await self._send_all(data)
+            await self._send_all(self._take())
         finally:
             self._lock.release()
 
+    def _send_now(self) -> bool:
+        """Send what is queued on the plain socket without waiting; True if all of it went,
+        else the rest is queued first. The caller checked that nobody holds the lock."""
+        assert self._sock is not None
+        data = self._take()
+        if not data:
+            return True
+        try:
+            sent = self._sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self.dead = True
+            raise ClientGone(f"client connection broke: {exc}") from None
+        if sent == len(data):
+            return True
+        self._queue(data[sent:])
+        return False
+
+    def _queue(self, data: bytes) -> None:
+        self._queued.append(data)
+        self._queued_size += len(data)
+
     def _take(self) -> bytes:
-        data = self._pending + self.h2.data_to_send()
-        self._pending = b""
+        if data := self.h2.data_to_send():
+            self._queue(data)
+        queued = self._queued
+        if not queued:
+            return b""
+        data = queued[0] if len(queued) == 1 else b"".join(queued)
+        queued.clear()
+        self._queued_size = 0
         return data
 
     async def _send_all(self, data: bytes) -> None:
@@ -180,6 +248,7 @@ class Channel:
     def hurry(self, grace: float) -> None:
         """The connection is ending: a write in progress, and any after it, get at most
         `grace` seconds more (shielded writes ignore the cancel that ends the connection)."""
+        self.closing = True
         self.write_timeout = min(self.write_timeout, grace)
         if self._write_scope is not None:
             self._write_scope.deadline = min(
@@ -192,8 +261,8 @@ class Channel:
         frame = GoAwayFrame(0)
         frame.last_stream_id = last_stream_id
         frame.error_code = h2.errors.ErrorCodes.NO_ERROR
-        self._pending += self.h2.data_to_send() + frame.serialize()
-        await self.flush()
+        self._queue(self.h2.data_to_send() + frame.serialize())
+        await self.write()
 
     def recode_goaway(self, code: int) -> None:
         """Give the GOAWAY h2 just queued (its last frame) the error `code` instead."""
@@ -204,7 +273,7 @@ class Channel:
         ours = frame.serialize()
         if len(data) >= len(ours) and data[-len(ours) + 3] == GoAwayFrame.type:
             data = data[: -len(ours)]
-        self._pending = data + ours  # written first by the next flush
+        self._queue(data + ours)  # written by the next write
 
     async def send_headers(
         self, st: StreamState, fields: Fields, *, end: bool = False, flush: bool = True
@@ -237,12 +306,15 @@ class Channel:
                 await self.flush()  # what is queued goes before we wait
                 window = await self.wait_window(st, timeout)
             n = min(window, self.h2.max_outbound_frame_size, len(view))
+            last = end and n == len(view)  # END_STREAM on the last frame, not one of its own
             with _CLOSED:
-                self.h2.send_data(st.id, view[:n].tobytes())
+                self.h2.send_data(st.id, view[:n].tobytes(), end_stream=last)
+            if last:
+                st.closed_out = True
             view = view[n:]
-        if end:
+        if end and not st.closed_out:
             await self.end_stream(st)
-        elif flush:
+        elif flush or end:
             await self.flush()
 
     async def wait_window(self, st: StreamState, timeout: float = math.inf) -> int:
@@ -268,6 +340,11 @@ class Channel:
                 self.h2.end_stream(st.id)
         st.closed_out = True
         await self.flush()
+
+    def widen(self, st: StreamState, window: int) -> None:
+        """Raise the stream's receive window to `window` (sent with the next flush)."""
+        with _CLOSED:
+            self.h2.increment_flow_control_window(window - STREAM_WINDOW, stream_id=st.id)
 
     def reset(self, st: StreamState, code: int = h2.errors.ErrorCodes.CANCEL) -> None:
         """Reset a stream that is still open on our side (queued; the next flush sends it)."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 import h11
 import trio
 
-from upgradeproxy.connection.h2_channel import Fields
+from upgradeproxy.connection.h2_channel import TUNNEL_WINDOW, Fields
 from upgradeproxy.connection.h2_edge import StreamEdge
 from upgradeproxy.connection.h2_stream import StreamIO
 from upgradeproxy.connection.outcome import Done, Outcome
@@ -146,14 +146,20 @@ class _BodyPump:
 
 
 async def _upstream_event(
-    edge: StreamEdge, conn: UpstreamConn, started: bool, pump: _BodyPump | None
+    edge: StreamEdge,
+    conn: UpstreamConn,
+    started: bool,
+    pump: _BodyPump | None,
+    drained: bool = False,
 ) -> h11.Event | type[h11.PAUSED]:
-    """The next upstream event, with failures mapped as on HTTP/1.1 (`upstream_failure`)."""
+    """The next upstream event, with failures mapped as on HTTP/1.1 (`upstream_failure`);
+    `drained`: a read without waiting just found nothing (`_ready_event`), wait at once."""
     timeout = edge.rt.config.timeouts.upstream_response
     try:
         while (event := conn.http.h11.next_event()) is h11.NEED_DATA:
-            if conn.http.try_receive():
+            if not drained and conn.http.try_receive():
                 continue  # no scope, and no write yet: what is queued may grow
+            drained = False
             # Nothing more now: what is queued for the client leaves in one write.
             await edge.conn.channel.flush()
             with trio.CancelScope() as scope:
@@ -171,6 +177,23 @@ async def _upstream_event(
     return event  # type: ignore[return-value]
 
 
+def _ready_event(conn: UpstreamConn, started: bool) -> h11.Event | type[h11.PAUSED] | None:
+    """The upstream's next event if its bytes are here already; None if it needs a wait."""
+    try:
+        while (event := conn.http.h11.next_event()) is h11.NEED_DATA:
+            if not conn.http.try_receive():
+                return None
+    except (h11.RemoteProtocolError, PeerClosed) as exc:
+        raise upstream_failure(conn, started, exc) from exc
+    return event  # type: ignore[return-value]
+
+
+def _ends(event: h11.Event | type[h11.PAUSED] | None) -> bool:
+    """Whether `event` ends the response without trailers: END_STREAM can ride on the frame
+    before it (HEADERS or the last DATA) instead of an empty DATA frame of its own."""
+    return isinstance(event, h11.EndOfMessage) and not event.headers
+
+
 async def _relay(
     edge: StreamEdge, ex: Exchange, conn: UpstreamConn, pump: _BodyPump | None
 ) -> Outcome:
@@ -179,19 +202,37 @@ async def _relay(
     channel, st = edge.conn.channel, edge.st
     idle = edge.rt.config.timeouts.idle
     started = False
+    # An event read ahead (what follows HEADERS or DATA, when it is here already).
+    pending: h11.Event | type[h11.PAUSED] | None = None
+    drained = False
     while True:
-        event = await _upstream_event(edge, conn, started, pump)
+        if pending is None:
+            event = await _upstream_event(edge, conn, started, pump, drained)
+        else:
+            event = pending
         if isinstance(event, h11.Data):
             ex.rec.bytes_out += len(event.data)
+            pending = _ready_event(conn, started)
+            drained = pending is None
+            if _ends(pending):
+                await channel.send_data(st, event.data, timeout=idle, end=True)
+                return Done.CLOSE
             await channel.send_data(st, event.data, timeout=idle, flush=False)
-        elif isinstance(event, h11.Response):
+            continue
+        pending, drained = None, False
+        if isinstance(event, h11.Response):
             started = True
             header_time(edge, ex)
             ex.rec.status = event.status_code
             if ex.plan.offer:
                 count_upgrade(edge, ex, "declined")
             st.headers_sent = True
-            await channel.send_headers(st, _response_fields(event, ex), flush=False)
+            pending = _ready_event(conn, started)
+            drained = pending is None
+            end = _ends(pending)
+            await channel.send_headers(st, _response_fields(event, ex), end=end, flush=end)
+            if end:
+                return Done.CLOSE
         elif isinstance(event, h11.EndOfMessage):
             trailers = rules.response_fields(list(event.headers.raw_items()))
             await channel.end_stream(st, trailers)
@@ -233,7 +274,9 @@ async def _switch(
     channel, st = edge.conn.channel, edge.st
     st.headers_sent = True
     st.tunnel = True
-    await channel.send_headers(st, fields)
+    await channel.send_headers(st, fields, flush=False)
+    channel.widen(st, TUNNEL_WINDOW)
+    await channel.flush()
     rec = ex.rec
     rec.status = 200
     count_upgrade(edge, ex, "switched")

@@ -12,11 +12,15 @@ writes the other; this adapter gives it the flow control rule 17 asks for:
 
 from __future__ import annotations
 
+from typing import Final
+
 import h2.errors
 import trio
 
 from upgradeproxy.connection.h2_channel import Channel, StreamState
 from upgradeproxy.errors import ClientGone
+
+_MAX_READ: Final = 65536  # what one read hands on when the caller sets no limit
 
 
 class StreamIO(trio.abc.HalfCloseableStream):
@@ -36,15 +40,25 @@ class StreamIO(trio.abc.HalfCloseableStream):
         data = await channel.receive(st)
         if data is None:
             return b""
-        if max_bytes is not None and len(data) > max_bytes:
-            st.inbox.appendleft(data[max_bytes:])
-            data = data[:max_bytes]
+        limit = _MAX_READ if max_bytes is None else max_bytes
+        inbox = st.inbox
+        if len(data) > limit:
+            inbox.appendleft(data[limit:])
+            data = data[:limit]
+        elif inbox and len(data) + len(inbox[0]) <= limit:
+            # The DATA frames already here leave in one write upstream, not one each.
+            parts, size = [data], len(data)
+            while inbox and size + len(inbox[0]) <= limit:
+                parts.append(inbox.popleft())
+                size += len(parts[-1])
+            data = b"".join(parts)
         self._owed = len(data)
         return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         try:
-            await self.channel.send_data(self.st, bytes(data))
+            await self.channel.send_data(self.st, bytes(data), flush=False)
+            await self.channel.flush(now=True)  # not after the other streams' next writes
             await self.channel.wait_window(self.st)
         except ClientGone as exc:
             raise trio.BrokenResourceError(str(exc)) from None
@@ -72,6 +86,6 @@ class StreamIO(trio.abc.HalfCloseableStream):
 
     async def _flush(self) -> None:
         try:
-            await self.channel.flush()
+            await self.channel.flush(now=True)
         except ClientGone as exc:
             raise trio.BrokenResourceError(str(exc)) from None

@@ -15,6 +15,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from typing import Final
@@ -92,17 +93,29 @@ class _Driver:
         self.nursery: trio.Nursery | None = None
 
     async def run(self, first: bytes) -> None:
-        async with trio.open_nursery() as nursery:
-            self.nursery = nursery
-            try:
-                await self._read_loop(first)
-            finally:
-                nursery.cancel_scope.cancel()
-                self.channel.hurry(_STREAM_END_GRACE)
+        try:
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                nursery.start_soon(self._writer, name="h2 writer")
+                try:
+                    await self._read_loop(first)
+                finally:
+                    nursery.cancel_scope.cancel()
+                    self.channel.hurry(_STREAM_END_GRACE)
+        finally:
+            # What the streams left to the writer, cancelled with them.
+            with trio.CancelScope(shield=True), contextlib.suppress(ClientGone):
+                await self.channel.write()
+
+    async def _writer(self) -> None:
+        try:
+            await self.channel.writer()
+        except ClientGone:
+            self.read_scope.cancel()  # the reader sees the channel dead, and ends
 
     async def _read_loop(self, first: bytes) -> None:
         h2conn, channel = self.channel.h2, self.channel
-        await channel.flush()  # our SETTINGS
+        await channel.write()  # our SETTINGS
         data: bytes | None = first
         while True:
             if data:
@@ -117,16 +130,16 @@ class _Driver:
                     ):
                         # RFC 9113 §4.3: COMPRESSION_ERROR, where h2 says PROTOCOL_ERROR.
                         channel.recode_goaway(h2.errors.ErrorCodes.COMPRESSION_ERROR)
-                    await channel.flush()  # h2 queued its GOAWAY
+                    await channel.write()  # h2 queued its GOAWAY
                     return
                 except _Flood as exc:
                     log.warning("%s: HTTP/2 %s: GOAWAY", self.conn.origin.ip, exc)
                     h2conn.close_connection(
                         h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, additional_data=str(exc).encode()
                     )
-                    await channel.flush()
+                    await channel.write()
                     return
-                await channel.flush()
+                await channel.write()
             if self._should_goaway():
                 self.goaway_sent = True
                 await channel.goaway(self.last_stream)
@@ -140,7 +153,7 @@ class _Driver:
         """The next bytes; None on EOF, a broken stream, or the connection's deadline (idle,
         or an unfinished header block past request_header)."""
         shared = self.conn.shared
-        while True:
+        while not self.channel.dead:
             deadline = self.deadline if not self.active else math.inf
             if _header_block_pending(self.channel):
                 deadline = min(
@@ -159,7 +172,7 @@ class _Driver:
             if trio.current_time() >= self.read_scope.deadline:
                 if not self.goaway_sent:
                     self.channel.h2.close_connection(h2.errors.ErrorCodes.NO_ERROR)
-                    await self.channel.flush()
+                    await self.channel.write()
                 return None
             if self.channel.dead:
                 return None
@@ -167,6 +180,7 @@ class _Driver:
                 return b""  # let the loop send GOAWAY
             if self.goaway_sent and not self.active:
                 return None
+        return None
 
     def _should_goaway(self) -> bool:
         """A drain (or retirement) began, or a 429's stream is done (rule 14: then close)."""
@@ -281,11 +295,12 @@ class _Driver:
                     self.read_scope.cancel()
                 else:
                     self.read_scope.deadline = self.deadline
-            with trio.CancelScope(shield=True), trio.move_on_after(_STREAM_END_GRACE):
-                try:
-                    await channel.flush()
-                except ClientGone:
-                    self.read_scope.cancel()
+            try:
+                if not channel.try_flush():
+                    with trio.CancelScope(shield=True), trio.move_on_after(_STREAM_END_GRACE):
+                        await channel.write()
+            except ClientGone:
+                self.read_scope.cancel()
 
 
 def _header_block_pending(channel: Channel) -> bool:

@@ -9,6 +9,7 @@ Pure: the HTTP/2 driver hands header lists here and sends whatever comes back.
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
@@ -24,6 +25,12 @@ HTTP2: Final = b"2"
 CONNECTION_SPECIFIC: Final = frozenset(
     {b"connection", b"upgrade", b"keep-alive", b"proxy-connection", b"transfer-encoding"}
 )
+# RFC 9113 §8.2.1, what a field name must not contain (0x00-0x20, upper-case letters, 0x7f-0xff,
+# and a colon outside pseudo-headers) and what a value must not: NUL, CR or LF anywhere,
+# whitespace at either end. Regular expressions: a loop over each field's characters cost
+# about 2 us a field, a tenth of a browser's request.
+_BAD_NAME: Final = re.compile(rb"[\x00-\x20A-Z:\x7f-\xff]")
+_BAD_VALUE: Final = re.compile(rb"[\r\n\0]|\A[ \t]|[ \t]\Z")
 _REQUEST_PSEUDO: Final = frozenset({b":method", b":scheme", b":authority", b":path", b":protocol"})
 # The header fields an extended CONNECT's client may set for the upstream's handshake; the
 # proxy makes the key and version itself (RFC 8441 §5: HTTP/2 has no Sec-WebSocket-Key).
@@ -91,12 +98,11 @@ def request_head(
 
 def _field_problem(name: bytes, value: bytes) -> str | None:
     """Why a regular field makes the request malformed (RFC 9113 §8.2), or None."""
-    if name != name.lower():
-        return f"upper-case field name {name.decode('latin-1')!r}"
-    if not name or any(c in name for c in b" \t\r\n\0:"):
+    if not name or _BAD_NAME.search(name):
+        if name != name.lower():
+            return f"upper-case field name {name.decode('latin-1')!r}"
         return "invalid field name"
-    edges = value[:1] + value[-1:]
-    if any(c in value for c in b"\r\n\0") or b" " in edges or b"\t" in edges:
+    if _BAD_VALUE.search(value):
         return f"invalid value in field {name.decode('latin-1')!r}"
     if name in CONNECTION_SPECIFIC:
         return f"connection-specific field {name.decode('latin-1')!r}"
