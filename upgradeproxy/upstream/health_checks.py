@@ -10,7 +10,6 @@ Client requests never wait on a probe: they read the last state, nothing else.
 
 from __future__ import annotations
 
-import base64
 import logging
 import os
 import ssl
@@ -83,7 +82,7 @@ async def _ask(
     headers = [(b"Host", host.encode()), (b"User-Agent", _USER_AGENT)]
     key = None
     if check.upgrade:
-        key = base64.b64encode(os.urandom(16))
+        key = hdr.websocket_key(os.urandom(16))
         headers += [
             (b"Connection", b"Upgrade"), (b"Upgrade", b"websocket"),
             (b"Sec-WebSocket-Key", key), (b"Sec-WebSocket-Version", b"13"),
