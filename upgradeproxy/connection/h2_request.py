@@ -57,9 +57,7 @@ async def serve_stream(conn: H2Client, st: StreamState, fields: Fields, end: boo
             conn.shared.telemetry.exchange_done(rec)
 
 
-async def _request(
-    edge: StreamEdge, fields: Fields, end: bool, rec: ExchangeRecord
-) -> Outcome:
+async def _request(edge: StreamEdge, fields: Fields, end: bool, rec: ExchangeRecord) -> Outcome:
     conn, st = edge.conn, edge.st
     request = None
     try:

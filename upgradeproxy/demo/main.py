@@ -102,9 +102,7 @@ class Demo:
         return f"http://{LOOPBACK}:{self.address[1]}/"
 
 
-async def serve_demo(
-    port: int, *, tls: bool = False, task_status: trio.TaskStatus[Demo]
-) -> None:
+async def serve_demo(port: int, *, tls: bool = False, task_status: trio.TaskStatus[Demo]) -> None:
     """Run the upstream and the proxy until the proxy has drained; reports the `Demo`."""
     with contextlib.ExitStack() as stack:
         files = None
