@@ -40,7 +40,8 @@ def _add_log_level(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument(
         "--log-level",
         choices=tuple(LOG_LEVELS),
-        default=os.environ.get(ENV_LOG_LEVEL) if os.environ.get(ENV_LOG_LEVEL) in LOG_LEVELS
+        default=os.environ.get(ENV_LOG_LEVEL)
+        if os.environ.get(ENV_LOG_LEVEL) in LOG_LEVELS
         else "info",
         help=f"lowest level logged (default: ${ENV_LOG_LEVEL} or info); access-log lines "
         "are governed by --no-access-log only",

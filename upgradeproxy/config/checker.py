@@ -208,5 +208,3 @@ class Checker:
         if not os.access(path, os.R_OK):
             raise ValueError(f"file is not readable: {path}")
         return path
-
-

@@ -19,7 +19,7 @@ from upgradeproxy.rules import plan as planning
 from upgradeproxy.rules.forwarding import is_trusted
 from upgradeproxy.rules.limits import client_address
 from upgradeproxy.rules.proxy_header import proxy_header
-from upgradeproxy.telemetry.metrics import ExchangeRecord
+from upgradeproxy.telemetry.access import ExchangeRecord
 from upgradeproxy.upstream.connections import Pool
 
 

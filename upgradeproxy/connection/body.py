@@ -14,7 +14,7 @@ import trio
 from upgradeproxy.connection.context import Client
 from upgradeproxy.errors import BadRequest, ClientGone, RequestTimeout
 from upgradeproxy.rules.headers import bare_lf_chunk_line
-from upgradeproxy.telemetry.metrics import ExchangeRecord
+from upgradeproxy.telemetry.access import ExchangeRecord
 from upgradeproxy.transport.streams import STREAM_ERRORS, PeerClosed
 from upgradeproxy.upstream.connections import UpstreamConn
 

@@ -34,7 +34,7 @@ from upgradeproxy.connection.request import read_request
 from upgradeproxy.connection.response import Exchange, Stale, client_reusable, relay_response
 from upgradeproxy.errors import ClientGone, ProxyError, UpstreamUnavailable
 from upgradeproxy.rules import plan as planning
-from upgradeproxy.telemetry.metrics import ExchangeRecord
+from upgradeproxy.telemetry.access import ExchangeRecord
 from upgradeproxy.transport.streams import (
     STREAM_ERRORS,
     HttpStream,

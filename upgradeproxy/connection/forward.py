@@ -24,7 +24,7 @@ from upgradeproxy.errors import ErrorKind, ProxyError, UpstreamTimeout, Upstream
 from upgradeproxy.pool.balancer import Balancer, no_server_available
 from upgradeproxy.rules import plan as planning
 from upgradeproxy.rules.plan import Plan
-from upgradeproxy.telemetry.metrics import ExchangeRecord
+from upgradeproxy.telemetry.access import ExchangeRecord
 from upgradeproxy.transport.streams import aclose_quietly
 from upgradeproxy.tunnel.session import Switched
 from upgradeproxy.upstream.connections import (

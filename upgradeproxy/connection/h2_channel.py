@@ -29,7 +29,7 @@ from hyperframe.frame import GoAwayFrame
 
 from upgradeproxy.connection import h2_codec
 from upgradeproxy.errors import ClientGone
-from upgradeproxy.transport.streams import STREAM_ERRORS, stdlib_socket
+from upgradeproxy.transport.streams import STREAM_ERRORS, plain_socket
 
 STREAM_WINDOW: Final = 65535  # a request's: RFC 9113's initial window, no SETTINGS change
 # A tunnel's (an accepted extended CONNECT). Its client's bytes are credited back a half window
@@ -123,7 +123,7 @@ class Channel:
         self._queued: list[bytes] = []
         self._queued_size = 0
         self._wanted = trio.Event()  # the writer has something to write
-        self._sock = stdlib_socket(stream.socket) if type(stream) is trio.SocketStream else None
+        self._sock = plain_socket(stream)
         self._write_scope: trio.CancelScope | None = None  # the shielded write in progress
         self.h2.initiate_connection()
         window = min(max_streams * TUNNEL_WINDOW, MAX_WINDOW)

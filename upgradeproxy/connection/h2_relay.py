@@ -38,7 +38,7 @@ from upgradeproxy.errors import (
 from upgradeproxy.rules import headers as hdr
 from upgradeproxy.rules import http2 as rules
 from upgradeproxy.rules import plan as planning
-from upgradeproxy.telemetry.metrics import ExchangeRecord
+from upgradeproxy.telemetry.access import ExchangeRecord
 from upgradeproxy.transport.streams import STREAM_ERRORS, PeerClosed
 from upgradeproxy.tunnel.session import Switched
 from upgradeproxy.tunnel.websocket import framed_tunnel

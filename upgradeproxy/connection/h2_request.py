@@ -24,8 +24,9 @@ from upgradeproxy.connection.outcome import Done, Outcome
 from upgradeproxy.connection.reply import VIA
 from upgradeproxy.connection.response import Exchange
 from upgradeproxy.errors import REASONS, ClientGone, NoServerAvailable, ProxyError
+from upgradeproxy.rules import headers as hdr
 from upgradeproxy.rules import http2 as rules
-from upgradeproxy.telemetry.metrics import ExchangeRecord
+from upgradeproxy.telemetry.access import ExchangeRecord
 from upgradeproxy.tunnel.session import Switched
 
 log = logging.getLogger("upgradeproxy")
@@ -34,7 +35,7 @@ _PROTOCOL_REFUSED: Final = 400  # a :protocol the route's `upgrade` list does no
 
 
 def _new_key() -> bytes:
-    return rules.websocket_key(os.urandom(16))
+    return hdr.websocket_key(os.urandom(16))
 
 
 async def serve_stream(conn: H2Client, st: StreamState, fields: Fields, end: bool) -> None:
@@ -56,9 +57,7 @@ async def serve_stream(conn: H2Client, st: StreamState, fields: Fields, end: boo
             conn.shared.telemetry.exchange_done(rec)
 
 
-async def _request(
-    edge: StreamEdge, fields: Fields, end: bool, rec: ExchangeRecord
-) -> Outcome:
+async def _request(edge: StreamEdge, fields: Fields, end: bool, rec: ExchangeRecord) -> Outcome:
     conn, st = edge.conn, edge.st
     request = None
     try:

@@ -126,7 +126,8 @@ class _Driver:
                 except h2.exceptions.ProtocolError as exc:
                     log.info("%s: HTTP/2 connection error: %s", self.conn.origin.ip, exc)
                     if isinstance(exc.__cause__, hpack.HPACKError) and not isinstance(
-                        exc, h2.exceptions.DenialOfServiceError  # too large: ENHANCE_YOUR_CALM
+                        exc,
+                        h2.exceptions.DenialOfServiceError,  # too large: ENHANCE_YOUR_CALM
                     ):
                         # RFC 9113 §4.3: COMPRESSION_ERROR, where h2 says PROTOCOL_ERROR.
                         channel.recode_goaway(h2.errors.ErrorCodes.COMPRESSION_ERROR)

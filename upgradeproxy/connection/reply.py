@@ -11,7 +11,7 @@ from upgradeproxy.connection.context import Client
 from upgradeproxy.errors import REASONS, NoServerAvailable, ProxyError
 from upgradeproxy.rules import plan as planning
 from upgradeproxy.rules.forwarding import via_value
-from upgradeproxy.telemetry.metrics import ExchangeRecord
+from upgradeproxy.telemetry.access import ExchangeRecord
 from upgradeproxy.transport.streams import STREAM_ERRORS
 
 VIA: Final = via_value(b"1.1")

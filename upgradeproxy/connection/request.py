@@ -17,7 +17,7 @@ from upgradeproxy.connection.context import Client
 from upgradeproxy.errors import BadRequest, RequestTimeout
 from upgradeproxy.rules import headers as hdr
 from upgradeproxy.rules import plan as planning
-from upgradeproxy.telemetry.metrics import ExchangeRecord
+from upgradeproxy.telemetry.access import ExchangeRecord
 from upgradeproxy.transport.streams import CLIENT_IO
 
 _HEAD_END: Final = re.compile(rb"\n\r?\n")

@@ -23,7 +23,7 @@ from upgradeproxy.errors import BadSwitch, ClientGone, UpstreamTimeout, Upstream
 from upgradeproxy.rules import headers as hdr
 from upgradeproxy.rules import plan as planning
 from upgradeproxy.rules.plan import Plan
-from upgradeproxy.telemetry.metrics import ExchangeRecord
+from upgradeproxy.telemetry.access import ExchangeRecord
 from upgradeproxy.transport.streams import CLIENT_IO, PeerClosed
 from upgradeproxy.tunnel.session import Switched
 from upgradeproxy.tunnel.websocket import framed_tunnel

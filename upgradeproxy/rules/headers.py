@@ -121,6 +121,11 @@ def is_websocket_attempt(method: bytes, headers: Sequence[tuple[bytes, bytes]]) 
     return method == b"GET" and b"sec-websocket-key" in names and b"sec-websocket-version" in names
 
 
+def websocket_key(random16: bytes) -> bytes:
+    """A Sec-WebSocket-Key from 16 random bytes (RFC 6455 §4.1)."""
+    return base64.b64encode(random16)
+
+
 def websocket_accept(key: bytes) -> bytes:
     """The Sec-WebSocket-Accept a server must answer `key` with (RFC 6455 §4.2.2)."""
     return base64.b64encode(hashlib.sha1(key.strip() + _WS_GUID).digest())

@@ -8,7 +8,6 @@ Pure: the HTTP/2 driver hands header lists here and sends whatever comes back.
 
 from __future__ import annotations
 
-import base64
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -162,11 +161,6 @@ def _connect(
         fields += [(b"sec-websocket-key", new_key()), (b"sec-websocket-version", b"13")]
     head = _head(b"GET", path, pseudo, fields, end_stream=True)
     return StreamRequest(head, protocol, False)
-
-
-def websocket_key(random16: bytes) -> bytes:
-    """A Sec-WebSocket-Key from 16 random bytes (RFC 6455 §4.1)."""
-    return base64.b64encode(random16)
 
 
 def tunnel_response_headers(

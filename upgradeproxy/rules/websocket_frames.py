@@ -50,7 +50,6 @@ OP_CLOSE: Final = 0x8
 OP_PING: Final = 0x9
 OP_PONG: Final = 0xA
 RSV1: Final = 0x40  # permessage-deflate's "this message is compressed" (RFC 7692 §6)
-MAX_HEADER: Final = 14  # 2 + 8 (64-bit length) + 4 (masking key)
 MAX_CONTROL_PAYLOAD: Final = 125  # RFC 6455 §5.5
 _ANY_RSV: Final = 0x70
 _NO_LIMIT: Final = 1 << 64  # above any length a header can state

@@ -1,16 +1,27 @@
-"""The admin listener: /healthz, /readyz, /metrics and /upstreams on a tiny h11 server."""
+"""The admin listener: /healthz, /readyz, /metrics and /upstreams on a tiny h11 server, and
+its life beside a running proxy (`AdminListener`)."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final, cast
 
 import h11
 import trio
 
-from upgradeproxy.config.model import Address
+from upgradeproxy.config.model import Address, Config
 from upgradeproxy.errors import REASONS
-from upgradeproxy.service.sockets import InFlight, bind_socket
+from upgradeproxy.pool.servers import ServerBook, describe
+from upgradeproxy.service.sockets import (
+    Handed,
+    InFlight,
+    StoppableListener,
+    bind_socket,
+    start_error,
+)
 from upgradeproxy.transport.streams import (
     STREAM_ERRORS,
     HttpStream,
@@ -22,6 +33,8 @@ log = logging.getLogger("upgradeproxy.service.admin")
 
 Page = tuple[int, bytes, bytes]  # status, content type, body
 METRICS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+# How long a stopping proxy waits for the admin requests it accepted to be answered.
+_STOP_GRACE: Final = 1.0
 
 
 def admin_page(
@@ -113,3 +126,112 @@ async def serve_admin(
         await trio.serve_listeners(handler, [listener])
     finally:
         await aclose_quietly(listener)
+
+
+def upstreams_page(config: Config, book: ServerBook) -> str:
+    """The /upstreams document (interface.md admin additions)."""
+    return json.dumps(describe(config, book), indent=1) + "\n"
+
+
+@dataclass(slots=True)
+class _Serving:
+    address: Address  # as configured: what a reload compares
+    bound: tuple[str, int]  # as bound: port 0 resolved
+    scope: trio.CancelScope
+    fd: int  # what a SIGUSR2 hands to the next generation
+    listener: StoppableListener
+
+
+class AdminListener:
+    """A proxy's admin listener over the proxy's life: bound (or taken from the sockets handed
+    down), served in the proxy's service nursery, moved by a reload, handed over to a new
+    generation, and stopped with the requests it accepted answered."""
+
+    def __init__(
+        self,
+        handed: Handed,
+        *,
+        reuse_port: bool,
+        ready: Callable[[], bool],
+        metrics: Callable[[], str],
+        upstreams: Callable[[], str],
+    ) -> None:
+        self._handed = handed
+        self._reuse_port = reuse_port
+        self._ready = ready
+        self._metrics = metrics
+        self._upstreams = upstreams
+        self._serving: _Serving | None = None
+        self._busy = InFlight()
+
+    @property
+    def address(self) -> Address | None:
+        """The configured address served now, if any."""
+        return self._serving.address if self._serving else None
+
+    @property
+    def bound(self) -> tuple[str, int] | None:
+        """The bound (host, port) served now, if any."""
+        return self._serving.bound if self._serving else None
+
+    def handover_fds(self) -> dict[str, int]:
+        """Configured address -> descriptor of the admin socket, for the next generation."""
+        serving = self._serving
+        return {str(serving.address): serving.fd} if serving is not None else {}
+
+    async def open(self, address: Address) -> trio.SocketListener:
+        """The listening socket for `address`: handed down, else bound here."""
+        if (handed := self._handed.take_listener(address, 128)) is not None:
+            return handed
+        try:
+            return await open_admin(address, reuse_port=self._reuse_port)
+        except OSError as exc:
+            raise start_error(exc, "admin.address", address) from exc
+
+    def start(
+        self, services: trio.Nursery, address: Address, listener: trio.SocketListener
+    ) -> None:
+        """Serve `listener` (opened for `address`) in `services` until stopped or moved."""
+        scope = trio.CancelScope()
+        sock = listener.socket
+        stoppable = StoppableListener(listener, self._busy)
+        self._serving = _Serving(address, sock.getsockname()[:2], scope, sock.fileno(), stoppable)
+        services.start_soon(self._serve, stoppable, scope, name=f"admin {address}")
+
+    def move(
+        self, services: trio.Nursery | None, opened: tuple[Address, trio.SocketListener] | None
+    ) -> None:
+        """A reload moved the address: stop serving the old one, serve `opened` (if any)."""
+        if self._serving is not None:
+            self._serving.scope.cancel()
+        self._serving = None
+        if opened is not None:
+            assert services is not None
+            self.start(services, *opened)
+
+    def release(self) -> None:
+        """A new generation serves the socket now: stop accepting (a request in progress
+        still gets its answer)."""
+        if self._serving is not None:
+            self._serving.listener.stop()
+            self._serving = None
+
+    async def stop(self) -> None:
+        """Stop accepting and answer the connections accepted (with workers the socket stays
+        open in the others, so probes keep getting answers)."""
+        with trio.move_on_after(_STOP_GRACE):
+            if self._serving is not None:
+                self._serving.listener.stop()
+                await self._serving.listener.closed.wait()  # no accept left half-done
+            await self._busy.idle.wait()
+
+    async def _serve(self, listener: StoppableListener, scope: trio.CancelScope) -> None:
+        with scope:
+            # serve_admin only accepts and closes: any trio Listener of SocketStreams will do.
+            await serve_admin(
+                cast(trio.SocketListener, listener),
+                self._ready,
+                self._metrics,
+                self._upstreams,
+                listener.busy,
+            )

@@ -1,4 +1,6 @@
-"""Listeners, connection lifecycle, reload and drain: the proxy as a running service.
+"""Listeners, connection lifecycle, reload and drain: the proxy as a running service (its
+admin listener is service/admin.py's `AdminListener`; an accepted client is served by
+service/clients.py).
 
 `serve()` is the public entry point for embedding; `Proxy` is what `task_status.started`
 hands back, so a caller (the CLI, a test) can read bound addresses, reload and drain.
@@ -6,39 +8,22 @@ hands back, so a caller (the CLI, a test) can read bound addresses, reload and d
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import json
 import logging
 import socket
 import ssl
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Final, cast
 
 import trio
 
 from upgradeproxy.config.model import Address, Config, Listener
 from upgradeproxy.connection.context import Runtime, Shared
-from upgradeproxy.connection.exchange import serve_client
-from upgradeproxy.connection.http2 import serve_http2
 from upgradeproxy.pool.discovery import Lookup
-from upgradeproxy.pool.servers import describe
 from upgradeproxy.rules.plan import route_label
-from upgradeproxy.service.accept import (
-    accept_clients,
-    open_client,
-    open_negotiated,
-    take_backlog,
-)
-from upgradeproxy.service.admin import open_admin, serve_admin
-from upgradeproxy.service.sockets import (
-    Handed,
-    InFlight,
-    StoppableListener,
-    bind_socket,
-    start_error,
-)
+from upgradeproxy.service.accept import accept_clients, take_backlog
+from upgradeproxy.service.admin import AdminListener, upstreams_page
+from upgradeproxy.service.clients import Bound, serve_accepted
+from upgradeproxy.service.sockets import Handed, bind_socket, close_all, start_error
 from upgradeproxy.transport.streams import aclose_quietly
 from upgradeproxy.transport.tls import server_tls_context
 from upgradeproxy.tunnel.parking import Parking, park_after_from_env
@@ -49,15 +34,6 @@ from upgradeproxy.upstream.health_checks import Probers
 log = logging.getLogger("upgradeproxy")
 
 BACKLOG = 4096
-# How long a stopping proxy waits for the admin requests it accepted to be answered.
-_ADMIN_GRACE: Final = 1.0
-# open_client returns at once on a plain listener: no deadline (and no cancel scope) needed.
-_NO_SCOPE: Final = contextlib.nullcontext()
-
-
-def _close_all(socks: list[trio.socket.SocketType]) -> None:
-    for sock in socks:
-        sock.close()
 
 
 def _contexts(listeners: Sequence[Listener]) -> list[ssl.SSLContext | None]:
@@ -65,28 +41,6 @@ def _contexts(listeners: Sequence[Listener]) -> list[ssl.SSLContext | None]:
         server_tls_context(lsn.tls, f"listen[{i}].tls", http2=lsn.http2)
         for i, lsn in enumerate(listeners)
     ]
-
-
-@dataclass(slots=True)
-class _Bound:
-    config: Listener
-    listener: trio.SocketListener
-    scope: trio.CancelScope
-    tls: ssl.SSLContext | None
-
-    @property
-    def slow(self) -> bool:
-        """Whether a new client must first send a PROXY header or do a TLS handshake."""
-        return self.config.proxy_protocol or self.tls is not None
-
-
-@dataclass(slots=True)
-class _AdminBound:
-    address: Address  # as configured: what a reload compares
-    bound: tuple[str, int]  # as bound: port 0 resolved
-    scope: trio.CancelScope
-    fd: int = -1  # what a SIGUSR2 hands to the next generation
-    listener: StoppableListener | None = None
 
 
 class Proxy:
@@ -110,16 +64,21 @@ class Proxy:
         # Fixed for the process: every socket sharing a port must set SO_REUSEPORT, so a worker
         # keeps it even after a reload to `workers: 1` (which only a restart applies).
         self.reuse_port = config.workers > 1 if reuse_port is None else reuse_port
-        self.bound: dict[Address, _Bound] = {}
+        self.bound: dict[Address, Bound] = {}
         self.active = 0
         self._drain = trio.Event()
         self._idle = trio.Event()
         self._services: trio.Nursery | None = None
         self._accepts: trio.Nursery | None = None
         self._conns: trio.Nursery | None = None
-        self._admin: _AdminBound | None = None
-        self._admin_busy = InFlight()
         self._handed = Handed(sockets)
+        self._admin = AdminListener(
+            self._handed,
+            reuse_port=self.reuse_port,
+            ready=lambda: not self.draining,
+            metrics=self.shared.telemetry.render,
+            upstreams=lambda: upstreams_page(self.runtime.config, self.shared.book),
+        )
         self.retiring = False  # a new generation took the sockets over: finish and exit
         self._deadline: float | None = None  # when the drain cuts what is left
         self._finish: trio.CancelScope | None = None
@@ -132,7 +91,7 @@ class Proxy:
     @property
     def admin_address(self) -> tuple[str, int] | None:
         """The bound (host, port) of the admin listener, if there is one."""
-        return self._admin.bound if self._admin else None
+        return self._admin.bound
 
     @property
     def draining(self) -> bool:
@@ -149,9 +108,7 @@ class Proxy:
         """A new generation accepts on our sockets: stop accepting, finish within `grace`."""
         self.retiring = True
         self._deadline = trio.current_time() + grace
-        if self._admin is not None and self._admin.listener is not None:
-            self._admin.listener.stop()  # a request in progress still gets its answer
-            self._admin = None
+        self._admin.release()
         self.drain()
 
     def cut_to_drain(self) -> None:
@@ -164,8 +121,7 @@ class Proxy:
     def handover_fds(self) -> dict[str, int]:
         """Configured address -> descriptor of every listening socket, the admin one included."""
         fds = {str(a): b.listener.socket.fileno() for a, b in self.bound.items()}
-        if self._admin is not None and self._admin.fd >= 0:
-            fds[str(self._admin.address)] = self._admin.fd
+        fds.update(self._admin.handover_fds())
         return fds
 
     async def run(self, *, task_status: trio.TaskStatus[Proxy] = trio.TASK_STATUS_IGNORED) -> None:
@@ -177,14 +133,14 @@ class Proxy:
             self._sync_services(services, self.runtime, fresh)
             admin = self.runtime.config.admin
             if admin is not None:
-                listener = await self._open_admin(admin.address)
-                self._start_admin(admin.address, listener)
+                listener = await self._admin.open(admin.address)
+                self._admin.start(services, admin.address, listener)
             try:
                 await self._serve_until_drained(task_status)
             finally:
                 await self._close_listeners()
                 self.shared.pool.close_all()
-            await self._stop_admin()
+            await self._admin.stop()
             services.cancel_scope.cancel()
 
     def _sync_services(
@@ -195,15 +151,6 @@ class Proxy:
         self.discovery.sync(services, runtime.config, fresh)
         upstreams, contexts = runtime.config.upstreams, runtime.tls_contexts
         self.probers.sync(services, upstreams, contexts, shared.book, shared.telemetry)
-
-    async def _stop_admin(self) -> None:
-        """Stop accepting admin connections and answer those accepted (with workers the admin
-        socket stays open in the others, so probes keep getting answers)."""
-        with trio.move_on_after(_ADMIN_GRACE):
-            if self._admin is not None and self._admin.listener is not None:
-                self._admin.listener.stop()
-                await self._admin.listener.closed.wait()  # no accept left half-done
-            await self._admin_busy.idle.wait()
 
     async def _serve_until_drained(self, task_status: trio.TaskStatus[Proxy]) -> None:
         async with trio.open_nursery() as conns:
@@ -269,15 +216,15 @@ class Proxy:
         new = [address for address in wanted if address not in self.bound]
         socks = await self._bind_all(new, config)
         wanted_admin = config.admin.address if config.admin else None
-        admin_moved = wanted_admin != (self._admin.address if self._admin else None)
+        admin_moved = wanted_admin != self._admin.address
         admin = None
         try:
             if admin_moved and wanted_admin is not None:
-                admin = (wanted_admin, await self._open_admin(wanted_admin))
+                admin = (wanted_admin, await self._admin.open(wanted_admin))
             if self.draining:  # a drain began while we were binding
                 raise RuntimeError("cannot reload while draining")
         except BaseException:
-            _close_all(socks)
+            close_all(socks)
             if admin is not None:
                 admin[1].socket.close()
             raise
@@ -293,42 +240,7 @@ class Proxy:
         for address, sock in zip(new, socks, strict=True):
             self._listen(wanted[address], sock, tls[address])
         if admin_moved:
-            if self._admin is not None:
-                self._admin.scope.cancel()
-            self._admin = None
-            if admin is not None:
-                self._start_admin(*admin)
-
-    async def _open_admin(self, address: Address) -> trio.SocketListener:
-        if (handed := self._handed.take_listener(address, 128)) is not None:
-            return handed
-        try:
-            return await open_admin(address, reuse_port=self.reuse_port)
-        except OSError as exc:
-            raise start_error(exc, "admin.address", address) from exc
-
-    def _start_admin(self, address: Address, listener: trio.SocketListener) -> None:
-        scope = trio.CancelScope()
-        sock = listener.socket
-        stoppable = StoppableListener(listener, self._admin_busy)
-        self._admin = _AdminBound(address, sock.getsockname()[:2], scope, sock.fileno(), stoppable)
-        assert self._services is not None
-        self._services.start_soon(self._serve_admin, stoppable, scope, name=f"admin {address}")
-
-    async def _serve_admin(self, listener: StoppableListener, scope: trio.CancelScope) -> None:
-        with scope:
-            # serve_admin only accepts and closes: any trio Listener of SocketStreams will do.
-            await serve_admin(
-                cast(trio.SocketListener, listener),
-                lambda: not self.draining,
-                self.shared.telemetry.render,
-                self._upstreams,
-                listener.busy,
-            )
-
-    def _upstreams(self) -> str:
-        """The /upstreams document (interface.md admin additions)."""
-        return json.dumps(describe(self.runtime.config, self.shared.book), indent=1) + "\n"
+            self._admin.move(self._services, admin)
 
     async def _bind_all(
         self, addresses: list[Address], config: Config | None = None
@@ -347,7 +259,7 @@ class Proxy:
                 except OSError as exc:
                     raise start_error(exc, fields.get(address, "listen"), address) from exc
         except BaseException:
-            _close_all(socks)
+            close_all(socks)
             raise
         return socks
 
@@ -355,12 +267,12 @@ class Proxy:
         self, listener: Listener, sock: trio.socket.SocketType, tls: ssl.SSLContext | None
     ) -> None:
         sock.listen(BACKLOG)
-        bound = _Bound(listener, trio.SocketListener(sock), trio.CancelScope(), tls)
+        bound = Bound(listener, trio.SocketListener(sock), trio.CancelScope(), tls)
         self.bound[listener.address] = bound
         assert self._accepts is not None
         self._accepts.start_soon(self._accept_loop, bound, name=f"accept {listener.address}")
 
-    async def _accept_loop(self, bound: _Bound) -> None:
+    async def _accept_loop(self, bound: Bound) -> None:
         with bound.scope:
             await accept_clients(
                 bound.listener,
@@ -371,23 +283,20 @@ class Proxy:
             )
         await aclose_quietly(bound.listener)
 
-    def _starter(self, bound: _Bound) -> Callable[[trio.SocketStream, object], None]:
+    def _starter(self, bound: Bound) -> Callable[[trio.SocketStream, object], None]:
         return functools.partial(self._start_client, bound)
 
-    def _start_client(self, bound: _Bound, stream: trio.SocketStream, token: object) -> None:
+    def _start_client(self, bound: Bound, stream: trio.SocketStream, token: object) -> None:
         assert self._conns is not None
         self.active += 1
         self._conns.start_soon(self._handle, stream, bound, token)
 
-    async def _handle(self, stream: trio.SocketStream, bound: _Bound, token: object) -> None:
+    async def _handle(self, stream: trio.SocketStream, bound: Bound, token: object) -> None:
         rt = self.runtime
         self.shared.telemetry.connection_opened()
         parked = False
         try:
-            # Listeners without http2 take the HTTP/1.1 path as before: no ALPN or preface
-            # check (one attribute read per connection picks the path).
-            serve = self._serve_h2_capable if bound.config.http2 else self._serve
-            parked = await serve(stream, bound, rt, token)
+            parked = await serve_accepted(stream, bound, rt, self.shared, self, token)
         except Exception:
             # A bug must cost one connection, never the process or a traceback to the client.
             log.exception("unexpected error on a client connection")
@@ -403,56 +312,6 @@ class Proxy:
         self.active -= 1
         if not self.active:
             self._idle.set()
-
-    async def _serve(
-        self, stream: trio.SocketStream, bound: _Bound, rt: Runtime, token: object
-    ) -> bool:
-        try:
-            peer_ip, peer_port = stream.socket.getpeername()[:2]
-            local = stream.socket.getsockname()[:2]
-        except OSError:
-            return False
-        opened = None
-        with trio.move_on_after(rt.config.timeouts.request_header) if bound.slow else _NO_SCOPE:
-            opened = await open_client(
-                stream,
-                str(peer_ip),
-                proxy_protocol=bound.config.proxy_protocol,
-                tls=bound.tls,
-                port=int(peer_port),
-                local=(str(local[0]), int(local[1])),
-            )
-        if opened is None:
-            return False
-        client, peer = opened
-        return await serve_client(client, peer, rt, self.shared, self, token)
-
-    async def _serve_h2_capable(
-        self, stream: trio.SocketStream, bound: _Bound, rt: Runtime, token: object
-    ) -> bool:
-        """An `http2` listener's connection: HTTP/2 or HTTP/1.1 as negotiated (rule 17).
-        True if an HTTP/1.1 tunnel parked (HTTP/2 streams do not park)."""
-        try:
-            peer_ip, peer_port = stream.socket.getpeername()[:2]
-            local = stream.socket.getsockname()[:2]
-        except OSError:
-            return False
-        opened = await open_negotiated(
-            stream,
-            str(peer_ip),
-            deadline=trio.current_time() + rt.config.timeouts.request_header,
-            proxy_protocol=bound.config.proxy_protocol,
-            tls=bound.tls,
-            port=int(peer_port),
-            local=(str(local[0]), int(local[1])),
-        )
-        if opened is None:
-            return False
-        client, peer, h2 = opened
-        if h2:
-            await serve_http2(client, peer, rt, self.shared)
-            return False
-        return await serve_client(client, peer, rt, self.shared, self, token)
 
 
 def _route_protocols(config: Config) -> list[tuple[str, tuple[str, ...]]]:

@@ -177,7 +177,7 @@ def config_addresses(config: Config) -> list[Address]:
     )
 
 
-def close_all(socks: Iterable[socket.socket]) -> None:
+def close_all(socks: Iterable[socket.socket | trio.socket.SocketType]) -> None:
     for sock in socks:
         sock.close()
 

@@ -76,7 +76,7 @@ class HttpStream:
         self.stream = stream
         self._out: list[bytes] = []
         # A plain TCP stream is read and written on its socket directly (see receive_some).
-        self._sock = _stdlib_socket(stream)
+        self._sock = plain_socket(stream)
 
     async def next_event(self) -> h11.Event | type[h11.PAUSED]:
         """The next event, reading as needed; h11.RemoteProtocolError propagates."""
@@ -246,8 +246,9 @@ class PrefixedStream(trio.abc.HalfCloseableStream):
         await self.stream.aclose()
 
 
-def _stdlib_socket(stream: trio.abc.Stream) -> socket.socket | None:
-    """The stdlib socket of a plain trio SocketStream (non-blocking already), else None."""
+def plain_socket(stream: trio.abc.Stream) -> socket.socket | None:
+    """The stdlib socket of a plain trio SocketStream (non-blocking already), else None: what
+    reads and writes that take no checkpoint (or a kernel splice, or an epoll set) work on."""
     if type(stream) is not trio.SocketStream:
         return None
     return _inner_socket(stream.socket)

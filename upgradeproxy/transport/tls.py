@@ -49,9 +49,7 @@ def server_tls_context(
     return contexts[0]
 
 
-def _context(
-    tls: ListenerTls, cert: TlsCertificate, field: str, alpn: list[str]
-) -> ssl.SSLContext:
+def _context(tls: ListenerTls, cert: TlsCertificate, field: str, alpn: list[str]) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = _VERSIONS[tls.min_version]
     if tls.ciphers:

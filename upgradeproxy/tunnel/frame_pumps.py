@@ -25,13 +25,13 @@ from upgradeproxy.rules.websocket_frames import (
 )
 from upgradeproxy.transport.streams import STREAM_ERRORS
 from upgradeproxy.tunnel.relay import (
-    _BULK_PIPE_SIZE,
-    _SPLICE_FLAGS,
+    BULK_PIPE_SIZE,
     SMALL,
-    _close_pipe,
-    _drain_pipe,
-    _half_close,
-    _open_pipe,
+    SPLICE_FLAGS,
+    close_pipe,
+    drain_pipe,
+    half_close,
+    open_pipe,
     write_all,
 )
 from upgradeproxy.tunnel.state import Direction, Tunnel
@@ -45,7 +45,7 @@ _CLOSE_GRACE: Final = 1.0
 # a pipe's worth while each read fills up: bulk of short frames then costs one read per
 # 256 KiB, not per 16 KiB (measured: 2.6 -> 1.1 ms of CPU per MB of 16 KiB frames).
 _SMALL_READ: Final = SMALL
-_BULK_READ: Final = _BULK_PIPE_SIZE
+_BULK_READ: Final = BULK_PIPE_SIZE
 # What is left of a frame's payload is spliced when it is at least this long; shorter ones
 # ride along with the headers in those reads (splicing 16 KiB frames one by one cost more).
 _SPLICE_MIN: Final = _BULK_READ
@@ -154,7 +154,7 @@ async def close_down(ft: FrameState, tun: Tunnel, way: Way, violation: Violation
 
 async def _linger(stream: trio.abc.Stream) -> None:
     """Half-close `stream` and discard what it still brings until its peer closes."""
-    if await _half_close(stream):
+    if await half_close(stream):
         with contextlib.suppress(*STREAM_ERRORS):
             while await stream.receive_some(65536):
                 pass
@@ -208,31 +208,31 @@ async def pump_splice(
 
     What a parkable pump must be (tunnel/state.py, `FdPump`): it waits for input only in
     `wait_readable(src_fd)`, and a cancel while it writes hands what it holds to `tun.hold`
-    (`write_all`, `_drain_pipe`); the gate keeps its place in a frame, and a header split
+    (`write_all`, `drain_pipe`); the gate keeps its place in a frame, and a header split
     across reads, through a parked spell."""
     gate = way.gate
     direction = way.direction
     pipe: tuple[int, int] | None = None
-    pipe_size = max(tun.buffer_size, _BULK_PIPE_SIZE)
+    pipe_size = max(tun.buffer_size, BULK_PIPE_SIZE)
     want = _SMALL_READ
     try:
         while True:
             left = gate.payload_left
             if left >= _SPLICE_MIN:
                 if pipe is None:
-                    pipe = _open_pipe(pipe_size)
+                    pipe = open_pipe(pipe_size)
                 try:
-                    n = os.splice(src_fd, pipe[1], min(left, pipe_size), flags=_SPLICE_FLAGS)
+                    n = os.splice(src_fd, pipe[1], min(left, pipe_size), flags=SPLICE_FLAGS)
                 except BlockingIOError:
                     # Nothing to read: hand the pipe back while we wait (see relay.py).
-                    _close_pipe(pipe)
+                    close_pipe(pipe)
                     pipe = None
                     await trio.lowlevel.wait_readable(src_fd)
                     continue
                 if n == 0:
                     return None  # EOF mid-frame: the relay half-closes, the peer sees it
                 gate.passed(n)
-                await _drain_pipe(tun, direction, pipe[0], dst_fd, n)
+                await drain_pipe(tun, direction, pipe[0], dst_fd, n)
                 if gate.stopped:
                     return None
                 await trio.lowlevel.checkpoint()  # one hot tunnel must not starve the rest
@@ -272,4 +272,4 @@ async def pump_splice(
             ft.count()
     finally:
         if pipe is not None:
-            _close_pipe(pipe)
+            close_pipe(pipe)

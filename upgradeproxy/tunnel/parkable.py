@@ -16,7 +16,7 @@ from typing import Final
 import trio
 
 from upgradeproxy.transport.streams import STREAM_ERRORS
-from upgradeproxy.tunnel.relay import SMALL, pump_splice, write_all
+from upgradeproxy.tunnel.relay import SMALL, only_cancelled, pump_splice, write_all
 from upgradeproxy.tunnel.state import Direction, FdPump, Session, Tunnel, Waiter
 
 __all__ = ["OVER", "RUN", "STAY", "close_sockets", "make_parkable", "relay_ready", "run_parkable"]
@@ -76,7 +76,7 @@ async def run_parkable(tun: Tunnel) -> bool:
             parked = True
             return True
     except BaseException as exc:  # noted and re-raised: a drain must see its Cancelled
-        tun.finished("cancelled" if _only_cancelled(exc) else "error")
+        tun.finished("cancelled" if only_cancelled(exc) else "error")
         raise
     finally:
         if not parked:
@@ -170,10 +170,3 @@ def close_sockets(tun: Tunnel) -> None:
     for sock in (tun.client, tun.upstream):
         if sock is not None:
             sock.close()
-
-
-def _only_cancelled(exc: BaseException) -> bool:
-    """True if `exc` is a Cancelled, or a group holding nothing else."""
-    if isinstance(exc, BaseExceptionGroup):
-        return exc.split(trio.Cancelled)[1] is None
-    return isinstance(exc, trio.Cancelled)

@@ -21,8 +21,9 @@ from upgradeproxy.transport.streams import STREAM_ERRORS
 from upgradeproxy.tunnel.state import Direction, Ending, OnBytes, Tunnel, TunnelStats
 
 __all__ = [
-    "SMALL", "Direction", "Ending", "FrameRelay", "Pump", "TunnelStats", "pump_splice",
-    "run_tunnel", "write_all",
+    "BULK_PIPE_SIZE", "HAVE_SPLICE", "SMALL", "SPLICE_FLAGS", "Direction", "Ending",
+    "FrameRelay", "Pump", "TunnelStats", "close_pipe", "drain_pipe", "half_close",
+    "only_cancelled", "open_pipe", "pump_splice", "run_tunnel", "write_all",
 ]  # fmt: skip
 
 Pump = Callable[[], Awaitable[None]]
@@ -36,12 +37,11 @@ class FrameRelay(Protocol):
     ) -> tuple[Pump, Pump]: ...
 
 
-# What a peer reset, a broken pipe or a stream closed under us looks like; anything else is a bug.
-_HAVE_SPLICE: Final = hasattr(os, "splice")
-_SPLICE_FLAGS: Final = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+HAVE_SPLICE: Final = hasattr(os, "splice")
+SPLICE_FLAGS: Final = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 # A splice loop whose sockets are always ready never reaches a checkpoint on its own; yield after
 # this many transfers in a row so one hot tunnel cannot starve the others (or ignore a cancel).
-# Counted in pipe-fulls of _BULK_PIPE_SIZE: one yield per 256 KiB, as often as every 4 x 64 KiB.
+# Counted in pipe-fulls of BULK_PIPE_SIZE: one yield per 256 KiB, as often as every 4 x 64 KiB.
 _YIELD_EVERY: Final = 1
 # Upper bound on a graceful close (e.g. a TLS close_notify to a peer that stopped reading).
 _CLOSE_GRACE: Final = 1.0
@@ -52,7 +52,7 @@ _DEFAULT_PIPE_SIZE: Final = 65536
 SMALL: Final = 16384
 # Kernel pipe for bulk: 64 KiB splices cost as much per call as 256 KiB ones, so a bigger
 # pipe is most of the throughput; it exists only while a burst lasts (see pump_splice).
-_BULK_PIPE_SIZE: Final = 262144
+BULK_PIPE_SIZE: Final = 262144
 
 
 async def run_tunnel(
@@ -95,7 +95,7 @@ async def run_tunnel(
             tun.finished(ending.why if ending.due() else "idle")
         graceful = not tun.failed
     except BaseException as exc:  # noted and re-raised: graceful drain must see its Cancelled
-        tun.finished("cancelled" if _only_cancelled(exc) else "error")
+        tun.finished("cancelled" if only_cancelled(exc) else "error")
         raise
     finally:
         ending.scope = None
@@ -111,7 +111,7 @@ def _pumps(
     """Pick the path for this tunnel and bind one pump per direction."""
     if (
         allow_splice
-        and _HAVE_SPLICE
+        and HAVE_SPLICE
         and isinstance(client, trio.SocketStream)
         and isinstance(upstream, trio.SocketStream)
     ):
@@ -142,11 +142,11 @@ async def _direction(tun: Tunnel, direction: Direction, pump: Pump, dst: trio.ab
     # (the bug in golang/go#35892). A `dst` that cannot half-close (TLS: trio has no
     # close_notify-and-keep-reading) ends the whole tunnel gracefully instead, as Go does
     # since golang/go#72140: otherwise its peer would wait for an EOF until tunnel_idle.
-    if not await _half_close(dst):
+    if not await half_close(dst):
         tun.cancel()
 
 
-async def _half_close(stream: trio.abc.Stream) -> bool:
+async def half_close(stream: trio.abc.Stream) -> bool:
     """Send EOF on `stream`; False if it cannot half-close. Failing to is not a tunnel error."""
     if type(stream) is trio.SocketStream:
         # What its send_eof does, minus the checkpoint: a trip through the scheduler per
@@ -174,7 +174,7 @@ async def _close(stream: trio.abc.Stream, graceful: bool) -> None:
         await stream.aclose()
 
 
-def _only_cancelled(exc: BaseException) -> bool:
+def only_cancelled(exc: BaseException) -> bool:
     """True if `exc` is a Cancelled, or a group holding nothing else."""
     if isinstance(exc, BaseExceptionGroup):
         return exc.split(trio.Cancelled)[1] is None
@@ -202,7 +202,7 @@ async def pump_splice(tun: Tunnel, direction: Direction, src_fd: int, dst_fd: in
     """Move bytes socket -> pipe -> socket in the kernel until EOF; at most one pipe in flight."""
     pipe: tuple[int, int] | None = None
     streak = 0  # transfers in a row that never waited
-    pipe_size = max(tun.buffer_size, _BULK_PIPE_SIZE)
+    pipe_size = max(tun.buffer_size, BULK_PIPE_SIZE)
     try:
         while True:
             if pipe is None:
@@ -226,34 +226,34 @@ async def pump_splice(tun: Tunnel, direction: Direction, src_fd: int, dst_fd: in
                     await write_all(tun, direction, dst_fd, data[sent:])
                 if len(data) < SMALL:
                     continue
-                pipe = _open_pipe(pipe_size)
+                pipe = open_pipe(pipe_size)
             try:
-                n = os.splice(src_fd, pipe[1], pipe_size, flags=_SPLICE_FLAGS)
+                n = os.splice(src_fd, pipe[1], pipe_size, flags=SPLICE_FLAGS)
             except BlockingIOError:
                 # Nothing to read and the pipe is empty: hand it back rather than pin 2 fds and
                 # pipe pages per quiet tunnel (the per-user pipe page budget is shared, see
                 # fs.pipe-user-pages-soft). Measured: no throughput cost on a bulk transfer.
-                _close_pipe(pipe)
+                close_pipe(pipe)
                 pipe, streak = None, 0
                 continue
             if n == 0:
                 return  # EOF; the pipe is empty, every chunk is drained before the next
-            waited = await _drain_pipe(tun, direction, pipe[0], dst_fd, n)
+            waited = await drain_pipe(tun, direction, pipe[0], dst_fd, n)
             streak = 0 if waited else streak + 1
             if streak >= _YIELD_EVERY:
                 streak = 0
                 await trio.lowlevel.checkpoint()
     finally:
         if pipe is not None:
-            _close_pipe(pipe)
+            close_pipe(pipe)
 
 
-async def _drain_pipe(tun: Tunnel, direction: Direction, pipe_r: int, dst_fd: int, n: int) -> bool:
+async def drain_pipe(tun: Tunnel, direction: Direction, pipe_r: int, dst_fd: int, n: int) -> bool:
     """Move exactly `n` bytes from the pipe to `dst_fd`; True if we had to wait for it."""
     waited = False
     while n:
         try:
-            sent = os.splice(pipe_r, dst_fd, n, flags=_SPLICE_FLAGS)
+            sent = os.splice(pipe_r, dst_fd, n, flags=SPLICE_FLAGS)
         except BlockingIOError:
             waited = True
             tun.touch()  # bytes arrived; a stalled writer is not an idle tunnel
@@ -311,7 +311,7 @@ def _read_pipe(pipe_r: int, n: int) -> bytes:
     return b"".join(chunks)
 
 
-def _open_pipe(size: int) -> tuple[int, int]:
+def open_pipe(size: int) -> tuple[int, int]:
     """A non-blocking pipe, enlarged to `size` when the kernel allows."""
     import fcntl  # POSIX-only, and only the Linux splice path gets here
 
@@ -323,7 +323,7 @@ def _open_pipe(size: int) -> tuple[int, int]:
     return pipe_r, pipe_w
 
 
-def _close_pipe(pipe: tuple[int, int]) -> None:
+def close_pipe(pipe: tuple[int, int]) -> None:
     """Close both ends of a pipe."""
     for fd in pipe:
         os.close(fd)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import random
-import socket
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -19,8 +18,9 @@ import trio
 from upgradeproxy.config.model import Server
 from upgradeproxy.pool.balancer import Balancer
 from upgradeproxy.pool.discovery import spread_deadlines
-from upgradeproxy.telemetry.metrics import ExchangeRecord, Telemetry
-from upgradeproxy.transport.streams import STREAM_ERRORS, aclose_quietly, stdlib_socket
+from upgradeproxy.telemetry.access import ExchangeRecord
+from upgradeproxy.telemetry.metrics import Telemetry
+from upgradeproxy.transport.streams import STREAM_ERRORS, aclose_quietly, plain_socket
 from upgradeproxy.tunnel.parkable import close_sockets, make_parkable, run_parkable
 from upgradeproxy.tunnel.parking import Parking
 from upgradeproxy.tunnel.relay import run_tunnel
@@ -98,7 +98,7 @@ class Switched:
                 telemetry.tunnel_moved("up", len(self.client_rest))
             self.client_rest = self.upstream_rest = b""
             parking = self.parking
-            client, upstream = _stdlib_socket(self.client), _stdlib_socket(self.upstream)
+            client, upstream = plain_socket(self.client), plain_socket(self.upstream)
             if parking is None or not parking.accepting or client is None or upstream is None:
                 await run_tunnel(
                     self.client,
@@ -208,8 +208,3 @@ def spread_ends(tunnels: Iterable[Ending], now: float, window: float) -> None:
     planned = list(tunnels)
     for ending, deadline in zip(planned, spread_deadlines(len(planned), now, window), strict=True):
         ending.at(deadline, "drain")
-
-
-def _stdlib_socket(stream: trio.abc.Stream) -> socket.socket | None:
-    """The stdlib socket of a plain TCP stream (a parkable side), else None."""
-    return stdlib_socket(stream.socket) if type(stream) is trio.SocketStream else None

@@ -33,9 +33,10 @@ from upgradeproxy.rules.websocket_frames import (
     Violation,
     reserved_bits,
 )
-from upgradeproxy.telemetry.metrics import ExchangeRecord, Telemetry
+from upgradeproxy.telemetry.access import ExchangeRecord
+from upgradeproxy.telemetry.metrics import Telemetry
 from upgradeproxy.tunnel.frame_pumps import Way, close_down, halt, pump_portable, pump_splice
-from upgradeproxy.tunnel.relay import _HAVE_SPLICE, Pump
+from upgradeproxy.tunnel.relay import HAVE_SPLICE, Pump
 from upgradeproxy.tunnel.state import Direction, Ending, OnBytes, Tunnel, TunnelStats
 
 __all__ = ["FramedTunnel", "WebSocketTunnel", "framed_tunnel", "pump_frames"]
@@ -113,7 +114,7 @@ class FramedTunnel:
         pumps: tuple[_Pump, _Pump]
         if (
             allow_splice
-            and _HAVE_SPLICE
+            and HAVE_SPLICE
             and isinstance(client, trio.SocketStream)
             and isinstance(upstream, trio.SocketStream)
         ):

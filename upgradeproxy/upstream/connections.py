@@ -50,7 +50,6 @@ class UpstreamConn:
         return self.http.stream
 
 
-
 async def connect(
     server: Server,
     timeout: float,

@@ -10,7 +10,6 @@ Client requests never wait on a probe: they read the last state, nothing else.
 
 from __future__ import annotations
 
-import base64
 import logging
 import os
 import ssl
@@ -27,14 +26,15 @@ from upgradeproxy.pool.health import Health, observe
 from upgradeproxy.pool.servers import CheckResult, ServerBook, UpstreamState, servers_of
 from upgradeproxy.rules import headers as hdr
 from upgradeproxy.rules.proxy_header import proxy_header
+from upgradeproxy.rules.websocket_frames import close_frame
 from upgradeproxy.telemetry.metrics import Telemetry
 from upgradeproxy.transport.streams import MAX_RECV, STREAM_ERRORS, aclose_quietly
 from upgradeproxy.upstream.connections import ConnectFailed, connect
 
 log = logging.getLogger("upgradeproxy")
 
-# A masked WebSocket close frame, code 1000: a client must mask, and any key is valid.
-_WS_CLOSE: Final = b"\x88\x82\x00\x00\x00\x00\x03\xe8"
+# A WebSocket Close, code 1000, masked: a client must mask, and any key (zeros) is valid.
+_WS_CLOSE: Final = close_frame(1000, "", mask=bytes(4))
 _USER_AGENT: Final = b"upgradeproxy-health-check"
 
 
@@ -82,7 +82,7 @@ async def _ask(
     headers = [(b"Host", host.encode()), (b"User-Agent", _USER_AGENT)]
     key = None
     if check.upgrade:
-        key = base64.b64encode(os.urandom(16))
+        key = hdr.websocket_key(os.urandom(16))
         headers += [
             (b"Connection", b"Upgrade"), (b"Upgrade", b"websocket"),
             (b"Sec-WebSocket-Key", key), (b"Sec-WebSocket-Version", b"13"),

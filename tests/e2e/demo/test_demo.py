@@ -21,7 +21,8 @@ from websockets.sync.client import connect
 from tests.support.clients import read_until_close
 from tests.support.processes import DemoProcess, run_cli
 from upgradeproxy.demo import main as demo_module
-from upgradeproxy.demo.main import SelftestFailed, round_trip, selftest
+from upgradeproxy.demo.main import selftest
+from upgradeproxy.demo.selftest import SelftestFailed, round_trip
 
 
 def http_get(url: str) -> tuple[int, dict[str, str], bytes]:

@@ -8,9 +8,9 @@ import re
 from pathlib import Path
 
 from tests.support.processes import run_cli
-from upgradeproxy.demo import main as demo
+from upgradeproxy.demo import selftest
 
-PAGE = Path(demo.__file__).with_name("static") / "demo.html"
+PAGE = Path(selftest.__file__).with_name("static") / "demo.html"
 MARKS = ("<- added by the proxy", "<- hop-by-hop, rebuilt by the proxy")
 
 
@@ -40,4 +40,4 @@ def test_selftest_marks_every_header_the_proxy_added() -> None:
 def test_the_page_marks_the_same_headers_as_the_selftest() -> None:
     found = re.search(r"const ADDED = new Set\(\[(.*?)\]\);", PAGE.read_text(), flags=re.S)
     assert found, "demo.html lost its ADDED list"
-    assert set(re.findall(r'"([^"]+)"', found[1])) == demo.ADDED
+    assert set(re.findall(r'"([^"]+)"', found[1])) == selftest.ADDED

@@ -24,7 +24,7 @@ from upgradeproxy.connection import context
 from upgradeproxy.connection.context import Client, Runtime, Shared
 from upgradeproxy.connection.request import read_request
 from upgradeproxy.rules.plan import Origin
-from upgradeproxy.telemetry.metrics import ExchangeRecord
+from upgradeproxy.telemetry.access import ExchangeRecord
 from upgradeproxy.transport.streams import HttpStream
 
 CONFIG = """\

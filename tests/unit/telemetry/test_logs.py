@@ -7,11 +7,9 @@ import json
 import logging
 import re
 
+from upgradeproxy.telemetry.access import ExchangeRecord
 from upgradeproxy.telemetry.logs import JsonFormatter, TextFormatter, _Static
-from upgradeproxy.telemetry.metrics import (
-    ExchangeRecord,
-    Telemetry,
-)
+from upgradeproxy.telemetry.metrics import Telemetry
 
 
 def exchange(route: str = "*/", status: int = 200, duration: float = 0.02) -> ExchangeRecord:

@@ -12,10 +12,10 @@ import pytest
 from prometheus_client.multiprocess import mark_process_dead
 from prometheus_client.parser import text_string_to_metric_families
 
+from upgradeproxy.telemetry.access import ExchangeRecord
 from upgradeproxy.telemetry.metrics import (
     DURATION_BUCKETS,
     MULTIPROC_ENV,
-    ExchangeRecord,
     Telemetry,
 )
 
@@ -150,7 +150,8 @@ def test_two_telemetries_in_one_process_do_not_collide():
 _WORKER = textwrap.dedent(
     """
     import os
-    from upgradeproxy.telemetry.metrics import ExchangeRecord, Telemetry
+    from upgradeproxy.telemetry.access import ExchangeRecord
+    from upgradeproxy.telemetry.metrics import Telemetry
     t = Telemetry()
     for _ in range({n}):
         t.exchange_done(ExchangeRecord(client="c", route="*/", status=200, duration=0.01))

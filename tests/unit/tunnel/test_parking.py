@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import pytest
 import trio
 
-from upgradeproxy.telemetry.metrics import ExchangeRecord, Telemetry
+from upgradeproxy.telemetry.access import ExchangeRecord
+from upgradeproxy.telemetry.metrics import Telemetry
 from upgradeproxy.tunnel import parking as parking_module
 from upgradeproxy.tunnel.parking import PARK_AFTER, Parking, park_after_from_env
 from upgradeproxy.tunnel.relay import pump_splice

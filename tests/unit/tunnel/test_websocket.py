@@ -16,7 +16,8 @@ from websockets.streams import StreamReader
 
 from tests.support.ws_frames import BINARY, CLOSE, PING, TEXT, frame
 from upgradeproxy.config.model import WebSocketLimits
-from upgradeproxy.telemetry.metrics import ExchangeRecord, Telemetry
+from upgradeproxy.telemetry.access import ExchangeRecord
+from upgradeproxy.telemetry.metrics import Telemetry
 from upgradeproxy.tunnel.relay import TunnelStats, run_tunnel
 from upgradeproxy.tunnel.websocket import FramedTunnel, framed_tunnel
 
