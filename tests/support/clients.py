@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import base64
 import os
+import select
 import socket
 import ssl
 import struct
+import time
 
 from tests.support.waiting import WAIT
 from tests.support.wire import WS_HEADERS, head_fields, header, status_of, ws_accept
@@ -126,6 +128,31 @@ def closed_by_peer(sock: socket.socket, leftover: bytes | bytearray = b"") -> bo
         return False
     data, closed = read_to_eof(sock)
     return closed and data == b""
+
+
+def close_times(socks: list[socket.socket], since: float, limit: float = 10.0) -> list[float]:
+    """Seconds after `since` at which the peer closed each of `socks`, in the order they closed
+    (watched together, so a late close never hides an early one); raises on data or timeout."""
+    poller = select.poll()
+    pending = {sock.fileno(): sock for sock in socks}
+    for fd in pending:
+        poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+    times: list[float] = []
+    while pending:
+        left = since + limit - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"{len(pending)} socket(s) still open after {limit} s")
+        for fd, _ in poller.poll(left * 1000):
+            try:
+                data = pending[fd].recv(4096)
+            except ConnectionResetError:
+                data = b""
+            if data:
+                raise AssertionError(f"expected a close, got {data!r}")
+            times.append(time.monotonic() - since)
+            poller.unregister(fd)
+            del pending[fd]
+    return times
 
 
 def read_response_head(

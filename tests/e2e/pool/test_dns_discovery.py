@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.support.clients import closed_by_peer, http, read_response
+from tests.support.clients import close_times, http, read_response
 from tests.support.metrics import admin_json, scrape, value
 from tests.support.peers import named_tunnel, served_by
 from tests.support.pods import NAME, discover_yaml
@@ -109,11 +109,7 @@ def test_with_drain_a_leaving_addresss_tunnels_close_spread_over_the_window(
     assert {t.server for t in tunnels} == {leaving.host}
     dns.set(NAME, A=[staying.host])
     assert eventually(lambda: listed(proxy) == [staying.address])
-    seen = time.monotonic()
-    closed = []
-    for tunnel in tunnels:
-        assert closed_by_peer(tunnel.sock)
-        closed.append(time.monotonic() - seen)
+    closed = close_times([tunnel.sock for tunnel in tunnels], time.monotonic())
     # Closed at the middles of three slices of the 3 s window (0.5, 1.5, 2.5 s after the
     # removal, which /upstreams showed up to a lookup's time late): spread, and inside it.
     assert closed[-1] - closed[0] >= 1.0, closed
